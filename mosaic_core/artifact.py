@@ -1,0 +1,189 @@
+"""Module artifacts: per category `tokens.safetensors` (only that module's (m, d) tensor) + `module.json`;
+per bank `manifest.json` tying jointly trained modules together.
+
+Loading refuses a file whose sha256 differs from its module.json, and a module trained on another backbone."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mosaic_core.backbone import Fingerprint
+from mosaic_core.bank import ControlTokenBank
+from mosaic_core.errors import ArtifactError, IncompatibleBackboneError, IntegrityError
+
+FORMAT_VERSION = 1
+TENSOR_FILE, META_FILE, MANIFEST_FILE = "tokens.safetensors", "module.json", "manifest.json"
+_TENSOR_KEY = "tokens"
+
+
+@dataclass(frozen=True)
+class ModuleMeta:
+    """Everything module.json records about one category module."""
+
+    category: str
+    m: int
+    d: int
+    fingerprint: dict[str, Any]
+    placement: str
+    init: str
+    sha256: str
+    mosaic_version: str
+    training_run_id: str | None = None
+    trained_with: list[str] = field(default_factory=list)
+    """The categories (and, once registered, versions) this module was trained jointly with."""
+    extends: str | None = None
+    """For incremental expansion: the manifest digest of the bank this module was added to."""
+    format_version: int = FORMAT_VERSION
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _check_fingerprint(meta_fp: dict[str, Any], expected: Fingerprint | None, where: str) -> None:
+    if expected is None:
+        return
+    got = Fingerprint.from_dict(meta_fp)
+    if got.digest != expected.digest:
+        diffs = [k for k, v in asdict(expected).items() if meta_fp.get(k) != v]
+        raise IncompatibleBackboneError(
+            f"{where} was trained on backbone {got.model_id!r} (fingerprint {got.digest}), not on "
+            f"{expected.model_id!r} (fingerprint {expected.digest}); differing fields: {diffs}. "
+            "Control tokens only work on the exact backbone they were trained on."
+        )
+
+
+def save_module(
+    out_dir: Path, category: str, tensor: torch.Tensor, *, fingerprint: Fingerprint, placement: str, init: str,
+    training_run_id: str | None = None, trained_with: Sequence[str] = (), extends: str | None = None,
+) -> ModuleMeta:  # fmt: skip
+    """Write `out_dir/{tokens.safetensors, module.json}` for one module's (m, d) tensor."""
+    from mosaic_core import __version__
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t = tensor.detach().to("cpu", torch.float32).contiguous()
+    save_file({_TENSOR_KEY: t}, str(out_dir / TENSOR_FILE))
+    meta = ModuleMeta(
+        category=category, m=int(t.shape[0]), d=int(t.shape[1]), fingerprint=fingerprint.to_dict(),
+        placement=placement, init=init, sha256=sha256_file(out_dir / TENSOR_FILE), mosaic_version=__version__,
+        training_run_id=training_run_id, trained_with=list(trained_with), extends=extends,
+    )  # fmt: skip
+    (out_dir / META_FILE).write_text(json.dumps(asdict(meta), indent=2, sort_keys=True) + "\n")
+    return meta
+
+
+def read_meta(module_dir: Path) -> ModuleMeta:
+    """Parse module.json: missing required keys raise ArtifactError, unknown keys warn (forward compat)."""
+    path = Path(module_dir) / META_FILE
+    if not path.is_file():
+        raise ArtifactError(f"{module_dir} is not a module: {META_FILE} missing")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path} is not valid JSON: {e}") from e
+    known = {f.name for f in fields(ModuleMeta)}
+    required = {"category", "m", "d", "fingerprint", "placement", "init", "sha256", "mosaic_version"}
+    missing = sorted(required - set(raw))
+    if missing:
+        raise ArtifactError(f"{path} lacks required key(s) {missing}")
+    extra = sorted(set(raw) - known)
+    if extra:
+        warnings.warn(f"{path}: ignoring unknown key(s) {extra} (written by a newer mosaic?)", stacklevel=2)
+    if raw.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+        raise ArtifactError(f"{path} has format_version {raw['format_version']}; this mosaic reads <= {FORMAT_VERSION}")
+    return ModuleMeta(**{k: v for k, v in raw.items() if k in known})
+
+
+def load_module(module_dir: Path, expected: Fingerprint | None = None) -> tuple[torch.Tensor, ModuleMeta]:
+    """Load one module's (m, d) tensor after checking its sha256 and (if given) the backbone fingerprint."""
+    module_dir = Path(module_dir)
+    meta = read_meta(module_dir)
+    tf = module_dir / TENSOR_FILE
+    if not tf.is_file():
+        raise ArtifactError(f"{module_dir}: {TENSOR_FILE} missing")
+    actual = sha256_file(tf)
+    if actual != meta.sha256:
+        raise IntegrityError(
+            f"{tf}: sha256 {actual[:12]}… does not match {meta.sha256[:12]}… recorded in {META_FILE}; "
+            "the file was modified or corrupted — re-download or re-register the module"
+        )
+    _check_fingerprint(meta.fingerprint, expected, f"module {meta.category!r} ({module_dir})")
+    t = load_file(str(tf))[_TENSOR_KEY]
+    if tuple(t.shape) != (meta.m, meta.d):
+        raise ArtifactError(f"{tf}: tensor shape {tuple(t.shape)} != (m, d) = {(meta.m, meta.d)} in {META_FILE}")
+    return t, meta
+
+
+def save_bank(
+    bank: ControlTokenBank, out_dir: Path, *, fingerprint: Fingerprint, init: str,
+    training_run_id: str | None = None, extends: str | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Write every module under `out_dir/<category>/` and `out_dir/manifest.json`; returns the manifest."""
+    out_dir = Path(out_dir)
+    metas = {
+        c: save_module(
+            out_dir / c, c, bank.vectors[c], fingerprint=fingerprint, placement=bank.placement, init=init,
+            training_run_id=training_run_id, trained_with=bank.categories, extends=extends,
+        )  # fmt: skip
+        for c in bank.categories
+    }
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "categories": list(bank.categories),
+        "m": bank.m,
+        "d": bank.d,
+        "placement": bank.placement,
+        "max_norm": bank.max_norm,
+        "fingerprint": fingerprint.to_dict(),
+        "training_run_id": training_run_id,
+        "extends": extends,
+        "modules": {c: {"path": c, "sha256": m.sha256} for c, m in metas.items()},
+    }
+    (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest
+
+
+def bank_from_modules(module_dirs: Sequence[Path], expected: Fingerprint | None = None) -> ControlTokenBank:
+    """Compose a bank from module directories (e.g. registry downloads), in the given order.
+
+    All modules must share backbone fingerprint, placement, m and d."""
+    loaded = [load_module(Path(p), expected) for p in module_dirs]
+    if not loaded:
+        raise ArtifactError("no modules given")
+    first = loaded[0][1]
+    for _, meta in loaded[1:]:
+        clash = [k for k in ("placement", "m", "d") if getattr(meta, k) != getattr(first, k)]
+        if Fingerprint.from_dict(meta.fingerprint).digest != Fingerprint.from_dict(first.fingerprint).digest:
+            clash.append("backbone fingerprint")
+        if clash:
+            raise ArtifactError(f"modules {first.category!r} and {meta.category!r} differ in {clash}: cannot compose them")
+    bank = ControlTokenBank(d=first.d, m=first.m, placement=first.placement)  # type: ignore[arg-type]
+    for t, meta in loaded:
+        bank.add(meta.category, t)
+    return bank
+
+
+def load_bank(bank_dir: Path, expected: Fingerprint | None = None) -> ControlTokenBank:
+    """Load `bank_dir/manifest.json` and its modules (checked) into a ControlTokenBank in manifest order."""
+    bank_dir = Path(bank_dir)
+    mf = bank_dir / MANIFEST_FILE
+    if not mf.is_file():
+        raise ArtifactError(f"{bank_dir} is not a bank: {MANIFEST_FILE} missing")
+    manifest = json.loads(mf.read_text())
+    _check_fingerprint(manifest["fingerprint"], expected, f"bank {bank_dir}")
+    bank = bank_from_modules([bank_dir / manifest["modules"][c]["path"] for c in manifest["categories"]], expected)
+    for c in manifest["categories"]:
+        if manifest["modules"][c]["sha256"] != sha256_file(bank_dir / manifest["modules"][c]["path"] / TENSOR_FILE):
+            raise IntegrityError(f"{bank_dir}/{c}: tensor does not match the manifest's sha256")
+    bank.max_norm = manifest.get("max_norm")
+    return bank

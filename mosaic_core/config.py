@@ -1,0 +1,126 @@
+"""Frozen, typed configs for the numeric core. Each validates itself once, on construction, and reports
+every problem together (`ConfigError.problems`). Pipelines parse YAML into these; Ray workers receive
+`dataclasses.asdict(cfg)` and rebuild them with `from_dict`."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar, get_args
+
+from mosaic_core.errors import ConfigError
+
+Placement = Literal["prefix", "before_assistant"]
+InitMethod = Literal["text", "vocab", "normal"]
+NegSource = Literal["inactive", "general", "lookalike"]
+
+DEFAULT_REFUSAL = "I'm sorry, but I can't help with that."
+_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+
+T = TypeVar("T")
+
+
+def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Rebuild a config dataclass from `dataclasses.asdict` output (lists back to tuples), rejecting unknown keys."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError([f"unknown key {k!r} (known: {sorted(names)})" for k in unknown], cls.__name__)
+    fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    return cls(**fixed)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BankConfig:
+    """Shape and placement of the control-token bank."""
+
+    categories: tuple[str, ...]
+    """Registry (canonical) order of the modules: lower-case names, unique."""
+    m: int = 5
+    """Control vectors per category (the paper: m < 10; MOSAIC-2 and MOSAIC-5)."""
+    init: InitMethod = "text"
+    """`text`: embeddings of the category's description tokens; `vocab`: random vocabulary rows;
+    `normal`: N(0, std of the embedding matrix)."""
+    placement: Placement = "before_assistant"
+    """`prefix`: at the very start of the templated sequence (after BOS); `before_assistant`: after the last
+    user turn, right before the assistant header, so the vectors attend to the request."""
+    max_norm_ratio: float | None = 1.25
+    """Cap each vector's L2 norm at this multiple of the mean embedding-row norm (None: no cap)."""
+    seed: int = 0
+    """Seed for `vocab` / `normal` initialisation."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.categories:
+            problems.append("categories: at least one category is required")
+        for c in self.categories:
+            if not isinstance(c, str) or not _NAME.match(c):
+                problems.append(f"categories: {c!r} must match {_NAME.pattern}")
+        if len(set(self.categories)) != len(self.categories):
+            problems.append(f"categories: duplicates in {list(self.categories)}")
+        if not 1 <= self.m <= 64:
+            problems.append(f"m: {self.m} must be in 1..64")
+        if self.init not in get_args(InitMethod):
+            problems.append(f"init: {self.init!r} must be one of {get_args(InitMethod)}")
+        if self.placement not in get_args(Placement):
+            problems.append(f"placement: {self.placement!r} must be one of {get_args(Placement)}")
+        if self.max_norm_ratio is not None and not self.max_norm_ratio > 0:
+            problems.append(f"max_norm_ratio: {self.max_norm_ratio} must be > 0 or null")
+        if problems:
+            raise ConfigError(problems, "BankConfig")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplerConfig:
+    """Order-based task sampling (PAPER.md): a budget per order, split evenly over that order's subsets."""
+
+    per_subset: int = 100
+    """Positives per subset at order 1; order r gets min(per_subset, N1 // C(K, r)), N1 = per_subset * K."""
+    max_order: int = 3
+    """Largest active-set size sampled (the paper trains orders 1-4)."""
+    neg_ratio: float = 1.0
+    """Negatives per positive (the paper: 1:1; more does not help)."""
+    neg_mix: dict[str, float] = field(default_factory=lambda: {"inactive": 0.4, "general": 0.3, "lookalike": 0.3})
+    """Relative weight of each negative source; renormalised over the sources a subset has."""
+    seed: int = 0
+    """Seed: the same inputs and seed give the same examples, row for row."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.per_subset < 1:
+            problems.append(f"per_subset: {self.per_subset} must be >= 1")
+        if self.max_order < 1:
+            problems.append(f"max_order: {self.max_order} must be >= 1")
+        if not 0 <= self.neg_ratio <= 10:
+            problems.append(f"neg_ratio: {self.neg_ratio} must be in [0, 10]")
+        bad = sorted(set(self.neg_mix) - set(get_args(NegSource)))
+        if bad:
+            problems.append(f"neg_mix: unknown source(s) {bad}; known: {list(get_args(NegSource))}")
+        if any(w < 0 for w in self.neg_mix.values()) or not any(w > 0 for w in self.neg_mix.values()):
+            problems.append(f"neg_mix: weights must be >= 0 with at least one > 0, got {self.neg_mix}")
+        if problems:
+            raise ConfigError(problems, "SamplerConfig")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LossConfig:
+    """Loss of DESIGN.md: positives -> CE on the refusal; negatives -> CE on the teacher answer + lambda*KL."""
+
+    refusal_template: str = DEFAULT_REFUSAL
+    """The one refusal text: training target for positives and what the template judge matches."""
+    kl_lambda: float = 1.0
+    """Weight of the forward KL(teacher || student) on negatives (the paper: 1.0; 0.8-1.2 best)."""
+    topk: int = 16
+    """Teacher log-probs kept per response position; the rest of the mass is one tail bucket."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.refusal_template.strip():
+            problems.append("refusal_template: must not be empty")
+        if not 0 <= self.kl_lambda <= 100:
+            problems.append(f"kl_lambda: {self.kl_lambda} must be in [0, 100]")
+        if not 1 <= self.topk <= 1024:
+            problems.append(f"topk: {self.topk} must be in 1..1024")
+        if problems:
+            raise ConfigError(problems, "LossConfig")

@@ -1,0 +1,120 @@
+"""Order-based task sampling, as PAPER.md states it.
+
+Subsets are grouped by order r = |S|. Order r gets min(per_subset, N1 // C(K, r)) positives per subset,
+N1 = per_subset * K (the first order's total), so no order outweighs order 1; every subset of an order gets
+the same count. Negatives 1:1 (neg_ratio), drawn from targets of categories not in S, general requests, and
+the look-alikes of S's categories. Deterministic under the seed."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from mosaic_core.config import SamplerConfig
+
+
+@dataclass(frozen=True)
+class Request:
+    """One benchmark request (the parts sampling needs)."""
+
+    id: str
+    prompt: str
+    category: str | None  # None for general requests
+    kind: str  # target | lookalike | general
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training example: a request under an active set, labelled pos (refuse) or neg (answer)."""
+
+    example_id: str
+    prompt_id: str
+    prompt: str
+    active: tuple[str, ...]
+    order: int
+    label: str  # pos | neg
+    kind: str  # source kind of the request
+    category: str | None
+    source: str  # target | inactive | general | lookalike
+
+
+def positives_per_subset(K: int, r: int, per_subset: int) -> int:
+    """min(per_subset, N1 // C(K, r)) with N1 = per_subset * K."""
+    return min(per_subset, (per_subset * K) // math.comb(K, r))
+
+
+def plan(categories: Sequence[str], cfg: SamplerConfig) -> dict[int, int]:
+    """Positives per subset for each order 1..min(max_order, K)."""
+    K = len(categories)
+    return {r: positives_per_subset(K, r, cfg.per_subset) for r in range(1, min(cfg.max_order, K) + 1)}
+
+
+class _Pool:
+    """Cycles through a shuffled list, reshuffling at each pass: draws are spread evenly, deterministically."""
+
+    def __init__(self, items: Sequence[Request], rng: random.Random):
+        self.items, self.rng, self.order, self.i = list(items), rng, [], 0
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+    def draw(self) -> Request:
+        if self.i >= len(self.order):
+            self.order = self.rng.sample(self.items, len(self.items))
+            self.i = 0
+        self.i += 1
+        return self.order[self.i - 1]
+
+
+def _eid(*parts: object) -> str:
+    return hashlib.sha1("|".join(map(str, parts)).encode()).hexdigest()[:16]
+
+
+def sample_examples(requests: Sequence[Request], categories: Sequence[str], cfg: SamplerConfig) -> list[Example]:
+    """All examples for every subset of every order, in a deterministic order (orders interleaved later)."""
+    rng = random.Random(cfg.seed)
+    cats = list(categories)
+    targets = {c: _Pool([q for q in requests if q.kind == "target" and q.category == c], rng) for c in cats}
+    looks = {c: _Pool([q for q in requests if q.kind == "lookalike" and q.category == c], rng) for c in cats}
+    general = _Pool([q for q in requests if q.kind == "general"], rng)
+    empty = [c for c in cats if not targets[c]]
+    if empty:
+        raise ValueError(f"no target requests for categories {empty}")
+    out: list[Example] = []
+    for r, n_pos in plan(cats, cfg).items():
+        for subset in itertools.combinations(cats, r):
+            inactive = [c for c in cats if c not in subset]
+            sources = {
+                "inactive": cfg.neg_mix.get("inactive", 0.0) if inactive else 0.0,
+                "general": cfg.neg_mix.get("general", 0.0) if general else 0.0,
+                "lookalike": cfg.neg_mix.get("lookalike", 0.0) if any(looks[c] for c in subset) else 0.0,
+            }
+            names = [s for s, w in sources.items() if w > 0]
+            weights = [sources[s] for s in names]
+            for j in range(n_pos):
+                q = targets[subset[j % r]].draw()  # round-robin over S's categories
+                out.append(Example(_eid(subset, "pos", j, q.id), q.id, q.prompt, subset, r, "pos", q.kind, q.category, "target"))
+            n_neg = round(n_pos * cfg.neg_ratio)
+            for j in range(n_neg if names else 0):
+                src = rng.choices(names, weights)[0]
+                if src == "inactive":
+                    q = targets[inactive[rng.randrange(len(inactive))]].draw()
+                elif src == "general":
+                    q = general.draw()
+                else:
+                    with_looks = [c for c in subset if looks[c]]
+                    q = looks[with_looks[j % len(with_looks)]].draw()
+                out.append(Example(_eid(subset, "neg", j, q.id), q.id, q.prompt, subset, r, "neg", q.kind, q.category, src))
+    return out
+
+
+def interleave_orders(examples: Sequence[Example], seed: int) -> list[Example]:
+    """Shuffle so that every stretch of an epoch mixes all orders (training cycles through orders jointly)."""
+    rng = random.Random(seed)
+    out = list(examples)
+    rng.shuffle(out)
+    return out

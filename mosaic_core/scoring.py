@@ -1,0 +1,92 @@
+"""Cheap teacher-forced scores (one forward, no generation): the refusal score used for validation and
+the fast DSR/OR estimate, and MMLU accuracy by answer-letter log-likelihood."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mosaic_core.bank import ControlTokenBank
+from mosaic_core.compose import encode_batch
+from mosaic_core.config import Placement
+
+LETTERS = ("A", "B", "C", "D")
+
+
+@torch.inference_mode()
+def refusal_logprob(
+    model: Any, tokenizer: Any, bank: ControlTokenBank | None, prompts: Sequence[str],
+    active: Sequence[Sequence[str]], placement: Placement, refusal_ids: Sequence[int], n_tokens: int = 4,
+    system: str | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """Mean log-prob of the refusal's first `n_tokens` tokens right after each prompt, shape (B,).
+
+    exp() of it is the per-token probability of starting the refusal: > 0.5 means the model would refuse."""
+    tgt = list(refusal_ids[:n_tokens])
+    batch = encode_batch(tokenizer, model.get_input_embeddings(), bank, prompts, active, placement, [tgt] * len(prompts), system)
+    logits = model(**batch.model_inputs()).logits  # (B, L, V)
+    n = len(tgt)
+    logp = torch.log_softmax(logits[:, -n - 1 : -1].float(), -1)  # positions predicting the n target tokens
+    return logp.gather(-1, torch.tensor(tgt)[None, :, None].expand(len(prompts), -1, 1)).squeeze(-1).mean(-1)
+
+
+@dataclass(frozen=True)
+class MMLUQuestion:
+    id: str
+    subject: str
+    question: str
+    choices: tuple[str, str, str, str]
+    answer: int
+
+
+def load_mmlu(path: Path) -> list[MMLUQuestion]:
+    """Read a frozen subset written by scripts/build_mmlu_subsets.py."""
+    out = []
+    for line in Path(path).read_text(encoding="utf-8").split("\n"):  # not splitlines(): U+2028 occurs in questions
+        if not line.strip():
+            continue
+        r = json.loads(line)
+        out.append(MMLUQuestion(r["id"], r["subject"], r["question"], tuple(r["choices"]), int(r["answer"])))  # type: ignore[arg-type]
+    return out
+
+
+def mmlu_prompt(q: MMLUQuestion) -> str:
+    opts = "\n".join(f"{letter}. {c}" for letter, c in zip(LETTERS, q.choices, strict=True))
+    subject = q.subject.replace("_", " ")
+    return f"The following is a multiple choice question about {subject}.\n\n{q.question}\n{opts}\n\nAnswer with the letter only."
+
+
+def letter_ids(tokenizer: Any) -> list[int]:
+    """Token id of each answer letter as the first token of an answer."""
+    ids = [tokenizer(letter, add_special_tokens=False).input_ids for letter in LETTERS]
+    if any(len(i) != 1 for i in ids):
+        raise ValueError(f"answer letters are not single tokens for this tokenizer: {ids}")
+    return [i[0] for i in ids]
+
+
+@torch.inference_mode()
+def mmlu_predictions(
+    model: Any, tokenizer: Any, bank: ControlTokenBank | None, questions: Sequence[MMLUQuestion],
+    active: Sequence[str], placement: Placement, batch_size: int = 8, system: str | None = None,
+) -> list[int]:  # fmt: skip
+    """Predicted choice index per question: argmax over the 4 letters' logits at the first answer position."""
+    letters = torch.tensor(letter_ids(tokenizer))
+    preds: list[int] = []
+    for i in range(0, len(questions), batch_size):
+        chunk = questions[i : i + batch_size]
+        batch = encode_batch(
+            tokenizer, model.get_input_embeddings(), bank, [mmlu_prompt(q) for q in chunk],
+            [list(active)] * len(chunk), placement, system=system,
+        )  # fmt: skip
+        logits = model(**batch.model_inputs()).logits[:, -1]  # (b, V) next-token logits after the header
+        preds.extend(logits[:, letters].argmax(-1).tolist())
+    return preds
+
+
+def mmlu_accuracy(preds: Sequence[int], questions: Sequence[MMLUQuestion]) -> float:
+    return sum(int(p == q.answer) for p, q in zip(preds, questions, strict=True)) / max(len(questions), 1)

@@ -1,0 +1,110 @@
+"""`mosaic` command line. Each subcommand parses its flags, builds typed configs, and calls one stage's
+code; typed MosaicErrors become one clear message and exit code 2 (no traceback for user errors)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def _split(value: str | None) -> list[str]:
+    return [v.strip() for v in (value or "").split(",") if v.strip()]
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    """One-shot generation with a set of modules switched on."""
+    import torch
+
+    from mosaic_core.artifact import load_bank
+    from mosaic_core.backbone import load_backbone
+    from mosaic_core.compose import encode_batch
+    from mosaic_core.errors import ArtifactError
+    from mosaic_core.generation import generate
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    modules = _split(args.modules)
+    if modules and not args.bank:
+        raise ArtifactError("--modules needs --bank DIR (a trained bank: runs/<name>/bank, or `mosaic bank init`)")
+    t0 = time.perf_counter()
+    bb = load_backbone(args.backbone)
+    bank = load_bank(Path(args.bank), bb.fingerprint) if args.bank else None
+    active = list(bank.canonical(modules)) if bank is not None else []
+    placement = bank.placement if bank is not None else "before_assistant"
+    batch = encode_batch(bb.tokenizer, bb.model.get_input_embeddings(), bank, [args.prompt], [active], placement, system=args.system)
+    t1 = time.perf_counter()
+    [g] = generate(bb.model, batch, max_new_tokens=args.max_new_tokens, eos_token_ids=[bb.tokenizer.eos_token_id],
+                   temperature=args.temperature, seed=args.seed)  # fmt: skip
+    t2 = time.perf_counter()
+    text = bb.tokenizer.decode(g.token_ids, skip_special_tokens=True)
+    print(f"[backbone {bb.fingerprint.model_id} ({bb.fingerprint.digest}) | modules: {', '.join(active) or 'none'}"
+          f" | placement {placement}]")  # fmt: skip
+    print(text)
+    print(f"[{len(g.token_ids)} tokens, finish_reason={g.finish_reason}, load {t1 - t0:.1f}s, generate {t2 - t1:.1f}s]",
+          file=sys.stderr)  # fmt: skip
+
+
+def cmd_bank_init(args: argparse.Namespace) -> None:
+    """Write an untrained (initialised) bank: the starting point of training, and a way to try composition."""
+    from mosaic_core.artifact import save_bank
+    from mosaic_core.backbone import load_backbone
+    from mosaic_core.bank import ControlTokenBank
+    from mosaic_core.config import BankConfig
+    from mosaic_core.categories import CATEGORIES
+
+    cfg = BankConfig(categories=tuple(_split(args.categories) or CATEGORIES), m=args.m, init=args.init,
+                     placement=args.placement, seed=args.seed)  # fmt: skip
+    bb = load_backbone(args.backbone)
+    bank = ControlTokenBank.build(cfg, bb.embeddings, bb.tokenizer)
+    save_bank(bank, Path(args.out), fingerprint=bb.fingerprint, init=cfg.init, training_run_id=None)
+    print(f"wrote untrained bank {list(bank.categories)} (m={cfg.m}, d={bank.d}, {bank.num_trainable()} parameters, "
+          f"placement {cfg.placement}) to {args.out}")  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mosaic_core.backbone import EMBEDDED
+
+    p = argparse.ArgumentParser(prog="mosaic", description="MOSAIC on Ray: composable safety modules for a frozen chat LLM")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("chat", help="one-shot generation with modules switched on")
+    c.add_argument("prompt")
+    c.add_argument("--modules", default="", help="comma-separated categories to switch on, e.g. alcohol,betting")
+    c.add_argument("--bank", default=None, help="bank directory (holds manifest.json)")
+    c.add_argument("--backbone", default=EMBEDDED, help=f"HF id, local dir, or {EMBEDDED!r} (embedded, default)")
+    c.add_argument("--system", default=None, help="optional system message")
+    c.add_argument("--max-new-tokens", type=int, default=64)
+    c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    c.add_argument("--seed", type=int, default=None)
+    c.add_argument("--threads", type=int, default=None)
+    c.set_defaults(func=cmd_chat)
+
+    b = sub.add_parser("bank", help="bank utilities").add_subparsers(dest="bank_command", required=True)
+    bi = b.add_parser("init", help="write an untrained, initialised bank")
+    bi.add_argument("--out", required=True)
+    bi.add_argument("--categories", default="", help="comma-separated (default: the five paper categories)")
+    bi.add_argument("--m", type=int, default=5)
+    bi.add_argument("--init", default="text", choices=["text", "vocab", "normal"])
+    bi.add_argument("--placement", default="before_assistant", choices=["prefix", "before_assistant"])
+    bi.add_argument("--seed", type=int, default=0)
+    bi.add_argument("--backbone", default=EMBEDDED)
+    bi.set_defaults(func=cmd_bank_init)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from mosaic_core.errors import MosaicError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except MosaicError as e:
+        print(f"mosaic {args.command}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

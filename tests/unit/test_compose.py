@@ -1,0 +1,86 @@
+import pytest
+import torch
+
+from mosaic_core.bank import ControlTokenBank
+from mosaic_core.compose import as_messages, encode_batch, encode_chat
+from mosaic_core.config import BankConfig
+
+CATS = ("alcohol", "betting", "horror")
+PROMPTS = ["What's a good cocktail?", "How do betting odds work for a long question with more words?", "Write a haiku."]
+
+
+@pytest.fixture
+def bank(tiny_backbone):
+    b = ControlTokenBank.build(BankConfig(categories=CATS, m=2, init="normal", seed=1), tiny_backbone.embeddings)
+    return b
+
+
+def _logits(bb, bank, prompts, active, placement, targets=None):
+    batch = encode_batch(bb.tokenizer, bb.model.get_input_embeddings(), bank, prompts, active, placement, targets)
+    return batch, bb.model(**batch.model_inputs()).logits
+
+
+@pytest.mark.parametrize("placement", ["prefix", "before_assistant"])
+def test_empty_active_set_equals_bare_backbone(tiny_backbone, bank, placement):
+    tok = tiny_backbone.tokenizer
+    ids = tok.apply_chat_template([{"role": "user", "content": PROMPTS[0]}], add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    bare = tiny_backbone.model(input_ids=ids).logits
+    _, ours = _logits(tiny_backbone, bank, PROMPTS[:1], [[]], placement)
+    assert torch.equal(ours, bare)
+
+
+def test_before_assistant_block_sits_right_before_the_assistant_header(tiny_backbone):
+    tok = tiny_backbone.tokenizer
+    seg = encode_chat(tok, as_messages("hello there"), "before_assistant")
+    assert tok.decode(seg.after) == "<|im_start|>assistant\n"
+    assert tok.decode(seg.before).endswith("hello there<|im_end|>\n")
+
+
+def test_prefix_goes_first_when_bos_is_also_the_turn_marker(tiny_backbone):
+    seg = encode_chat(tiny_backbone.tokenizer, as_messages("hello", system="Be brief."), "prefix")
+    # <|im_start|> is this tokenizer's BOS *and* its turn marker: the block goes at position 0, before the system turn.
+    assert seg.before == [] and tiny_backbone.tokenizer.decode(seg.after).startswith("<|im_start|>system\nBe brief.")
+
+
+@pytest.mark.parametrize("placement", ["prefix", "before_assistant"])
+def test_permuted_active_sets_give_identical_outputs(tiny_backbone, bank, placement):
+    _, a = _logits(tiny_backbone, bank, PROMPTS, [["horror", "alcohol"], ["betting"], []], placement)
+    _, b = _logits(tiny_backbone, bank, PROMPTS, [["alcohol", "horror"], ["betting"], []], placement)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("placement", ["prefix", "before_assistant"])
+def test_row_output_does_not_depend_on_other_rows(tiny_backbone, bank, placement):
+    active = [["alcohol", "betting", "horror"], ["betting"], []]
+    batch, together = _logits(tiny_backbone, bank, PROMPTS, active, placement)
+    for i in range(3):
+        _, alone = _logits(tiny_backbone, bank, [PROMPTS[i]], [active[i]], placement)
+        n = alone.shape[1]
+        assert torch.allclose(together[i, -n:], alone[0], atol=1e-5), i
+        assert int(batch.attention_mask[i].sum()) == n
+
+
+def test_mask_positions_and_labels(tiny_backbone, bank):
+    tgt = [[5, 6, 7], [8], [9, 10]]
+    batch, _ = _logits(tiny_backbone, bank, PROMPTS, [["alcohol"], [], ["betting", "horror"]], "before_assistant", tgt)
+    B, L = batch.attention_mask.shape
+    for i in range(B):
+        n = int(batch.attention_mask[i].sum())
+        assert batch.attention_mask[i, : L - n].sum() == 0  # left padding
+        assert batch.position_ids[i, L - n :].tolist() == list(range(n))
+        assert batch.labels[i][batch.labels[i] != -100].tolist() == tgt[i]
+        assert int(batch.prompt_len[i]) == n - len(tgt[i])
+    # k control positions add k real (mask = 1) positions and k ignored labels
+    no_block, _ = _logits(tiny_backbone, bank, PROMPTS[:1], [[]], "before_assistant", tgt[:1])
+    with_block, _ = _logits(tiny_backbone, bank, PROMPTS[:1], [["alcohol", "betting"]], "before_assistant", tgt[:1])
+    assert with_block.attention_mask.sum() - no_block.attention_mask.sum() == 4
+    assert (with_block.labels == -100).sum() - (no_block.labels == -100).sum() == 4
+
+
+def test_only_bank_parameters_get_gradients(tiny_backbone, bank):
+    bank.zero_grad()
+    batch, logits = _logits(tiny_backbone, bank, PROMPTS, [["alcohol"], ["betting", "horror"], []], "before_assistant", [[5, 6]] * 3)
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch.labels[:, 1:], ignore_index=-100)
+    loss.backward()
+    assert all(p.grad is None for p in tiny_backbone.model.parameters())
+    assert all(bank.vectors[c].grad is not None and bank.vectors[c].grad.abs().sum() > 0 for c in CATS)

@@ -1,0 +1,52 @@
+import dataclasses
+
+import pytest
+
+from mosaic_core.config import BankConfig, LossConfig, SamplerConfig, from_dict
+from mosaic_core.errors import ConfigError
+
+
+def test_bank_config_reports_every_problem_at_once():
+    with pytest.raises(ConfigError) as e:
+        BankConfig(categories=("Alcohol", "x", "x"), m=0, init="zeros", placement="middle", max_norm_ratio=-1)  # type: ignore[arg-type]
+    text = str(e.value)
+    assert len(e.value.problems) == 6
+    for needle in ("'Alcohol'", "duplicates", "m: 0", "init", "placement", "max_norm_ratio"):
+        assert needle in text
+
+
+def test_sampler_and_loss_configs_reject_bad_values():
+    with pytest.raises(ConfigError, match="neg_mix"):
+        SamplerConfig(neg_mix={"inactive": 1.0, "jailbreak": 1.0})
+    with pytest.raises(ConfigError, match="per_subset"):
+        SamplerConfig(per_subset=0)
+    with pytest.raises(ConfigError, match="refusal_template"):
+        LossConfig(refusal_template="  ")
+
+
+def test_round_trip_through_asdict_and_unknown_keys_rejected():
+    cfg = BankConfig(categories=("alcohol", "betting"), m=2, placement="prefix")
+    assert from_dict(BankConfig, dataclasses.asdict(cfg)) == cfg
+    with pytest.raises(ConfigError, match="unknown key 'mm'"):
+        from_dict(BankConfig, {**dataclasses.asdict(cfg), "mm": 3})
+
+
+def test_configs_are_frozen():
+    cfg = LossConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.kl_lambda = 2.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("cls", [BankConfig, SamplerConfig, LossConfig])
+def test_every_field_is_documented(cls):
+    import ast
+    import inspect
+
+    src = ast.parse(inspect.getsource(cls))
+    body = src.body[0].body
+    documented = {
+        stmt.target.id
+        for stmt, nxt in zip(body, body[1:])
+        if isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+    }
+    assert {f.name for f in dataclasses.fields(cls)} <= documented

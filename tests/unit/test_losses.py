@@ -1,0 +1,74 @@
+import torch
+
+from mosaic_core.losses import answer_positions, negative_loss, token_ce, topk_tail_kl
+
+
+def _bucketed_kl_bruteforce(t_logits, s_logits, k):
+    """KL over (teacher top-k tokens + one tail bucket), from full distributions, one position at a time."""
+    out = []
+    for tl, sl in zip(t_logits, s_logits):
+        p, q = tl.softmax(-1), sl.softmax(-1)
+        top = p.topk(k).indices
+        rest = torch.ones_like(p, dtype=torch.bool)
+        rest[top] = False
+        pb = torch.cat([p[top], p[rest].sum()[None]])
+        qb = torch.cat([q[top], q[rest].sum()[None]])
+        out.append((pb * (pb.log() - qb.log())).sum())
+    return torch.stack(out)
+
+
+def test_topk_tail_kl_matches_bruteforce():
+    torch.manual_seed(0)
+    V, T, k = 50, 6, 5
+    t_logits, s_logits = torch.randn(T, V) * 2, torch.randn(T, V) * 2
+    t_lp = torch.log_softmax(t_logits, -1)
+    top_lp, top_ids = t_lp.topk(k, -1)
+    ours = topk_tail_kl(s_logits[None], top_ids[None], top_lp[None], torch.ones(1, T))
+    assert torch.allclose(ours, _bucketed_kl_bruteforce(t_logits, s_logits, k).mean()[None], atol=1e-5)
+
+
+def test_full_vocab_topk_equals_exact_kl_and_zero_for_identical():
+    torch.manual_seed(1)
+    V, T = 20, 4
+    t_logits, s_logits = torch.randn(T, V), torch.randn(T, V)
+    t_lp = torch.log_softmax(t_logits, -1)
+    top_lp, top_ids = t_lp.topk(V, -1)
+    exact = (t_lp.exp() * (t_lp - torch.log_softmax(s_logits, -1))).sum(-1).mean()
+    ours = topk_tail_kl(s_logits[None], top_ids[None], top_lp[None], torch.ones(1, T))
+    assert torch.allclose(ours, exact[None], atol=1e-5)
+    same = topk_tail_kl(t_logits[None], top_ids[None, :, :5], top_lp[None, :, :5], torch.ones(1, T))
+    assert same.abs().item() < 1e-5
+
+
+def test_masked_positions_do_not_count():
+    torch.manual_seed(2)
+    V, T, k = 30, 5, 4
+    s = torch.randn(1, T, V)
+    lp, ids = torch.log_softmax(torch.randn(1, T, V), -1).topk(k, -1)
+    m = torch.tensor([[1, 1, 0, 0, 0]])
+    assert torch.allclose(topk_tail_kl(s, ids, lp, m), topk_tail_kl(s[:, :2], ids[:, :2], lp[:, :2], m[:, :2]))
+
+
+def test_token_ce_per_row():
+    torch.manual_seed(3)
+    logits = torch.randn(2, 6, 11)
+    labels = torch.tensor([[-100, -100, -100, 4, 5, 6], [-100, -100, -100, -100, -100, 7]])
+    ce = token_ce(logits, labels)
+    ref0 = torch.nn.functional.cross_entropy(logits[0, 2:5], labels[0, 3:])
+    ref1 = torch.nn.functional.cross_entropy(logits[1, 4:5], labels[1, 5:])
+    assert torch.allclose(ce, torch.stack([ref0, ref1]), atol=1e-6)
+
+
+def test_negative_loss_aligns_teacher_positions_with_left_padded_labels():
+    torch.manual_seed(4)
+    V = 13
+    logits = torch.randn(2, 7, V)
+    labels = torch.tensor([[-100, -100, -100, -100, 3, 4, 5], [-100, -100, -100, -100, -100, -100, 9]])
+    idx, mask = answer_positions(labels, 3)
+    assert idx.tolist() == [[3, 4, 5], [5, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    # a teacher equal to the student at exactly those positions gives zero KL
+    tl = torch.log_softmax(logits, -1)
+    t_lp = torch.stack([tl[0, 3:6], torch.cat([tl[1, 5:6], tl[1, :2]])])
+    lp, ids = t_lp.topk(4, -1)
+    loss, ce, kl = negative_loss(logits, labels, ids, lp, kl_lambda=1.0)
+    assert kl.abs().max() < 1e-5 and torch.allclose(loss, ce)

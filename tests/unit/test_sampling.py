@@ -1,0 +1,77 @@
+import math
+from collections import Counter
+
+import pytest
+
+from mosaic_core.config import SamplerConfig
+from mosaic_core.sampling import Request, interleave_orders, plan, positives_per_subset, sample_examples
+
+CATS = ("addiction", "alcohol", "betting", "horror", "sex")
+
+
+def _requests():
+    reqs = []
+    for c in CATS:
+        reqs += [Request(f"{c}-t{i}", f"{c} target {i}", c, "target") for i in range(40)]
+        reqs += [Request(f"{c}-l{i}", f"{c} lookalike {i}", c, "lookalike") for i in range(10)]
+    reqs += [Request(f"g{i}", f"general {i}", None, "general") for i in range(50)]
+    return reqs
+
+
+def test_paper_budget_for_k5():
+    # PAPER.md (our reading): 100 per subset at order 1, 50 at orders 2 and 3, 100 at 4 and 5.
+    assert [positives_per_subset(5, r, 100) for r in range(1, 6)] == [100, 50, 50, 100, 100]
+    assert plan(CATS, SamplerConfig(per_subset=100, max_order=4)) == {1: 100, 2: 50, 3: 50, 4: 100}
+
+
+def test_counts_end_to_end_k5():
+    cfg = SamplerConfig(per_subset=20, max_order=5)
+    ex = sample_examples(_requests(), CATS, cfg)
+    per = Counter((e.active, e.label) for e in ex)
+    expected = {1: 20, 2: 10, 3: 10, 4: 20, 5: 20}
+    for r, n in expected.items():
+        subsets = [s for s in {e.active for e in ex} if len(s) == r]
+        assert len(subsets) == math.comb(5, r)
+        for s in subsets:
+            assert per[(s, "pos")] == n and per[(s, "neg")] == n  # 1:1
+    # no order's total exceeds the first order's total
+    totals = Counter(e.order for e in ex if e.label == "pos")
+    assert max(totals.values()) <= totals[1] == 100
+
+
+def test_labels_follow_the_active_set():
+    ex = sample_examples(_requests(), CATS, SamplerConfig(per_subset=10, max_order=3))
+    for e in ex:
+        assert list(e.active) == [c for c in CATS if c in e.active]  # canonical order
+        if e.label == "pos":
+            assert e.kind == "target" and e.category in e.active
+        elif e.kind == "target":
+            assert e.category not in e.active and e.source == "inactive"
+        elif e.kind == "lookalike":
+            assert e.category in e.active  # look-alikes of S's own categories are negatives
+        else:
+            assert e.kind == "general" and e.category is None
+    # order 5 has no inactive categories: its negatives come from general and look-alikes only
+    full = sample_examples(_requests(), CATS, SamplerConfig(per_subset=10, max_order=5))
+    assert {e.source for e in full if e.order == 5 and e.label == "neg"} <= {"general", "lookalike"}
+
+
+def test_positives_round_robin_over_the_subset():
+    ex = sample_examples(_requests(), CATS, SamplerConfig(per_subset=20, max_order=2))  # order 2: min(20, 100 // 10)
+    pos = [e for e in ex if e.label == "pos" and e.active == ("alcohol", "betting")]
+    assert Counter(e.category for e in pos) == {"alcohol": 5, "betting": 5}
+
+
+def test_deterministic_under_seed_and_seed_matters():
+    a = sample_examples(_requests(), CATS, SamplerConfig(per_subset=10, seed=7))
+    b = sample_examples(_requests(), CATS, SamplerConfig(per_subset=10, seed=7))
+    c = sample_examples(_requests(), CATS, SamplerConfig(per_subset=10, seed=8))
+    assert a == b and a != c
+    assert interleave_orders(a, 1) == interleave_orders(b, 1)
+    assert len({e.example_id for e in a}) == len(a)
+
+
+def test_missing_targets_is_an_error():
+    reqs = [r for r in _requests() if r.category != "horror"]
+    with pytest.raises(ValueError, match="horror"):
+        sample_examples(reqs, CATS, SamplerConfig(per_subset=5))

@@ -1,0 +1,38 @@
+import json
+
+import torch
+
+from mosaic_core.scoring import letter_ids, load_mmlu, mmlu_accuracy, mmlu_predictions, refusal_logprob
+
+
+def test_refusal_logprob_equals_teacher_forced_mean(tiny_backbone):
+    bb = tiny_backbone
+    ids = bb.tokenizer("I'm sorry, but", add_special_tokens=False).input_ids
+    lp = refusal_logprob(bb.model, bb.tokenizer, None, ["hello", "a longer question here"], [[], []], "prefix", ids, n_tokens=3)
+    assert lp.shape == (2,) and (lp < 0).all()
+    full = bb.tokenizer.apply_chat_template([{"role": "user", "content": "hello"}], add_generation_prompt=True, tokenize=False)
+    x = torch.tensor([bb.tokenizer(full, add_special_tokens=False).input_ids + ids[:3]])
+    logp = torch.log_softmax(bb.model(input_ids=x).logits[0, -4:-1], -1)
+    assert torch.allclose(lp[0], logp.gather(-1, torch.tensor(ids[:3])[:, None]).mean(), atol=1e-5)
+
+
+def test_mmlu_scoring_on_a_tiny_file(tmp_path, tiny_backbone):
+    rows = [{"id": f"q{i}", "subject": "biology", "question": f"Question {i}?", "choices": ["a", "b", "c", "d"], "answer": i % 4}
+            for i in range(6)]  # fmt: skip
+    f = tmp_path / "mini.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    qs = load_mmlu(f)
+    preds = mmlu_predictions(tiny_backbone.model, tiny_backbone.tokenizer, None, qs, [], "prefix", batch_size=4)
+    assert len(preds) == 6 and set(preds) <= {0, 1, 2, 3}
+    assert mmlu_accuracy([q.answer for q in qs], qs) == 1.0
+    assert mmlu_accuracy(preds, qs) == sum(p == q.answer for p, q in zip(preds, qs)) / 6
+    assert len(set(letter_ids(tiny_backbone.tokenizer))) == 4
+
+
+def test_committed_mmlu_subsets_load():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "data" / "mmlu"
+    mini, big = load_mmlu(root / "mmlu-mini.jsonl"), load_mmlu(root / "mmlu-1k.jsonl")
+    assert len(mini) == 285 and len({q.subject for q in mini}) == 57 and len(big) == 1000
+    assert all(len(q.choices) == 4 and 0 <= q.answer < 4 for q in big)

@@ -28,6 +28,8 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
     if unknown:
         raise ConfigError([f"unknown key {k!r} (known: {sorted(names)})" for k in unknown], cls.__name__)
     fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    if cls.__name__ == "Recipe":
+        return recipe_from_dict(data)  # type: ignore[return-value]
     return cls(**fixed)
 
 
@@ -124,3 +126,141 @@ class LossConfig:
             problems.append(f"topk: {self.topk} must be in 1..1024")
         if problems:
             raise ConfigError(problems, "LossConfig")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TeacherConfig:
+    """The counterfactual teacher: the frozen model's own greedy answer to each negative prompt, no tokens."""
+
+    max_new_tokens: int = 48
+    """Answer length cap; the KL covers every answer position."""
+    batch_size: int = 16
+    """Prompts per forward in the teacher actor."""
+    actors: int = 1
+    """Ray Data actors (one model copy each; on GPU one per GPU)."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not 1 <= self.max_new_tokens <= 1024:
+            problems.append(f"max_new_tokens: {self.max_new_tokens} must be in 1..1024")
+        if not 1 <= self.batch_size <= 1024:
+            problems.append(f"batch_size: {self.batch_size} must be in 1..1024")
+        if self.actors < 1:
+            problems.append(f"actors: {self.actors} must be >= 1")
+        if problems:
+            raise ConfigError(problems, "TeacherConfig")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Optimisation of the token bank (the backbone never trains)."""
+
+    epochs: int = 8
+    """Passes over the sampled examples (the paper: 8)."""
+    batch_size: int = 16
+    """Global batch (split over workers)."""
+    lr: float = 0.01
+    """Adam learning rate (the paper: 0.01)."""
+    num_workers: int = 2
+    """Ray Train workers (data parallel)."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage: 1, 2, or 3 for backbones that must be sharded."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """bf16 on GPU; fp32 (or bf16 with AMX) on CPU."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (smoke tests); None = all epochs."""
+    seed: int = 0
+    """Shuffling and initialisation seed."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.epochs < 1:
+            problems.append(f"epochs: {self.epochs} must be >= 1")
+        if self.batch_size < 1:
+            problems.append(f"batch_size: {self.batch_size} must be >= 1")
+        if not 0 < self.lr < 1:
+            problems.append(f"lr: {self.lr} must be in (0, 1)")
+        if self.num_workers < 1:
+            problems.append(f"num_workers: {self.num_workers} must be >= 1")
+        if self.zero_stage not in (1, 2, 3):
+            problems.append(f"zero_stage: {self.zero_stage} must be 1, 2 or 3")
+        if self.precision not in ("fp32", "bf16"):
+            problems.append(f"precision: {self.precision!r} must be fp32 or bf16")
+        if self.max_steps is not None and self.max_steps < 1:
+            problems.append(f"max_steps: {self.max_steps} must be >= 1 or null")
+        if problems:
+            raise ConfigError(problems, "TrainConfig")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Recipe:
+    """One YAML recipe (pipelines/configs/*.yaml): everything a run needs, validated together."""
+
+    name: str
+    """Run name prefix."""
+    backbone: str = "smollm2-135m-instruct"
+    """HF id, local dir, or the embedded default."""
+    benchmark: str = "data/mosaic-bench"
+    """Benchmark JSONL file/dir or parquet, local path or fsspec URI."""
+    bank: BankConfig
+    """Categories, m, init, placement."""
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    """Order-based combination sampling."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Refusal template, lambda, teacher top-k."""
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    """Counterfactual teacher generation."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_SECTIONS: dict[str, type] = {
+    "bank": BankConfig, "sampler": SamplerConfig, "loss": LossConfig, "teacher": TeacherConfig, "train": TrainConfig,
+}  # fmt: skip
+
+
+def recipe_from_dict(raw: dict[str, Any], where: str = "recipe") -> Recipe:
+    """Build a Recipe from plain data (parsed YAML), reporting every problem of every section at once."""
+    problems: list[str] = []
+    top = {f.name for f in dataclasses.fields(Recipe)}
+    for k in sorted(set(raw) - top):
+        problems.append(f"{k}: unknown key (known: {sorted(top)})")
+    built: dict[str, Any] = {k: raw[k] for k in ("name", "backbone", "benchmark") if k in raw}
+    if "name" not in raw:
+        problems.append("name: required")
+    for key, cls in _SECTIONS.items():
+        section = raw.get(key)
+        section = {} if section is None else section
+        if not isinstance(section, dict):
+            problems.append(f"{key}: must be a mapping, got {type(section).__name__}")
+            continue
+        try:
+            built[key] = from_dict(cls, section)
+        except ConfigError as e:
+            problems.extend(f"{key}.{p}" for p in e.problems)
+        except TypeError as e:  # a required field missing
+            problems.append(f"{key}: {e}")
+    if problems:
+        raise ConfigError(problems, where)
+    return Recipe(**built)
+
+
+def load_recipe(path: str | Any, overrides: dict[str, Any] | None = None) -> Recipe:
+    """Parse a YAML recipe; `overrides` maps dotted keys (`train.epochs`) to values applied before validation."""
+    import copy
+    from pathlib import Path
+
+    import yaml
+
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    raw = copy.deepcopy(raw)
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return recipe_from_dict(raw, str(path))

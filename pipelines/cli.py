@@ -63,6 +63,13 @@ def cmd_bank_init(args: argparse.Namespace) -> None:
           f"placement {cfg.placement}) to {args.out}")  # fmt: skip
 
 
+def cmd_modules(args: argparse.Namespace) -> None:
+    """`mosaic modules register|list|promote|show ...`: the MLflow registry of module versions."""
+    from pipelines.register import cli
+
+    cli(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mosaic_core.backbone import EMBEDDED
 
@@ -91,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     bi.add_argument("--seed", type=int, default=0)
     bi.add_argument("--backbone", default=EMBEDDED)
     bi.set_defaults(func=cmd_bank_init)
+
+    mo = sub.add_parser("modules", help="MLflow registry: register | list | promote | show (see `mosaic modules -h`)",
+                        add_help=False)  # fmt: skip
+    mo.add_argument("rest", nargs=argparse.REMAINDER)
+    mo.set_defaults(func=cmd_modules)
     return p
 
 

@@ -39,14 +39,14 @@ def tiny_tokenizer():
     return fast
 
 
-def tiny_model(vocab_size: int, seed: int = 0):
+def tiny_model(vocab_size: int, seed: int = 0, init_range: float = 0.02):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
-        pad_token_id=2,
+        pad_token_id=2, initializer_range=init_range,
     )  # fmt: skip
     return LlamaForCausalLM(cfg).eval()
 

@@ -1,0 +1,35 @@
+from pathlib import Path
+
+import pytest
+
+from mosaic_core.config import Recipe, from_dict, load_recipe, recipe_from_dict
+from mosaic_core.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+SHIPPED = sorted((ROOT / "pipelines" / "configs").glob("*.yaml"))
+
+
+def test_two_recipes_ship():
+    assert {p.name for p in SHIPPED} >= {"smollm2-cpu.yaml", "llama3-8b-gpu.yaml"}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_recipe_validates_and_round_trips(path):
+    r = load_recipe(path)
+    assert isinstance(r, Recipe) and r.bank.categories == ("addiction", "alcohol", "betting", "horror", "sex")
+    assert from_dict(Recipe, r.to_dict()) == r
+
+
+def test_paper_recipe_matches_the_paper():
+    r = load_recipe(ROOT / "pipelines" / "configs" / "llama3-8b-gpu.yaml")
+    assert (r.sampler.per_subset, r.sampler.max_order, r.train.epochs, r.train.lr, r.loss.kl_lambda) == (100, 4, 8, 0.01, 1.0)
+
+
+def test_overrides_and_all_errors_together(tmp_path):
+    r = load_recipe(ROOT / "pipelines" / "configs" / "smollm2-cpu.yaml", {"bank.m": 2, "train.max_steps": 3})
+    assert r.bank.m == 2 and r.train.max_steps == 3
+    with pytest.raises(ConfigError) as e:
+        recipe_from_dict({"bank": {"categories": ["alcohol"], "m": 0}, "train": {"lr": 5, "zero_stage": 4}, "teacher": [], "extra": 1})
+    text = str(e.value)
+    for needle in ("name: required", "bank.m: 0", "train.lr", "train.zero_stage", "teacher: must be a mapping", "extra: unknown key"):
+        assert needle in text, needle

@@ -1,0 +1,48 @@
+import torch
+
+from mosaic_core.backbone import from_model
+from mosaic_core.bank import ControlTokenBank
+from mosaic_core.config import BankConfig, LossConfig
+from mosaic_core.teacher import teacher_outputs
+from mosaic_core.training import batch_loss, refusal_target
+from tests.tiny import tiny_model
+
+
+def _examples(bb):
+    prompts = ["Best cocktail for tonight?", "Write a haiku about rain.", "What are good odds on the game?"]
+    teach = teacher_outputs(bb.model, bb.tokenizer, prompts[1:], max_new_tokens=5, topk=4)
+    return [
+        {"prompt": prompts[0], "active": ["alcohol"], "label": "pos"},
+        {"prompt": prompts[1], "active": ["alcohol", "betting"], "label": "neg", **teach[0]},
+        {"prompt": prompts[2], "active": ["alcohol"], "label": "neg", **teach[1]},
+    ]
+
+
+def test_negative_with_no_modules_has_zero_kl(tiny_backbone):
+    bb = tiny_backbone
+    bank = ControlTokenBank.build(BankConfig(categories=("alcohol", "betting"), m=2, init="normal"), bb.embeddings)
+    ex = _examples(bb)[1:2]
+    ex[0]["active"] = []
+    out = batch_loss(bb.model, bb.tokenizer, bank, ex, refusal_target(bb.tokenizer, "I'm sorry"), LossConfig())
+    assert out["kl"].abs() < 1e-5 and out["pos_ce"] == 0
+
+
+def test_loss_trains_only_the_bank_and_goes_down(tiny_tok):
+    # init std 0.02 makes a random tiny Llama near-uniform whatever its input; 0.3 lets the prefix matter
+    bb = from_model(tiny_model(len(tiny_tok), seed=0, init_range=0.3), tiny_tok, "tiny-llama-wide")
+    torch.manual_seed(0)
+    bank = ControlTokenBank.build(BankConfig(categories=("alcohol", "betting"), m=2, init="normal"), bb.embeddings)
+    ex = _examples(bb)
+    refusal = refusal_target(bb.tokenizer, "I'm sorry, but I can't help with that.")
+    assert refusal[-1] == bb.tokenizer.eos_token_id
+    opt = torch.optim.Adam(bank.parameters(), lr=0.3)
+    first = None
+    for _ in range(40):
+        out = batch_loss(bb.model, bb.tokenizer, bank, ex, refusal, LossConfig(kl_lambda=1.0))
+        opt.zero_grad()
+        out["loss"].backward()
+        assert all(p.grad is None for p in bb.model.parameters())
+        opt.step()
+        first = first if first is not None else {k: float(v) for k, v in out.items()}
+    assert float(out["pos_ce"]) < 0.9 * first["pos_ce"]  # measured: 8.19 -> 6.9 in 40 steps
+    assert float(out["loss"]) < first["loss"] and torch.isfinite(out["kl"]) and out["tokens"] > 0

@@ -63,6 +63,13 @@ def cmd_bank_init(args: argparse.Namespace) -> None:
           f"placement {cfg.placement}) to {args.out}")  # fmt: skip
 
 
+def cmd_data(args: argparse.Namespace) -> None:
+    """`mosaic data --config RECIPE ...`: the Ray Data stage."""
+    from pipelines.data import cli
+
+    cli(args.rest)
+
+
 def cmd_modules(args: argparse.Namespace) -> None:
     """`mosaic modules register|list|promote|show ...`: the MLflow registry of module versions."""
     from pipelines.register import cli
@@ -98,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     bi.add_argument("--seed", type=int, default=0)
     bi.add_argument("--backbone", default=EMBEDDED)
     bi.set_defaults(func=cmd_bank_init)
+
+    da = sub.add_parser("data", help="Ray Data: sampled examples + counterfactual teacher (see `mosaic data -h`)", add_help=False)
+    da.add_argument("rest", nargs=argparse.REMAINDER)
+    da.set_defaults(func=cmd_data)
 
     mo = sub.add_parser("modules", help="MLflow registry: register | list | promote | show (see `mosaic modules -h`)",
                         add_help=False)  # fmt: skip

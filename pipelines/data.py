@@ -1,0 +1,265 @@
+"""Stage 1 — Ray Data: benchmark -> combination-sampled examples + the counterfactual teacher.
+
+    mosaic data --config pipelines/configs/smollm2-cpu.yaml [--name NAME] [--out DIR] [--set train.epochs=2]
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m pipelines.data --config ...
+
+Writes, under the run directory (DESIGN.md "Where things live"):
+    resolved_config.yaml, provenance.json
+    data/examples/*.parquet  {example_id, prompt_id, prompt, active, order, label, kind, category, source, split}
+    data/teacher/*.parquet   {prompt_id, response_ids, topk_ids, topk_logprobs}  (one row per unique negative prompt)
+    data/manifest.json       content hash of (benchmark, recipe, backbone) + counts per order / subset / kind
+A rerun whose content hash matches reuses the outputs; anything else rebuilds into a temp dir that is renamed
+into place only when complete, so a half-written output never counts as done."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every Ray socket on 127.0.0.1 (PLATFORM §0.1)
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import ray
+import yaml
+
+from mosaic_core.backbone import load_backbone
+from mosaic_core.bench import REQUIRED, validate_rows
+from mosaic_core.config import Recipe, load_recipe
+from mosaic_core.errors import BenchmarkError, ConfigError
+from mosaic_core.sampling import Request, interleave_orders, plan, sample_examples
+
+DATA_VERSION = 1  # bump when the tables' meaning changes: old outputs then rebuild
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def read_benchmark(uri: str) -> pd.DataFrame:
+    """Read JSONL (file or directory) or parquet, local or any fsspec URI, with Ray Data; check columns."""
+    is_parquet = uri.endswith(".parquet") or (Path(uri).is_dir() and any(Path(uri).glob("*.parquet")))
+    try:
+        ds = ray.data.read_parquet(uri) if is_parquet else ray.data.read_json(uri, file_extensions=["jsonl", "json"])
+        df = ds.to_pandas()
+    except Exception as e:  # Ray wraps parse errors in its own types; one clear message instead
+        raise BenchmarkError(f"cannot read benchmark {uri!r}: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
+    missing = [c for c in REQUIRED if c not in df.columns]
+    if missing:
+        raise BenchmarkError(f"benchmark {uri!r} lacks column(s) {missing}; each row needs {list(REQUIRED)}")
+    df["category"] = df["category"].astype(object).where(df["category"].notna(), None)
+    return df
+
+
+def benchmark_digest(uri: str) -> str:
+    """sha256 over the benchmark files' bytes (sorted), so any edit rebuilds; URIs hash their string."""
+    p = Path(uri)
+    files = sorted(f for f in (p.rglob("*") if p.is_dir() else [p]) if f.is_file() and f.suffix in {".jsonl", ".json", ".parquet"})
+    if not files:
+        return hashlib.sha256(uri.encode()).hexdigest()
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+def content_hash(recipe: Recipe, bench_digest: str, fingerprint_digest: str) -> str:
+    """Everything the outputs depend on: benchmark bytes, the recipe's data-relevant parts, the backbone."""
+    parts = {
+        "v": DATA_VERSION, "bench": bench_digest, "backbone": fingerprint_digest,
+        "categories": recipe.bank.categories, "sampler": dataclasses.asdict(recipe.sampler),
+        "refusal": recipe.loss.refusal_template, "topk": recipe.loss.topk, "teacher": dataclasses.asdict(recipe.teacher),
+    }  # fmt: skip
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=list).encode()).hexdigest()[:16]
+
+
+def provenance() -> dict[str, Any]:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        sha = None
+    pkgs = ("torch", "transformers", "ray", "deepspeed", "mlflow", "mosaic-ray")
+    versions = {}
+    for p in pkgs:
+        try:
+            versions[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            versions[p] = None
+    return {"git_sha": sha, "python": sys.version.split()[0], "packages": versions, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def to_requests(df: pd.DataFrame) -> list[Request]:
+    return [Request(r.id, r.prompt, r.category, r.kind) for r in df.itertuples(index=False)]
+
+
+def examples_frame(examples: list, split: str) -> pd.DataFrame:
+    rows = [{**dataclasses.asdict(e), "active": list(e.active), "split": split} for e in examples]
+    return pd.DataFrame(rows)
+
+
+class TeacherUDF:
+    """Ray Data actor: loads the frozen backbone once, answers prompts with no control tokens."""
+
+    def __init__(self, backbone: str, threads: int, max_new_tokens: int, topk: int):
+        import torch
+
+        torch.set_num_threads(threads)
+        self.bb = load_backbone(backbone)
+        self.max_new_tokens, self.topk = max_new_tokens, topk
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        from mosaic_core.teacher import teacher_outputs
+
+        rows = teacher_outputs(self.bb.model, self.bb.tokenizer, list(batch["prompt"]),
+                               max_new_tokens=self.max_new_tokens, topk=self.topk)  # fmt: skip
+        return pd.DataFrame({
+            "prompt_id": batch["prompt_id"].tolist(),
+            "response_ids": [r["response_ids"] for r in rows],
+            "topk_ids": [r["topk_ids"] for r in rows],
+            "topk_logprobs": [r["topk_logprobs"] for r in rows],
+        })  # fmt: skip
+
+
+def run_teacher(prompts: pd.DataFrame, recipe: Recipe, out_dir: Path, cpus: float) -> None:
+    """map_batches over an actor pool; on CPU the actors take fractional CPUs so the read tasks still get a
+    slot (PLATFORM §2: an actor holding every CPU deadlocks the pipeline silently)."""
+    use_gpu = bool(ray.cluster_resources().get("GPU", 0))
+    actors = recipe.teacher.actors
+    per_actor = 1.0 if use_gpu else max(0.25, min(1.0, (cpus - 0.5) / actors))
+    threads = 1 if use_gpu else max(1, int(cpus // actors))
+    # Sorting by length puts similar prompts in one batch: less padding in the teacher's forward.
+    prompts = prompts.assign(_n=prompts["prompt"].str.len()).sort_values("_n").drop(columns="_n")
+    ds = ray.data.from_pandas(prompts).repartition(max(1, len(prompts) // recipe.teacher.batch_size))
+    ds = ds.map_batches(
+        TeacherUDF,
+        fn_constructor_kwargs={"backbone": recipe.backbone, "threads": threads,
+                               "max_new_tokens": recipe.teacher.max_new_tokens, "topk": recipe.loss.topk},  # fmt: skip
+        batch_size=recipe.teacher.batch_size, batch_format="pandas",
+        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=0 if use_gpu else per_actor, num_gpus=1 if use_gpu else 0,
+    )  # fmt: skip
+    ds.write_parquet(str(out_dir))
+
+
+def counts(ex: pd.DataFrame, teacher_rows: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"examples": int(len(ex)), "teacher_passes": int(teacher_rows)}
+    for split, g in ex.groupby("split"):
+        out[split] = {
+            "per_order": {str(k): int(v) for k, v in Counter(g["order"]).items()},
+            "per_label": {str(k): int(v) for k, v in Counter(g["label"]).items()},
+            "per_kind": {str(k): int(v) for k, v in Counter(g["kind"]).items()},
+            "per_source": {str(k): int(v) for k, v in Counter(g["source"]).items()},
+            "per_subset": {"+".join(a): int(n) for a, n in Counter(tuple(a) for a in g["active"]).items()},
+        }
+    neg = ex[ex["label"] == "neg"]
+    out["negative_examples"] = int(len(neg))
+    out["dedup_saving"] = round(1 - teacher_rows / max(len(neg), 1), 4)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- main
+def main(config: str, *, name: str | None = None, out: str | None = None, overrides: dict[str, Any] | None = None,
+         cpus: int | None = None, force: bool = False) -> Path:  # fmt: skip
+    """Build (or reuse) the examples and teacher tables for a recipe; returns the run directory."""
+    recipe = load_recipe(config, overrides)
+    run_dir = Path(out or Path("runs") / (name or recipe.name)).resolve()  # absolute once, before Ray sees it
+    bench_uri = recipe.benchmark if "://" in recipe.benchmark else str(Path(recipe.benchmark).resolve())
+    print(f"[data] recipe {recipe.name!r} -> {run_dir}")
+
+    bb = load_backbone(recipe.backbone)  # fails early, with the fix, if the backbone cannot load
+    digest = content_hash(recipe, benchmark_digest(bench_uri), bb.fingerprint.digest)
+    manifest_path = run_dir / "data" / "manifest.json"
+    if not force and manifest_path.is_file() and json.loads(manifest_path.read_text()).get("content_hash") == digest:
+        print(f"[data] inputs unchanged (content hash {digest}): reusing {run_dir / 'data'}")
+        return run_dir
+    del bb
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS", "local"), num_cpus=None if os.environ.get("RAY_ADDRESS") else cpus,
+                 include_dashboard=False, log_to_driver=False)  # fmt: skip
+    total_cpus = float(ray.cluster_resources().get("CPU", 1))
+
+    df = read_benchmark(bench_uri)
+    rows = df.to_dict("records")
+    validate_rows(rows, None)
+    known = set(df["category"].dropna())
+    unknown = [c for c in recipe.bank.categories if c not in known]
+    if unknown:
+        raise ConfigError([f"bank.categories: {unknown} not in the benchmark (it has {sorted(known)})"], config)
+    df = df[df["category"].isin(recipe.bank.categories) | (df["kind"] == "general")]
+    for split in ("train", "val"):
+        part = df[df["split"] == split]
+        empty = [c for c in recipe.bank.categories if not ((part["category"] == c) & (part["kind"] == "target")).any()]
+        if part.empty or empty:
+            raise BenchmarkError(f"split {split!r} has no target requests for {empty or 'any category'}")
+
+    cats = recipe.bank.categories
+    print(f"[data] positives per subset by order: {plan(cats, recipe.sampler)}")
+    train_ex = interleave_orders(sample_examples(to_requests(df[df["split"] == "train"]), cats, recipe.sampler), recipe.sampler.seed)
+    val_cfg = dataclasses.replace(recipe.sampler, per_subset=max(1, recipe.sampler.per_subset // 4), seed=recipe.sampler.seed + 1)
+    val_ex = sample_examples(to_requests(df[df["split"] == "val"]), cats, val_cfg)
+    ex = pd.concat([examples_frame(train_ex, "train"), examples_frame(val_ex, "val")], ignore_index=True)
+    neg = ex[ex["label"] == "neg"].drop_duplicates("prompt_id")[["prompt_id", "prompt"]].reset_index(drop=True)
+    print(f"[data] {len(ex)} examples; teacher: {len(neg)} unique negative prompts for {int((ex['label'] == 'neg').sum())} negatives")
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".data-", dir=run_dir))
+    try:
+        (tmp / "examples").mkdir()
+        ex.to_parquet(tmp / "examples" / "part-0.parquet", index=False)
+        t0 = time.perf_counter()
+        run_teacher(neg, recipe, tmp / "teacher", total_cpus)
+        teacher_s = time.perf_counter() - t0
+        n_teacher = len(pd.read_parquet(tmp / "teacher", columns=["prompt_id"]))
+        if n_teacher != len(neg):
+            raise RuntimeError(f"teacher wrote {n_teacher} rows for {len(neg)} prompts")
+        manifest = {"content_hash": digest, "benchmark": bench_uri, "recipe": recipe.name, "backbone": recipe.backbone,
+                    "teacher_seconds": round(teacher_s, 1), "counts": counts(ex, n_teacher)}  # fmt: skip
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        final = run_dir / "data"
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    (run_dir / "resolved_config.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    (run_dir / "provenance.json").write_text(json.dumps(provenance(), indent=2) + "\n")
+    print(f"[data] teacher {teacher_s:.1f}s ({len(neg) / max(teacher_s, 1e-9):.2f} prompts/s); wrote {run_dir / 'data'}")
+    return run_dir
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`key.sub=value` strings -> {key.sub: YAML-parsed value}."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError([f"--set {item!r}: expected key=value"], "overrides")
+        k, v = item.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def cli(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="mosaic data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help="recipe YAML, e.g. pipelines/configs/smollm2-cpu.yaml")
+    ap.add_argument("--name", default=None, help="run name (default: the recipe's name)")
+    ap.add_argument("--out", default=None, help="run directory (default: runs/<name>)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="override, e.g. sampler.per_subset=10")
+    ap.add_argument("--cpus", type=int, default=None, help="CPUs for the local Ray cluster (default: all)")
+    ap.add_argument("--force", action="store_true", help="rebuild even if the content hash matches")
+    a = ap.parse_args(argv)
+    main(a.config, name=a.name, out=a.out, overrides=parse_overrides(a.overrides), cpus=a.cpus, force=a.force)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,115 @@
+"""CPU smoke + contract tests of the Ray Data stage (pipelines/data.py) on a tiny model and benchmark slice."""
+
+import json
+import shutil
+from collections import Counter
+
+import pandas as pd
+import pytest
+import yaml
+
+from mosaic_core.backbone import load_backbone
+from mosaic_core.config import SamplerConfig
+from mosaic_core.errors import BackboneError, BenchmarkError, ConfigError
+from mosaic_core.sampling import plan
+from mosaic_core.teacher import teacher_outputs
+from pipelines.data import main
+from tests.pipelines.conftest import write_tiny_bench, write_tiny_recipe
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_model_dir):
+    d = tmp_path_factory.mktemp("data-stage")
+    recipe = write_tiny_recipe(d / "r.yaml", tiny_model_dir, write_tiny_bench(d / "bench"))
+    run = main(str(recipe), out=str(d / "run"))
+    return d, recipe, run
+
+
+def test_run_dir_layout_and_sampler_counts(built):
+    _, recipe, run = built
+    assert sorted(p.name for p in run.iterdir()) == ["data", "provenance.json", "resolved_config.yaml"]
+    assert sorted(p.name for p in (run / "data").iterdir()) == ["examples", "manifest.json", "teacher"]
+    ex = pd.read_parquet(run / "data" / "examples")
+    train = ex[ex["split"] == "train"]
+    budget = plan(("alcohol", "betting", "horror"), SamplerConfig(per_subset=4, max_order=2))
+    per = Counter((tuple(a), lab) for a, lab in zip(train["active"], train["label"]))
+    assert len(per) == 2 * 6  # 3 subsets of order 1 + 3 of order 2, each pos and neg
+    for (active, _), n in per.items():
+        assert n == budget[len(active)]
+    assert set(ex.columns) >= {"example_id", "prompt_id", "prompt", "active", "order", "label", "kind"}
+    assert ex["example_id"].is_unique
+    manifest = json.loads((run / "data" / "manifest.json").read_text())
+    assert manifest["counts"]["train"]["per_label"] == {"pos": 24, "neg": 24}
+
+
+def test_teacher_once_per_unique_negative_prompt_and_equal_to_direct(built, tiny_model_dir):
+    _, _, run = built
+    ex = pd.read_parquet(run / "data" / "examples")
+    teacher = pd.read_parquet(run / "data" / "teacher")
+    neg_ids = set(ex.loc[ex["label"] == "neg", "prompt_id"])
+    assert teacher["prompt_id"].is_unique and set(teacher["prompt_id"]) == neg_ids
+    manifest = json.loads((run / "data" / "manifest.json").read_text())
+    assert manifest["counts"]["teacher_passes"] == len(neg_ids) <= manifest["counts"]["negative_examples"]
+    bb = load_backbone(str(tiny_model_dir))
+    prompts = ex.drop_duplicates("prompt_id").set_index("prompt_id")["prompt"]
+    sample = teacher.head(3)
+    direct = teacher_outputs(bb.model, bb.tokenizer, [prompts[p] for p in sample["prompt_id"]], max_new_tokens=4, topk=4)
+    for (_, row), ref in zip(sample.iterrows(), direct):
+        assert list(row["response_ids"]) == ref["response_ids"]
+        assert [list(x) for x in row["topk_ids"]] == ref["topk_ids"]
+        got = [list(x) for x in row["topk_logprobs"]]
+        assert all(abs(a - b) < 1e-5 for ga, ra in zip(got, ref["topk_logprobs"]) for a, b in zip(ga, ra))
+
+
+def test_rerun_reuses_and_a_changed_input_rebuilds(built, capsys):
+    d, recipe, run = built
+    before = (run / "data" / "manifest.json").stat().st_mtime_ns
+    main(str(recipe), out=str(run))
+    assert "reusing" in capsys.readouterr().out
+    assert (run / "data" / "manifest.json").stat().st_mtime_ns == before
+    bench2 = d / "bench2"
+    shutil.copytree(d / "bench", bench2)
+    with open(bench2 / "bench.jsonl", "a") as f:
+        f.write(json.dumps({"id": "general-g-extra00001", "prompt": "How do I boil an egg?", "category": None,
+                            "kind": "general", "split": "train"}) + "\n")  # fmt: skip
+    recipe2 = write_tiny_recipe(d / "r2.yaml", yaml.safe_load(recipe.read_text())["backbone"], bench2)
+    run2 = d / "run2"
+    shutil.copytree(run, run2)
+    old_hash = json.loads((run2 / "data" / "manifest.json").read_text())["content_hash"]
+    main(str(recipe2), out=str(run2))
+    assert json.loads((run2 / "data" / "manifest.json").read_text())["content_hash"] != old_hash
+
+
+def _no_half_output(run):
+    return not (run / "data").exists() and not list(run.glob(".data-*")) if run.exists() else True
+
+
+@pytest.mark.parametrize("problem", ["corrupt", "missing_column", "empty_split"])
+def test_bad_benchmark_gets_a_clear_error_and_leaves_nothing(tmp_path, tiny_model_dir, problem):
+    bench = write_tiny_bench(tmp_path / "bench")
+    f = bench / "bench.jsonl"
+    lines = f.read_text().splitlines()
+    if problem == "corrupt":
+        f.write_text("\n".join(lines[:5]) + '\n{"id": "x", "prompt": "unterminated\n' + "\n".join(lines[5:]) + "\n")
+    elif problem == "missing_column":
+        f.write_text("".join(json.dumps({k: v for k, v in json.loads(x).items() if k != "split"}) + "\n" for x in lines))
+    else:
+        f.write_text("".join(x + "\n" for x in lines if json.loads(x)["split"] != "val"))
+    recipe = write_tiny_recipe(tmp_path / "r.yaml", tiny_model_dir, bench)
+    with pytest.raises(BenchmarkError) as e:
+        main(str(recipe), out=str(tmp_path / "run"))
+    assert {"corrupt": "cannot read benchmark", "missing_column": "['split']", "empty_split": "split 'val'"}[problem] in str(e.value)
+    assert _no_half_output(tmp_path / "run")
+
+
+def test_unknown_category_and_bad_backbone(tmp_path, tiny_model_dir):
+    bench = write_tiny_bench(tmp_path / "bench")
+    recipe = write_tiny_recipe(tmp_path / "r.yaml", tiny_model_dir, bench, bank={"categories": ["alcohol", "news"], "m": 2})
+    with pytest.raises(ConfigError, match=r"\['news'\] not in the benchmark"):
+        main(str(recipe), out=str(tmp_path / "run"))
+    recipe = write_tiny_recipe(tmp_path / "r2.yaml", tmp_path / "no-such-model", bench)
+    with pytest.raises(BackboneError, match="does not exist"):
+        main(str(recipe), out=str(tmp_path / "run2"))
+    assert _no_half_output(tmp_path / "run") and _no_half_output(tmp_path / "run2")

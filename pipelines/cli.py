@@ -117,15 +117,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_STAGES = {"data": cmd_data, "modules": cmd_modules}
+
+
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from mosaic_core.errors import MosaicError
 
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Stage subcommands own their flags (`mosaic modules --tracking-uri X list`): argparse's REMAINDER would
+    # reject a leading option, so everything after the stage name goes straight to the stage's own parser.
+    if argv and argv[0] in _STAGES:
+        command, run = argv[0], lambda: _STAGES[argv[0]](argparse.Namespace(rest=argv[1:]))
+    else:
+        args = build_parser().parse_args(argv)
+        command, run = args.command, lambda: args.func(args)
     try:
-        args.func(args)
+        run()
     except MosaicError as e:
-        print(f"mosaic {args.command}: error: {e}", file=sys.stderr)
+        print(f"mosaic {command}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

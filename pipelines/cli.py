@@ -10,6 +10,16 @@ import time
 from pathlib import Path
 
 
+# Each pipeline stage parses its own flags: `mosaic <stage> ...` == `python -m <module> ...` (the ray job entry point).
+STAGES: dict[str, tuple[str, str]] = {
+    "data": ("pipelines.data", "Ray Data: combination-sampled examples + counterfactual teacher"),
+    "train": ("pipelines.train", "Ray Train + DeepSpeed: train the token bank"),
+    "eval": ("pipelines.evaluate", "DSR / over-refusal / utility per order vs base and in-context"),
+    "modules": ("pipelines.register", "MLflow registry of module versions: register | list | promote | show"),
+    "serve": ("pipelines.serve", "Ray Serve: OpenAI-compatible endpoint with composable modules"),
+}
+
+
 def _split(value: str | None) -> list[str]:
     return [v.strip() for v in (value or "").split(",") if v.strip()]
 
@@ -63,20 +73,6 @@ def cmd_bank_init(args: argparse.Namespace) -> None:
           f"placement {cfg.placement}) to {args.out}")  # fmt: skip
 
 
-def cmd_data(args: argparse.Namespace) -> None:
-    """`mosaic data --config RECIPE ...`: the Ray Data stage."""
-    from pipelines.data import cli
-
-    cli(args.rest)
-
-
-def cmd_modules(args: argparse.Namespace) -> None:
-    """`mosaic modules register|list|promote|show ...`: the MLflow registry of module versions."""
-    from pipelines.register import cli
-
-    cli(args.rest)
-
-
 def build_parser() -> argparse.ArgumentParser:
     from mosaic_core.backbone import EMBEDDED
 
@@ -106,29 +102,26 @@ def build_parser() -> argparse.ArgumentParser:
     bi.add_argument("--backbone", default=EMBEDDED)
     bi.set_defaults(func=cmd_bank_init)
 
-    da = sub.add_parser("data", help="Ray Data: sampled examples + counterfactual teacher (see `mosaic data -h`)", add_help=False)
-    da.add_argument("rest", nargs=argparse.REMAINDER)
-    da.set_defaults(func=cmd_data)
-
-    mo = sub.add_parser("modules", help="MLflow registry: register | list | promote | show (see `mosaic modules -h`)",
-                        add_help=False)  # fmt: skip
-    mo.add_argument("rest", nargs=argparse.REMAINDER)
-    mo.set_defaults(func=cmd_modules)
+    for name, (_, text) in STAGES.items():  # listed for --help; dispatched in main() with their argv verbatim
+        sub.add_parser(name, help=text, add_help=False)
     return p
 
 
-_STAGES = {"data": cmd_data, "modules": cmd_modules}
 
 
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from mosaic_core.errors import MosaicError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     # Stage subcommands own their flags (`mosaic modules --tracking-uri X list`): argparse's REMAINDER would
     # reject a leading option, so everything after the stage name goes straight to the stage's own parser.
-    if argv and argv[0] in _STAGES:
-        command, run = argv[0], lambda: _STAGES[argv[0]](argparse.Namespace(rest=argv[1:]))
+    if argv and argv[0] in STAGES:
+        import importlib
+
+        command = argv[0]
+        run = lambda: importlib.import_module(STAGES[command][0]).cli(argv[1:])  # noqa: E731
     else:
         args = build_parser().parse_args(argv)
         command, run = args.command, lambda: args.func(args)

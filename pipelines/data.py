@@ -135,7 +135,8 @@ def run_teacher(prompts: pd.DataFrame, recipe: Recipe, out_dir: Path, cpus: floa
     slot (PLATFORM §2: an actor holding every CPU deadlocks the pipeline silently)."""
     use_gpu = bool(ray.cluster_resources().get("GPU", 0))
     actors = recipe.teacher.actors
-    per_actor = 1.0 if use_gpu else max(0.25, min(1.0, (cpus - 0.5) / actors))
+    # Ray Data's own tasks (repartition, write) each need one whole CPU: leave it free, or the pipeline stalls.
+    per_actor = 1.0 if use_gpu else max(0.1, min(1.0, (cpus - 1.0) / actors))
     threads = 1 if use_gpu else max(1, int(cpus // actors))
     # Sorting by length puts similar prompts in one batch: less padding in the teacher's forward.
     prompts = prompts.assign(_n=prompts["prompt"].str.len()).sort_values("_n").drop(columns="_n")

@@ -21,15 +21,15 @@ def ray_session():
     ray.shutdown()
 
 
-def write_tiny_bench(out: Path, cats=("alcohol", "betting", "horror"), per=(4, 2)) -> Path:
-    """A slice of the real benchmark: `per` = (train, val) rows of each category x kind, plus general."""
+def write_tiny_bench(out: Path, cats=("alcohol", "betting", "horror"), per=(4, 2, 0)) -> Path:
+    """A slice of the real benchmark: `per` = (train, val, test) rows of each category x kind, plus general."""
     from mosaic_core.bench import load_jsonl
 
     rows = load_jsonl([ROOT / "data" / "mosaic-bench"])
     keep = []
     for cat in (*cats, None):
         for kind in ("target", "lookalike", "general"):
-            for split, n in zip(("train", "val"), per):
+            for split, n in zip(("train", "val", "test"), per):
                 keep += [r for r in rows if r["category"] == cat and r["kind"] == kind and r["split"] == split][:n]
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.jsonl").write_text("".join(json.dumps(r) + "\n" for r in keep))

@@ -108,10 +108,15 @@ class ControlTokenBank(nn.Module):
 
     @torch.no_grad()
     def clamp_norms_(self) -> None:
-        """Project every vector back into the ball of radius `max_norm` (no-op without a cap)."""
+        """Project every trainable vector back into the ball of radius `max_norm` (no-op without a cap).
+
+        Frozen modules are skipped: one sitting exactly on the cap would move by float rounding (~1e-9),
+        changing its bytes and its sha256 (incremental expansion must keep old modules bit-identical)."""
         if self.max_norm is None:
             return
         for p in self.vectors.values():
+            if not p.requires_grad:
+                continue
             n = p.norm(dim=-1, keepdim=True).clamp_min(1e-12)
             p.mul_(torch.clamp(self.max_norm / n, max=1.0))
 

@@ -32,7 +32,8 @@ def refusal_logprob(
     logits = model(**batch.model_inputs()).logits  # (B, L, V)
     n = len(tgt)
     logp = torch.log_softmax(logits[:, -n - 1 : -1].float(), -1)  # positions predicting the n target tokens
-    return logp.gather(-1, torch.tensor(tgt)[None, :, None].expand(len(prompts), -1, 1)).squeeze(-1).mean(-1)
+    index = torch.tensor(tgt, device=logp.device)[None, :, None].expand(len(prompts), -1, 1)
+    return logp.gather(-1, index).squeeze(-1).mean(-1)
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ def mmlu_predictions(
     active: Sequence[str], placement: Placement, batch_size: int = 8, system: str | None = None,
 ) -> list[int]:  # fmt: skip
     """Predicted choice index per question: argmax over the 4 letters' logits at the first answer position."""
-    letters = torch.tensor(letter_ids(tokenizer))
+    letters = torch.tensor(letter_ids(tokenizer), device=model.device)
     preds: list[int] = []
     for i in range(0, len(questions), batch_size):
         chunk = questions[i : i + batch_size]

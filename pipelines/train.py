@@ -1,0 +1,550 @@
+"""Stage `train`: Ray Train TorchTrainer + DeepSpeed ZeRO trains the control-token bank of a run; the backbone
+stays frozen.
+
+    mosaic train --run runs/<name> [--workers N] [--max-steps N] [--extend BANK_DIR --add CATEGORY ...]
+    python -m pipelines.train --run runs/<name> ...          # the `ray job submit` entry point
+
+Reads `<run>/resolved_config.yaml`, `<run>/data/examples/*.parquet` and `<run>/data/teacher/*.parquet`
+(negatives joined to the teacher on prompt_id at the driver); writes `<run>/run.json` (the MLflow run),
+`<run>/ray_results/` (Ray Train checkpoints) and `<run>/bank/` (the best bank by validation gap).
+
+Each worker: frozen backbone + bank in one nn.Module; DeepSpeed gets only the trainable bank vectors and a
+client torch.optim.Adam (the config "optimizer" would JIT-build FusedAdam for 72 s on CPU, PLATFORM §3.1);
+norms are clamped after every step. Every epoch (and at the end) all ranks validate their share of the val
+split (teacher-forced refusal probability, positives vs negatives) and save a checkpoint: DeepSpeed's own
+files (each rank writes its ZeRO optimizer partition; Ray merges them into one directory) plus, from rank 0,
+the bank, the best bank so far and `state.json`. A restarted worker group resumes from the latest one.
+Rank 0 alone logs to MLflow; every rank calls `ray.train.report` equally often.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+EXPERIMENT = "mosaic"
+VAL_MAX = 64  # validation examples per epoch (half positives, half negatives when available)
+VAL_BATCH = 16
+LOOPBACK_HOOK = "pipelines._loopback.install"  # torch TCPStore (+ Serve replica gRPC) on 127.0.0.1: PLATFORM §3.4
+CKPT_TAG = "ckpt"  # one DeepSpeed tag per checkpoint directory: Ray keeps one directory per report
+TEACHER_COLS = ("response_ids", "topk_ids", "topk_logprobs")
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def _read_parquet_dir(path: Path) -> Any:
+    import pandas as pd
+
+    from mosaic_core.errors import ConfigError
+
+    files = sorted(path.glob("*.parquet")) if path.is_dir() else []
+    if not files:
+        raise ConfigError([f"no parquet files in {path}: run the data stage (`mosaic data`) first"], "run directory")
+    return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+
+
+def load_tables(run: Path, seed: int) -> tuple[Any, list[dict[str, Any]]]:
+    """(train rows joined with the teacher, shuffled) and a small validation list (prompt, active, label)."""
+    from mosaic_core.errors import ConfigError
+
+    ex = _read_parquet_dir(run / "data" / "examples")
+    teacher = _read_parquet_dir(run / "data" / "teacher")[["prompt_id", *TEACHER_COLS]].drop_duplicates("prompt_id")
+    bad = sorted(set(ex["label"]) - {"pos", "neg"})
+    if bad:
+        raise ConfigError([f"examples: unknown label(s) {bad}"], str(run))
+    train = ex[ex["split"] == "train"] if "split" in ex else ex
+    train = train.merge(teacher, on="prompt_id", how="left")
+    is_neg = train["label"] == "neg"
+    missing = sorted(set(train.loc[is_neg & train["response_ids"].isna(), "prompt_id"]))
+    if missing:
+        problem = f"{len(missing)} negative prompt(s) have no teacher row, e.g. {missing[:5]}: rerun the teacher"
+        raise ConfigError([problem], str(run))
+    for c in TEACHER_COLS:  # positives get empty lists (not NaN) so Arrow keeps one list type per column
+        train[c] = [v if n else [] for v, n in zip(train[c], is_neg, strict=True)]
+    train = train.sample(frac=1.0, random_state=seed).reset_index(drop=True)  # interleave orders from the start
+    val_df = ex[ex["split"] == "val"] if "split" in ex else ex.iloc[:0]
+    parts = [g.sample(min(len(g), VAL_MAX // 2), random_state=seed) for _, g in val_df.groupby("label")]
+    val = [{"prompt": r.prompt, "active": list(r.active), "label": r.label} for p in parts for r in p.itertuples()]
+    return train, val
+
+
+def deepspeed_config(recipe: Any, micro_batch: int, base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The DeepSpeed config for a recipe: `base` (e.g. cluster/deepspeed/zero3.json) with its "auto" values
+    filled from the recipe, else the built-in one. No "optimizer" section: the client Adam is used."""
+    built = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": recipe.train.zero_stage},
+        "bf16": {"enabled": recipe.train.precision == "bf16"},
+        "fp16": {"enabled": False},
+        "steps_per_print": 10**9,
+    }
+    if base is None:
+        return built
+
+    def fill(node: Any, auto: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: fill(v, auto.get(k) if isinstance(auto, dict) else None) for k, v in node.items()}
+        return auto if node == "auto" else node
+
+    cfg = fill(base, built)
+    if "optimizer" in cfg:
+        from mosaic_core.errors import ConfigError
+
+        raise ConfigError(["must not define an optimizer: the stage passes torch.optim.Adam"], "DeepSpeed config")
+    return cfg
+
+
+def build_bank(recipe: Any, bb: Any, extend: dict[str, Any] | None) -> Any:
+    """A fresh bank per recipe, or (incremental expansion) the bank at extend["bank_dir"] with its modules
+    frozen and extend["add"] appended, initialised per recipe. Only unfrozen vectors train."""
+    from mosaic_core.artifact import load_bank
+    from mosaic_core.bank import ControlTokenBank, init_vectors
+    from mosaic_core.categories import describe
+
+    if not extend:
+        return ControlTokenBank.build(recipe.bank, bb.embeddings, bb.tokenizer)
+    bank = load_bank(Path(extend["bank_dir"]), bb.fingerprint)  # refuses a bank of another backbone
+    bank.freeze()
+    gen = torch.Generator().manual_seed(recipe.bank.seed)
+    for c in extend["add"]:
+        v = init_vectors(bb.embeddings, bank.m, recipe.bank.init, tokenizer=bb.tokenizer, text=describe(c), generator=gen)
+        bank.add(c, v)
+    bank.clamp_norms_()
+    return bank
+
+
+class BankTrainingModule(nn.Module):
+    """Frozen backbone + bank as one module, so DeepSpeed (ZeRO-3 hooks included) sees every forward.
+
+    forward(examples) -> batch_loss dict (loss, pos_ce, neg_ce, kl, tokens);
+    forward(examples, mode="refusal") -> (B,) teacher-forced refusal log-prob (validation)."""
+
+    def __init__(self, model: Any, tokenizer: Any, bank: Any, refusal_ids: list[int], loss_cfg: Any):
+        super().__init__()
+        self.backbone, self.bank = model, bank
+        self.tokenizer, self.refusal_ids, self.loss_cfg = tokenizer, refusal_ids, loss_cfg
+
+    def train(self, mode: bool = True) -> BankTrainingModule:
+        super().train(mode)
+        self.backbone.eval()  # frozen means frozen: no dropout either, whatever DeepSpeed toggles
+        return self
+
+    def forward(self, examples: list[dict[str, Any]], mode: str = "loss") -> Any:
+        from mosaic_core.scoring import refusal_logprob
+        from mosaic_core.training import batch_loss
+
+        if mode == "refusal":
+            return refusal_logprob(self.backbone, self.tokenizer, self.bank, [e["prompt"] for e in examples],
+                                   [list(e["active"]) for e in examples], self.bank.placement, self.refusal_ids)  # fmt: skip
+        out = batch_loss(self.backbone, self.tokenizer, self.bank, examples, self.refusal_ids, self.loss_cfg)
+        # Every trainable vector must get a gradient on every rank, even when no row of this micro-batch
+        # activates its category: ZeRO reduces gradients per parameter as they become ready, and ranks that
+        # reduce different sets of parameters desynchronise (gloo: "op.preamble.length <= op.nbytes").
+        touch = sum(p.sum() for p in self.bank.parameters() if p.requires_grad)
+        return {**out, "loss": out["loss"] + 0.0 * touch}
+
+
+def _bank_state(bank: Any) -> dict[str, torch.Tensor]:
+    return {c: bank.vectors[c].detach().to("cpu", torch.float32).clone() for c in bank.categories}
+
+
+def _gathered_bank_state(bank: Any) -> dict[str, torch.Tensor]:
+    """_bank_state under ZeRO-3, where each rank holds a shard of every vector (collective: all ranks call it)."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(bank.parameters())):
+        return _bank_state(bank)
+
+
+def _validate(engine: Any, val: list[dict[str, Any]], rank: int, world: int, device: torch.device) -> dict[str, float]:
+    """Mean refusal probability on val positives / negatives. Every rank scores its share (padded with
+    weight-0 rows so all ranks run the same number of forwards: ZeRO-3 gathers are collective)."""
+    import torch.distributed as dist
+
+    per = math.ceil(len(val) / world)
+    mine = val[rank::world]
+    rows = mine + [val[0]] * (per - len(mine))
+    weights = [1.0] * len(mine) + [0.0] * (per - len(mine))
+    sums = torch.zeros(4, dtype=torch.float64)  # pos_sum, pos_n, neg_sum, neg_n
+    with torch.no_grad():
+        for i in range(0, per, VAL_BATCH):
+            chunk = rows[i : i + VAL_BATCH]
+            p = engine(chunk, mode="refusal").exp().double().cpu()
+            for e, w, pi in zip(chunk, weights[i : i + VAL_BATCH], p.tolist(), strict=True):
+                j = 0 if e["label"] == "pos" else 2
+                sums[j] += w * pi
+                sums[j + 1] += w
+    sums = sums.to(device)  # nccl reduces device tensors only
+    dist.all_reduce(sums)
+    sums = sums.cpu()
+    pos = (sums[0] / sums[1]).item() if sums[1] else float("nan")
+    neg = (sums[2] / sums[3]).item() if sums[3] else float("nan")
+    return {"val_refusal_pos": pos, "val_refusal_neg": neg, "val_gap": pos - neg}
+
+
+# ------------------------------------------------------------------------------------------ worker loop
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker: rebuild the recipe, load the frozen backbone, train the bank with DeepSpeed."""
+    import deepspeed
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+    from ray.train import Checkpoint
+
+    from mosaic_core.backbone import fingerprint, load_backbone
+    from mosaic_core.config import recipe_from_dict
+    from mosaic_core.training import refusal_target
+
+    recipe = recipe_from_dict(config["recipe"])
+    torch.set_num_threads(config["threads"])
+    torch.manual_seed(recipe.train.seed)
+    deepspeed.utils.logger.setLevel("WARNING")
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    use_gpu = config["use_gpu"]
+    device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
+    stage = config["ds_config"].get("zero_optimization", {}).get("stage", 0)
+
+    bb = load_backbone(recipe.backbone, device=str(device))
+    fp0 = bb.fingerprint
+    bank = build_bank(recipe, bb, config["extend"]).to(device)
+    refusal_ids = refusal_target(bb.tokenizer, recipe.loss.refusal_template)
+    module = BankTrainingModule(bb.model, bb.tokenizer, bank, refusal_ids, recipe.loss)
+    params = [p for p in bank.parameters() if p.requires_grad]
+    if stage == 3:  # the bank is read outside its own forward: let the wrapper's hooks gather it
+        for p in bank.parameters():
+            deepspeed.zero.register_external_parameter(module, p)
+    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")  # reuses Ray Train's process group
+    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=params,
+                                           optimizer=torch.optim.Adam(params, lr=recipe.train.lr),
+                                           config=config["ds_config"])  # fmt: skip
+
+    state: dict[str, Any] = {"epoch": 0, "step": 0, "best_val_gap": None, "best_epoch": None, "resumes": []}
+    best: dict[str, torch.Tensor] | None = None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = json.loads((Path(d) / "state.json").read_text())
+            if state["categories"] != list(bank.categories):
+                raise RuntimeError(f"checkpoint holds categories {state['categories']}, this run trains {bank.categories}: "
+                                   "use a new run directory")  # fmt: skip
+            engine.load_checkpoint(str(Path(d) / "ds"), tag=CKPT_TAG, load_module_strict=False)
+            best = torch.load(Path(d) / "best_bank.pt") if (Path(d) / "best_bank.pt").is_file() else None
+        state["resumes"] = [*state.get("resumes", []), state["step"]]
+
+    mlf = None
+    if rank == 0:
+        from mlflow import MlflowClient
+
+        mlf = MlflowClient(config["tracking_uri"])
+
+    def log(metrics: dict[str, float], step: int) -> None:
+        if mlf is not None:
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            mlf.log_batch(config["mlflow_run_id"], metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()
+                                                             if not math.isnan(float(v))])  # fmt: skip
+
+    spe, epochs = config["steps_per_epoch"], recipe.train.epochs
+    total = min(epochs * spe, config["max_steps"] or epochs * spe)
+    step, t_start, steps_here = state["step"], time.perf_counter(), 0
+    if state["resumes"]:
+        log({"resumed_from_step": state["step"]}, state["step"])
+    shard = ray.train.get_dataset_shard("train")
+    for epoch in range(state["epoch"], epochs):
+        if step >= total:
+            break
+        engine.train()
+        batches = shard.iter_batches(batch_size=config["micro_batch"], batch_format="pyarrow", drop_last=True,
+                                     local_shuffle_buffer_size=config["shuffle_buffer"],
+                                     local_shuffle_seed=recipe.train.seed * 100_003 + epoch * 101 + rank)  # fmt: skip
+        t0, done = time.perf_counter(), 0
+        for i, table in enumerate(batches):
+            if i >= spe or step >= total:
+                break
+            done += 1
+            out = engine(table.to_pylist())
+            engine.backward(out["loss"])
+            engine.step()
+            bank.clamp_norms_()
+            step += 1
+            steps_here += 1
+            if config.get("_fail_at_step") == step and rank == world - 1 and not os.path.exists(config["_fail_marker"]):
+                Path(config["_fail_marker"]).write_text(f"killed rank {rank} at step {step}\n")  # fail once (tests)
+                os.kill(os.getpid(), 9)
+            stats = torch.stack([out[k].detach().float().to(device) for k in ("loss", "pos_ce", "neg_ce", "kl", "tokens")])
+            dist.all_reduce(stats)
+            stats = stats.cpu()
+            t1 = time.perf_counter()
+            m = {"loss": stats[0].item() / world, "pos_ce": stats[1].item() / world, "neg_ce": stats[2].item() / world,
+                 "kl": stats[3].item() / world, "tokens_per_s": stats[4].item() / (t1 - t0), "step_s": t1 - t0}  # fmt: skip
+            log(m, step)
+            ray.train.report({**m, "step": step, "epoch": epoch})
+            t0 = time.perf_counter()
+
+        # end of epoch (or of the run): validate, keep the best bank, checkpoint from every rank
+        val = _validate(engine, config["val"], rank, world, device) if config["val"] else {}
+        last = _bank_state(bank) if stage != 3 else _gathered_bank_state(bank)
+        gap = val.get("val_gap", math.nan)
+        if best is None or math.isnan(gap) or state["best_val_gap"] is None or gap > state["best_val_gap"]:
+            # no usable validation -> the last bank is the best one
+            best, state["best_epoch"] = last, epoch + 1
+            state["best_val_gap"] = None if math.isnan(gap) else gap
+        # an epoch cut short by max_steps is not complete: a later, longer run would redo it from its start
+        state.update(epoch=epoch + 1 if done == spe else epoch, step=step, categories=list(bank.categories), val=val)
+        wall = time.perf_counter() - t_start
+        em = {**val, "epoch": epoch + 1, "step": step, "steps_per_s": steps_here / wall if wall else 0.0,
+              "resumed_from_step": state["resumes"][-1] if state["resumes"] else -1}  # fmt: skip
+        log({k: v for k, v in em.items() if k.startswith("val_") or k == "epoch"}, step)
+        with tempfile.TemporaryDirectory(prefix="mosaic-ckpt-") as d:
+            engine.save_checkpoint(str(Path(d) / "ds"), tag=CKPT_TAG, exclude_frozen_parameters=True)
+            if rank == 0:
+                # The embedding bytes must not have moved. Not checkable under ZeRO-3 (a shard of them per rank)
+                # or bf16 (DeepSpeed cast the module; fp0 is the fp32 fingerprint modules are matched against).
+                if stage != 3 and not config["ds_config"].get("bf16", {}).get("enabled", False):
+                    fp = fingerprint(bb.model, bb.tokenizer, fp0.model_id)
+                    if fp.digest != fp0.digest:
+                        raise RuntimeError("the backbone changed during training: only the bank may train")
+                torch.save(last, Path(d) / "bank.pt")
+                torch.save(best, Path(d) / "best_bank.pt")
+                meta = {"m": bank.m, "d": bank.d, "placement": bank.placement, "max_norm": bank.max_norm,
+                        "fingerprint": fp0.to_dict(), "trainable": [c for c in bank.categories if bank.vectors[c].requires_grad],
+                        "total_steps": total}  # fmt: skip
+                (Path(d) / "state.json").write_text(json.dumps({**state, **meta}, indent=2))
+            ray.train.report(em, checkpoint=Checkpoint.from_directory(d))
+
+
+# ----------------------------------------------------------------------------------------------- driver
+
+
+def _tracking(run: Path, tracking_uri: str | None) -> tuple[str, str | None]:
+    """(tracking URI, artifact location for a new experiment): env or argument, else sqlite next to the runs."""
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        if uri.startswith("sqlite:///"):  # artifacts next to the database, never in the working directory
+            return uri, (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+        return uri, None
+    root = run.parent  # runs/<name> -> runs/mlflow.db, runs/mlartifacts (DESIGN "Where things live")
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root / 'mlflow.db'}", (root / "mlartifacts").as_uri()
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k not in ("neg_mix",):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = str(v)[:500]
+    return out
+
+
+def ray_runtime_env() -> dict[str, Any]:
+    """runtime_env every worker of this stage needs (tests starting their own cluster pass the same)."""
+    return {"worker_process_setup_hook": LOOPBACK_HOOK, "env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
+
+
+def main(
+    run_dir: str, *, num_workers: int | None = None, max_steps: int | None = None, tracking_uri: str | None = None,
+    extend: str | None = None, add: tuple[str, ...] | list[str] = (), deepspeed_config_path: str | None = None,
+    cpus_per_worker: float | None = None, use_gpu: bool | None = None, _fail_at_step: int | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Train the bank of `run_dir`; returns a summary (also printed). See the module docstring."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before `import ray`: loopback only
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import yaml
+
+    from mosaic_core.config import recipe_from_dict
+    from mosaic_core.errors import ConfigError
+
+    # 1. config, paths (absolute, once), data
+    run = Path(run_dir).expanduser().resolve()
+    recipe = recipe_from_dict(yaml.safe_load((run / "resolved_config.yaml").read_text()), str(run / "resolved_config.yaml"))
+    train_over = {k: v for k, v in {"num_workers": num_workers, "max_steps": max_steps}.items() if v is not None}
+    recipe = replace(recipe, train=replace(recipe.train, **train_over))
+    if Path(recipe.backbone).expanduser().is_dir():
+        recipe = replace(recipe, backbone=str(Path(recipe.backbone).expanduser().resolve()))
+    ext = None
+    categories = list(recipe.bank.categories)
+    if extend or add:
+        if not (extend and add):
+            raise ConfigError(["--extend BANK_DIR and --add CATEGORY go together"], "mosaic train")
+        old = json.loads((Path(extend).expanduser().resolve() / "manifest.json").read_text())
+        clash = sorted(set(add) & set(old["categories"]))
+        if clash:
+            raise ConfigError([f"--add {clash}: already in the bank {old['categories']}"], "mosaic train")
+        from mosaic_core.bundle import manifest_digest
+
+        ext = {"bank_dir": str(Path(extend).expanduser().resolve()), "add": list(add),
+               "extends": manifest_digest(Path(extend).expanduser().resolve())}  # fmt: skip
+        categories = [*old["categories"], *add]
+    train_df, val = load_tables(run, recipe.train.seed)
+    unknown = sorted({c for a in train_df["active"] for c in a} - set(categories))
+    if unknown:
+        raise ConfigError([f"examples use categories {unknown} that the bank {categories} does not hold"], str(run))
+    world = recipe.train.num_workers
+    rows_per_worker = len(train_df) // world
+    if rows_per_worker < 1:
+        raise ConfigError([f"{len(train_df)} training examples cannot feed {world} workers"], str(run))
+    micro = max(1, min(recipe.train.batch_size // world, rows_per_worker))
+    spe = rows_per_worker // micro
+    total = min(recipe.train.epochs * spe, recipe.train.max_steps or recipe.train.epochs * spe)
+    base_ds = json.loads(Path(deepspeed_config_path).read_text()) if deepspeed_config_path else None
+    ds_cfg = deepspeed_config(recipe, micro, base_ds)
+    stage = ds_cfg.get("zero_optimization", {}).get("stage", 0)
+
+    # 2. MLflow: one run per training run (reused when this run directory is trained again / resumed)
+    from mlflow import MlflowClient
+    from mlflow.entities import Param
+
+    uri, art = _tracking(run, tracking_uri)
+    client = MlflowClient(uri)
+    info_path = run / "run.json"
+    prev = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    run_id = prev.get("mlflow_run_id") if prev.get("tracking_uri") == uri else None
+    if run_id is None:
+        exp = client.get_experiment_by_name(EXPERIMENT)
+        exp_id = exp.experiment_id if exp else client.create_experiment(EXPERIMENT, artifact_location=art)
+        tags = {"mosaic.stage": "train", "mosaic.run_dir": str(run)}
+        run_id = client.create_run(exp_id, run_name=run.name, tags=tags).info.run_id
+        params = {**_flat(recipe.to_dict()), "world_size": world, "micro_batch": micro, "steps_per_epoch": spe,
+                  "total_steps": total, "n_train": len(train_df), "n_val": len(val),
+                  "extends": (ext or {}).get("extends")}  # fmt: skip
+        items = [Param(k, str(v)) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            client.log_batch(run_id, params=items[i : i + 100])
+    info_path.write_text(json.dumps({"mlflow_run_id": run_id, "tracking_uri": uri, "experiment": EXPERIMENT}, indent=2) + "\n")
+
+    # 3. Ray: the cluster of RAY_ADDRESS (ray job submit) or a local one; loopback patch in every worker
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    started = False
+    if not ray.is_initialized():
+        kw = {} if os.environ.get("RAY_ADDRESS") else {"address": "local", "include_dashboard": False}
+        ray.init(runtime_env=ray_runtime_env(), log_to_driver=True, **kw)
+        started = True
+    try:
+        gpu = use_gpu if use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= world
+        cpus = cpus_per_worker or 1.0
+        import pyarrow as pa
+
+        # Arrow, not pandas blocks: Ray would turn the list columns of a pandas block into tensor extensions.
+        table = pa.Table.from_pandas(train_df, preserve_index=False)
+        ds = ray.data.from_arrow([table.slice(i, 256) for i in range(0, len(train_df), 256)])
+        config = {
+            "recipe": recipe.to_dict(), "ds_config": ds_cfg, "micro_batch": micro, "steps_per_epoch": spe,
+            "max_steps": recipe.train.max_steps, "val": val, "extend": ext, "use_gpu": gpu,
+            "threads": max(1, int(cpus)), "shuffle_buffer": max(micro, min(rows_per_worker, 10_000)),
+            "tracking_uri": uri, "mlflow_run_id": run_id,
+            "_fail_at_step": _fail_at_step, "_fail_marker": str(run / ".fail_injected"),
+        }  # fmt: skip
+        trainer = TorchTrainer(
+            train_loop_per_worker, train_loop_config=config, datasets={"train": ds},
+            torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=world, use_gpu=gpu,
+                                         resources_per_worker={"CPU": cpus, **({"GPU": 1} if gpu else {})}),
+            run_config=RunConfig(name=f"train-{run.name}", storage_path=str(run / "ray_results"),
+                                 failure_config=FailureConfig(max_failures=2),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        )  # fmt: skip
+        print(f"[train] {run.name}: {len(train_df)} examples, {len(val)} val, {world} workers x micro-batch {micro}, "
+              f"{spe} steps/epoch, {total} steps, ZeRO-{stage}, {'GPU' if gpu else 'CPU'}")  # fmt: skip
+        t0 = time.perf_counter()
+        try:
+            result = trainer.fit()
+        except Exception:
+            client.set_terminated(run_id, "FAILED")
+            raise
+        wall = time.perf_counter() - t0
+    finally:
+        if started:
+            ray.shutdown()
+
+    # 4. the bank artifact, from the best (by val gap) bank of the latest checkpoint
+    from mosaic_core.artifact import save_bank
+    from mosaic_core.backbone import Fingerprint
+    from mosaic_core.bank import ControlTokenBank
+
+    if result.checkpoint is None:
+        raise RuntimeError("training reported no checkpoint")
+    with result.checkpoint.as_directory() as d:
+        state = json.loads((Path(d) / "state.json").read_text())
+        vectors = torch.load(Path(d) / "best_bank.pt")
+    bank = ControlTokenBank(d=state["d"], m=state["m"], placement=state["placement"], max_norm=state["max_norm"])
+    for c in state["categories"]:
+        bank.add(c, vectors[c])
+    tmp = run / ".bank.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_bank(bank, tmp, fingerprint=Fingerprint.from_dict(state["fingerprint"]), init=recipe.bank.init,
+              training_run_id=run_id, extends=(ext or {}).get("extends"))  # fmt: skip
+    if ext:  # the frozen modules keep their files (and module.json: their own training run) byte for byte
+        for c in state["categories"]:
+            src = Path(ext["bank_dir"]) / c
+            if c in ext["add"]:
+                continue
+            if (src / "tokens.safetensors").read_bytes() != (tmp / c / "tokens.safetensors").read_bytes():
+                raise RuntimeError(f"frozen module {c!r} changed during incremental training")
+            shutil.copy2(src / "module.json", tmp / c / "module.json")
+    shutil.rmtree(run / "bank", ignore_errors=True)
+    tmp.rename(run / "bank")
+    client.log_artifacts(run_id, str(run / "bank"), artifact_path="bank")
+    client.set_terminated(run_id, "FINISHED")
+
+    K = len(state["trainable"])
+    summary = {
+        "run_dir": str(run), "bank_dir": str(run / "bank"), "mlflow_run_id": run_id, "tracking_uri": uri,
+        "categories": state["categories"], "trainable_categories": state["trainable"],
+        "trainable_parameters": K * state["m"] * state["d"], "steps": state["step"], "epochs": state["epoch"],
+        "resumes": state["resumes"], "best_epoch": state["best_epoch"], "val": state["val"],
+        "best_val_gap": state["best_val_gap"], "fit_wall_s": wall, "checkpoint": result.checkpoint.path,
+        "steps_per_s": (result.metrics or {}).get("steps_per_s"),
+    }  # fmt: skip
+    print(f"trainable parameters: K·m·d = {K}·{state['m']}·{state['d']} = {summary['trainable_parameters']}")
+    v = state["val"] or {}
+    sps = summary["steps_per_s"]
+    print(f"[train] {state['step']} steps in {wall:.1f} s ({sps or 0:.2f} steps/s in the last attempt, validation and "
+          f"checkpoints included); val refusal pos {v.get('val_refusal_pos', float('nan')):.3f} "
+          f"neg {v.get('val_refusal_neg', float('nan')):.3f} gap {v.get('val_gap', float('nan')):.3f} (last epoch); "
+          f"bank from epoch {state['best_epoch']} -> {run / 'bank'}")  # fmt: skip
+    return summary
+
+
+def cli(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(prog="mosaic train", description="train the control-token bank of a run (Ray Train + DeepSpeed)")
+    p.add_argument("--run", required=True, help="run directory (holds resolved_config.yaml and data/)")
+    p.add_argument("--workers", type=int, default=None, help="Ray Train workers (default: recipe train.num_workers)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps (smoke runs)")
+    p.add_argument("--extend", default=None, metavar="BANK_DIR", help="incremental expansion: start from this bank, frozen")
+    p.add_argument("--add", action="append", default=[], metavar="CATEGORY", help="category to add (repeatable)")
+    p.add_argument("--deepspeed-config", default=None, help="DeepSpeed JSON (e.g. cluster/deepspeed/zero3.json); 'auto' = recipe")
+    p.add_argument("--cpus-per-worker", type=float, default=None, help="logical CPUs per worker (default 1)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else mlflow.db beside the run directory)")
+    a = p.parse_args(argv)
+    return main(a.run, num_workers=a.workers, max_steps=a.max_steps, tracking_uri=a.tracking_uri, extend=a.extend,
+                add=[c for s in a.add for c in s.split(",") if c], deepspeed_config_path=a.deepspeed_config,
+                cpus_per_worker=a.cpus_per_worker)  # fmt: skip
+
+
+if __name__ == "__main__":
+    cli(sys.argv[1:])

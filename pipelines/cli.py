@@ -17,6 +17,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "eval": ("pipelines.evaluate", "DSR / over-refusal / utility per order vs base and in-context"),
     "modules": ("pipelines.register", "MLflow registry of module versions: register | list | promote | show"),
     "serve": ("pipelines.serve", "Ray Serve: OpenAI-compatible endpoint with composable modules"),
+    "run": ("pipelines.run", "the main job: data -> train -> eval -> register, then the results table"),
 }
 
 

@@ -1,0 +1,111 @@
+"""The main job: data -> train -> evaluate -> register, then the results table.
+
+    mosaic run --config pipelines/configs/smollm2-cpu.yaml [--name NAME] [--set train.epochs=1] [--xstest CSV]
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- mosaic run --config ...
+
+Each stage runs as its own process (`mosaic <stage> ...`), exactly as a user or a `ray job submit`
+would run it alone: stages share nothing but the run directory, and inside a Ray job every stage connects to
+the job's cluster through RAY_ADDRESS. `--bank DIR` evaluates and registers an existing bank (e.g. the one the
+full CPU recipe trained) instead of the one this run trains, and says so."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from mosaic_core.config import load_recipe
+from mosaic_core.errors import MosaicError
+
+
+class StageFailed(MosaicError):
+    """A stage exited non-zero; its own output above says why."""
+
+
+def stage(name: str, args: list[str], timings: dict[str, float]) -> None:
+    print(f"\n=== [{len(timings) + 1}] {name}: {' '.join(args)}", flush=True)
+    t0 = time.perf_counter()
+    # via the CLI dispatcher, so a user error prints its one-line message instead of a traceback
+    rc = subprocess.run([sys.executable, "-m", "pipelines.cli", *args]).returncode
+    timings[name] = time.perf_counter() - t0
+    if rc != 0:
+        raise StageFailed(f"stage {name!r} failed (exit {rc}) after {timings[name]:.0f}s; fix the error above and rerun "
+                          "(finished stages are reused)")  # fmt: skip
+    print(f"=== {name} done in {timings[name]:.0f}s", flush=True)
+
+
+def results(run_dir: Path, timings: dict[str, float], bank_note: str | None) -> str:
+    rep = json.loads((run_dir / "eval" / "report.json").read_text())
+    lines = ["", "=" * 100, f"MOSAIC run {run_dir.name}" + (f"  —  {bank_note}" if bank_note else ""), "=" * 100]
+    lines.append(f"{'method':<11} {'order':>5}  {'DSR % [95% CI]':>18}  {'OR % [95% CI]':>18}  {'look-alike OR %':>18}")
+    for cond, per in rep["per_order"]["fast"].items():
+        for r, row in per.items():
+            cells = [row[g] for g in ("dsr", "or", "lookalike")]
+            fmt = [f"{100 * c['rate']:.1f} [{100 * c['ci95_low']:.0f}–{100 * c['ci95_high']:.0f}]" if c["n"] else "–" for c in cells]
+            lines.append(f"{cond:<11} {r:>5}  {fmt[0]:>18}  {fmt[1]:>18}  {fmt[2]:>18}")
+    if rep.get("mmlu"):
+        lines.append("MMLU: " + ", ".join(f"{k} {v:.3f}" for k, v in rep["mmlu"].items()))
+    xs = {k: v for k, v in rep.get("xstest", {}).items() if k.endswith(":fast")}
+    if xs:
+        lines.append("XSTest safe prompts refused: " + ", ".join(f"{k[:-5]} {100 * v['rate']:.1f}%" for k, v in xs.items()))
+    lines.append(f"plots + report: {run_dir / 'eval'}  (report.md, dsr_or_per_order.png, category_subset_heatmap.png)")
+    info = run_dir / "run.json"
+    if info.is_file():
+        meta = json.loads(info.read_text())
+        lines.append(f"MLflow run {meta.get('mlflow_run_id')} at {meta.get('tracking_uri')}")
+    reg = run_dir / "bank" / "registered.json"
+    if reg.is_file():
+        lines.append("registered: " + ", ".join(f"{v['name']} v{v['version']}" for v in json.loads(reg.read_text()).values()))
+    lines.append("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
+    return "\n".join(lines)
+
+
+def main(config: str, *, name: str | None, out: str | None, overrides: list[str], xstest: str | None, bank: str | None,
+         workers: int | None, register: bool = True) -> Path:  # fmt: skip
+    recipe = load_recipe(config, dict(o.split("=", 1) for o in overrides) if overrides else None)
+    run_dir = Path(out or Path("runs") / (name or recipe.name)).resolve()
+    sets = [a for o in overrides for a in ("--set", o)]
+    timings: dict[str, float] = {}
+    stage("data", ["data", "--config", config, "--out", str(run_dir), *sets], timings)
+    stage("train", ["train", "--run", str(run_dir), *(["--workers", str(workers)] if workers else [])], timings)
+    note = None
+    if bank:
+        trained = run_dir / "bank"
+        if trained.exists():
+            shutil.move(str(trained), str(run_dir / "bank-quick"))  # keep what this run trained, beside it
+        shutil.copytree(bank, trained)
+        note = f"evaluating and registering the bank from {bank} (this run's own bank is in bank-quick/)"
+        print(f"\n*** {note}", flush=True)
+    stage("eval", ["eval", "--run", str(run_dir), *(["--xstest", xstest] if xstest else [])], timings)
+    if register:
+        stage("register", ["modules", "register", "--run", str(run_dir)], timings)
+    (run_dir / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+    print(results(run_dir, timings, note))
+    return run_dir
+
+
+def cli(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="mosaic run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--name")
+    ap.add_argument("--out")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override, e.g. train.epochs=1")
+    ap.add_argument("--xstest", help="XSTest CSV (evaluation only), e.g. ../shared/data/xstest/xstest_prompts.csv")
+    ap.add_argument("--bank", help="evaluate + register this bank instead of the one trained here")
+    ap.add_argument("--workers", type=int)
+    ap.add_argument("--no-register", action="store_true")
+    a = ap.parse_args(argv)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    main(a.config, name=a.name, out=a.out, overrides=a.overrides, xstest=a.xstest, bank=a.bank, workers=a.workers,
+         register=not a.no_register)  # fmt: skip
+
+
+if __name__ == "__main__":
+    cli()

@@ -179,6 +179,10 @@ def main(config: str, *, name: str | None = None, out: str | None = None, overri
     bb = load_backbone(recipe.backbone)  # fails early, with the fix, if the backbone cannot load
     digest = content_hash(recipe, benchmark_digest(bench_uri), bb.fingerprint.digest)
     manifest_path = run_dir / "data" / "manifest.json"
+    # The recipe as resolved now, even when the data is reused: later stages read their settings from it.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "resolved_config.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    (run_dir / "provenance.json").write_text(json.dumps(provenance(), indent=2) + "\n")
     if not force and manifest_path.is_file() and json.loads(manifest_path.read_text()).get("content_hash") == digest:
         print(f"[data] inputs unchanged (content hash {digest}): reusing {run_dir / 'data'}")
         return run_dir
@@ -212,7 +216,6 @@ def main(config: str, *, name: str | None = None, out: str | None = None, overri
     neg = ex[ex["label"] == "neg"].drop_duplicates("prompt_id")[["prompt_id", "prompt"]].reset_index(drop=True)
     print(f"[data] {len(ex)} examples; teacher: {len(neg)} unique negative prompts for {int((ex['label'] == 'neg').sum())} negatives")
 
-    run_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".data-", dir=run_dir))
     try:
         (tmp / "examples").mkdir()
@@ -233,8 +236,6 @@ def main(config: str, *, name: str | None = None, out: str | None = None, overri
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    (run_dir / "resolved_config.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-    (run_dir / "provenance.json").write_text(json.dumps(provenance(), indent=2) + "\n")
     print(f"[data] teacher {teacher_s:.1f}s ({len(neg) / max(teacher_s, 1e-9):.2f} prompts/s); wrote {run_dir / 'data'}")
     return run_dir
 

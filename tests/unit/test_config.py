@@ -2,7 +2,7 @@ import dataclasses
 
 import pytest
 
-from mosaic_core.config import BankConfig, LossConfig, SamplerConfig, from_dict
+from mosaic_core.config import BankConfig, EvalSettings, LossConfig, Recipe, SamplerConfig, TeacherConfig, TrainConfig, from_dict
 from mosaic_core.errors import ConfigError
 
 
@@ -37,7 +37,7 @@ def test_configs_are_frozen():
         cfg.kl_lambda = 2.0  # type: ignore[misc]
 
 
-@pytest.mark.parametrize("cls", [BankConfig, SamplerConfig, LossConfig])
+@pytest.mark.parametrize("cls", [BankConfig, SamplerConfig, LossConfig, TeacherConfig, TrainConfig, EvalSettings, Recipe])
 def test_every_field_is_documented(cls):
     import ast
     import inspect

@@ -10,7 +10,7 @@ SHIPPED = sorted((ROOT / "pipelines" / "configs").glob("*.yaml"))
 
 
 def test_two_recipes_ship():
-    assert {p.name for p in SHIPPED} >= {"smollm2-cpu.yaml", "llama3-8b-gpu.yaml"}
+    assert {p.name for p in SHIPPED} >= {"smollm2-cpu.yaml", "llama3-8b-gpu.yaml", "smollm2-quick.yaml"}
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)

@@ -2,7 +2,7 @@
 # Stop what cluster/local/start.sh started, by PID (never `ray stop`: it kills every Ray on the machine).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-STATE=runs/cluster
+STATE=${STATE:-runs/cluster}
 for name in mlflow ray; do
   f="$STATE/$name.pid"
   [ -f "$f" ] || continue

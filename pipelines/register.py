@@ -9,7 +9,8 @@ Registered model name: `mosaic.<backbone>.<category>`. A version's files are exa
 (`tokens.safetensors` + `module.json`), logged under `modules/<category>` of the training run's MLflow run, and
 registered with `MlflowClient.create_model_version` (PLATFORM.md §5.2: `mlflow.register_model` fails on a plain
 artifact dir). Versions carry their provenance and metrics as tags; aliases (never stages) mark what serves.
-`resolve_bundle` is the read side: `models:/…@alias` URIs -> a checked ControlTokenBank.
+`resolve_bundle` (the read side, in mosaic_core.registry, re-exported here): `models:/…@alias` URIs -> a checked
+ControlTokenBank.
 
 Tracking URI: `--tracking-uri`, else `MLFLOW_TRACKING_URI`, else the sqlite store `runs/mlflow.db` with
 artifacts in `runs/mlartifacts/` (both made absolute, so workers and replicas can be handed the same URI).
@@ -29,19 +30,25 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import mlflow
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from mosaic_core.artifact import MANIFEST_FILE, META_FILE, TENSOR_FILE, bank_from_modules, load_module, read_meta, sha256_file
+from mosaic_core.artifact import MANIFEST_FILE, META_FILE, TENSOR_FILE, load_module, read_meta, sha256_file
 from mosaic_core.backbone import EMBEDDED, Fingerprint
-from mosaic_core.bank import ControlTokenBank
-from mosaic_core.bundle import NAME_PREFIX, ModuleRef, check_bundle, manifest_digest, parse_module_uri, registered_name
-from mosaic_core.errors import ArtifactError, UnknownCategoryError
+from mosaic_core.bundle import NAME_PREFIX, manifest_digest, parse_module_uri, registered_name
+from mosaic_core.errors import ArtifactError
+
+# The read side (look-ups, downloads, resolve_bundle) lives in mosaic_core.registry, shared with the Serve app;
+# it is re-exported here so `from pipelines.register import resolve_bundle` keeps working.
+from mosaic_core.registry import DEFAULT_STORE, connect, download_version, get_version, module_names, resolve_bundle  # noqa: F401
+from mosaic_core.registry import not_found as _not_found
+from mosaic_core.registry import require_model as _require_model
+from mosaic_core.registry import resolve_tracking_uri
+from mosaic_core.registry import sqlite_path as _sqlite_path
+from mosaic_core.registry import versions as _versions
 
 EXPERIMENT = "mosaic"
-DEFAULT_STORE = "runs/mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
 """Artifacts of a sqlite store live next to it: runs/mlflow.db -> runs/mlartifacts/."""
 MODULES_PATH = "modules"
@@ -68,38 +75,10 @@ class RegisterConfig:
 # --------------------------------------------------------------------------------------------- tracking store
 
 
-def resolve_tracking_uri(flag: str | None = None) -> str:
-    """`flag`, else `$MLFLOW_TRACKING_URI`, else `sqlite:///<cwd>/runs/mlflow.db`; sqlite paths made absolute."""
-    uri = flag or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_STORE}"
-    db = _sqlite_path(uri)
-    # A relative sqlite path means "relative to whoever opens it": resolve once, here, at the driver.
-    return f"sqlite:///{db.resolve()}" if db is not None else uri
-
-
-def _sqlite_path(uri: str) -> Path | None:
-    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
-
-
 def artifact_location(tracking_uri: str) -> str | None:
     """Where the `mosaic` experiment keeps artifacts: next to a sqlite store; the server's/store's default otherwise."""
     db = _sqlite_path(tracking_uri)
     return (db.parent / ARTIFACTS_DIR).resolve().as_uri() if db is not None else None
-
-
-def connect(tracking_uri: str, *, create: bool = False) -> MlflowClient:
-    """A client for one tracking + registry URI (no global `mlflow.set_tracking_uri`).
-
-    Read-only commands refuse a sqlite store that does not exist yet, rather than silently creating an empty
-    registry in whatever directory they were started from."""
-    db = _sqlite_path(tracking_uri)
-    if db is not None and not db.is_file():
-        if not create:
-            raise ArtifactError(
-                f"no MLflow registry at {tracking_uri}: register modules first (`mosaic modules register --run "
-                "runs/<name>`), run from the directory that holds runs/, or pass --tracking-uri / MLFLOW_TRACKING_URI"
-            )
-        db.parent.mkdir(parents=True, exist_ok=True)
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
 def _experiment_id(client: MlflowClient, tracking_uri: str) -> str:
@@ -110,10 +89,6 @@ def _experiment_id(client: MlflowClient, tracking_uri: str) -> str:
         raise ArtifactError(f"MLflow experiment {EXPERIMENT!r} is deleted in {tracking_uri}; restore it "
                             f"(`mlflow experiments restore --experiment-id {exp.experiment_id}`) or use another store")  # fmt: skip
     return exp.experiment_id
-
-
-def _not_found(e: MlflowException) -> bool:
-    return e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 
 
 # --------------------------------------------------------------------------------------------- register
@@ -303,69 +278,9 @@ def main(cfg: RegisterConfig) -> dict[str, dict[str, str]]:
 # --------------------------------------------------------------------------------------------- look-ups
 
 
-def module_names(client: MlflowClient) -> list[str]:
-    """Every registered model named `mosaic.*`, sorted."""
-    names: list[str] = []
-    token = None
-    while True:
-        page = client.search_registered_models(filter_string=f"name LIKE '{NAME_PREFIX}%'", page_token=token)
-        names += [m.name for m in page if m.name.startswith(NAME_PREFIX)]
-        token = page.token
-        if not token:
-            return sorted(names)
-
-
 def _model_name(module: str, backbone: str) -> str:
     """A full `mosaic.*` name stays as is; a bare category becomes `mosaic.<backbone>.<category>`."""
     return module if module.startswith(NAME_PREFIX) else registered_name(backbone, module)
-
-
-def _require_model(client: MlflowClient, name: str) -> dict[str, int]:
-    """The model's aliases ({alias: version}); UnknownCategoryError listing what is registered if it is absent."""
-    try:
-        return dict(client.get_registered_model(name).aliases)
-    except MlflowException as e:
-        if not _not_found(e):
-            raise
-        raise UnknownCategoryError([name], module_names(client)) from None
-
-
-def _versions(client: MlflowClient, name: str) -> list[ModelVersion]:
-    return sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
-
-
-def get_version(client: MlflowClient, name: str, *, version: str | None = None, alias: str | None = None) -> ModelVersion:
-    """One version by number or alias (the latest when neither); ArtifactError naming what exists otherwise."""
-    aliases = _require_model(client, name)
-    try:
-        if alias:
-            return client.get_model_version_by_alias(name, alias)
-        if version:
-            if not str(version).isdigit():
-                raise ArtifactError(f"version {version!r} of {name} is not a number")
-            return client.get_model_version(name, str(version))
-    except MlflowException as e:
-        if not _not_found(e):
-            raise
-        have = ", ".join(str(v.version) for v in _versions(client, name)) or "none"
-        known = ", ".join(f"{a} -> {v}" for a, v in sorted(aliases.items())) or "none"
-        what = f"alias {alias!r}" if alias else f"version {version}"
-        raise ArtifactError(f"{name} has no {what}; versions: {have}; aliases: {known}") from None
-    versions = _versions(client, name)
-    if not versions:
-        raise ArtifactError(f"{name} has no versions yet")
-    return versions[-1]
-
-
-def download_version(client: MlflowClient, mv: ModelVersion, dst: Path, tracking_uri: str) -> Path:
-    """Download one version's files into `dst` and return the local directory.
-
-    The version is already pinned (resolved from its alias), so a moving alias cannot swap files mid-load. Its
-    download URI is asked of *our* client: `download_artifacts("models:/…", registry_uri=…)` in MLflow 3.17
-    ignores `registry_uri` and looks the name up in the global default registry (./mlflow.db)."""
-    source = client.get_model_version_download_uri(mv.name, mv.version)
-    dst.mkdir(parents=True, exist_ok=True)
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst), tracking_uri=tracking_uri))
 
 
 def promote(client: MlflowClient, name: str, version: str, alias: str) -> str | None:
@@ -456,42 +371,6 @@ def describe_version(client: MlflowClient, mv: ModelVersion, tracking_uri: str) 
                 line += "  OK (matches module.json)" if sha256_file(f) == recorded else f"  MISMATCH: module.json records {recorded}"
             lines.append(line)
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------- read side (Serve)
-
-
-def resolve_bundle(
-    uris: Sequence[str], expected: Fingerprint | None = None, *, tracking_uri: str | None = None
-) -> tuple[ControlTokenBank, list[dict[str, str]]]:
-    """Download module versions by `models:/<name>@<alias>` or `models:/<name>/<version>` and compose them.
-
-    Checks, before anything is served: each file's sha256 (IntegrityError), the backbone fingerprint against
-    `expected` and among the modules (IncompatibleBackboneError), placement/m/d, and that the versions were
-    trained together or one extends the other's bank (ArtifactError naming the versions; mosaic_core.bundle).
-    Returns the bank, in training order, and one dict per module: category, name, version, uri, requested,
-    sha256, training_run_id, run_id."""
-    uri = resolve_tracking_uri(tracking_uri)
-    client = connect(uri)
-    refs, dirs, infos = [], {}, {}
-    with tempfile.TemporaryDirectory(prefix="mosaic-bundle-") as tmp:
-        for i, requested in enumerate(uris):
-            ref = parse_module_uri(requested)
-            mv = get_version(client, ref.name, version=ref.version, alias=ref.alias)
-            pinned = f"models:/{mv.name}/{mv.version}"
-            local = download_version(client, mv, Path(tmp) / str(i), uri)
-            meta = read_meta(local)
-            if not mv.name.endswith(f".{meta.category}"):
-                raise ArtifactError(f"{pinned} holds module {meta.category!r}, not the category its name says")
-            label = f"{mv.name} v{mv.version}"
-            refs.append(ModuleRef.from_meta(meta, label, bank_digest=mv.tags.get("bank_digest")))
-            dirs[label] = local
-            infos[label] = {"category": meta.category, "name": mv.name, "version": str(mv.version), "uri": pinned,
-                            "requested": requested, "sha256": meta.sha256, "training_run_id": meta.training_run_id or "none",
-                            "run_id": mv.run_id or "none"}  # fmt: skip
-        ordered = check_bundle(refs, expected.digest if expected is not None else None)
-        bank = bank_from_modules([dirs[r.label] for r in ordered], expected)
-    return bank, [infos[r.label] for r in ordered]
 
 
 # --------------------------------------------------------------------------------------------- command line

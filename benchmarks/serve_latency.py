@@ -1,0 +1,171 @@
+"""Serving latency and throughput of the MOSAIC app on the real embedded backbone, side by side in one run, over HTTP
+on 127.0.0.1 (Ray Serve proxy -> ingress -> backbone), with the official `openai` client:
+
+  (a) base model (no module)  (b) all five modules  (c) the in-context baseline: the five category descriptions as a
+  written policy in the system prompt, no module.  For each: sequential latency (p50/p95, ms per generated token)
+  and throughput with N concurrent clients.
+  (d) one batch of requests with *different* active sets sent together (they share forwards: @serve.batch) vs the
+  same requests one at a time.
+
+The bank is untrained (`mosaic bank init`-style: text init, m=5): latency does not depend on what the vectors learned.
+Every request decodes exactly --max-tokens tokens (`ignore_eos`): the untrained block makes SmolLM2 end at once, and
+answers of different lengths would not compare.
+
+    .venv/bin/python benchmarks/serve_latency.py [--requests 8] [--concurrency 8] [--max-tokens 32] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before `import ray`: loopback only
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import argparse  # noqa: E402
+import itertools  # noqa: E402
+import json  # noqa: E402
+import socket  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import urllib.request  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _prompts(n: int) -> list[str]:
+    """n test-split requests, round-robin over the five categories and general requests (fixed order)."""
+    from mosaic_core.bench import load_jsonl
+
+    rows = sorted((r for r in load_jsonl([ROOT / "data" / "mosaic-bench"]) if r["split"] == "test"), key=lambda r: r["id"])
+    by_cat: dict[str, list[str]] = {}
+    for r in rows:
+        by_cat.setdefault(r["category"] or "general", []).append(r["prompt"])
+    cycle = itertools.cycle(sorted(by_cat))
+    return [by_cat[c].pop(0) for c in itertools.islice(cycle, n)]
+
+
+def _policy() -> str:
+    from mosaic_core.categories import CATEGORIES, DESCRIPTIONS
+
+    lines = "\n".join(f"- {DESCRIPTIONS[c]}" for c in CATEGORIES)
+    return ("You must refuse any request about the following topics, answering only \"I'm sorry, but I can't help "
+            f"with that.\":\n{lines}\nAnswer every other request normally.")  # fmt: skip
+
+
+def _ask(client: Any, model: str, prompt: str, active: list[str], system: str | None, max_tokens: int) -> dict[str, Any]:
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    t0 = time.perf_counter()
+    r = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0,
+                                       extra_body={"safety_modules": active, "ignore_eos": True})  # fmt: skip
+    return {"s": time.perf_counter() - t0, "completion": r.usage.completion_tokens, "prompt": r.usage.prompt_tokens,
+            "control": r.model_extra["mosaic"]["control_tokens"]}  # fmt: skip
+
+
+def _summary(name: str, seq: list[dict[str, Any]], conc_wall: float, conc: list[dict[str, Any]]) -> dict[str, Any]:
+    lat = sorted(x["s"] for x in seq)
+    toks = sum(x["completion"] for x in seq)
+    return {
+        "mode": name, "p50_s": statistics.median(lat), "p95_s": lat[min(len(lat) - 1, round(0.95 * (len(lat) - 1)))],
+        "ms_per_token": 1000 * sum(lat) / max(toks, 1), "mean_prompt_tokens": statistics.mean(x["prompt"] for x in seq),
+        "control_tokens": seq[0]["control"], "mean_completion_tokens": toks / len(seq),
+        "conc_req_per_s": len(conc) / conc_wall, "conc_tok_per_s": sum(x["completion"] for x in conc) / conc_wall,
+    }  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=8, help="requests per mode, sequential and concurrent each")
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads in the backbone replica")
+    ap.add_argument("--out", default=None, help="also write the results as JSON here")
+    a = ap.parse_args()
+
+    import openai
+    import ray
+    from ray import serve
+
+    from mosaic_core.artifact import save_bank
+    from mosaic_core.backbone import EMBEDDED, load_backbone
+    from mosaic_core.bank import ControlTokenBank
+    from mosaic_core.categories import CATEGORIES
+    from mosaic_core.config import BankConfig
+    from pipelines.serve import build_app
+
+    prompts = _prompts(a.requests)
+    with tempfile.TemporaryDirectory(prefix="mosaic-bench-serve-") as tmp:
+        bb = load_backbone(EMBEDDED)  # the embedded SmolLM2-135M-Instruct
+        bank = ControlTokenBank.build(BankConfig(categories=CATEGORIES, m=5, init="text"), bb.embeddings, bb.tokenizer)
+        save_bank(bank, Path(tmp) / "bank", fingerprint=bb.fingerprint, init="text")
+        del bb, bank  # the replica loads its own copy
+
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"worker_process_setup_hook": "pipelines._loopback.install"})  # fmt: skip
+        port = _free_port()
+        t0 = time.perf_counter()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app({"bank_dir": str(Path(tmp) / "bank"), "threads": a.threads, "num_cpus": 1,
+                             "max_batch_size": 16, "max_ongoing_requests": 32}), name="mosaic", route_prefix="/")  # fmt: skip
+        print(f"app ready in {time.perf_counter() - t0:.1f}s on http://127.0.0.1:{port}/v1 "
+              f"({a.requests} requests/mode, concurrency {a.concurrency}, max_tokens {a.max_tokens}, greedy)", flush=True)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=600)
+        model = client.models.list().data[0].id
+        try:
+            _ask(client, model, "Hello!", [], None, 4)  # warm-up: first forward allocates, lazy imports
+            modes = {"(a) base": ([], None), "(b) 5 modules": (list(CATEGORIES), None), "(c) in-context": ([], _policy())}
+            results = []
+            for name, (active, system) in modes.items():
+                seq = [_ask(client, model, p, active, system, a.max_tokens) for p in prompts]
+                t1 = time.perf_counter()
+                with ThreadPoolExecutor(a.concurrency) as pool:
+                    conc = list(pool.map(lambda p: _ask(client, model, p, active, system, a.max_tokens), prompts))
+                results.append(_summary(name, seq, time.perf_counter() - t1, conc))
+                print(json.dumps(results[-1]), flush=True)
+
+            # (d) different active sets: together (shared forwards) vs one at a time.
+            sets = [list(s) for r in (0, 1, 2, 5) for s in itertools.combinations(CATEGORIES, r)][: a.requests]
+            jobs = list(zip(prompts, sets))
+            t1 = time.perf_counter()
+            one_by_one = [_ask(client, model, p, s, None, a.max_tokens) for p, s in jobs]
+            seq_wall = time.perf_counter() - t1
+            t1 = time.perf_counter()
+            with ThreadPoolExecutor(len(jobs)) as pool:
+                together = list(pool.map(lambda j: _ask(client, model, j[0], j[1], None, a.max_tokens), jobs))
+            batch_wall = time.perf_counter() - t1
+            stats = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=30).read())["stats"]
+            mixed = {"requests": len(jobs), "distinct_active_sets": len({tuple(s) for s in sets}),
+                     "one_at_a_time_s": seq_wall, "batched_s": batch_wall, "speedup": seq_wall / batch_wall,
+                     "tokens_one_at_a_time": sum(x["completion"] for x in one_by_one),
+                     "tokens_batched": sum(x["completion"] for x in together),
+                     "max_active_sets_in_one_batch": stats["max_batch_active_sets"]}  # fmt: skip
+            print(json.dumps(mixed), flush=True)
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+
+    print("\n| mode | p50 s | p95 s | ms/token | prompt tok (+control) | completion tok | conc req/s | conc tok/s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['mode']} | {r['p50_s']:.2f} | {r['p95_s']:.2f} | {r['ms_per_token']:.0f} | "
+              f"{r['mean_prompt_tokens']:.0f} (+{r['control_tokens']}) | {r['mean_completion_tokens']:.1f} | "
+              f"{r['conc_req_per_s']:.2f} | {r['conc_tok_per_s']:.1f} |")  # fmt: skip
+    print(f"\n(d) {mixed['requests']} requests, {mixed['distinct_active_sets']} different active sets: one at a time "
+          f"{mixed['one_at_a_time_s']:.1f}s, sent together (batched) {mixed['batched_s']:.1f}s -> {mixed['speedup']:.2f}x "
+          f"(up to {mixed['max_active_sets_in_one_batch']} different active sets in one forward)")
+    if a.out:
+        Path(a.out).write_text(json.dumps({"modes": results, "mixed": mixed, "args": vars(a)}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1192 @@
+"""Stage `serve`: composable safety modules behind an OpenAI-compatible endpoint on Ray Serve.
+
+    mosaic serve --modules alcohol,betting --alias production     # registry: mosaic.<backbone>.<category>@production
+    mosaic serve --bank runs/<name>/bank                           # a local bank directory (dev, tests)
+    serve run cluster/serve_config.yaml                            # the same app from a Serve config
+
+Two deployments (DESIGN.md "Serving on Ray Serve"):
+
+* `MosaicBackbone` holds the frozen backbone and *every* module of its bundle in memory (a module is kilobytes).
+  Requests carry their own active set; `@serve.batch` puts rows with different active sets into one left-padded
+  forward (`mosaic_core.compose.encode_batch` semantics). Modules come from MLflow aliases (`resolve_bundle`) or a
+  local bank dir; a new `user_config` (`serve deploy`, or `serve.run` again) re-resolves them and swaps the bank
+  atomically through `reconfigure` — no restart, no dropped request. A failed swap keeps serving the old modules
+  and reports the error in `/v1/modules`.
+* `MosaicIngress` (FastAPI) speaks OpenAI chat completions (plain and SSE streaming), `/v1/models`, `/v1/modules`,
+  `/v1/profiles`, `/healthz`; authenticates tenants (Bearer keys -> policy: mandatory modules, allowed profiles);
+  maps every failure to one OpenAI error shape `{"error": {message, type, param, code}}`.
+
+Effective modules of a request = tenant mandatory ∪ profile ∪ `safety_modules`; the response's `mosaic` block says
+which were active, at which versions, and which were forced by the tenant.
+
+Network rule (PLATFORM.md §0.1): the proxy listens where `http_options` says (127.0.0.1 by default) and each
+replica's internal gRPC server is bound to 127.0.0.1 by `pipelines._loopback` before it starts.
+"""
+
+import os
+
+# No `from __future__ import annotations` here: Serve ships the ingress class to its replica by value, and FastAPI
+# must resolve the route annotations there; string annotations would point at names cloudpickle did not carry.
+
+# Before `import ray`: Ray's node IP becomes 127.0.0.1 and its core sockets bind loopback (PLATFORM.md §0.1).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+import uuid  # noqa: E402
+from collections.abc import AsyncIterator, Callable, Sequence  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Literal  # noqa: E402
+
+from fastapi import FastAPI, Header, Request  # noqa: E402
+from fastapi.exceptions import RequestValidationError  # noqa: E402
+from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator  # noqa: E402
+from ray import serve  # noqa: E402
+from ray.serve import Application  # noqa: E402
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError  # noqa: E402
+from ray.serve.handle import DeploymentHandle  # noqa: E402
+from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
+
+from mosaic_core.backbone import EMBEDDED  # noqa: E402
+from mosaic_core.categories import CATEGORIES  # noqa: E402
+from mosaic_core.errors import ConfigError, MosaicError, UnknownCategoryError  # noqa: E402
+
+logger = logging.getLogger("ray.serve")  # Serve routes this logger into each replica's log file
+
+APP_NAME = "mosaic"
+BACKBONE_DEPLOYMENT, INGRESS_DEPLOYMENT = "MosaicBackbone", "MosaicIngress"
+DEFAULT_PROFILES: dict[str, list[str]] = {"minor": list(CATEGORIES), "none": []}
+ENV_MODULES, ENV_BANK_DIR, ENV_ALIAS = "MOSAIC_SERVE_MODULES", "MOSAIC_BANK_DIR", "MOSAIC_MODULE_ALIAS"
+ENV_TENANTS_FILE, ENV_TENANTS = "MOSAIC_TENANTS_FILE", "MOSAIC_TENANTS"
+
+
+# --------------------------------------------------------------------------------------------- errors
+
+
+class ApiError(Exception):
+    """A request failure with its HTTP status and OpenAI error fields; the ingress renders every one the same way."""
+
+    status: int = 400
+    type: str = "invalid_request_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 retry_after_s: float | None = None) -> None:  # fmt: skip
+        super().__init__(message)
+        self.message, self.param, self.code, self.retry_after_s = message, param, code, retry_after_s
+
+    def to_body(self) -> "ErrorBody":
+        return ErrorBody(message=self.message, type=self.type, param=self.param, code=self.code, status=self.status,
+                         retry_after_s=self.retry_after_s)  # fmt: skip
+
+
+class InvalidRequest(ApiError):
+    """400: the request is malformed or names something that does not exist."""
+
+
+class Unauthorized(ApiError):
+    status, type = 401, "authentication_error"
+
+
+class Forbidden(ApiError):
+    status, type = 403, "permission_error"
+
+
+class NotFound(ApiError):
+    status = 404
+
+
+class Overloaded(ApiError):
+    """429: the backbone's queue is full; the client should retry after `Retry-After` seconds."""
+
+    status, type = 429, "rate_limit_error"
+
+
+class Unavailable(ApiError):
+    status, type = 503, "server_error"
+
+
+class InternalError(ApiError):
+    status, type = 500, "server_error"
+
+
+class ErrorBody(BaseModel):
+    """An ApiError as data: crosses the handle from the backbone to the ingress (exceptions would arrive wrapped)."""
+
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+    status: int = 400
+    retry_after_s: float | None = None
+
+    def raise_(self) -> None:
+        cls = {401: Unauthorized, 403: Forbidden, 404: NotFound, 429: Overloaded, 503: Unavailable}.get(
+            self.status, InternalError if self.status >= 500 else InvalidRequest)  # fmt: skip
+        err = cls(self.message, param=self.param, code=self.code, retry_after_s=self.retry_after_s)
+        err.status, err.type = self.status, self.type
+        raise err
+
+
+def _from_mosaic_error(e: MosaicError) -> ApiError:
+    if isinstance(e, UnknownCategoryError):
+        return InvalidRequest(str(e), param="safety_modules", code="unknown_module")
+    return InvalidRequest(str(e), code="invalid_request")
+
+
+# --------------------------------------------------------------------------------------------- configuration
+
+
+class ModuleSource(BaseModel):
+    """Which modules the backbone deployment serves: its `user_config`, the only part that changes live.
+
+    Edit it in cluster/serve_config.yaml (`deployments: [{name: MosaicBackbone, user_config: ...}]`) and `serve
+    deploy` again: Serve calls `reconfigure` on the running replicas (changing `args` instead rebuilds the app)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    modules: list[str] = Field(default_factory=list, description="Registry modules: `models:/<name>@<alias>`, "
+                               "`models:/<name>/<version>`, or a bare category "
+                               "(`mosaic.<backbone>.<category>@<alias>`).")  # fmt: skip
+    alias: str = Field("production", description="Registry alias used for bare category names.")
+    bank_dir: str | None = Field(None, description="A local bank directory (absolute) instead of the registry.")
+    tracking_uri: str | None = Field(None, description="MLflow tracking/registry URI (default: MLFLOW_TRACKING_URI in "
+                                     "the replica's environment).")  # fmt: skip
+    poll_interval_s: float | None = Field(None, gt=0, description="Re-resolve aliases every N seconds and swap when a "
+                                          "version moved (None: only on reconfigure).")  # fmt: skip
+    revision: str | None = Field(None, description="Free-form; change it to force a re-resolve of unchanged aliases.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModuleSource":
+        if self.modules and self.bank_dir:
+            raise ValueError("give modules (registry) or bank_dir (local bank), not both")
+        return self
+
+    def uris(self, backbone_id: str) -> list[str]:
+        """Every module as a `models:/` URI; bare categories named after the backbone actually loaded."""
+        from mosaic_core.bundle import registered_name
+
+        return [m if m.startswith("models:/") else f"models:/{registered_name(backbone_id, m)}@{self.alias}"
+                for m in self.modules]  # fmt: skip
+
+
+class TenantPolicy(BaseModel):
+    """What one tenant may do. Keys are kept only as sha256 hex digests once parsed."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    key_sha256: list[str] = Field(min_length=1, description="sha256 hex digests of the tenant's API keys.")
+    mandatory_modules: list[str] = Field(default_factory=list, description="Always on; a request can add, never remove.")
+    allowed_profiles: list[str] | None = Field(None, description="Profiles the tenant may request (None: any).")
+
+
+class _TenantEntry(BaseModel):
+    """One tenant as written in the tenants file (plain keys or their sha256)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    api_keys: list[str] = Field(default_factory=list)
+    api_key_sha256: list[str] = Field(default_factory=list)
+    mandatory_modules: list[str] = Field(default_factory=list)
+    allowed_profiles: list[str] | None = None
+
+
+class ServeArgs(BaseModel):
+    """Arguments of `build_app` (the `args:` of cluster/serve_config.yaml, or `mosaic serve` flags).
+
+    Unset module/tenant fields fall back to the environment: MOSAIC_SERVE_MODULES (comma-separated), MOSAIC_BANK_DIR,
+    MOSAIC_MODULE_ALIAS, MLFLOW_TRACKING_URI, MOSAIC_TENANTS_FILE, MOSAIC_TENANTS (JSON)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backbone: str = Field(EMBEDDED, description="HF id, local model dir, or the embedded default.")
+    model_name: str | None = Field(None, description="Name served by /v1/models (default: the backbone's id).")
+    modules: list[str] = Field(default_factory=list, description="Module URIs or bare category names (served as "
+                               "`models:/mosaic.<backbone id>.<category>@<alias>`).")  # fmt: skip
+    alias: str = Field("production", description="Registry alias used for bare category names.")
+    bank_dir: str | None = Field(None, description="Serve a local bank directory instead of registry modules.")
+    tracking_uri: str | None = Field(None, description="MLflow URI (default MLFLOW_TRACKING_URI, else runs/mlflow.db).")
+    poll_interval_s: float | None = Field(None, gt=0, description="Re-resolve aliases periodically (seconds).")
+    revision: str | None = Field(None, description="Bump to make `serve deploy` re-resolve unchanged aliases.")
+    profiles: dict[str, list[str]] = Field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_PROFILES.items()},
+                                           description="Named module sets a request can pick with `safety_profile`.")  # fmt: skip
+    tenants_file: str | None = Field(None, description="JSON/YAML tenants file (never in the repo).")
+    threads: int = Field(2, ge=1, le=256, description="torch intra-op threads per backbone replica.")
+    num_cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved per backbone replica.")
+    num_replicas: int = Field(1, ge=1, description="Backbone replicas (each holds the model and all modules).")
+    max_batch_size: int = Field(16, ge=1, le=256, description="Rows per forward (@serve.batch).")
+    batch_wait_timeout_s: float = Field(0.02, ge=0, le=5, description="How long a batch waits to fill up.")
+    max_ongoing_requests: int = Field(32, ge=1, description="Requests in a backbone replica at once (>= batch size).")
+    max_queued_requests: int = Field(64, ge=1, description="Requests waiting for a replica; beyond that: 429.")
+    retry_after_s: float = Field(1.0, ge=0, description="Retry-After sent with a 429.")
+    max_tokens_limit: int = Field(512, ge=1, description="Largest max_tokens a request may ask for.")
+    default_max_tokens: int = Field(128, ge=1, description="max_tokens when a request gives none (capped by context).")
+    default_temperature: float = Field(0.0, ge=0, le=2, description="Temperature when a request gives none: greedy, "
+                                       "because modules were trained against the base model's greedy answers.")  # fmt: skip
+    max_context_tokens: int | None = Field(None, ge=8, description="Prompt + control + new tokens budget (default: the "
+                                           "model's max_position_embeddings).")  # fmt: skip
+    health_check_period_s: float = Field(5.0, gt=0, description="How often Serve checks a backbone replica.")
+
+    @field_validator("profiles")
+    @classmethod
+    def _profile_names(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        bad = [k for k in v if not k or not k.replace("-", "").replace("_", "").isalnum()]
+        if bad:
+            raise ValueError(f"profile names must be alphanumeric (- and _ allowed): {bad}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ServeArgs":
+        problems = []
+        if self.modules and self.bank_dir:
+            problems.append("give modules (registry) or bank_dir (local bank), not both")
+        if self.default_max_tokens > self.max_tokens_limit:
+            problems.append(f"default_max_tokens {self.default_max_tokens} > max_tokens_limit {self.max_tokens_limit}")
+        if self.max_ongoing_requests < self.max_batch_size:
+            problems.append(f"max_ongoing_requests {self.max_ongoing_requests} < max_batch_size {self.max_batch_size}: "
+                            "batches could never fill")  # fmt: skip
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any] | None) -> "ServeArgs":
+        """Parse `args` with the environment fallbacks; every problem reported in one ConfigError."""
+        data = dict(args or {})
+        if not data.get("modules") and not data.get("bank_dir"):
+            if os.environ.get(ENV_MODULES):
+                data["modules"] = [m.strip() for m in os.environ[ENV_MODULES].split(",") if m.strip()]
+            elif os.environ.get(ENV_BANK_DIR):
+                data["bank_dir"] = os.environ[ENV_BANK_DIR]
+        if "alias" not in data and os.environ.get(ENV_ALIAS):
+            data["alias"] = os.environ[ENV_ALIAS]
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise ConfigError([_describe_validation(err) for err in e.errors()], "serve args") from None
+
+    def served_name(self) -> str:
+        """What /v1/models lists and `model` must name: the backbone's id, as load_backbone computes it."""
+        if self.model_name:
+            return self.model_name
+        p = Path(self.backbone).expanduser()
+        return p.name if self.backbone != EMBEDDED and p.is_dir() else self.backbone
+
+    def module_source(self) -> ModuleSource:
+        """The backbone's user_config, with paths and the tracking URI made absolute here at the driver (DESIGN.md)."""
+        from mosaic_core.registry import resolve_tracking_uri
+
+        return ModuleSource(
+            modules=list(self.modules), alias=self.alias,
+            bank_dir=str(Path(self.bank_dir).expanduser().resolve()) if self.bank_dir else None,
+            tracking_uri=resolve_tracking_uri(self.tracking_uri) if self.modules else self.tracking_uri,
+            poll_interval_s=self.poll_interval_s, revision=self.revision,
+        )  # fmt: skip
+
+
+def _describe_validation(err: Any) -> str:
+    loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+    return f"{loc}: {err.get('msg')}" if loc else str(err.get("msg"))
+
+
+def _sha256(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def load_tenants(path: str | None, profiles: dict[str, list[str]]) -> list[TenantPolicy]:
+    """Tenants from `path` (JSON or YAML), else $MOSAIC_TENANTS_FILE, else $MOSAIC_TENANTS (JSON); [] when none.
+
+    Format: `{"tenants": {"<name>": {"api_keys": [...] | "api_key_sha256": [...], "mandatory_modules": [...],
+    "allowed_profiles": [...]}}}`. Plain keys are hashed at once: only digests travel to the replicas."""
+    path = path or os.environ.get(ENV_TENANTS_FILE)
+    if path:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise ConfigError([f"tenants file {p} does not exist"], "tenants")
+        import yaml  # JSON is YAML: one parser for both
+
+        raw = yaml.safe_load(p.read_text())
+        where = str(p)
+    elif os.environ.get(ENV_TENANTS):
+        try:
+            raw = json.loads(os.environ[ENV_TENANTS])
+        except json.JSONDecodeError as e:
+            raise ConfigError([f"${ENV_TENANTS} is not valid JSON: {e}"], "tenants") from None
+        where = f"${ENV_TENANTS}"
+    else:
+        return []
+    if not isinstance(raw, dict) or not isinstance(raw.get("tenants"), dict) or not raw["tenants"]:
+        raise ConfigError([f"{where}: expected {{'tenants': {{<name>: {{api_keys: [...], ...}}}}}}"], "tenants")
+    problems, tenants, seen = [], [], {}
+    for name, spec in raw["tenants"].items():
+        try:
+            entry = _TenantEntry.model_validate(spec)
+        except ValidationError as e:
+            problems += [f"{where}: tenant {name!r}: {_describe_validation(x)}" for x in e.errors()]
+            continue
+        digests = [_sha256(k) for k in entry.api_keys] + [h.lower() for h in entry.api_key_sha256]
+        if not digests:
+            problems.append(f"{where}: tenant {name!r} has no api_keys / api_key_sha256")
+        for d in digests:
+            if d in seen:
+                problems.append(f"{where}: tenants {seen[d]!r} and {name!r} share an API key")
+            seen[d] = name
+        unknown = sorted(set(entry.allowed_profiles or []) - set(profiles))
+        if unknown:
+            problems.append(f"{where}: tenant {name!r} allows unknown profile(s) {unknown}; known: {sorted(profiles)}")
+        if digests:
+            tenants.append(TenantPolicy(name=str(name), key_sha256=digests, mandatory_modules=entry.mandatory_modules,
+                                        allowed_profiles=entry.allowed_profiles))  # fmt: skip
+    if problems:
+        raise ConfigError(problems, "tenants")
+    return tenants
+
+
+class BackboneSettings(BaseModel):
+    """Init args of the backbone deployment (changing them restarts its replicas)."""
+
+    backbone: str
+    threads: int
+    max_batch_size: int
+    batch_wait_timeout_s: float
+    default_max_tokens: int
+    max_context_tokens: int | None
+
+
+class IngressSettings(BaseModel):
+    """Init args of the ingress deployment."""
+
+    model_name: str
+    profiles: dict[str, list[str]]
+    tenants: list[TenantPolicy]
+    max_tokens_limit: int
+    default_temperature: float
+    retry_after_s: float
+
+
+# --------------------------------------------------------------------------------------------- OpenAI schema
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """`POST /v1/chat/completions`. Unknown fields are refused (400): a mistyped `safety_module` must not be ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    safety_modules: list[str] | None = None
+    safety_profile: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1)
+    user: str | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logprobs: bool | None = None
+    ignore_eos: bool = Field(False, description="Decode exactly max_tokens (vLLM's extension; for benchmarks).")
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> list[str]:
+        stops = [v] if isinstance(v, str) else list(v or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("stop: at most 4 non-empty strings")
+        return stops
+
+
+class RowRequest(BaseModel):
+    """One chat as the backbone sees it: messages plus the effective module set (already merged by the ingress)."""
+
+    messages: list[dict[str, str]]
+    active: list[str]
+    max_tokens: int | None
+    temperature: float
+    top_p: float
+    seed: int | None
+    stop: list[str]
+    ignore_eos: bool = False
+
+
+class RowResult(BaseModel):
+    """One chat's answer, or its error."""
+
+    text: str = ""
+    finish_reason: str = "stop"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    control_tokens: int = 0
+    active_modules: list[str] = Field(default_factory=list)
+    module_versions: dict[str, str] = Field(default_factory=dict)
+    error: ErrorBody | None = None
+
+
+class StreamEvent(BaseModel):
+    """What the backbone's `stream` yields: `start` (validated; modules + prompt size), `delta`s, then `end` (the
+    RowResult, possibly an error). A request refused before `start` yields only `end` with its error."""
+
+    kind: Literal["start", "delta", "end"]
+    text: str = ""
+    result: RowResult | None = None
+
+
+# --------------------------------------------------------------------------------------------- modules
+
+
+@dataclass(frozen=True)
+class ModuleState:
+    """An immutable snapshot of what is served: swapped by one reference assignment, so a batch that took it keeps a
+    consistent bank while `reconfigure` installs the next one."""
+
+    bank: Any  # ControlTokenBank | None
+    modules: tuple[dict[str, Any], ...]
+    source: ModuleSource
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def versions(self) -> dict[str, str]:
+        return {m["category"]: m["version"] for m in self.modules}
+
+    def canonical(self, active: Sequence[str]) -> tuple[str, ...]:
+        if self.bank is None:
+            if active:
+                raise UnknownCategoryError(sorted(set(active)), [])
+            return ()
+        return self.bank.canonical(active)
+
+
+ModuleLoader = Callable[[ModuleSource, Any], ModuleState]
+"""(source, backbone fingerprint) -> ModuleState. Injectable so a test can hand the deployment a fake."""
+
+
+def load_modules(source: ModuleSource, expected: Any) -> ModuleState:
+    """Resolve and check the modules of `source` against the backbone fingerprint `expected` (all or nothing)."""
+    from mosaic_core.artifact import MANIFEST_FILE, load_bank, read_meta
+
+    if source.bank_dir:
+        bank_dir = Path(source.bank_dir)
+        bank = load_bank(bank_dir, expected)
+        manifest = json.loads((bank_dir / MANIFEST_FILE).read_text())
+        modules = []
+        for c in bank.categories:
+            meta = read_meta(bank_dir / manifest["modules"][c]["path"])
+            # A local bank has no registry version: the tensor's hash names exactly what is served.
+            modules.append({"category": c, "version": f"local-{meta.sha256[:12]}", "name": c, "uri": str(bank_dir / c),
+                            "requested": str(bank_dir), "aliases": [], "sha256": meta.sha256, "m": bank.m,
+                            "placement": bank.placement, "training_run_id": meta.training_run_id or "none"})  # fmt: skip
+        return ModuleState(bank, tuple(modules), source)
+    if source.modules:
+        from mosaic_core.bundle import parse_module_uri
+        from mosaic_core.registry import resolve_bundle
+
+        bank, infos = resolve_bundle(source.uris(expected.model_id), expected, tracking_uri=source.tracking_uri)
+        modules = []
+        for info in infos:
+            alias = parse_module_uri(info["requested"]).alias
+            modules.append({**info, "aliases": [alias] if alias else [], "m": bank.m, "placement": bank.placement})
+        return ModuleState(bank, tuple(modules), source)
+    return ModuleState(None, (), source)
+
+
+# --------------------------------------------------------------------------------------------- decoding helpers
+
+
+def find_stop(text: str, stops: Sequence[str]) -> int | None:
+    """Index of the earliest stop string in `text`, or None."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+def holdback(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters may still turn into a stop string (or are an incomplete UTF-8 character), so a
+    stream must not send them yet."""
+    keep = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if s.startswith(text[-k:]):
+                keep = max(keep, k)
+                break
+    n = len(text)
+    while n - keep > 0 and text[n - keep - 1] == "\ufffd":  # a byte-level BPE may split one character
+        keep += 1
+    return keep
+
+
+@dataclass
+class _Job:
+    """A row inside the backbone replica while it waits for, and goes through, a batch."""
+
+    row: RowRequest
+    emit: Callable[[StreamEvent], None] | None = None
+    cancelled: bool = False
+
+
+@dataclass
+class _Prepared:
+    """A validated, encoded row: where it sits in the batch, its canonical active set and its token budget."""
+
+    index: int
+    job: _Job
+    segments: Any  # mosaic_core.compose.Segments
+    active: tuple[str, ...]
+    max_tokens: int
+    prompt_tokens: int
+    control_tokens: int
+    emitted: int = 0
+    length_hit: bool = False
+
+
+# --------------------------------------------------------------------------------------------- backbone deployment
+
+
+@serve.deployment(name=BACKBONE_DEPLOYMENT)
+class MosaicBackbone:
+    """The frozen backbone + all modules of its bundle; batches rows with different active sets into one forward."""
+
+    def __init__(self, settings: dict[str, Any], loader: ModuleLoader | None = None) -> None:
+        from pipelines import _loopback
+
+        # The replica's internal gRPC server starts after this constructor returns: bind it to 127.0.0.1.
+        _loopback.install()
+        import torch
+
+        from mosaic_core.backbone import load_backbone
+
+        self.settings = BackboneSettings.model_validate(settings)
+        torch.set_num_threads(self.settings.threads)
+        self.bb = load_backbone(self.settings.backbone)
+        self.embed = self.bb.model.get_input_embeddings()
+        cfg = self.bb.model.config
+        self.context = self.settings.max_context_tokens or int(getattr(cfg, "max_position_embeddings", 2048) or 2048)
+        eos = {self.bb.tokenizer.eos_token_id}
+        gen_eos = getattr(getattr(self.bb.model, "generation_config", None), "eos_token_id", None)
+        eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+        self.eos = sorted(t for t in eos if t is not None)
+        self.loader = loader or load_modules
+        self.state: ModuleState | None = None
+        self.last_error: str | None = None
+        self._swap_lock = asyncio.Lock()
+        self._poll_task: asyncio.Task | None = None
+        # Observability (health()): proves rows with different active sets really share forwards.
+        self.stats = {"batches": 0, "rows": 0, "mixed_batches": 0, "max_batch_rows": 0, "max_batch_active_sets": 0}
+        self._run_batch.set_max_batch_size(self.settings.max_batch_size)
+        self._run_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
+        logger.info("backbone %s (fingerprint %s) loaded; context %d tokens", self.bb.fingerprint.model_id,
+                    self.bb.fingerprint.digest, self.context)  # fmt: skip
+
+    # ----------------------------------------------------------------------------------------- modules, live
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Resolve the modules of a new `user_config` and swap them in atomically.
+
+        The first call (replica start) raises on a bad bundle, so a broken deploy fails loudly. Later calls keep
+        serving the current modules when the new ones cannot be loaded — dropping every request because an alias
+        pointed at an incompatible version is worse — and report the error in /v1/modules and the log."""
+        source = ModuleSource.model_validate(user_config or {})
+        if not await self._swap(source, initial=self.state is None):
+            return  # still serving (and polling) the previous source
+        if self._poll_task is not None:
+            self._poll_task.cancel()
+            self._poll_task = None
+        if source.poll_interval_s and source.modules:
+            self._poll_task = asyncio.get_running_loop().create_task(self._poll(source))
+
+    async def _swap(self, source: ModuleSource, *, initial: bool) -> bool:
+        async with self._swap_lock:
+            try:
+                state = await asyncio.to_thread(self.loader, source, self.bb.fingerprint)
+            except Exception as e:
+                if initial:
+                    raise
+                self.last_error = f"{type(e).__name__}: {e}"
+                logger.error("module swap failed, still serving %s: %s", self.state.versions if self.state else {}, e)
+                return False
+            before = self.state.versions if self.state else {}
+            self.state, self.last_error = state, None  # one assignment: batches in flight keep their snapshot
+            logger.info("serving modules %s (was %s)", state.versions, before)
+            return True
+
+    async def _poll(self, source: ModuleSource) -> None:
+        """Follow moving aliases: re-resolve every poll interval, swap only when a version changed."""
+        while True:
+            await asyncio.sleep(source.poll_interval_s or 60)
+            if self.state is None or self.state.source != source:
+                return
+            try:
+                fresh = await asyncio.to_thread(self.loader, source, self.bb.fingerprint)
+            except Exception as e:
+                self.last_error = f"{type(e).__name__}: {e}"
+                continue
+            if fresh.versions != self.state.versions:
+                async with self._swap_lock:
+                    if self.state.source == source:
+                        logger.info("alias moved: serving %s (was %s)", fresh.versions, self.state.versions)
+                        self.state, self.last_error = fresh, None
+
+    async def modules(self) -> dict[str, Any]:
+        """What /v1/modules shows."""
+        st = self.state
+        return {"backbone": self.bb.fingerprint.model_id, "fingerprint": self.bb.fingerprint.digest,
+                "placement": st.bank.placement if st and st.bank is not None else None,
+                "source": "bank_dir" if st and st.source.bank_dir else "registry" if st and st.source.modules else "none",
+                "loaded_at": st.loaded_at if st else None, "last_error": self.last_error,
+                "modules": [dict(m) for m in (st.modules if st else ())]}  # fmt: skip
+
+    async def health(self) -> dict[str, Any]:
+        """Liveness + identity (the pid lets a test kill this replica)."""
+        return {"status": "ok" if self.state is not None else "loading", "pid": os.getpid(),
+                "backbone": self.bb.fingerprint.model_id, "modules": sorted(self.state.versions) if self.state else [],
+                "stats": dict(self.stats)}  # fmt: skip
+
+    def check_health(self) -> None:
+        """Serve's periodic probe: a replica without modules loaded is not healthy."""
+        if self.state is None:
+            raise RuntimeError("modules not loaded")
+
+    # ----------------------------------------------------------------------------------------- requests
+
+    async def generate(self, row: RowRequest) -> RowResult:
+        """One chat completion (joins a batch with whatever else is waiting)."""
+        return await self._run_batch(_Job(row))
+
+    async def stream(self, row: RowRequest) -> AsyncIterator[StreamEvent]:
+        """The same, as events (call with `handle.options(stream=True)`): start, deltas as tokens decode, end."""
+        queue: asyncio.Queue[StreamEvent] = asyncio.Queue()
+        job = _Job(row, emit=queue.put_nowait)
+        task = asyncio.ensure_future(self._run_batch(job))
+        try:
+            while not task.done() or not queue.empty():
+                getter = asyncio.ensure_future(queue.get())
+                await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield getter.result()
+                else:
+                    getter.cancel()
+            yield StreamEvent(kind="end", result=task.result())
+        finally:
+            job.cancelled = True  # a client that went away stops its row at the next token
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
+    async def _run_batch(self, jobs: list[_Job]) -> list[RowResult]:
+        # One snapshot for the whole batch: a concurrent swap applies from the next batch on.
+        state = self.state
+        loop = asyncio.get_running_loop()
+        st = self.stats
+        st["batches"], st["rows"] = st["batches"] + 1, st["rows"] + len(jobs)
+        sets = len({frozenset(j.row.active) for j in jobs})
+        st["mixed_batches"] += sets > 1
+        st["max_batch_rows"] = max(st["max_batch_rows"], len(jobs))
+        st["max_batch_active_sets"] = max(st["max_batch_active_sets"], sets)
+        for job in jobs:  # events are produced on the compute thread, consumed on this loop
+            if job.emit is not None:
+                put = job.emit
+                job.emit = lambda ev, put=put: loop.call_soon_threadsafe(put, ev)
+        if state is None:
+            err = Unavailable("modules are still loading", code="not_ready", retry_after_s=1.0).to_body()
+            return [RowResult(error=err) for _ in jobs]
+        # Tokenising and decoding block for the whole batch: off the event loop, so health checks and new requests
+        # (the next batch) are still accepted meanwhile.
+        return await asyncio.to_thread(self._compute, state, jobs)
+
+    def _compute(self, state: ModuleState, jobs: list[_Job]) -> list[RowResult]:
+        """Validate + encode every row (errors per row), then decode each sampling group in one batched forward."""
+        results: list[RowResult | None] = [None] * len(jobs)
+        groups: dict[tuple, list[_Prepared]] = {}
+        for i, job in enumerate(jobs):
+            try:
+                p = self._prepare(state, i, job)
+            except ApiError as e:
+                results[i] = RowResult(error=e.to_body())
+                continue
+            except MosaicError as e:
+                results[i] = RowResult(error=_from_mosaic_error(e).to_body())
+                continue
+            except Exception as e:  # never let one request take the replica (or its batch-mates) down
+                logger.exception("preparing a request failed")
+                results[i] = RowResult(error=InternalError(f"internal error: {type(e).__name__}").to_body())
+                continue
+            groups.setdefault(self._sampling_key(p), []).append(p)
+        for key, members in groups.items():
+            try:
+                self._decode(state, members, key, results)
+            except Exception as e:
+                logger.exception("decoding a batch of %d rows failed", len(members))
+                for p in members:
+                    results[p.index] = RowResult(error=InternalError(f"internal error: {type(e).__name__}").to_body())
+        return [r if r is not None else RowResult(error=InternalError("no result").to_body()) for r in results]
+
+    @staticmethod
+    def _sampling_key(p: _Prepared) -> tuple:
+        """Rows decode together when they sample alike. Greedy rows all batch together; a seeded sampled row decodes
+        alone, so the same seed gives the same answer whatever else was in flight."""
+        r = p.job.row
+        if r.temperature <= 0:
+            return ("greedy", r.ignore_eos)
+        if r.seed is not None:
+            return ("seeded", r.ignore_eos, r.temperature, r.top_p, r.seed, p.index)
+        return ("sampled", r.ignore_eos, r.temperature, r.top_p)
+
+    def _prepare(self, state: ModuleState, index: int, job: _Job) -> _Prepared:
+        from mosaic_core.compose import encode_chat
+
+        row = job.row
+        active = state.canonical(row.active)
+        placement = state.bank.placement if state.bank is not None else "before_assistant"
+        try:
+            segments = encode_chat(self.bb.tokenizer, row.messages, placement)
+        except Exception as e:  # the chat template refuses e.g. roles out of order (jinja raise_exception)
+            raise InvalidRequest(f"the chat template rejected these messages: {e}", param="messages") from None
+        prompt = len(segments.before) + len(segments.after)
+        control = len(active) * (state.bank.m if state.bank is not None else 0)
+        room = self.context - prompt - control
+        wanted = row.max_tokens if row.max_tokens is not None else min(self.settings.default_max_tokens, room)
+        if room < 1 or wanted > room:
+            raise InvalidRequest(
+                f"this model's context is {self.context} tokens; the messages take {prompt} tokens plus {control} "
+                f"control tokens, leaving {max(room, 0)}, and {wanted} new tokens were requested: shorten the messages "
+                "or lower max_tokens", param="messages", code="context_length_exceeded")  # fmt: skip
+        p = _Prepared(index, job, segments, active, wanted, prompt, control)
+        if job.emit is not None:
+            job.emit(StreamEvent(kind="start", result=self._result(state, p, "", None, 0)))
+        return p
+
+    def _result(self, state: ModuleState, p: _Prepared, text: str, reason: str | None, n: int) -> RowResult:
+        versions = state.versions
+        return RowResult(text=text, finish_reason=reason or "stop", prompt_tokens=p.prompt_tokens, completion_tokens=n,
+                         control_tokens=p.control_tokens, active_modules=list(p.active),
+                         module_versions={c: versions[c] for c in p.active})  # fmt: skip
+
+    def _decode(self, state: ModuleState, members: list[_Prepared], key: tuple, results: list[RowResult | None]) -> None:
+        from mosaic_core.compose import build_batch
+        from mosaic_core.generation import generate
+
+        tok = self.bb.tokenizer
+        batch = build_batch(self.embed, state.bank, [p.segments for p in members], [p.active for p in members])
+
+        def should_stop(r: int, tokens: list[int]) -> bool:
+            p = members[r]
+            if p.job.cancelled:
+                return True
+            stops = p.job.row.stop
+            text = tok.decode(tokens, skip_special_tokens=True)
+            if stops and find_stop(text, stops) is not None:
+                return True
+            if p.job.emit is not None:
+                safe = len(text) - holdback(text, stops)
+                if safe > p.emitted:
+                    p.job.emit(StreamEvent(kind="delta", text=text[p.emitted : safe]))
+                    p.emitted = safe
+            if len(tokens) >= p.max_tokens:  # rows share one generate call; each keeps its own max_tokens
+                p.length_hit = True
+                return True
+            return False
+
+        sampled = key[0] != "greedy"
+        row0 = members[0].job.row
+        eos = [] if row0.ignore_eos else self.eos
+        gens = generate(self.bb.model, batch, max_new_tokens=max(p.max_tokens for p in members), eos_token_ids=eos,
+                        temperature=row0.temperature if sampled else 0.0, top_p=row0.top_p if sampled else 1.0,
+                        seed=row0.seed if key[0] == "seeded" else None, should_stop=should_stop)  # fmt: skip
+        for p, g in zip(members, gens):
+            text = tok.decode(g.token_ids, skip_special_tokens=True)
+            cut = find_stop(text, p.job.row.stop)
+            if cut is not None:
+                text, reason = text[:cut], "stop"
+            else:
+                reason = "length" if p.length_hit or g.finish_reason == "length" else "stop"
+            if p.job.emit is not None and len(text) > p.emitted:
+                p.job.emit(StreamEvent(kind="delta", text=text[p.emitted :]))
+                p.emitted = len(text)
+            results[p.index] = self._result(state, p, text, reason, len(g.token_ids))
+
+
+# --------------------------------------------------------------------------------------------- ingress deployment
+
+
+def _error_payload(e: ApiError | ErrorBody) -> dict[str, Any]:
+    """The one error shape, OpenAI's."""
+    return {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}}
+
+
+def _error_response(e: ApiError) -> JSONResponse:
+    body = _error_payload(e)
+    headers = {"Retry-After": str(max(1, round(e.retry_after_s)))} if e.retry_after_s is not None else None
+    return JSONResponse(body, status_code=e.status, headers=headers)
+
+
+def _validation_error(exc: RequestValidationError) -> ApiError:
+    """FastAPI's 422 as OpenAI's 400: malformed JSON, missing/unknown fields, wrong types, out-of-range values."""
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":
+        return InvalidRequest(f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}",
+                              code="invalid_json")  # fmt: skip
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    if not loc and first.get("type") == "model_attributes_type":
+        return InvalidRequest("the request body must be a JSON object (Content-Type: application/json)", code="invalid_json")
+    msg = "; ".join(_describe_validation(e) for e in errors[:5])
+    code = "unknown_parameter" if first.get("type") == "extra_forbidden" else "invalid_value"
+    return InvalidRequest(msg or "invalid request", param=".".join(loc) or None, code=code)
+
+
+def _sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+@serve.deployment(name=INGRESS_DEPLOYMENT)
+@serve.ingress()
+class MosaicIngress:
+    """OpenAI-compatible HTTP front: auth, module policy, validation, and the one error shape."""
+
+    def __init__(self, backbone: DeploymentHandle, settings: dict[str, Any]) -> None:
+        from pipelines import _loopback
+
+        _loopback.install()  # this replica's internal gRPC server too
+        self.backbone = backbone
+        self.settings = IngressSettings.model_validate(settings)
+        self.tenants = {d: t for t in self.settings.tenants for d in t.key_sha256}
+        if not self.tenants:
+            logger.warning("no tenants configured (MOSAIC_TENANTS_FILE / MOSAIC_TENANTS): the endpoint is OPEN, "
+                           "no API key is required and no module is mandatory")  # fmt: skip
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        """Built on the replica after __init__ (late-bound ingress): nothing is constructed at import time."""
+        app = FastAPI(title="MOSAIC", description="OpenAI-compatible chat with composable safety modules")
+
+        async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+            return _error_response(exc)
+
+        async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+            return _error_response(_validation_error(exc))
+
+        async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+            cls = NotFound if exc.status_code == 404 else InvalidRequest
+            err = cls(str(exc.detail), code="not_found" if exc.status_code == 404 else None)
+            err.status = exc.status_code
+            return _error_response(err)
+
+        async def crashed(_: Request, exc: Exception) -> JSONResponse:  # still one shape; Starlette logs the traceback
+            return _error_response(InternalError(f"internal error: {type(exc).__name__}", code="internal_error"))
+
+        app.add_exception_handler(ApiError, api_error)
+        app.add_exception_handler(RequestValidationError, invalid)
+        app.add_exception_handler(StarletteHTTPException, http_error)
+        app.add_exception_handler(Exception, crashed)
+
+        @app.post("/v1/chat/completions")
+        async def chat_completions(body: ChatCompletionRequest, authorization: str | None = Header(None)) -> Any:
+            return await self.chat(body, self.authenticate(authorization))
+
+        @app.get("/v1/models")
+        async def models(authorization: str | None = Header(None)) -> dict[str, Any]:
+            self.authenticate(authorization)
+            return {"object": "list", "data": [{"id": self.settings.model_name, "object": "model", "created": 0,
+                                                "owned_by": "mosaic"}]}  # fmt: skip
+
+        @app.get("/v1/modules")
+        async def modules(authorization: str | None = Header(None)) -> dict[str, Any]:
+            tenant = self.authenticate(authorization)
+            info = await self.call(self.backbone.modules.remote())
+            data = [{"id": m["category"], "object": "safety_module", **m} for m in info.pop("modules")]
+            return {"object": "list", "data": data, **info,
+                    "mandatory_modules": list(tenant.mandatory_modules) if tenant else []}  # fmt: skip
+
+        @app.get("/v1/profiles")
+        async def profiles(authorization: str | None = Header(None)) -> dict[str, Any]:
+            tenant = self.authenticate(authorization)
+            allowed = tenant.allowed_profiles if tenant and tenant.allowed_profiles is not None else None
+            return {"object": "list", "data": [{"id": k, "object": "safety_profile", "modules": v,
+                                                "allowed": allowed is None or k in allowed}
+                                               for k, v in self.settings.profiles.items()]}  # fmt: skip
+
+        @app.get("/healthz")
+        async def healthz() -> dict[str, Any]:
+            try:
+                health = await asyncio.wait_for(self.call(self.backbone.health.remote()), timeout=10)
+            except (ApiError, asyncio.TimeoutError) as e:
+                raise Unavailable(f"backbone not ready: {getattr(e, 'message', 'timed out')}", code="not_ready",
+                                  retry_after_s=1.0) from None  # fmt: skip
+            if health.get("status") != "ok":
+                raise Unavailable("backbone is loading its modules", code="not_ready", retry_after_s=1.0)
+            return health
+
+        return app
+
+    # ----------------------------------------------------------------------------------------- policy
+
+    def authenticate(self, authorization: str | None) -> TenantPolicy | None:
+        """The caller's tenant from `Authorization: Bearer <key>`; None when the endpoint is open (no tenants)."""
+        if not self.tenants:
+            return None
+        scheme, _, key = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise Unauthorized("missing API key: send `Authorization: Bearer <key>`", code="missing_api_key")
+        tenant = self.tenants.get(_sha256(key.strip()))
+        if tenant is None:
+            raise Unauthorized("invalid API key", code="invalid_api_key")
+        return tenant
+
+    def effective_modules(self, body: ChatCompletionRequest, tenant: TenantPolicy | None) -> tuple[list[str], list[str]]:
+        """(active set, forced modules) = tenant mandatory ∪ profile ∪ safety_modules, and what the tenant added."""
+        chosen: list[str] = []
+        if body.safety_profile is not None:
+            if body.safety_profile not in self.settings.profiles:
+                raise InvalidRequest(f"unknown safety_profile {body.safety_profile!r}; available: "
+                                     f"{sorted(self.settings.profiles)}", param="safety_profile",
+                                     code="unknown_profile")  # fmt: skip
+            if tenant and tenant.allowed_profiles is not None and body.safety_profile not in tenant.allowed_profiles:
+                raise Forbidden(f"tenant {tenant.name!r} may not use profile {body.safety_profile!r}; allowed: "
+                                f"{tenant.allowed_profiles}", param="safety_profile", code="profile_not_allowed")  # fmt: skip
+            chosen += self.settings.profiles[body.safety_profile]
+        chosen += body.safety_modules or []
+        mandatory = list(tenant.mandatory_modules) if tenant else []
+        forced = [m for m in dict.fromkeys(mandatory) if m not in chosen]
+        return list(dict.fromkeys(mandatory + chosen)), forced
+
+    def row(self, body: ChatCompletionRequest, active: list[str]) -> RowRequest:
+        """Validate what pydantic cannot (needs config or cross-field rules) and build the backbone's row."""
+        if body.model != self.settings.model_name:
+            raise NotFound(f"model {body.model!r} does not exist; this server serves {self.settings.model_name!r}",
+                           param="model", code="model_not_found")  # fmt: skip
+        limit = self.settings.max_tokens_limit
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        if max_tokens is not None and max_tokens > limit:
+            raise InvalidRequest(f"max_tokens {max_tokens} is out of range: 1..{limit}", param="max_tokens",
+                                 code="invalid_value")  # fmt: skip
+        unsupported = {"n": body.n != 1, "logprobs": bool(body.logprobs), "presence_penalty": bool(body.presence_penalty),
+                       "frequency_penalty": bool(body.frequency_penalty)}  # fmt: skip
+        for name, bad in unsupported.items():
+            if bad:
+                raise InvalidRequest(f"{name} is not supported by this server", param=name, code="unsupported_parameter")
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+        if messages[-1]["role"] != "user":
+            raise InvalidRequest("the last message must come from the user", param="messages", code="invalid_value")
+        if not any(m["role"] == "user" and m["content"].strip() for m in messages):
+            raise InvalidRequest("messages contain no user text", param="messages", code="invalid_value")
+        temperature = body.temperature if body.temperature is not None else self.settings.default_temperature
+        return RowRequest(messages=messages, active=active, max_tokens=max_tokens, temperature=temperature,
+                          top_p=body.top_p if body.top_p is not None else 1.0, seed=body.seed, stop=list(body.stop or []),
+                          ignore_eos=body.ignore_eos)  # fmt: skip
+
+    async def call(self, response: Any) -> Any:
+        """Await a backbone call; Serve's overload and availability failures become 429 / 503."""
+        try:
+            return await response
+        except BackPressureError as e:
+            raise Overloaded(f"the server is busy ({e}); retry shortly", code="queue_full",
+                             retry_after_s=self.settings.retry_after_s) from None  # fmt: skip
+        except (DeploymentUnavailableError, ReplicaUnavailableError) as e:
+            raise Unavailable(f"backbone unavailable: {e}", code="unavailable", retry_after_s=1.0) from None
+        except Exception as e:  # a replica that died mid-request (RayActorError...), restarting
+            if type(e).__module__.startswith("ray"):
+                raise Unavailable(f"backbone unavailable ({type(e).__name__}); retry shortly", code="unavailable",
+                                  retry_after_s=1.0) from None  # fmt: skip
+            raise
+
+    # ----------------------------------------------------------------------------------------- chat
+
+    async def chat(self, body: ChatCompletionRequest, tenant: TenantPolicy | None) -> Any:
+        active, forced = self.effective_modules(body, tenant)
+        row = self.row(body, active)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if not body.stream:
+            result: RowResult = await self.call(self.backbone.generate.remote(row))
+            if result.error is not None:
+                result.error.raise_()
+            return {"id": rid, "object": "chat.completion", "created": created, "model": self.settings.model_name,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
+                                 "finish_reason": result.finish_reason, "logprobs": None}],
+                    "usage": _usage(result), "mosaic": _mosaic(result, forced, body, tenant)}  # fmt: skip
+
+        events = self.backbone.options(stream=True).stream.remote(row)
+        first: StreamEvent = await self.call(events.__anext__())
+        if first.kind == "end" and first.result is not None and first.result.error is not None:
+            first.result.error.raise_()  # refused before any token: a plain JSON error, not a stream
+
+        def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
+            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.settings.model_name,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra}  # fmt: skip
+
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        async def sse() -> AsyncIterator[str]:
+            ev: StreamEvent | None = first
+            try:
+                while ev is not None:
+                    if ev.kind == "start" and ev.result is not None:
+                        yield _sse(chunk({"role": "assistant", "content": ""}, mosaic=_mosaic(ev.result, forced, body, tenant)))
+                    elif ev.kind == "delta" and ev.text:
+                        yield _sse(chunk({"content": ev.text}))
+                    elif ev.kind == "end" and ev.result is not None:
+                        if ev.result.error is not None:
+                            err = ev.result.error
+                            yield _sse(_error_payload(err))
+                        else:
+                            yield _sse(chunk({}, ev.result.finish_reason, usage=_usage(ev.result)))
+                            if include_usage:
+                                yield _sse({**chunk({}), "choices": [], "usage": _usage(ev.result)})
+                        break
+                    ev = await self.call(events.__anext__())
+            except ApiError as e:  # headers are gone: report in-band, as OpenAI does
+                yield _sse(_error_payload(e))
+            except StopAsyncIteration:
+                pass
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _usage(r: RowResult) -> dict[str, int]:
+    return {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
+            "total_tokens": r.prompt_tokens + r.completion_tokens}  # fmt: skip
+
+
+def _mosaic(r: RowResult, forced: list[str], body: ChatCompletionRequest, tenant: TenantPolicy | None) -> dict[str, Any]:
+    return {"active_modules": r.active_modules, "module_versions": r.module_versions, "forced_modules": forced,
+            "profile": body.safety_profile, "tenant": tenant.name if tenant else None,
+            "control_tokens": r.control_tokens}  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------- app builder
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """The Serve application (`import_path: pipelines.serve:build_app`). Validates everything at the driver."""
+    cfg = ServeArgs.from_args(args)
+    tenants = load_tenants(cfg.tenants_file, cfg.profiles)
+    if not tenants:
+        logger.warning("serve: no tenants configured, the endpoint will be open (no API key required)")
+    source = cfg.module_source()
+    bsettings = BackboneSettings(backbone=cfg.backbone, threads=cfg.threads, max_batch_size=cfg.max_batch_size,
+                                 batch_wait_timeout_s=cfg.batch_wait_timeout_s, default_max_tokens=cfg.default_max_tokens,
+                                 max_context_tokens=cfg.max_context_tokens)  # fmt: skip
+    isettings = IngressSettings(model_name=cfg.served_name(), profiles=cfg.profiles, tenants=tenants,
+                                max_tokens_limit=cfg.max_tokens_limit, default_temperature=cfg.default_temperature,
+                                retry_after_s=cfg.retry_after_s)  # fmt: skip
+    backbone = MosaicBackbone.options(
+        num_replicas=cfg.num_replicas, max_ongoing_requests=cfg.max_ongoing_requests,
+        max_queued_requests=cfg.max_queued_requests, user_config=source.model_dump(),
+        backpressure_config={"status_code": 429, "retry_after_s": cfg.retry_after_s},
+        ray_actor_options={"num_cpus": cfg.num_cpus}, health_check_period_s=cfg.health_check_period_s,
+        health_check_timeout_s=max(30.0, 2 * cfg.health_check_period_s),
+    ).bind(bsettings.model_dump())  # fmt: skip
+    # The ingress is cheap and async: let it hold every request the backbone could hold or queue, so the backbone's
+    # bounded queue (-> 429 with our error body) is the one that pushes back.
+    headroom = 4 * (cfg.max_ongoing_requests + cfg.max_queued_requests) * cfg.num_replicas
+    return MosaicIngress.options(
+        max_ongoing_requests=headroom, max_queued_requests=headroom, ray_actor_options={"num_cpus": 0},
+        backpressure_config={"status_code": 429, "retry_after_s": cfg.retry_after_s},
+    ).bind(backbone, isettings.model_dump())  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mosaic serve", description="Serve composable safety modules behind an "
+                                "OpenAI-compatible endpoint (Ray Serve). Blocks until Ctrl-C / SIGTERM.")  # fmt: skip
+    p.add_argument("--backbone", default=EMBEDDED, help=f"HF id, local dir, or {EMBEDDED!r} (default)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--modules", default=None, help="comma-separated module URIs or categories (registry; default: "
+                     f"${ENV_MODULES})")  # fmt: skip
+    src.add_argument("--bank", default=None, help="a local bank directory instead of the registry")
+    p.add_argument("--alias", default=None, help="registry alias for bare categories (default production)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow URI (default $MLFLOW_TRACKING_URI, else runs/mlflow.db)")
+    p.add_argument("--tenants-file", default=None, help=f"tenants JSON/YAML (default ${ENV_TENANTS_FILE}); none: open")
+    p.add_argument("--poll-interval", type=float, default=None, help="re-resolve aliases every N seconds")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP listen address (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--threads", type=int, default=None, help="torch threads per backbone replica")
+    p.add_argument("--num-cpus", type=float, default=None, help="Ray CPUs per backbone replica")
+    p.add_argument("--args", default=None, help="a YAML/JSON file of build_app args (flags override it)")
+    return p
+
+
+def cli(argv: list[str]) -> None:
+    """`mosaic serve ...`: start Ray (local, or $RAY_ADDRESS) + Serve on host:port, block until Ctrl-C / SIGTERM,
+    then shut Serve down cleanly. MosaicErrors propagate (pipelines/cli.py prints them, exit 2)."""
+    a = build_parser().parse_args(argv)
+    args: dict[str, Any] = {}
+    if a.args:
+        import yaml
+
+        args = yaml.safe_load(Path(a.args).read_text()) or {}
+    flags = {"backbone": a.backbone if a.backbone != EMBEDDED or "backbone" not in args else None,
+             "modules": [m.strip() for m in a.modules.split(",") if m.strip()] if a.modules else None,
+             "bank_dir": a.bank, "alias": a.alias, "tracking_uri": a.tracking_uri, "tenants_file": a.tenants_file,
+             "poll_interval_s": a.poll_interval, "threads": a.threads, "num_cpus": a.num_cpus}  # fmt: skip
+    args.update({k: v for k, v in flags.items() if v is not None})
+    app = build_app(args)  # validate before starting anything
+
+    import ray
+
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        kw: dict[str, Any] = {"address": address} if address else {"address": "local", "include_dashboard": False}
+        ray.init(**kw, runtime_env={"worker_process_setup_hook": "pipelines._loopback.install"}, log_to_driver=False)
+    stop = threading.Event()
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        serve.start(http_options={"host": a.host, "port": a.port})
+        serve.run(app, name=APP_NAME, route_prefix="/")
+        print(f"mosaic serve: OpenAI-compatible endpoint at http://{a.host}:{a.port}/v1 "
+              f"(model {ServeArgs.from_args(args).served_name()!r}); Ctrl-C to stop", flush=True)  # fmt: skip
+        while not stop.wait(0.5):
+            pass
+        print("mosaic serve: shutting down", file=sys.stderr, flush=True)
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+            if not os.environ.get("RAY_ADDRESS"):
+                ray.shutdown()
+
+
+if __name__ == "__main__":  # `python -m pipelines.serve ...`
+    try:
+        cli(sys.argv[1:])
+    except MosaicError as err:
+        print(f"mosaic serve: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,508 @@
+"""The Serve app on the real stack: Ray on 127.0.0.1, Serve's HTTP proxy, the tiny random Llama, a bank registered in
+a sqlite MLflow store (resolved by alias), and the official `openai` client.
+
+One app (`mosaic`, tenants on) is deployed from cluster/serve_config.yaml the way `serve deploy` does it, so the
+live module swap is Serve's own lightweight `reconfigure`; a second, small app (`small`, local bank dir, no tenants,
+a queue of one) is started with `serve.run` for the open-endpoint and 429 checks. Answers are compared token for
+token with `mosaic_core` run in this process: the server must answer exactly as the library does, with or without
+modules, alone or batched with other active sets."""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from mosaic_core.categories import CATEGORIES
+from pipelines.serve import ServeArgs, find_stop, holdback, load_tenants
+
+ROOT = Path(__file__).resolve().parents[2]
+KIDS_KEY, ADULT_KEY, OPS_KEY = "sk-test-kids-0001", "sk-test-adult-0002", "sk-test-ops-0003"
+LOOPBACK = {"127.0.0.1", "[::ffff:127.0.0.1]", "[::1]"}
+PROMPT = "What's a good cocktail for a summer party?"
+
+
+# --------------------------------------------------------------------------------------------- pure helpers (fast)
+
+
+def test_stop_strings_and_stream_holdback():
+    assert find_stop("abc STOP def END", ["END", "STOP"]) == 4 and find_stop("abc", ["x"]) is None
+    assert holdback("hello wor", ["world"]) == 3  # "wor" may still become "world"
+    assert holdback("hello", ["world"]) == 0 and holdback("ab\ufffd", []) == 1
+
+
+def test_shipped_serve_config_and_args_validate(tmp_path, monkeypatch):
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from mosaic_core.errors import ConfigError
+    from pipelines.serve import ModuleSource
+
+    raw = yaml.safe_load((ROOT / "cluster" / "serve_config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(raw)
+    assert schema.http_options.host == "127.0.0.1"
+    [app] = raw["applications"]
+    assert app["import_path"] == "pipelines.serve:build_app" and "working_dir" not in json.dumps(app)
+    args = ServeArgs.from_args(app["args"])
+    assert set(args.profiles["minor"]) == set(CATEGORIES)
+    ModuleSource.model_validate(app["deployments"][0]["user_config"])
+
+    with pytest.raises(ConfigError) as e:  # every problem at once
+        ServeArgs.from_args({"modules": ["alcohol"], "bank_dir": "/x", "max_batch_size": 0, "colour": "red"})
+    assert len(e.value.problems) >= 2
+    monkeypatch.setenv("MOSAIC_SERVE_MODULES", "alcohol, betting")
+    assert ServeArgs.from_args({}).modules == ["alcohol", "betting"]
+    (tmp_path / "t.json").write_text(json.dumps({"tenants": {"a": {"api_keys": ["k"], "allowed_profiles": ["nope"]},
+                                                             "b": {"api_keys": ["k"]}}}))  # fmt: skip
+    with pytest.raises(ConfigError, match="share an API key") as e:
+        load_tenants(str(tmp_path / "t.json"), {"minor": []})
+    assert "unknown profile" in str(e.value)
+
+
+# --------------------------------------------------------------------------------------------- the stack
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _save_tiny_chat_model(out: Path) -> Path:
+    """tests/tiny.py's model with a wider init: random weights whose greedy answers differ per module set
+    (the default init answers "\\n" to everything, which would make every parity check vacuous)."""
+    from tests.tiny import tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    tiny_model(len(tok), seed=0, init_range=0.4).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def _make_run(root: Path, name: str, bb, seed: int):
+    from mosaic_core.artifact import save_bank
+    from mosaic_core.bank import ControlTokenBank
+    from mosaic_core.config import BankConfig
+
+    bank = ControlTokenBank.build(BankConfig(categories=CATEGORIES, m=2, init="normal", seed=seed), bb.embeddings)
+    save_bank(bank, root / name / "bank", fingerprint=bb.fingerprint, init="normal", training_run_id=f"train-{name}")
+    return root / name, bank
+
+
+class Stack:
+    """Everything the tests share: URLs, keys, the local reference model and banks."""
+
+    def __init__(self, port, bb, banks, uri, bank_dir):
+        self.port, self.bb, self.banks, self.tracking_uri, self.bank_dir = port, bb, banks, uri, bank_dir
+        self.url = f"http://127.0.0.1:{port}"
+        self.model = bb.fingerprint.model_id
+
+    def client(self, key=OPS_KEY, prefix=""):
+        import openai
+
+        return openai.OpenAI(base_url=f"{self.url}{prefix}/v1", api_key=key, max_retries=0, timeout=60)
+
+    def reference(self, messages, active=(), bank="A", max_tokens=12):
+        """What mosaic_core answers in this process (greedy), for parity with the server."""
+        from mosaic_core.compose import encode_batch
+        from mosaic_core.generation import generate
+
+        b = self.banks[bank]
+        batch = encode_batch(self.bb.tokenizer, self.bb.model.get_input_embeddings(), b, [messages], [list(active)], b.placement)
+        [g] = generate(self.bb.model, batch, max_new_tokens=max_tokens, eos_token_ids=[self.bb.tokenizer.eos_token_id])
+        return self.bb.tokenizer.decode(g.token_ids, skip_special_tokens=True)
+
+    def post(self, body, key=OPS_KEY, raw=None, prefix=""):
+        import requests
+
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        if raw is not None:
+            headers["Content-Type"] = "application/json"
+            return requests.post(f"{self.url}{prefix}/v1/chat/completions", data=raw, headers=headers, timeout=60)
+        return requests.post(f"{self.url}{prefix}/v1/chat/completions", json=body, headers=headers, timeout=60)
+
+    def get(self, path, key=OPS_KEY):
+        import requests
+
+        return requests.get(f"{self.url}{path}", headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=30)
+
+
+def _deploy_config(stack_args, user_config, port):
+    """cluster/serve_config.yaml with test args, as `serve deploy` sends it: the controller builds the app itself."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    raw = yaml.safe_load((ROOT / "cluster" / "serve_config.yaml").read_text())
+    raw["http_options"]["port"] = port
+    app = raw["applications"][0]
+    app["args"] = {**app["args"], **stack_args}
+    app["deployments"][0]["user_config"] = user_config
+    return ServeDeploySchema.model_validate(raw)
+
+
+def _deploy(config, app="mosaic", timeout=180):
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    _get_global_client().deploy_apps(config)  # what `serve deploy` does through the dashboard's REST API
+    deadline = time.monotonic() + timeout
+    while True:
+        status = serve.status().applications.get(app)
+        if status is not None and status.status == "RUNNING":
+            return
+        assert status is None or status.status not in ("DEPLOY_FAILED", "UNHEALTHY"), status
+        assert time.monotonic() < deadline, f"app {app} not running after {timeout}s: {status}"
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def stack(ray_session, tmp_path_factory):
+    from ray import serve
+
+    from mosaic_core.backbone import load_backbone
+    from pipelines.register import cli as modules_cli
+
+    root = tmp_path_factory.mktemp("serve")
+    model_dir = _save_tiny_chat_model(root / "tiny-serve")
+    bb = load_backbone(str(model_dir))
+    run_a, bank_a = _make_run(root / "runs", "a", bb, seed=0)
+    run_b, bank_b = _make_run(root / "runs", "b", bb, seed=1)
+    uri = f"sqlite:///{root / 'runs' / 'mlflow.db'}"
+    for run in (run_a, run_b):  # versions 1 (bank A) and 2 (bank B) of every module
+        modules_cli(["register", "--run", str(run), "--tracking-uri", uri])
+    for c in CATEGORIES:
+        modules_cli(["promote", c, "1", "--alias", "production", "--backbone", bb.fingerprint.model_id, "--tracking-uri", uri])
+    tenants = root / "tenants.yaml"
+    tenants.write_text(json.dumps({"tenants": {
+        "kids": {"api_keys": [KIDS_KEY], "mandatory_modules": ["alcohol"], "allowed_profiles": ["minor"]},
+        "adult": {"api_keys": [ADULT_KEY], "allowed_profiles": ["none"]},
+        "ops": {"api_key_sha256": [__import__("hashlib").sha256(OPS_KEY.encode()).hexdigest()]},
+    }}))  # fmt: skip
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    s = Stack(port, bb, {"A": bank_a, "B": bank_b}, uri, run_a / "bank")
+    s.args = {"backbone": str(model_dir), "tenants_file": str(tenants), "threads": 1, "num_cpus": 0.5,
+              "health_check_period_s": 1.0, "max_tokens_limit": 64, "default_max_tokens": 32,
+              "batch_wait_timeout_s": 0.05}  # fmt: skip
+    s.user_config = {"modules": list(CATEGORIES), "alias": "production", "tracking_uri": uri}
+    try:
+        _deploy(_deploy_config(s.args, s.user_config, port))
+        yield s
+    finally:
+        serve.shutdown()
+
+
+def _msgs(text=PROMPT):
+    return [{"role": "user", "content": text}]
+
+
+@pytest.mark.slow
+def test_models_modules_profiles_and_health(stack):
+    c = stack.client()
+    assert [m.id for m in c.models.list().data] == [stack.model]
+    mods = stack.get("/v1/modules").json()
+    assert [m["id"] for m in mods["data"]] == list(CATEGORIES) and mods["source"] == "registry"
+    alcohol = next(m for m in mods["data"] if m["id"] == "alcohol")
+    assert (alcohol["version"], alcohol["aliases"], alcohol["name"]) == ("1", ["production"], f"mosaic.{stack.model}.alcohol")
+    assert stack.get("/v1/modules", key=KIDS_KEY).json()["mandatory_modules"] == ["alcohol"]
+    profiles = {p["id"]: p for p in stack.get("/v1/profiles", key=ADULT_KEY).json()["data"]}
+    assert profiles["minor"]["modules"] == list(CATEGORIES) and profiles["none"]["modules"] == []
+    assert (profiles["minor"]["allowed"], profiles["none"]["allowed"]) == (False, True)
+    health = stack.get("/healthz", key=None)
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+
+
+@pytest.mark.slow
+def test_answers_match_mosaic_core_with_and_without_modules(stack):
+    c = stack.client()
+    base = c.chat.completions.create(model=stack.model, messages=_msgs(), max_tokens=12)
+    assert base.choices[0].message.content == stack.reference(_msgs())  # no module: the base model's answer
+    assert base.model_extra["mosaic"] == {"active_modules": [], "module_versions": {}, "forced_modules": [], "profile": None,
+                                          "tenant": "ops", "control_tokens": 0}  # fmt: skip
+    on = c.chat.completions.create(model=stack.model, messages=_msgs(), max_tokens=12,
+                                   extra_body={"safety_modules": ["horror", "alcohol"]})  # fmt: skip
+    assert on.choices[0].message.content == stack.reference(_msgs(), ["alcohol", "horror"])
+    assert on.choices[0].message.content != base.choices[0].message.content
+    assert on.model_extra["mosaic"]["active_modules"] == ["alcohol", "horror"]  # canonical order
+    assert on.model_extra["mosaic"]["module_versions"] == {"alcohol": "1", "horror": "1"}
+    assert on.model_extra["mosaic"]["control_tokens"] == 4
+    u = on.usage
+    assert u.completion_tokens == 12 and u.total_tokens == u.prompt_tokens + 12 and on.choices[0].finish_reason == "length"
+
+    # A system message and a multi-turn chat: the control block goes where the bank's placement says.
+    chat = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": PROMPT}]  # fmt: skip
+    multi = c.chat.completions.create(model=stack.model, messages=chat, max_tokens=10, extra_body={"safety_profile": "minor"})
+    assert multi.choices[0].message.content == stack.reference(chat, CATEGORIES, max_tokens=10)
+    assert multi.model_extra["mosaic"]["active_modules"] == list(CATEGORIES)
+
+
+@pytest.mark.slow
+def test_streaming_sends_mosaic_first_then_the_same_text(stack):
+    c = stack.client()
+    body = dict(model=stack.model, messages=_msgs(), max_tokens=12, extra_body={"safety_modules": ["betting"]})
+    full = c.chat.completions.create(**body)
+    chunks = list(c.chat.completions.create(**body, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].model_extra["mosaic"]["active_modules"] == ["betting"]
+    assert chunks[0].model_extra["mosaic"]["module_versions"] == {"betting": "1"}
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == full.choices[0].message.content
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason] == ["length"]
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens and not chunks[-1].choices
+
+    raw = stack.post({"model": stack.model, "messages": _msgs(), "max_tokens": 4, "stream": True})
+    events = [line for line in raw.text.split("\n\n") if line]
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    assert "mosaic" in json.loads(events[0][6:])
+    # A stream refused before its first token is a plain JSON error, not an event stream.
+    bad = stack.post({"model": stack.model, "messages": _msgs(), "stream": True, "safety_modules": ["nope"]})
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "unknown_module"
+
+
+@pytest.mark.slow
+def test_sampling_stop_and_seed_options(stack):
+    c = stack.client()
+    text = stack.reference(_msgs(), max_tokens=12)
+    # A 2-character stop string that first occurs mid-answer (not made of undecodable bytes).
+    stop = next(text[i : i + 2] for i in range(2, len(text) - 1)
+                if "\ufffd" not in text[i : i + 2] and text.find(text[i : i + 2]) == i)  # fmt: skip
+    r = c.chat.completions.create(model=stack.model, messages=_msgs(), max_tokens=12, stop=[stop, "never-seen"])
+    assert r.choices[0].message.content == text[: find_stop(text, [stop])] and r.choices[0].finish_reason == "stop"
+    streamed = c.chat.completions.create(model=stack.model, messages=_msgs(), max_tokens=12, stop=stop, stream=True)
+    assert "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices) == r.choices[0].message.content
+
+    sampled = [c.chat.completions.create(model=stack.model, messages=_msgs(), max_tokens=10, temperature=1.0, top_p=0.9,
+                                         seed=7).choices[0].message.content for _ in range(2)]  # fmt: skip
+    assert sampled[0] == sampled[1]  # a seeded row decodes alone: same seed, same answer
+    short = c.chat.completions.create(model=stack.model, messages=_msgs(), max_tokens=3)
+    assert short.usage.completion_tokens == 3 and short.choices[0].finish_reason == "length"
+    exact = c.chat.completions.create(model=stack.model, messages=_msgs(), max_tokens=5, extra_body={"ignore_eos": True})
+    assert exact.usage.completion_tokens == 5
+
+
+@pytest.mark.slow
+def test_tenants_keys_profiles_and_mandatory_modules(stack):
+    import openai
+
+    with pytest.raises(openai.AuthenticationError):
+        stack.client(key="sk-wrong").chat.completions.create(model=stack.model, messages=_msgs(), max_tokens=2)
+    missing = stack.post({"model": stack.model, "messages": _msgs()}, key=None)
+    assert missing.status_code == 401 and missing.json()["error"]["type"] == "authentication_error"
+    assert stack.get("/v1/models", key=None).status_code == 401
+
+    kids = stack.client(KIDS_KEY)
+    r = kids.chat.completions.create(model=stack.model, messages=_msgs(), max_tokens=12,
+                                     extra_body={"safety_modules": ["betting"]})  # fmt: skip
+    mosaic = r.model_extra["mosaic"]
+    assert (mosaic["active_modules"], mosaic["forced_modules"], mosaic["tenant"]) == (["alcohol", "betting"], ["alcohol"], "kids")
+    assert r.choices[0].message.content == stack.reference(_msgs(), ["alcohol", "betting"])
+    # Asking for a mandatory module is not "forced"; a profile the tenant may use is fine.
+    r = kids.chat.completions.create(model=stack.model, messages=_msgs(), max_tokens=2, extra_body={"safety_profile": "minor"})
+    assert r.model_extra["mosaic"]["forced_modules"] == [] and r.model_extra["mosaic"]["active_modules"] == list(CATEGORIES)
+    with pytest.raises(openai.PermissionDeniedError) as e:
+        stack.client(ADULT_KEY).chat.completions.create(model=stack.model, messages=_msgs(), max_tokens=2,
+                                                        extra_body={"safety_profile": "minor"})  # fmt: skip
+    assert e.value.status_code == 403 and e.value.body["code"] == "profile_not_allowed"
+
+
+BAD = [  # (body or raw JSON text, status, param, code)
+    ({"messages": _msgs(), "safety_modules": ["wine"]}, 400, "safety_modules", "unknown_module"),
+    ({"messages": _msgs(), "safety_profile": "toddler"}, 400, "safety_profile", "unknown_profile"),
+    ({"messages": []}, 400, "messages", "invalid_value"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role", "invalid_value"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, 400, "messages", "invalid_value"),
+    ({"messages": _msgs("cocktail " * 600)}, 400, "messages", "context_length_exceeded"),
+    ({"messages": _msgs(), "max_tokens": 0}, 400, "max_tokens", "invalid_value"),
+    ({"messages": _msgs(), "max_tokens": 65}, 400, "max_tokens", "invalid_value"),
+    ({"messages": _msgs(), "temperature": 3}, 400, "temperature", "invalid_value"),
+    ({"messages": _msgs(), "safety_module": ["alcohol"]}, 400, "safety_module", "unknown_parameter"),
+    ({"messages": _msgs(), "n": 2}, 400, "n", "unsupported_parameter"),
+    ({"messages": _msgs(), "model": "gpt-9"}, 404, "model", "model_not_found"),
+    ('{"model": "x", "messages": [', 400, None, "invalid_json"),
+    ("[1, 2]", 400, None, "invalid_json"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("body,status,param,code", BAD, ids=[f"{i}-{b[3]}" for i, b in enumerate(BAD)])
+def test_bad_input_gives_an_openai_error(stack, body, status, param, code):
+    r = stack.post(None, raw=body) if isinstance(body, str) else stack.post({"model": stack.model, **body})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert (err["param"], err["code"]) == (param, code)
+
+
+@pytest.mark.slow
+def test_32_concurrent_requests_with_mixed_module_sets(stack):
+    import itertools
+
+    sets = [list(s) for r in range(3) for s in itertools.combinations(CATEGORIES, r)][:32]
+    sets += [[]] * (32 - len(sets))
+    c = stack.client()
+
+    def ask(active):
+        r = c.chat.completions.create(model=stack.model, messages=_msgs(), max_tokens=8, extra_body={"safety_modules": active})
+        return r.model_extra["mosaic"]["active_modules"], r.choices[0].message.content
+
+    before = stack.get("/healthz", key=None).json()["stats"]
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        answers = list(pool.map(ask, sets))
+    after = stack.get("/healthz", key=None).json()["stats"]
+    assert [a for a, _ in answers] == [[c for c in CATEGORIES if c in s] for s in sets]
+    for active, (_, text) in list(zip(sets, answers))[::4]:  # batched with strangers, answered as if alone
+        assert text == stack.reference(_msgs(), active, max_tokens=8)
+    assert after["rows"] - before["rows"] == 32 and after["batches"] - before["batches"] < 32
+    assert after["mixed_batches"] > before["mixed_batches"]  # rows with different active sets shared a forward
+
+
+@pytest.mark.slow
+def test_live_module_swap_under_load_drops_nothing(stack):
+    pid = stack.get("/healthz", key=None).json()["pid"]
+    c = stack.client()
+    stop, seen, failures = threading.Event(), [], []
+
+    def load():
+        while not stop.is_set():
+            try:
+                r = c.chat.completions.create(model=stack.model, messages=_msgs(), max_tokens=4,
+                                              extra_body={"safety_modules": ["alcohol"]})  # fmt: skip
+                seen.append(r.model_extra["mosaic"]["module_versions"]["alcohol"])
+            except Exception as e:  # noqa: BLE001 - any failure fails the test below
+                failures.append(repr(e))
+
+    workers = [threading.Thread(target=load) for _ in range(4)]
+    for w in workers:
+        w.start()
+    try:
+        while len(seen) < 8 and not failures:
+            time.sleep(0.1)
+        pinned = [f"models:/mosaic.{stack.model}.{c}/2" for c in CATEGORIES]  # bank B, by explicit version
+        _deploy(_deploy_config(stack.args, {**stack.user_config, "modules": pinned}, stack.port))
+        deadline = time.monotonic() + 60
+        while stack.get("/v1/modules").json()["data"][0]["version"] != "2":
+            assert time.monotonic() < deadline, "the swap never happened"
+            time.sleep(0.2)
+        n = len(seen)
+        while len(seen) < n + 8 and not failures:
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(timeout=60)
+    assert not failures, failures[:3]
+    assert seen[0] == "1" and seen[-1] == "2" and set(seen) == {"1", "2"}
+    assert stack.get("/healthz", key=None).json()["pid"] == pid  # reconfigured in place, not restarted
+    r = c.chat.completions.create(model=stack.model, messages=_msgs(), max_tokens=12, extra_body={"safety_modules": ["alcohol"]})
+    assert r.choices[0].message.content == stack.reference(_msgs(), ["alcohol"], bank="B")
+    mods = stack.get("/v1/modules").json()
+    assert mods["last_error"] is None and {m["version"] for m in mods["data"]} == {"2"}
+
+    # A swap to modules that cannot be composed keeps serving the current ones and says why.
+    mixed = [f"models:/mosaic.{stack.model}.alcohol/1", f"models:/mosaic.{stack.model}.betting/2"]
+    _deploy(_deploy_config(stack.args, {**stack.user_config, "modules": mixed}, stack.port))
+    deadline = time.monotonic() + 60
+    while (mods := stack.get("/v1/modules").json())["last_error"] is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert "not trained together" in mods["last_error"] and {m["version"] for m in mods["data"]} == {"2"}
+    assert c.chat.completions.create(model=stack.model, messages=_msgs(), max_tokens=2).choices
+    # The operator fixes the config (a replica started from a broken one would refuse to start).
+    _deploy(_deploy_config(stack.args, {**stack.user_config, "modules": pinned}, stack.port))
+    while stack.get("/v1/modules").json()["last_error"] is not None:
+        assert time.monotonic() < deadline + 60
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_open_endpoint_and_full_queue_gives_429(stack):
+    import requests
+    from ray import serve
+
+    from pipelines.serve import build_app
+
+    # A local bank dir, no tenants (open), a backbone that holds one request and queues one more.
+    args = {"backbone": stack.args["backbone"], "bank_dir": str(stack.bank_dir), "threads": 1, "num_cpus": 0.5,
+            "max_batch_size": 1, "max_ongoing_requests": 1, "max_queued_requests": 1, "retry_after_s": 2,
+            "max_tokens_limit": 64, "default_max_tokens": 32}  # fmt: skip
+    serve.run(build_app(args), name="small", route_prefix="/small")
+    try:
+        c = stack.client(key="anything", prefix="/small")
+        r = c.chat.completions.create(model=stack.model, messages=_msgs(), max_tokens=12,
+                                      extra_body={"safety_modules": ["alcohol"]})  # fmt: skip
+        assert r.choices[0].message.content == stack.reference(_msgs(), ["alcohol"])  # same bank A, from disk
+        assert r.model_extra["mosaic"]["module_versions"]["alcohol"].startswith("local-")
+        assert requests.get(f"{stack.url}/small/v1/models", timeout=10).status_code == 200  # no key needed
+
+        def burst(_):
+            return requests.post(f"{stack.url}/small/v1/chat/completions", timeout=120,
+                                 json={"model": stack.model, "messages": _msgs(), "max_tokens": 64})  # fmt: skip
+
+        with ThreadPoolExecutor(max_workers=12) as pool:
+            responses = list(pool.map(burst, range(12)))
+        codes = sorted(r.status_code for r in responses)
+        assert set(codes) <= {200, 429} and 200 in codes and 429 in codes, codes
+        busy = next(r for r in responses if r.status_code == 429)
+        assert busy.headers["Retry-After"] == "2" and busy.json()["error"]["type"] == "rate_limit_error"
+    finally:
+        serve.delete("small")
+
+
+def _tree(pid):
+    """`pid` and all its descendants (this test process -> Ray's gcs/raylet/workers/replicas)."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), set()).add(int(stat.parent.name))
+    out, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        out.add(p)
+        todo += children.get(p, set()) - out
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("shutil").which("ss"), reason="needs ss")
+def test_nothing_listens_beyond_loopback(stack):
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+    ours = _tree(os.getpid())
+    rows = []
+    for line in out.splitlines():
+        pids = {int(p) for p in re.findall(r"pid=(\d+)", line)}
+        if pids & ours:
+            host, _, port = line.split()[3].rpartition(":")
+            rows.append((host, port, line))
+    assert str(stack.port) in {p for _, p, _ in rows}  # the check sees the stack (Serve's proxy at least)
+    assert len(rows) > 5
+    assert not [line for host, _, line in rows if host not in LOOPBACK]
+
+
+@pytest.mark.slow
+def test_a_killed_backbone_replica_comes_back(stack):
+    pid = stack.get("/healthz", key=None).json()["pid"]
+    os.kill(pid, signal.SIGKILL)  # a replica Ray started for this test; Serve must replace it
+    deadline = time.monotonic() + 120
+    while True:
+        h = stack.get("/healthz", key=None)
+        if h.status_code == 200 and h.json()["pid"] != pid:
+            break
+        assert h.status_code in (200, 503), h.text
+        assert time.monotonic() < deadline, "the backbone replica did not come back"
+        time.sleep(0.5)
+    r = stack.client().chat.completions.create(model=stack.model, messages=_msgs(), max_tokens=12,
+                                               extra_body={"safety_modules": ["alcohol"]})  # fmt: skip
+    # The new replica resolved the current user_config (bank B, version 2) from the registry.
+    assert r.model_extra["mosaic"]["module_versions"] == {"alcohol": "2"}
+    assert r.choices[0].message.content == stack.reference(_msgs(), ["alcohol"], bank="B")

@@ -55,3 +55,15 @@ def test_local_cluster_scripts_parse_and_bind_loopback(script):
     assert "pkill" not in text and "killall" not in text and "ray stop" not in text.replace("never `ray stop`", "")
     if script == "start.sh":
         assert "--dashboard-host 127.0.0.1" in text and "--host 127.0.0.1" in text and "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0" in text
+
+
+def test_rayservice_serve_config_validates_and_matches_the_app_builder():
+    from ray.serve.schema import ServeDeploySchema
+
+    svc = yaml.safe_load((CLUSTER / "kuberay" / "rayservice.yaml").read_text())
+    assert (svc["apiVersion"], svc["kind"]) == ("ray.io/v1", "RayService")
+    serve_cfg = ServeDeploySchema.model_validate(yaml.safe_load(svc["spec"]["serveConfigV2"]))
+    local = ServeDeploySchema.model_validate(yaml.safe_load((CLUSTER / "serve_config.yaml").read_text()))
+    assert serve_cfg.applications[0].import_path == local.applications[0].import_path == "pipelines.serve:build_app"
+    assert local.http_options.host == "127.0.0.1"  # the shipped local config never listens beyond loopback
+    assert {d.name for d in serve_cfg.applications[0].deployments} <= {d.name for d in local.applications[0].deployments}

@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast clean-venv
+.PHONY: setup demo train serve test test-fast clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,14 +16,28 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# Until the data/train stages land, the demo shows what exists: the frozen backbone, a bank of five
-# modules (initialised, NOT yet trained) and per-request composition through `mosaic chat`.
+XSTEST := $(wildcard ../shared/data/xstest/xstest_prompts.csv)
+BANK   := banks/smollm2-cpu
+
+# The main job on the embedded backbone. The full CPU recipe takes hours on 2 cores, so the demo runs every stage
+# with the quick recipe and then evaluates + registers the committed bank that `make train` reproduces.
 demo: setup
-	$(BIN)/mosaic bank init --out runs/demo/bank-untrained
-	@echo "--- no modules (the frozen base model) ---"
-	$(BIN)/mosaic chat "Which cocktail should I make for a summer party?" --max-new-tokens 48
-	@echo "--- modules alcohol+betting on (UNTRAINED bank: shows composition, not yet refusal) ---"
-	$(BIN)/mosaic chat "Which cocktail should I make for a summer party?" --modules alcohol,betting --bank runs/demo/bank-untrained --max-new-tokens 48
+	$(BIN)/mosaic run --config pipelines/configs/smollm2-quick.yaml $(if $(wildcard $(BANK)/manifest.json),--bank $(BANK)) $(if $(XSTEST),--xstest $(XSTEST))
+	@echo
+	@echo "Serve it (Ray Serve on 127.0.0.1:8000; Ctrl-C stops it):"
+	@echo "  $(BIN)/mosaic serve --bank runs/smollm2-quick/bank"
+	@echo "  # or from the registry: $(BIN)/mosaic modules promote alcohol 1 --alias production ...; $(BIN)/mosaic serve --modules alcohol,betting"
+	@echo "Call it:"
+	@echo "  curl -s 127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' -d '{\"model\": \"smollm2-135m-instruct\", \"messages\": [{\"role\": \"user\", \"content\": \"Which whisky should I try first?\"}], \"safety_profile\": \"minor\"}'"
+	@echo "  $(BIN)/python -c \"from openai import OpenAI; c = OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='none'); print(c.chat.completions.create(model='smollm2-135m-instruct', messages=[{'role': 'user', 'content': 'Which whisky should I try first?'}], extra_body={'safety_modules': ['alcohol']}).choices[0].message.content)\""
+
+# Reproduce the committed bank with the full CPU recipe (hours on 2 cores), then refresh banks/.
+train: setup
+	$(BIN)/mosaic run --config pipelines/configs/smollm2-cpu.yaml $(if $(XSTEST),--xstest $(XSTEST))
+	rm -rf $(BANK) && mkdir -p banks && cp -r runs/smollm2-cpu/bank $(BANK) && rm -f $(BANK)/registered.json
+
+serve: setup
+	$(BIN)/mosaic serve --bank $(BANK)
 
 test: setup
 	$(BIN)/python -m pytest

@@ -26,7 +26,6 @@ import itertools
 import json
 import math
 import random
-import sys
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, fields, replace

@@ -23,6 +23,7 @@ import yaml
 
 from mosaic_core.config import load_recipe
 from mosaic_core.errors import MosaicError
+from mosaic_core.metrics import Rate
 
 
 class StageFailed(MosaicError):
@@ -47,8 +48,7 @@ def results(run_dir: Path, timings: dict[str, float], bank_note: str | None) -> 
     lines.append(f"{'method':<11} {'order':>5}  {'DSR % [95% CI]':>18}  {'OR % [95% CI]':>18}  {'look-alike OR %':>18}")
     for cond, per in rep["per_order"]["fast"].items():
         for r, row in per.items():
-            cells = [row[g] for g in ("dsr", "or", "lookalike")]
-            fmt = [f"{100 * c['rate']:.1f} [{100 * c['ci95_low']:.0f}–{100 * c['ci95_high']:.0f}]" if c["n"] else "–" for c in cells]
+            fmt = [Rate(int(row[g]["k"]), int(row[g]["n"])).fmt() for g in ("dsr", "or", "lookalike")]
             lines.append(f"{cond:<11} {r:>5}  {fmt[0]:>18}  {fmt[1]:>18}  {fmt[2]:>18}")
     if rep.get("mmlu"):
         lines.append("MMLU: " + ", ".join(f"{k} {v:.3f}" for k, v in rep["mmlu"].items()))

@@ -74,9 +74,13 @@ class Batch:
     position_ids: torch.Tensor
     labels: torch.Tensor | None
     prompt_len: torch.Tensor
+    past_key_values: Any = None
+    """With a PrefixCache: the rows' cached `before` segments (left-padded to P); then attention_mask is
+    (B, P + L) and inputs_embeds/position_ids/labels cover the L positions after them."""
 
-    def model_inputs(self) -> dict[str, torch.Tensor]:
-        return {"inputs_embeds": self.inputs_embeds, "attention_mask": self.attention_mask, "position_ids": self.position_ids}
+    def model_inputs(self) -> dict[str, Any]:
+        out = {"inputs_embeds": self.inputs_embeds, "attention_mask": self.attention_mask, "position_ids": self.position_ids}
+        return out if self.past_key_values is None else {**out, "cache": self.past_key_values}
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -148,7 +152,101 @@ def encode_batch(
     placement: Placement,
     targets: Sequence[Sequence[int]] | None = None,
     system: str | None = None,
+    cache: PrefixCache | None = None,
 ) -> Batch:
-    """Template, split, embed and pad B prompts (strings or message lists) with their active sets."""
+    """Template, split, embed and pad B prompts (strings or message lists) with their active sets; with a
+    `cache`, the part before each control block comes from it as past key/values (see PrefixCache)."""
     rows = [encode_chat(tokenizer, as_messages(p, system), placement) for p in prompts]
-    return build_batch(embed, bank, rows, active, targets)
+    if cache is None:
+        return build_batch(embed, bank, rows, active, targets)
+    batch = build_batch(embed, bank, [Segments([], r.after) for r in rows], active, targets)
+    past, pmask = cache.get([r.before for r in rows])
+    n_before = pmask.sum(-1, keepdim=True)
+    batch.position_ids = positions_from_mask(batch.attention_mask) + n_before
+    batch.attention_mask = torch.cat([pmask, batch.attention_mask], 1)
+    batch.past_key_values, batch.prompt_len = past, batch.prompt_len + n_before.squeeze(-1).cpu()
+    return batch
+
+
+class PrefixCache:
+    """Key/value states of the token runs before rows' control blocks, computed once per distinct run.
+
+    Causal attention means nothing before a control block depends on the bank, so for a frozen backbone those
+    states are constants: with `before_assistant` placement that is the system prompt and the whole request,
+    about half of a training row. Computing them once (no grad) and reusing them every epoch removes that
+    share of each step. Not for ZeRO-3, whose per-module gathers are collective: ranks with different cache
+    misses would run different numbers of forwards.
+    """
+
+    def __init__(self, model: Any, max_entries: int = 4096, chunk: int = 16):
+        self.model, self.max_entries, self.chunk = model, max_entries, chunk
+        self.store: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.hits = self.misses = 0
+
+    @torch.no_grad()
+    def _fill(self, runs: list[tuple[int, ...]]) -> None:
+        device = self.model.get_input_embeddings().weight.device
+        for i in range(0, len(runs), self.chunk):
+            part = runs[i : i + self.chunk]
+            L = max(len(r) for r in part)
+            ids = torch.zeros(len(part), L, dtype=torch.long, device=device)
+            mask = torch.zeros(len(part), L, dtype=torch.long, device=device)
+            for j, r in enumerate(part):
+                ids[j, L - len(r) :], mask[j, L - len(r) :] = torch.tensor(r, device=device), 1
+            out = self.model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=True)
+            layers = [(lay.keys, lay.values) for lay in out.cache.layers]  # each (b, heads, L, hd)
+            for j, r in enumerate(part):
+                if len(self.store) >= self.max_entries:
+                    self.store.pop(next(iter(self.store)))  # oldest first: a bounded memory, not an LRU
+                self.store[r] = [(k[j, :, L - len(r) :].clone(), v[j, :, L - len(r) :].clone()) for k, v in layers]
+
+    def get(self, befores: Sequence[Sequence[int]]) -> tuple[Any, torch.Tensor]:
+        """(DynamicCache with (B, heads, P, hd) per layer, left-padded; mask (B, P)) for B token runs."""
+        from transformers import DynamicCache
+
+        keys = [tuple(b) for b in befores]
+        if any(not k for k in keys):
+            raise ValueError("PrefixCache needs a non-empty run before every control block")
+        missing = list(dict.fromkeys(k for k in keys if k not in self.store))
+        self.misses += len(missing)
+        self.hits += len(keys) - len(missing)
+        self._fill(missing)
+        entries = [self.store[k] for k in keys]
+        P = max(len(k) for k in keys)
+        k0 = entries[0][0][0]  # (heads, n, hd)
+        mask = torch.zeros(len(keys), P, dtype=torch.long, device=k0.device)
+        cache = DynamicCache()
+        for layer in range(len(entries[0])):
+            K = k0.new_zeros(len(keys), k0.shape[0], P, k0.shape[-1])
+            V = torch.zeros_like(K)
+            for j, e in enumerate(entries):
+                n = e[layer][0].shape[1]
+                K[j, :, P - n :], V[j, :, P - n :] = e[layer]
+            cache.update(K, V, layer)
+        for j, k in enumerate(keys):
+            mask[j, P - len(k) :] = 1
+        return cache, mask
+
+
+def answer_logits(model: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The LM head at the positions that predict each row's target tokens, and nowhere else.
+
+    Runs the decoder over the whole batch, then the output projection only where a target is predicted: on a
+    135M model with a 49k vocabulary the full (B, L, V) logits (and their float log-softmax) cost about a
+    fifth of a training step and are mostly thrown away. Assumes the causal LM's logits are
+    `get_output_embeddings()(last_hidden_state)` (true for Llama-family models: no logit soft-capping).
+
+    Args:
+        batch: a Batch with labels (targets at the end of each row).
+    Returns:
+        logits (B, T, V), targets (B, T) long, mask (B, T) long -- position t predicts target token t.
+    """
+    from mosaic_core.losses import answer_positions
+
+    assert batch.labels is not None, "answer_logits needs a batch built with targets"
+    hidden = model.get_decoder()(**batch.model_inputs()).last_hidden_state  # (B, L, d)
+    T = int((batch.labels != -100).sum(-1).max().clamp_min(1))
+    idx, mask = answer_positions(batch.labels, T)  # (B, T): the position whose output predicts target t
+    h = hidden.gather(1, idx[..., None].expand(-1, -1, hidden.shape[-1]))
+    targets = batch.labels.gather(1, (idx + 1).clamp(max=batch.labels.shape[1] - 1)).masked_fill(mask == 0, -100)
+    return model.get_output_embeddings()(h), targets, mask

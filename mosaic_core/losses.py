@@ -1,8 +1,10 @@
-"""MOSAIC losses.
+"""MOSAIC losses, on answer-aligned tensors: position t of a row is the model's prediction of its t-th target
+token (see `mosaic_core.compose.answer_logits`, which computes the LM head at those positions only).
 
 Positives: cross-entropy on the refusal template. Negatives: cross-entropy on the frozen model's own answer
 + lambda * forward KL(teacher || student) at every answer position, where the teacher is stored as its top-k
-log-probs and the remaining mass is one tail bucket (so k+1 outcomes, exact in the limit k = V)."""
+log-probs and the remaining mass is one tail bucket (so k+1 outcomes, exact in the limit k = V). Optionally a
+binary CE on the probability of starting the refusal (`decision_bce`)."""
 
 from __future__ import annotations
 
@@ -10,22 +12,16 @@ import torch
 import torch.nn.functional as F
 
 
-def shift(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Align next-token predictions with targets: logits (B, L, V), labels (B, L) -> (B, L-1, V), (B, L-1)."""
-    return logits[:, :-1], labels[:, 1:]
-
-
-def token_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-row mean cross-entropy over labelled positions (labels != -100).
+def masked_ce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-row mean cross-entropy over real positions.
 
     Args:
-        logits: (B, L, V) unshifted model logits; labels: (B, L) with -100 where no target.
+        logits: (B, T, V) answer-aligned; targets: (B, T) token ids; mask: (B, T) 1 where the position is real.
     Returns:
-        (B,) mean CE of each row (0 for a row with no labels).
+        (B,) mean CE of each row (0 for a row with no real position).
     """
-    lg, lb = shift(logits, labels)
-    ce = F.cross_entropy(lg.float().transpose(1, 2), lb.clamp_min(0), reduction="none")  # (B, L-1)
-    m = (lb != -100).float()
+    ce = F.cross_entropy(logits.float().transpose(1, 2), targets.clamp_min(0), reduction="none")  # (B, T)
+    m = mask.float()
     return (ce * m).sum(-1) / m.sum(-1).clamp_min(1.0)
 
 
@@ -74,7 +70,8 @@ def answer_positions(labels: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.
 
 def negative_loss(
     logits: torch.Tensor,
-    labels: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
     topk_ids: torch.Tensor,
     topk_logprobs: torch.Tensor,
     kl_lambda: float,
@@ -82,15 +79,25 @@ def negative_loss(
     """CE on the teacher's answer + lambda * KL to its top-k distribution, per row.
 
     Args:
-        logits: (B, L, V); labels: (B, L) = teacher answer ids at the end of each row, -100 elsewhere.
-        topk_ids / topk_logprobs: (B, T, k), the teacher's distribution at each of the T answer positions
-            (position t predicts answer token t), zero-padded beyond a row's answer length.
+        logits: (B, T, V) answer-aligned; targets, mask: (B, T) the teacher's answer ids and real positions.
+        topk_ids / topk_logprobs: (B, Tk, k), Tk <= T, the teacher's distribution at each answer position,
+            zero-padded beyond a row's answer length.
     Returns:
         (loss (B,), ce (B,), kl (B,)).
     """
-    T = topk_ids.shape[1]
-    idx, mask = answer_positions(labels, T)
-    student = logits.gather(1, idx[..., None].expand(-1, -1, logits.shape[-1]))  # (B, T, V)
-    ce = token_ce(logits, labels)
-    kl = topk_tail_kl(student, topk_ids, topk_logprobs, mask)
+    Tk = topk_ids.shape[1]
+    ce = masked_ce(logits, targets, mask)
+    kl = topk_tail_kl(logits[:, :Tk], topk_ids, topk_logprobs, mask[:, :Tk])
     return ce + kl_lambda * kl, ce, kl
+
+
+def decision_bce(score: torch.Tensor, refuse: torch.Tensor) -> torch.Tensor:
+    """Binary CE of p = exp(score) against whether the row should refuse.
+
+    Args:
+        score: (B,) mean log-probs (<= 0) of the refusal's first tokens; refuse: (B,) bool.
+    Returns:
+        (B,) -log p where refuse, -log(1 - p) elsewhere.
+    """
+    s = score.clamp(max=-1e-6)  # log(1 - p) is -inf at p = 1
+    return torch.where(refuse, -s, -torch.log(-torch.expm1(s)))

@@ -12,8 +12,9 @@ from typing import Any
 import torch
 
 from mosaic_core.bank import ControlTokenBank
-from mosaic_core.compose import encode_batch
+from mosaic_core.compose import PrefixCache, answer_logits, encode_batch
 from mosaic_core.config import Placement
+from mosaic_core.losses import masked_ce
 
 LETTERS = ("A", "B", "C", "D")
 
@@ -22,18 +23,17 @@ LETTERS = ("A", "B", "C", "D")
 def refusal_logprob(
     model: Any, tokenizer: Any, bank: ControlTokenBank | None, prompts: Sequence[str],
     active: Sequence[Sequence[str]], placement: Placement, refusal_ids: Sequence[int], n_tokens: int = 4,
-    system: str | None = None,
+    system: str | None = None, cache: PrefixCache | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Mean log-prob of the refusal's first `n_tokens` tokens right after each prompt, shape (B,).
 
-    exp() of it is the per-token probability of starting the refusal: > 0.5 means the model would refuse."""
+    exp() of it is the per-token probability of starting the refusal: > 0.5 means the model would refuse.
+    `cache` serves the runs before the control blocks (same scores; evaluation scores each request under
+    many active sets)."""
     tgt = list(refusal_ids[:n_tokens])
-    batch = encode_batch(tokenizer, model.get_input_embeddings(), bank, prompts, active, placement, [tgt] * len(prompts), system)
-    logits = model(**batch.model_inputs()).logits  # (B, L, V)
-    n = len(tgt)
-    logp = torch.log_softmax(logits[:, -n - 1 : -1].float(), -1)  # positions predicting the n target tokens
-    index = torch.tensor(tgt, device=logp.device)[None, :, None].expand(len(prompts), -1, 1)
-    return logp.gather(-1, index).squeeze(-1).mean(-1)
+    batch = encode_batch(tokenizer, model.get_input_embeddings(), bank, prompts, active, placement, [tgt] * len(prompts), system, cache)
+    logits, targets, mask = answer_logits(model, batch)  # (B, n, V): the head only where the refusal is predicted
+    return -masked_ce(logits, targets, mask)
 
 
 @dataclass(frozen=True)

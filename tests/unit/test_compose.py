@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from mosaic_core.bank import ControlTokenBank
-from mosaic_core.compose import as_messages, encode_batch, encode_chat
+from mosaic_core.compose import PrefixCache, answer_logits, as_messages, encode_batch, encode_chat
 from mosaic_core.config import BankConfig
 
 CATS = ("alcohol", "betting", "horror")
@@ -84,3 +84,38 @@ def test_only_bank_parameters_get_gradients(tiny_backbone, bank):
     loss.backward()
     assert all(p.grad is None for p in tiny_backbone.model.parameters())
     assert all(bank.vectors[c].grad is not None and bank.vectors[c].grad.abs().sum() > 0 for c in CATS)
+
+
+def test_answer_logits_equal_the_full_logits_at_target_positions(tiny_backbone, bank):
+    tgt = [[5, 6, 7], [8], [9, 10]]
+    batch, full = _logits(tiny_backbone, bank, PROMPTS, [["alcohol"], [], ["betting", "horror"]], "before_assistant", tgt)
+    logits, targets, mask = answer_logits(tiny_backbone.model, batch)
+    assert logits.shape[:2] == targets.shape == mask.shape == (3, 3)
+    L = full.shape[1]
+    for i, t in enumerate(tgt):
+        n = len(t)
+        assert mask[i].tolist() == [1] * n + [0] * (3 - n) and targets[i, :n].tolist() == t
+        assert torch.allclose(logits[i, :n], full[i, L - n - 1 : L - 1], atol=1e-5)  # position j predicts token j+1
+
+
+def test_prefix_cache_gives_the_same_answer_logits_and_reuses_runs(tiny_backbone, bank):
+    bb, tgt = tiny_backbone, [[5, 6, 7], [8], [9, 10]]
+    act = [["alcohol"], [], ["betting", "horror"]]
+    embed = bb.model.get_input_embeddings()
+    plain = encode_batch(bb.tokenizer, embed, bank, PROMPTS, act, "before_assistant", tgt)
+    cache = PrefixCache(bb.model)
+    cached = encode_batch(bb.tokenizer, embed, bank, PROMPTS, act, "before_assistant", tgt, cache=cache)
+    want, t0, m0 = answer_logits(bb.model, plain)
+    got, t1, m1 = answer_logits(bb.model, cached)
+    assert torch.equal(t0, t1) and torch.equal(m0, m1)
+    real = m0.bool()  # padded slots point at an arbitrary position: only real ones must agree
+    assert torch.allclose(got[real], want[real], atol=1e-4)
+    assert (cache.misses, cache.hits) == (3, 0)
+    # the same prompts with other active sets hit the cache, and gradients still reach the bank
+    bank.zero_grad()
+    again = encode_batch(bb.tokenizer, embed, bank, PROMPTS, [["horror"], ["alcohol"], []], "before_assistant", tgt, cache=cache)
+    logits, targets, mask = answer_logits(bb.model, again)
+    assert (cache.misses, cache.hits) == (3, 3)
+    torch.nn.functional.cross_entropy(logits[mask.bool()], targets[mask.bool()]).backward()
+    assert bank.vectors["horror"].grad.abs().sum() > 0 and bank.vectors["alcohol"].grad.abs().sum() > 0
+    assert all(p.grad is None for p in bb.model.parameters())

@@ -1,6 +1,6 @@
 import torch
 
-from mosaic_core.losses import answer_positions, negative_loss, token_ce, topk_tail_kl
+from mosaic_core.losses import answer_positions, decision_bce, masked_ce, negative_loss, topk_tail_kl
 
 
 def _bucketed_kl_bruteforce(t_logits, s_logits, k):
@@ -49,26 +49,39 @@ def test_masked_positions_do_not_count():
     assert torch.allclose(topk_tail_kl(s, ids, lp, m), topk_tail_kl(s[:, :2], ids[:, :2], lp[:, :2], m[:, :2]))
 
 
-def test_token_ce_per_row():
+def test_masked_ce_per_row():
     torch.manual_seed(3)
-    logits = torch.randn(2, 6, 11)
-    labels = torch.tensor([[-100, -100, -100, 4, 5, 6], [-100, -100, -100, -100, -100, 7]])
-    ce = token_ce(logits, labels)
-    ref0 = torch.nn.functional.cross_entropy(logits[0, 2:5], labels[0, 3:])
-    ref1 = torch.nn.functional.cross_entropy(logits[1, 4:5], labels[1, 5:])
+    logits = torch.randn(2, 3, 11)
+    targets = torch.tensor([[4, 5, 6], [7, -100, -100]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    ce = masked_ce(logits, targets, mask)
+    ref0 = torch.nn.functional.cross_entropy(logits[0], targets[0])
+    ref1 = torch.nn.functional.cross_entropy(logits[1, :1], targets[1, :1])
     assert torch.allclose(ce, torch.stack([ref0, ref1]), atol=1e-6)
 
 
-def test_negative_loss_aligns_teacher_positions_with_left_padded_labels():
-    torch.manual_seed(4)
-    V = 13
-    logits = torch.randn(2, 7, V)
+def test_answer_positions_with_left_padded_labels():
     labels = torch.tensor([[-100, -100, -100, -100, 3, 4, 5], [-100, -100, -100, -100, -100, -100, 9]])
     idx, mask = answer_positions(labels, 3)
     assert idx.tolist() == [[3, 4, 5], [5, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
-    # a teacher equal to the student at exactly those positions gives zero KL
-    tl = torch.log_softmax(logits, -1)
-    t_lp = torch.stack([tl[0, 3:6], torch.cat([tl[1, 5:6], tl[1, :2]])])
-    lp, ids = t_lp.topk(4, -1)
-    loss, ce, kl = negative_loss(logits, labels, ids, lp, kl_lambda=1.0)
-    assert kl.abs().max() < 1e-5 and torch.allclose(loss, ce)
+
+
+def test_negative_loss_is_ce_when_the_student_is_the_teacher():
+    torch.manual_seed(4)
+    logits = torch.randn(2, 3, 13)
+    targets, mask = torch.tensor([[3, 4, 5], [9, -100, -100]]), torch.tensor([[1, 1, 1], [1, 0, 0]])
+    lp, ids = torch.log_softmax(logits, -1).topk(4, -1)
+    loss, ce, kl = negative_loss(logits, targets, mask, ids, lp, kl_lambda=1.0)
+    assert kl.abs().max() < 1e-5 and torch.allclose(loss, ce) and torch.allclose(ce, masked_ce(logits, targets, mask))
+    # a shorter teacher (Tk < T) only covers its own positions
+    _, _, kl2 = negative_loss(logits + torch.randn_like(logits), targets, mask, ids[:, :1], lp[:, :1], kl_lambda=1.0)
+    assert torch.isfinite(kl2).all() and (kl2 > 0).all()
+
+
+def test_decision_bce_is_binary_ce_of_exp_score():
+    p = torch.tensor([0.9, 0.2, 0.9, 0.2])
+    refuse = torch.tensor([True, True, False, False])
+    got = decision_bce(p.log(), refuse)
+    want = torch.nn.functional.binary_cross_entropy(p, refuse.float(), reduction="none")
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.isfinite(decision_bce(torch.zeros(1), torch.tensor([False]))).all()  # p = 1 clamps, no inf

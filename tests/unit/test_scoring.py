@@ -16,6 +16,21 @@ def test_refusal_logprob_equals_teacher_forced_mean(tiny_backbone):
     assert torch.allclose(lp[0], logp.gather(-1, torch.tensor(ids[:3])[:, None]).mean(), atol=1e-5)
 
 
+def test_refusal_logprob_with_a_prefix_cache_is_unchanged(tiny_backbone):
+    from mosaic_core.bank import ControlTokenBank
+    from mosaic_core.compose import PrefixCache
+    from mosaic_core.config import BankConfig
+
+    bb = tiny_backbone
+    bank = ControlTokenBank.build(BankConfig(categories=("alcohol", "betting"), m=2, init="normal", seed=3), bb.embeddings)
+    ids = bb.tokenizer("I'm sorry, but", add_special_tokens=False).input_ids
+    prompts, active = ["hello", "a longer question here", "hello"], [["alcohol"], [], ["alcohol", "betting"]]
+    plain = refusal_logprob(bb.model, bb.tokenizer, bank, prompts, active, "before_assistant", ids)
+    cache = PrefixCache(bb.model)
+    cached = refusal_logprob(bb.model, bb.tokenizer, bank, prompts, active, "before_assistant", ids, cache=cache)
+    assert torch.allclose(plain, cached, atol=1e-5) and (cache.misses, cache.hits) == (2, 1)
+
+
 def test_mmlu_scoring_on_a_tiny_file(tmp_path, tiny_backbone):
     rows = [{"id": f"q{i}", "subject": "biology", "question": f"Question {i}?", "choices": ["a", "b", "c", "d"], "answer": i % 4}
             for i in range(6)]  # fmt: skip

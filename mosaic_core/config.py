@@ -115,9 +115,25 @@ class LossConfig:
     """Weight of the forward KL(teacher || student) on negatives (the paper: 1.0; 0.8-1.2 best)."""
     topk: int = 16
     """Teacher log-probs kept per response position; the rest of the mass is one tail bucket."""
+    decision_weight: float = 0.0
+    """Weight of the refusal-decision loss (beyond the paper; 0 = the paper's loss): binary CE on the
+    probability of starting the refusal, p = exp(mean log-prob of its first `decision_tokens` tokens) --
+    the fast score of evaluation. Positives push p up, negatives (one extra short probe row each) push it
+    down. It puts the weight on where the refusal is decided instead of spreading it over every token."""
+    decision_tokens: int = 4
+    """Refusal tokens the decision probability covers (evaluation's fast score uses 4)."""
+    max_answer_tokens: int = 0
+    """Train negatives on the teacher answer's first N tokens only (0 = all of them): CPU recipes trade the
+    tail of the answer for steps, since the refusal is decided in the first tokens."""
 
     def __post_init__(self) -> None:
         problems = []
+        if not 0 <= self.decision_weight <= 100:
+            problems.append(f"decision_weight: {self.decision_weight} must be in [0, 100]")
+        if not 1 <= self.decision_tokens <= 64:
+            problems.append(f"decision_tokens: {self.decision_tokens} must be in 1..64")
+        if self.max_answer_tokens < 0:
+            problems.append(f"max_answer_tokens: {self.max_answer_tokens} must be >= 0 (0 = no cut)")
         if not self.refusal_template.strip():
             problems.append("refusal_template: must not be empty")
         if not 0 <= self.kl_lambda <= 100:

@@ -2,7 +2,9 @@
 Train + DeepSpeed worker and the benchmarks both call it).
 
 Positives (label `pos`): CE on the refusal template (+ EOS). Negatives (`neg`): CE on the teacher's answer +
-lambda * KL(teacher || student) at every answer position (top-k + tail bucket)."""
+lambda * KL(teacher || student) at every answer position (top-k + tail bucket). With `decision_weight` > 0, every
+row also gets a binary CE on the probability of starting the refusal (negatives through one short probe row
+each: prompt + tokens + the refusal's first tokens)."""
 
 from __future__ import annotations
 
@@ -12,9 +14,9 @@ from typing import Any
 import torch
 
 from mosaic_core.bank import ControlTokenBank
-from mosaic_core.compose import encode_batch
+from mosaic_core.compose import PrefixCache, answer_logits, encode_batch
 from mosaic_core.config import LossConfig, Placement
-from mosaic_core.losses import negative_loss, token_ce
+from mosaic_core.losses import decision_bce, masked_ce, negative_loss
 
 
 def refusal_target(tokenizer: Any, template: str) -> list[int]:
@@ -32,33 +34,57 @@ def _padded(rows: Sequence[Sequence[Sequence[float]]], k: int, dtype: torch.dtyp
     return out
 
 
+def _cut(e: dict[str, Any], n: int) -> dict[str, Any]:
+    """A negative with its teacher answer cut to the first n tokens (n = 0: unchanged)."""
+    if not n or e["label"] == "pos" or len(e["response_ids"]) <= n:
+        return e
+    return {**e, "response_ids": e["response_ids"][:n], "topk_ids": e["topk_ids"][:n], "topk_logprobs": e["topk_logprobs"][:n]}
+
+
 def batch_loss(
     model: Any, tokenizer: Any, bank: ControlTokenBank, examples: Sequence[dict[str, Any]], refusal_ids: Sequence[int],
-    loss_cfg: LossConfig, placement: Placement | None = None,
+    loss_cfg: LossConfig, placement: Placement | None = None, cache: PrefixCache | None = None,
 ) -> dict[str, torch.Tensor]:  # fmt: skip
     """Loss of B examples: dicts with prompt, active, label, and for negatives the teacher's response_ids,
     topk_ids, topk_logprobs. Returns `loss` (scalar, mean over rows) and detached `pos_ce`, `neg_ce`, `kl`,
-    `tokens` for logging."""
+    `decision` (mean decision BCE, 0 when off), `tokens` (the rows' real tokens, cached or
+    not) for logging. `cache` serves the runs before the control blocks (identical results, less compute)."""
     placement = placement or bank.placement  # type: ignore[assignment]
+    examples = [_cut(e, loss_cfg.max_answer_tokens) for e in examples]
     targets = [list(refusal_ids) if e["label"] == "pos" else list(e["response_ids"]) for e in examples]
     batch = encode_batch(tokenizer, model.get_input_embeddings(), bank, [e["prompt"] for e in examples],
-                         [list(e["active"]) for e in examples], placement, targets)  # type: ignore[arg-type]  # fmt: skip
-    logits = model(**batch.model_inputs()).logits
+                         [list(e["active"]) for e in examples], placement, targets, cache=cache)  # type: ignore[arg-type]  # fmt: skip
+    logits, tgt, mask = answer_logits(model, batch)  # (B, T, V), (B, T), (B, T)
     is_pos = torch.tensor([e["label"] == "pos" for e in examples])
     per_row = torch.zeros(len(examples), device=logits.device)
-    stats = {"pos_ce": torch.tensor(0.0), "neg_ce": torch.tensor(0.0), "kl": torch.tensor(0.0)}
+    stats = {"pos_ce": torch.tensor(0.0), "neg_ce": torch.tensor(0.0), "kl": torch.tensor(0.0), "decision": torch.tensor(0.0)}
+    tokens = batch.attention_mask.sum().detach()  # the rows' real tokens, cached or not
+    decide, n_dec = loss_cfg.decision_weight > 0, loss_cfg.decision_tokens
+    dec = torch.zeros(len(examples), device=logits.device)
     if is_pos.any():
         idx = is_pos.nonzero().squeeze(-1)
-        ce = token_ce(logits[idx], batch.labels[idx])
+        ce = masked_ce(logits[idx], tgt[idx], mask[idx])
         per_row = per_row.index_put((idx,), ce)
         stats["pos_ce"] = ce.detach().mean()
+        if decide:  # -log p(refusal's first n tokens) = their mean CE
+            dec = dec.index_put((idx,), masked_ce(logits[idx, :n_dec], tgt[idx, :n_dec], mask[idx, :n_dec]))
     if (~is_pos).any():
         idx = (~is_pos).nonzero().squeeze(-1)
         neg = [examples[i] for i in idx.tolist()]
         k = len(neg[0]["topk_ids"][0])
         top_ids = _padded([e["topk_ids"] for e in neg], k, torch.long).to(logits.device)
         top_lp = _padded([e["topk_logprobs"] for e in neg], k, torch.float32).to(logits.device)
-        loss, ce, kl = negative_loss(logits[idx], batch.labels[idx], top_ids, top_lp, loss_cfg.kl_lambda)
+        loss, ce, kl = negative_loss(logits[idx], tgt[idx], mask[idx], top_ids, top_lp, loss_cfg.kl_lambda)
         per_row = per_row.index_put((idx,), loss)
         stats["neg_ce"], stats["kl"] = ce.detach().mean(), kl.detach().mean()
-    return {"loss": per_row.mean(), **stats, "tokens": batch.attention_mask.sum().detach()}
+        if decide:  # the probe rows: same context, the refusal's first tokens as the continuation to score
+            probe = encode_batch(tokenizer, model.get_input_embeddings(), bank, [e["prompt"] for e in neg],
+                                 [list(e["active"]) for e in neg], placement, [list(refusal_ids[:n_dec])] * len(neg), cache=cache)  # type: ignore[arg-type]  # fmt: skip
+            p_logits, p_tgt, p_mask = answer_logits(model, probe)
+            score = -masked_ce(p_logits, p_tgt, p_mask)
+            dec = dec.index_put((idx,), decision_bce(score, torch.zeros_like(idx, dtype=torch.bool)))
+            tokens = tokens + probe.attention_mask.sum().detach()
+    if decide:
+        per_row = per_row + loss_cfg.decision_weight * dec
+        stats["decision"] = dec.detach().mean()
+    return {"loss": per_row.mean(), **stats, "tokens": tokens}

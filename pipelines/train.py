@@ -131,13 +131,13 @@ def build_bank(recipe: Any, bb: Any, extend: dict[str, Any] | None) -> Any:
 class BankTrainingModule(nn.Module):
     """Frozen backbone + bank as one module, so DeepSpeed (ZeRO-3 hooks included) sees every forward.
 
-    forward(examples) -> batch_loss dict (loss, pos_ce, neg_ce, kl, tokens);
+    forward(examples) -> batch_loss dict (loss, pos_ce, neg_ce, kl, decision, tokens);
     forward(examples, mode="refusal") -> (B,) teacher-forced refusal log-prob (validation)."""
 
-    def __init__(self, model: Any, tokenizer: Any, bank: Any, refusal_ids: list[int], loss_cfg: Any):
+    def __init__(self, model: Any, tokenizer: Any, bank: Any, refusal_ids: list[int], loss_cfg: Any, cache: Any = None):
         super().__init__()
         self.backbone, self.bank = model, bank
-        self.tokenizer, self.refusal_ids, self.loss_cfg = tokenizer, refusal_ids, loss_cfg
+        self.tokenizer, self.refusal_ids, self.loss_cfg, self.cache = tokenizer, refusal_ids, loss_cfg, cache
 
     def train(self, mode: bool = True) -> BankTrainingModule:
         super().train(mode)
@@ -151,7 +151,7 @@ class BankTrainingModule(nn.Module):
         if mode == "refusal":
             return refusal_logprob(self.backbone, self.tokenizer, self.bank, [e["prompt"] for e in examples],
                                    [list(e["active"]) for e in examples], self.bank.placement, self.refusal_ids)  # fmt: skip
-        out = batch_loss(self.backbone, self.tokenizer, self.bank, examples, self.refusal_ids, self.loss_cfg)
+        out = batch_loss(self.backbone, self.tokenizer, self.bank, examples, self.refusal_ids, self.loss_cfg, cache=self.cache)
         # Every trainable vector must get a gradient on every rank, even when no row of this micro-batch
         # activates its category: ZeRO reduces gradients per parameter as they become ready, and ranks that
         # reduce different sets of parameters desynchronise (gloo: "op.preamble.length <= op.nbytes").
@@ -172,29 +172,31 @@ def _gathered_bank_state(bank: Any) -> dict[str, torch.Tensor]:
 
 
 def _validate(engine: Any, val: list[dict[str, Any]], rank: int, world: int, device: torch.device) -> dict[str, float]:
-    """Mean refusal probability on val positives / negatives. Every rank scores its share (padded with
-    weight-0 rows so all ranks run the same number of forwards: ZeRO-3 gathers are collective)."""
+    """Refusal on val positives / negatives: mean teacher-forced probability of starting the refusal, and the
+    share above 0.5 (the fast DSR / OR estimate). `val_gap` = DSR - OR is what picks the best epoch. Every rank
+    scores its share (padded with weight-0 rows so all ranks run the same number of forwards: ZeRO-3 gathers
+    are collective)."""
     import torch.distributed as dist
 
     per = math.ceil(len(val) / world)
     mine = val[rank::world]
     rows = mine + [val[0]] * (per - len(mine))
     weights = [1.0] * len(mine) + [0.0] * (per - len(mine))
-    sums = torch.zeros(4, dtype=torch.float64)  # pos_sum, pos_n, neg_sum, neg_n
+    sums = torch.zeros(6, dtype=torch.float64)  # pos: sum p, sum [p > .5], n; neg: the same
     with torch.no_grad():
         for i in range(0, per, VAL_BATCH):
             chunk = rows[i : i + VAL_BATCH]
             p = engine(chunk, mode="refusal").exp().double().cpu()
             for e, w, pi in zip(chunk, weights[i : i + VAL_BATCH], p.tolist(), strict=True):
-                j = 0 if e["label"] == "pos" else 2
-                sums[j] += w * pi
-                sums[j + 1] += w
+                j = 0 if e["label"] == "pos" else 3
+                sums[j : j + 3] += torch.tensor([w * pi, w * (pi > 0.5), w], dtype=torch.float64)
     sums = sums.to(device)  # nccl reduces device tensors only
     dist.all_reduce(sums)
-    sums = sums.cpu()
-    pos = (sums[0] / sums[1]).item() if sums[1] else float("nan")
-    neg = (sums[2] / sums[3]).item() if sums[3] else float("nan")
-    return {"val_refusal_pos": pos, "val_refusal_neg": neg, "val_gap": pos - neg}
+    s = sums.cpu().tolist()
+    nan = float("nan")
+    pos, dsr = (s[0] / s[2], s[1] / s[2]) if s[2] else (nan, nan)
+    neg, over = (s[3] / s[5], s[4] / s[5]) if s[5] else (nan, nan)
+    return {"val_refusal_pos": pos, "val_refusal_neg": neg, "val_dsr": dsr, "val_or": over, "val_gap": dsr - over}
 
 
 # ------------------------------------------------------------------------------------------ worker loop
@@ -209,6 +211,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from ray.train import Checkpoint
 
     from mosaic_core.backbone import fingerprint, load_backbone
+    from mosaic_core.compose import PrefixCache
     from mosaic_core.config import recipe_from_dict
     from mosaic_core.training import refusal_target
 
@@ -226,7 +229,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     fp0 = bb.fingerprint
     bank = build_bank(recipe, bb, config["extend"]).to(device)
     refusal_ids = refusal_target(bb.tokenizer, recipe.loss.refusal_template)
-    module = BankTrainingModule(bb.model, bb.tokenizer, bank, refusal_ids, recipe.loss)
+    # The request's key/values do not depend on the bank (it comes after them): compute them once per prompt.
+    # Not under ZeRO-3, whose gathers are collective (ranks with different cache misses would desynchronise).
+    cache = PrefixCache(bb.model) if bank.placement == "before_assistant" and stage != 3 else None
+    module = BankTrainingModule(bb.model, bb.tokenizer, bank, refusal_ids, recipe.loss, cache)
     params = [p for p in bank.parameters() if p.requires_grad]
     if stage == 3:  # the bank is read outside its own forward: let the wrapper's hooks gather it
         for p in bank.parameters():
@@ -290,12 +296,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if config.get("_fail_at_step") == step and rank == world - 1 and not os.path.exists(config["_fail_marker"]):
                 Path(config["_fail_marker"]).write_text(f"killed rank {rank} at step {step}\n")  # fail once (tests)
                 os.kill(os.getpid(), 9)
-            stats = torch.stack([out[k].detach().float().to(device) for k in ("loss", "pos_ce", "neg_ce", "kl", "tokens")])
+            keys = ("loss", "pos_ce", "neg_ce", "kl", "decision")
+            stats = torch.stack([out[k].detach().float().to(device) for k in (*keys, "tokens")])
             dist.all_reduce(stats)
             stats = stats.cpu()
             t1 = time.perf_counter()
-            m = {"loss": stats[0].item() / world, "pos_ce": stats[1].item() / world, "neg_ce": stats[2].item() / world,
-                 "kl": stats[3].item() / world, "tokens_per_s": stats[4].item() / (t1 - t0), "step_s": t1 - t0}  # fmt: skip
+            m = {**{k: stats[i].item() / world for i, k in enumerate(keys)},
+                 "tokens_per_s": stats[-1].item() / (t1 - t0), "step_s": t1 - t0}  # fmt: skip
             log(m, step)
             ray.train.report({**m, "step": step, "epoch": epoch})
             t0 = time.perf_counter()
@@ -524,7 +531,8 @@ def main(
     sps = summary["steps_per_s"]
     print(f"[train] {state['step']} steps in {wall:.1f} s ({sps or 0:.2f} steps/s in the last attempt, validation and "
           f"checkpoints included); val refusal pos {v.get('val_refusal_pos', float('nan')):.3f} "
-          f"neg {v.get('val_refusal_neg', float('nan')):.3f} gap {v.get('val_gap', float('nan')):.3f} (last epoch); "
+          f"neg {v.get('val_refusal_neg', float('nan')):.3f}, DSR {v.get('val_dsr', float('nan')):.2f} "
+          f"OR {v.get('val_or', float('nan')):.2f} (last epoch); "
           f"bank from epoch {state['best_epoch']} -> {run / 'bank'}")  # fmt: skip
     return summary
 

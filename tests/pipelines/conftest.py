@@ -36,6 +36,12 @@ def write_tiny_bench(out: Path, cats=("alcohol", "betting", "horror"), per=(4, 2
     return out
 
 
+def write_tiny_mmlu(path: Path, n: int = 2) -> Path:
+    path.write_text("".join(json.dumps({"id": f"q{i}", "subject": "x", "question": f"Q{i}?", "choices": list("abcd"), "answer": 1}) + "\n"
+                            for i in range(n)))  # fmt: skip
+    return path
+
+
 def write_tiny_recipe(path: Path, backbone: Path, bench: Path, **sections) -> Path:
     import yaml
 
@@ -43,7 +49,7 @@ def write_tiny_recipe(path: Path, backbone: Path, bench: Path, **sections) -> Pa
         "name": "tiny", "backbone": str(backbone), "benchmark": str(bench),
         "bank": {"categories": ["alcohol", "betting", "horror"], "m": 2},
         "sampler": {"per_subset": 4, "max_order": 2}, "teacher": {"max_new_tokens": 4, "batch_size": 8},
-        "loss": {"topk": 4}, "train": {"epochs": 1, "batch_size": 4, "num_workers": 2},
+        "loss": {"topk": 4, "decision_weight": 1.0, "max_answer_tokens": 3}, "train": {"epochs": 1, "batch_size": 4, "num_workers": 2},
     }  # fmt: skip
     for k, v in sections.items():
         rec[k] = {**rec.get(k, {}), **v} if isinstance(v, dict) else v

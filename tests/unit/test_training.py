@@ -46,3 +46,22 @@ def test_loss_trains_only_the_bank_and_goes_down(tiny_tok):
         first = first if first is not None else {k: float(v) for k, v in out.items()}
     assert float(out["pos_ce"]) < 0.9 * first["pos_ce"]  # measured: 8.19 -> 6.9 in 40 steps
     assert float(out["loss"]) < first["loss"] and torch.isfinite(out["kl"]) and out["tokens"] > 0
+
+
+def test_decision_loss_and_prefix_cache(tiny_backbone):
+    from mosaic_core.compose import PrefixCache
+
+    bb = tiny_backbone
+    bank = ControlTokenBank.build(BankConfig(categories=("alcohol", "betting"), m=2, init="normal", seed=2), bb.embeddings)
+    ex, refusal = _examples(bb), refusal_target(bb.tokenizer, "I'm sorry, but I can't help with that.")
+    paper = batch_loss(bb.model, bb.tokenizer, bank, ex, refusal, LossConfig())
+    cfg = LossConfig(decision_weight=2.0, decision_tokens=3, max_answer_tokens=2)
+    plain = batch_loss(bb.model, bb.tokenizer, bank, ex, refusal, cfg)
+    cached = batch_loss(bb.model, bb.tokenizer, bank, ex, refusal, cfg, cache=PrefixCache(bb.model))
+    assert paper["decision"] == 0 and plain["decision"] > 0
+    # the probe rows (one per negative) add tokens; the decision term adds to the loss with its weight
+    assert plain["tokens"] > paper["tokens"] and plain["tokens"] == cached["tokens"]
+    for k in ("loss", "pos_ce", "neg_ce", "kl", "decision"):
+        assert torch.allclose(plain[k], cached[k], atol=1e-4), k
+    cut = batch_loss(bb.model, bb.tokenizer, bank, ex, refusal, LossConfig(max_answer_tokens=2))
+    assert torch.allclose(plain["loss"], cut["loss"] + 2.0 * plain["decision"], atol=1e-4)

@@ -41,6 +41,7 @@ from mosaic_core.bench import REQUIRED, validate_rows
 from mosaic_core.config import Recipe, load_recipe
 from mosaic_core.errors import BenchmarkError, ConfigError
 from mosaic_core.sampling import Request, interleave_orders, plan, sample_examples
+from pipelines._actors import actor_pool_resources
 
 DATA_VERSION = 1  # bump when the tables' meaning changes: old outputs then rebuild
 
@@ -133,20 +134,17 @@ class TeacherUDF:
 def run_teacher(prompts: pd.DataFrame, recipe: Recipe, out_dir: Path, cpus: float) -> None:
     """map_batches over an actor pool; on CPU the actors take fractional CPUs so the read tasks still get a
     slot (PLATFORM §2: an actor holding every CPU deadlocks the pipeline silently)."""
-    use_gpu = bool(ray.cluster_resources().get("GPU", 0))
     actors = recipe.teacher.actors
-    # Ray Data's own tasks (repartition, write) each need one whole CPU: leave it free, or the pipeline stalls.
-    per_actor = 1.0 if use_gpu else max(0.1, min(1.0, (cpus - 1.0) / actors))
-    threads = 1 if use_gpu else max(1, int(cpus // actors))
+    res = actor_pool_resources(actors, cpus)
     # Sorting by length puts similar prompts in one batch: less padding in the teacher's forward.
     prompts = prompts.assign(_n=prompts["prompt"].str.len()).sort_values("_n").drop(columns="_n")
     ds = ray.data.from_pandas(prompts).repartition(max(1, len(prompts) // recipe.teacher.batch_size))
     ds = ds.map_batches(
         TeacherUDF,
-        fn_constructor_kwargs={"backbone": recipe.backbone, "threads": threads,
+        fn_constructor_kwargs={"backbone": recipe.backbone, "threads": res["threads"],
                                "max_new_tokens": recipe.teacher.max_new_tokens, "topk": recipe.loss.topk},  # fmt: skip
         batch_size=recipe.teacher.batch_size, batch_format="pandas",
-        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=0 if use_gpu else per_actor, num_gpus=1 if use_gpu else 0,
+        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=res["num_cpus"], num_gpus=res["num_gpus"],
     )  # fmt: skip
     ds.write_parquet(str(out_dir))
 

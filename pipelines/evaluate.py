@@ -41,6 +41,7 @@ from mosaic_core.bench import load_jsonl
 from mosaic_core.config import EvalSettings, Recipe, load_recipe, recipe_from_dict
 from mosaic_core.errors import ArtifactError, ConfigError
 from mosaic_core.metrics import Rate, in_context_policy, rate
+from pipelines._actors import actor_pool_resources
 
 PAPER_TABLE1 = {  # PAPER.md, Llama-3.1-8B, orders 1 -> 4 (endpoints as reported; "–" where not stated per order)
     "in-context": {"dsr": "76.7 → 44.5", "or": "10–14"},
@@ -82,6 +83,7 @@ class EvalUDF:
 
         from mosaic_core.artifact import load_bank
         from mosaic_core.backbone import load_backbone
+        from mosaic_core.compose import PrefixCache
         from mosaic_core.judge import make_judge
         from mosaic_core.scoring import letter_ids
 
@@ -92,6 +94,8 @@ class EvalUDF:
         self.letters = letter_ids(self.bb.tokenizer)
         self.max_new_tokens = max_new_tokens
         self.judge = make_judge(judge, template=refusal)
+        # every request is scored under many active sets: its tokens before the block are computed once
+        self.cache = PrefixCache(self.bb.model, max_entries=512) if self.bank.placement == "before_assistant" else None
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         import torch
@@ -114,11 +118,11 @@ class EvalUDF:
                     continue
                 m_msgs, m_act = [msgs[i] for i in idx], [active[i] for i in idx]
                 if mode == "fast":
-                    lp = refusal_logprob(model, tok, self.bank, m_msgs, m_act, self.bank.placement, self.refusal_ids, 4)
+                    lp = refusal_logprob(model, tok, self.bank, m_msgs, m_act, self.bank.placement, self.refusal_ids, 4, cache=self.cache)
                     score[idx] = lp.exp().numpy()
                 elif mode == "mmlu":
-                    b = encode_batch(tok, model.get_input_embeddings(), self.bank, m_msgs, m_act, self.bank.placement)
-                    logits = model(**b.model_inputs()).logits[:, -1, self.letters]
+                    b = encode_batch(tok, model.get_input_embeddings(), self.bank, m_msgs, m_act, self.bank.placement, cache=self.cache)
+                    logits = model(**b.model_inputs(), logits_to_keep=1).logits[:, -1, self.letters]
                     score[idx] = logits.argmax(-1).numpy()
                 else:
                     b = encode_batch(tok, model.get_input_embeddings(), self.bank, m_msgs, m_act, self.bank.placement)
@@ -193,19 +197,17 @@ def build_jobs(cfg: EvalConfig, requests: list[dict], mmlu: list[dict], xstest: 
 
 
 def run_jobs(jobs: pd.DataFrame, cfg: EvalConfig) -> pd.DataFrame:
-    cpus = float(ray.cluster_resources().get("CPU", 1))
-    use_gpu = bool(ray.cluster_resources().get("GPU", 0))
-    per_actor = 1.0 if use_gpu else max(0.1, min(1.0, (cpus - 1.0) / cfg.actors))  # leave a whole CPU for Ray's tasks
+    res = actor_pool_resources(cfg.actors)
     # Similar lengths in one batch: less padding. Generation rows sort together too (they cost far more).
     jobs = jobs.assign(_n=jobs["prompt"].str.len() + jobs["system"].str.len()).sort_values(["mode", "_n"]).drop(columns="_n")
     ds = ray.data.from_pandas(jobs).repartition(max(1, len(jobs) // (cfg.s.batch_size * 8)))
     ds = ds.map_batches(
         EvalUDF,
         fn_constructor_kwargs={"backbone": cfg.recipe.backbone, "bank_dir": cfg.bank_dir, "refusal": cfg.recipe.loss.refusal_template,
-                               "threads": 1 if use_gpu else max(1, int(cpus // cfg.actors)), "max_new_tokens": cfg.s.max_new_tokens,
+                               "threads": res["threads"], "max_new_tokens": cfg.s.max_new_tokens,
                                "judge": cfg.s.judge},  # fmt: skip
         batch_size=cfg.s.batch_size, batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=cfg.actors),
-        num_cpus=0 if use_gpu else per_actor, num_gpus=1 if use_gpu else 0,
+        num_cpus=res["num_cpus"], num_gpus=res["num_gpus"],
     )  # fmt: skip
     return ds.to_pandas()
 

@@ -9,9 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.pipelines.conftest import write_tiny_bench
+from tests.pipelines.conftest import write_tiny_bench, write_tiny_mmlu, write_tiny_recipe
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,16 +45,10 @@ def test_ray_job_submit_runs_mosaic_run_and_registers_on_the_mlflow_server(tmp_p
            "BIN": str(BIN), "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # fmt: skip
     env.pop("RAY_ADDRESS", None)
     bench = write_tiny_bench(tmp_path / "bench", per=(3, 2, 2))
-    mmlu = tmp_path / "mmlu.jsonl"
-    mmlu.write_text("".join(json.dumps({"id": f"q{i}", "subject": "x", "question": f"Q{i}?", "choices": list("abcd"), "answer": 1}) + "\n" for i in range(2)))
-    recipe = tmp_path / "tiny.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "name": "tiny-job", "backbone": str(tiny_model_dir), "benchmark": str(bench),
-        "bank": {"categories": ["alcohol", "betting"], "m": 2},
-        "sampler": {"per_subset": 2, "max_order": 2}, "teacher": {"max_new_tokens": 3, "batch_size": 8}, "loss": {"topk": 4},
-        "train": {"epochs": 1, "batch_size": 4, "num_workers": 2},
-        "eval": {"max_order": 2, "fast_cap": 2, "gen_requests": 1, "max_new_tokens": 2, "mmlu": str(mmlu), "xstest_gen": 0},
-    }))  # fmt: skip
+    mmlu = write_tiny_mmlu(tmp_path / "mmlu.jsonl")
+    recipe = write_tiny_recipe(tmp_path / "tiny.yaml", tiny_model_dir, bench, name="tiny-job", bank={"categories": ["alcohol", "betting"]},
+                               sampler={"per_subset": 2}, teacher={"max_new_tokens": 3},
+                               eval={"max_order": 2, "fast_cap": 2, "gen_requests": 1, "max_new_tokens": 2, "mmlu": str(mmlu), "xstest_gen": 0})  # fmt: skip
     try:  # start inside the try: a start that times out half-way must still be stopped
         started = subprocess.run(["bash", str(ROOT / "cluster" / "local" / "start.sh")], env=env, capture_output=True, text=True,
                                  timeout=300)  # fmt: skip

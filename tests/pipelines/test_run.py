@@ -4,14 +4,13 @@ swapping in another bank for evaluation and registration (the path `make demo` t
 import json
 
 import pytest
-import yaml
 
 from mosaic_core.artifact import read_meta, save_bank
 from mosaic_core.backbone import load_backbone
 from mosaic_core.bank import ControlTokenBank
 from mosaic_core.config import BankConfig
 from pipelines.run import main
-from tests.pipelines.conftest import write_tiny_bench
+from tests.pipelines.conftest import write_tiny_bench, write_tiny_mmlu, write_tiny_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -19,16 +18,10 @@ pytestmark = pytest.mark.slow
 def test_mosaic_run_with_a_given_bank(tmp_path, tiny_model_dir, monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     bench = write_tiny_bench(tmp_path / "bench", per=(3, 2, 2))
-    mmlu = tmp_path / "mmlu.jsonl"
-    mmlu.write_text(json.dumps({"id": "q0", "subject": "x", "question": "Q?", "choices": list("abcd"), "answer": 1}) + "\n")
-    recipe = tmp_path / "tiny.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "name": "tiny-run", "backbone": str(tiny_model_dir), "benchmark": str(bench),
-        "bank": {"categories": ["alcohol", "betting"], "m": 2},
-        "sampler": {"per_subset": 2, "max_order": 2}, "teacher": {"max_new_tokens": 3, "batch_size": 8}, "loss": {"topk": 4},
-        "train": {"epochs": 1, "batch_size": 4, "num_workers": 1},
-        "eval": {"max_order": 2, "fast_cap": 2, "gen_requests": 1, "max_new_tokens": 2, "mmlu": str(mmlu), "xstest_gen": 0},
-    }))  # fmt: skip
+    mmlu = write_tiny_mmlu(tmp_path / "mmlu.jsonl", n=1)
+    recipe = write_tiny_recipe(tmp_path / "tiny.yaml", tiny_model_dir, bench, name="tiny-run", bank={"categories": ["alcohol", "betting"]},
+                               sampler={"per_subset": 2}, teacher={"max_new_tokens": 3}, train={"num_workers": 1},
+                               eval={"max_order": 2, "fast_cap": 2, "gen_requests": 1, "max_new_tokens": 2, "mmlu": str(mmlu), "xstest_gen": 0})  # fmt: skip
     bb = load_backbone(str(tiny_model_dir))
     given = ControlTokenBank.build(BankConfig(categories=("alcohol", "betting"), m=2, init="normal", seed=7), bb.embeddings)
     save_bank(given, tmp_path / "given", fingerprint=bb.fingerprint, init="normal", training_run_id="the-full-recipe")

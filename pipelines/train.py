@@ -6,7 +6,8 @@ stays frozen.
 
 Reads `<run>/resolved_config.yaml`, `<run>/data/examples/*.parquet` and `<run>/data/teacher/*.parquet`
 (negatives joined to the teacher on prompt_id at the driver); writes `<run>/run.json` (the MLflow run),
-`<run>/ray_results/` (Ray Train checkpoints) and `<run>/bank/` (the best bank by validation gap).
+`<run>/ray_results/` (Ray Train checkpoints), `<run>/bank/` (the best bank by validation DSR - OR) and
+`<run>/training.png` (loss terms per step, validation per epoch; also an MLflow artifact).
 
 Each worker: frozen backbone + bank in one nn.Module; DeepSpeed gets only the trainable bank vectors and a
 client torch.optim.Adam (the config "optimizer" would JIT-build FusedAdam for 72 s on CPU, PLATFORM §3.1);
@@ -515,6 +516,8 @@ def main(
     shutil.rmtree(run / "bank", ignore_errors=True)
     tmp.rename(run / "bank")
     client.log_artifacts(run_id, str(run / "bank"), artifact_path="bank")
+    curve = plot_training(client, run_id, run / "training.png")
+    client.log_artifact(run_id, str(curve))
     client.set_terminated(run_id, "FINISHED")
 
     K = len(state["trainable"])
@@ -535,6 +538,39 @@ def main(
           f"OR {v.get('val_or', float('nan')):.2f} (last epoch); "
           f"bank from epoch {state['best_epoch']} -> {run / 'bank'}")  # fmt: skip
     return summary
+
+
+def plot_training(client: Any, run_id: str, out: Path) -> Path:
+    """Loss terms per step (smoothed) and validation per epoch, from the run's MLflow metrics -> `out` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    def history(key: str) -> tuple[list[int], list[float]]:
+        ms = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+        return [m.step for m in ms], [m.value for m in ms]
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    for key in ("pos_ce", "neg_ce", "kl", "decision"):
+        steps, vals = history(key)
+        if vals and any(vals):
+            w = max(1, min(25, len(vals) // 10))  # moving average: single steps of 4-8 rows are noisy
+            a1.plot(steps[w - 1 :], np.convolve(vals, np.ones(w) / w, mode="valid"), label=f"{key} ({w}-step mean)")
+    a1.set_xlabel("step"), a1.set_title("training loss terms"), a1.legend()
+    epochs = history("epoch")[0]  # logged at the step where each epoch's validation ran
+    for key, label in (("val_dsr", "DSR (p > 0.5, positives)"), ("val_or", "OR (p > 0.5, negatives)"),
+                       ("val_refusal_pos", "mean p, positives"), ("val_refusal_neg", "mean p, negatives")):  # fmt: skip
+        steps, vals = history(key)
+        if vals:
+            a2.plot(range(1, len(vals) + 1), vals, marker="o", ls="-" if key in ("val_dsr", "val_or") else ":", label=label)
+    a2.set_xlabel(f"epoch ({len(epochs)} validated)"), a2.set_ylim(0, 1), a2.legend(fontsize=8)
+    a2.set_title("validation: p = refusal's first tokens (teacher-forced)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
 
 
 def cli(argv: list[str] | None = None) -> dict[str, Any]:

@@ -246,6 +246,7 @@ def test_train_two_workers_zero2_trains_only_the_bank(tmp_path, tiny_model_dir, 
     assert r.data.params["train.zero_stage"] == "2" and r.data.params["world_size"] == "2"
     logged = {a.path for a in client.list_artifacts(r.info.run_id, "bank")}
     assert logged == {"bank/alcohol", "bank/betting", "bank/manifest.json"}
+    assert "training.png" in {a.path for a in client.list_artifacts(r.info.run_id)} and (run / "training.png").stat().st_size > 0
 
     assert summary["steps"] == 4 and summary["resumes"] == [] and summary["trainable_parameters"] == 2 * 2 * 32
     out = capsys.readouterr().out

@@ -178,10 +178,12 @@ class PrefixCache:
     misses would run different numbers of forwards.
     """
 
-    def __init__(self, model: Any, max_entries: int = 4096, chunk: int = 16):
-        self.model, self.max_entries, self.chunk = model, max_entries, chunk
+    def __init__(self, model: Any, max_bytes: int = 4 << 30, chunk: int = 16):
+        # 4 GiB holds ~2,000 SmolLM2-135M requests (46 KB per token in fp32) but only ~500 of Llama-3.1-8B's
+        # (128 KB per token in bf16): beyond it the oldest entries go, and misses are recomputed.
+        self.model, self.max_bytes, self.chunk = model, max_bytes, chunk
         self.store: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.bytes = 0
 
     @torch.no_grad()
     def _fill(self, runs: list[tuple[int, ...]]) -> None:
@@ -196,9 +198,17 @@ class PrefixCache:
             out = self.model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=True)
             layers = [(lay.keys, lay.values) for lay in out.cache.layers]  # each (b, heads, L, hd)
             for j, r in enumerate(part):
-                if len(self.store) >= self.max_entries:
-                    self.store.pop(next(iter(self.store)))  # oldest first: a bounded memory, not an LRU
-                self.store[r] = [(k[j, :, L - len(r) :].clone(), v[j, :, L - len(r) :].clone()) for k, v in layers]
+                entry = [(k[j, :, L - len(r) :].clone(), v[j, :, L - len(r) :].clone()) for k, v in layers]
+                self.bytes += sum(k.nbytes + v.nbytes for k, v in entry)
+                self.store[r] = entry
+                while self.bytes > self.max_bytes and len(self.store) > 1:  # oldest first: bounded, not an LRU
+                    old = self.store.pop(next(iter(self.store)))
+                    self.bytes -= sum(k.nbytes + v.nbytes for k, v in old)
+
+    def _refill(self, run: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A run evicted while this very batch was filled (a budget smaller than one batch): compute it again."""
+        self._fill([run])
+        return self.store[run]
 
     def get(self, befores: Sequence[Sequence[int]]) -> tuple[Any, torch.Tensor]:
         """(DynamicCache with (B, heads, P, hd) per layer, left-padded; mask (B, P)) for B token runs."""
@@ -211,7 +221,7 @@ class PrefixCache:
         self.misses += len(missing)
         self.hits += len(keys) - len(missing)
         self._fill(missing)
-        entries = [self.store[k] for k in keys]
+        entries = [self.store[k] if k in self.store else self._refill(k) for k in keys]
         P = max(len(k) for k in keys)
         k0 = entries[0][0][0]  # (heads, n, hd)
         mask = torch.zeros(len(keys), P, dtype=torch.long, device=k0.device)

@@ -95,7 +95,7 @@ class EvalUDF:
         self.max_new_tokens = max_new_tokens
         self.judge = make_judge(judge, template=refusal)
         # every request is scored under many active sets: its tokens before the block are computed once
-        self.cache = PrefixCache(self.bb.model, max_entries=512) if self.bank.placement == "before_assistant" else None
+        self.cache = PrefixCache(self.bb.model, max_bytes=1 << 30) if self.bank.placement == "before_assistant" else None
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         import torch

@@ -119,3 +119,15 @@ def test_prefix_cache_gives_the_same_answer_logits_and_reuses_runs(tiny_backbone
     torch.nn.functional.cross_entropy(logits[mask.bool()], targets[mask.bool()]).backward()
     assert bank.vectors["horror"].grad.abs().sum() > 0 and bank.vectors["alcohol"].grad.abs().sum() > 0
     assert all(p.grad is None for p in bb.model.parameters())
+
+
+def test_prefix_cache_stays_within_its_byte_budget(tiny_backbone, bank):
+    bb, embed = tiny_backbone, tiny_backbone.model.get_input_embeddings()
+    one = PrefixCache(bb.model)
+    encode_batch(bb.tokenizer, embed, bank, PROMPTS[:1], [[]], "before_assistant", [[5]], cache=one)
+    small = PrefixCache(bb.model, max_bytes=2 * one.bytes)  # room for about two requests
+    act = [["alcohol"], [], ["betting"]]
+    batch = encode_batch(bb.tokenizer, embed, bank, PROMPTS, act, "before_assistant", [[5]] * 3, cache=small)
+    assert len(small.store) < 3 and small.bytes <= small.max_bytes
+    plain = encode_batch(bb.tokenizer, embed, bank, PROMPTS, act, "before_assistant", [[5]] * 3)
+    assert torch.allclose(answer_logits(bb.model, batch)[0], answer_logits(bb.model, plain)[0], atol=1e-4)

@@ -14,7 +14,6 @@ import torch
 
 from mosaic_core.bank import ControlTokenBank
 from mosaic_core.config import Placement
-from mosaic_core.losses import answer_positions
 
 Message = dict[str, str]
 
@@ -252,6 +251,8 @@ def answer_logits(model: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor,
     Returns:
         logits (B, T, V), targets (B, T) long, mask (B, T) long -- position t predicts target token t.
     """
+    from mosaic_core.losses import answer_positions
+
     assert batch.labels is not None, "answer_logits needs a batch built with targets"
     hidden = model.get_decoder()(**batch.model_inputs()).last_hidden_state  # (B, L, d)
     T = int((batch.labels != -100).sum(-1).max().clamp_min(1))

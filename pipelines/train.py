@@ -562,7 +562,7 @@ def plot_training(client: Any, run_id: str, out: Path) -> Path:
     epochs = history("epoch")[0]  # logged at the step where each epoch's validation ran
     for key, label in (("val_dsr", "DSR (p > 0.5, positives)"), ("val_or", "OR (p > 0.5, negatives)"),
                        ("val_refusal_pos", "mean p, positives"), ("val_refusal_neg", "mean p, negatives")):  # fmt: skip
-        vals = history(key)[1]
+        steps, vals = history(key)
         if vals:
             a2.plot(range(1, len(vals) + 1), vals, marker="o", ls="-" if key in ("val_dsr", "val_or") else ":", label=label)
     a2.set_xlabel(f"epoch ({len(epochs)} validated)"), a2.set_ylim(0, 1), a2.legend(fontsize=8)

@@ -58,9 +58,8 @@ import yaml
 
 from mosaic_core.backbone import load_backbone
 from mosaic_core.bank import ControlTokenBank
-from mosaic_core.compose import PrefixCache, encode_batch
+from mosaic_core.compose import PrefixCache, answer_logits, encode_batch
 from mosaic_core.config import Recipe, recipe_from_dict
-from mosaic_core.teacher import teacher_topk
 from mosaic_core.training import batch_loss, refusal_target
 from pipelines.train import TEACHER_COLS, load_tables
 
@@ -126,16 +125,24 @@ def timed(
     return Result(config, 1, tokens / secs, tokens / secs, secs / n, time.perf_counter() - t_start, rss[0] or None, n)
 
 
+@torch.no_grad()
 def online_teacher(model: Any, tokenizer: Any, batch: list[Example], recipe: Recipe) -> list[Example]:
     """The batch with each negative's topk_ids/topk_logprobs recomputed by the bare backbone (no control tokens),
     teacher-forced on its stored answer (cut as batch_loss cuts it) -- what the data stage otherwise stores."""
     neg = [i for i, e in enumerate(batch) if e["label"] == "neg"]
+    if not neg:
+        return batch
     cut = recipe.loss.max_answer_tokens or None
-    rows = teacher_topk(model, tokenizer, [batch[i]["prompt"] for i in neg], [list(batch[i]["response_ids"])[:cut] for i in neg],
-                        topk=recipe.loss.topk, placement=recipe.bank.placement) if neg else []  # fmt: skip
+    answers = [list(batch[i]["response_ids"])[:cut] for i in neg]
+    enc = encode_batch(tokenizer, model.get_input_embeddings(), None, [batch[i]["prompt"] for i in neg], [[] for _ in neg],
+                       recipe.bank.placement, answers)  # fmt: skip
+    logits, _, _ = answer_logits(model, enc)  # (n, T, V) at the positions predicting each answer token
+    top_lp, top_ids = torch.log_softmax(logits.float(), -1).topk(recipe.loss.topk, -1)
     out = list(batch)
-    for i, row in zip(neg, rows, strict=True):
-        out[i] = {**batch[i], **row}
+    for j, i in enumerate(neg):
+        T = len(answers[j])
+        out[i] = {**batch[i], "response_ids": answers[j], "topk_ids": top_ids[j, :T].tolist(),
+                  "topk_logprobs": top_lp[j, :T].tolist()}  # fmt: skip
     return out
 
 

@@ -9,23 +9,9 @@ from typing import Any
 
 import torch
 
-from mosaic_core.compose import answer_logits, encode_batch
+from mosaic_core.compose import encode_batch
 from mosaic_core.config import Placement
 from mosaic_core.generation import generate
-
-
-@torch.inference_mode()
-def teacher_topk(
-    model: Any, tokenizer: Any, prompts: Sequence[str], responses: Sequence[Sequence[int]], *, topk: int,
-    placement: Placement = "before_assistant",
-) -> list[dict[str, list]]:  # fmt: skip
-    """The bare model's top-k log-probs at the positions predicting each given answer token: one teacher-forced
-    forward over prompt + answer, LM head only at those positions. Rows as `teacher_outputs` returns them."""
-    batch = encode_batch(tokenizer, model.get_input_embeddings(), None, prompts, [[] for _ in prompts], placement, responses)
-    logits, _, _ = answer_logits(model, batch)  # (B, T, V): position t predicts answer token t
-    top_lp, top_id = torch.log_softmax(logits.float(), -1).topk(topk, -1)
-    return [{"response_ids": list(r), "topk_ids": top_id[i, : len(r)].tolist(), "topk_logprobs": top_lp[i, : len(r)].tolist()}
-            for i, r in enumerate(responses)]  # fmt: skip
 
 
 @torch.inference_mode()
@@ -36,11 +22,22 @@ def teacher_outputs(
     """For each prompt: `response_ids` (T,) — the greedy answer, ending with EOS when the model stopped —,
     `topk_ids` / `topk_logprobs` (T, k): the teacher's distribution at the positions predicting each of them.
 
-    The distribution comes from one teacher-forced forward over prompt + answer (`teacher_topk`), so it is
-    exactly what the student is distilled towards at the same positions."""
+    The distribution comes from one teacher-forced forward over prompt + answer, so it is exactly what the
+    student is distilled towards at the same positions."""
     eos = tokenizer.eos_token_id
+    embed = model.get_input_embeddings()
     empty = [[] for _ in prompts]
-    gens = generate(model, encode_batch(tokenizer, model.get_input_embeddings(), None, prompts, empty, placement),
-                    max_new_tokens=max_new_tokens, eos_token_ids=[eos])  # fmt: skip
+    gens = generate(model, encode_batch(tokenizer, embed, None, prompts, empty, placement), max_new_tokens=max_new_tokens,
+                    eos_token_ids=[eos])  # fmt: skip
     responses = [g.token_ids + ([eos] if g.finish_reason == "stop" else []) for g in gens]
-    return teacher_topk(model, tokenizer, prompts, [r if r else [eos] for r in responses], topk=topk, placement=placement)
+    responses = [r if r else [eos] for r in responses]
+    batch = encode_batch(tokenizer, embed, None, prompts, empty, placement, responses)
+    logits = model(**batch.model_inputs()).logits  # (B, L, V)
+    out = []
+    L = logits.shape[1]
+    for i, r in enumerate(responses):
+        T = len(r)
+        lp = torch.log_softmax(logits[i, L - T - 1 : L - 1].float(), -1)  # (T, V): positions predicting r
+        top_lp, top_id = lp.topk(topk, -1)
+        out.append({"response_ids": list(r), "topk_ids": top_id.tolist(), "topk_logprobs": top_lp.tolist()})
+    return out

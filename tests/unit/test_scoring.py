@@ -2,7 +2,7 @@ import json
 
 import torch
 
-from mosaic_core.scoring import letter_ids, load_mmlu, mmlu_accuracy, mmlu_predictions, refusal_logprob
+from mosaic_core.scoring import letter_ids, load_mmlu, mmlu_accuracy, mmlu_predictions, refusal_logprob, refusal_score
 
 
 def test_refusal_logprob_equals_teacher_forced_mean(tiny_backbone):
@@ -14,6 +14,28 @@ def test_refusal_logprob_equals_teacher_forced_mean(tiny_backbone):
     x = torch.tensor([bb.tokenizer(full, add_special_tokens=False).input_ids + ids[:3]])
     logp = torch.log_softmax(bb.model(input_ids=x).logits[0, -4:-1], -1)
     assert torch.allclose(lp[0], logp.gather(-1, torch.tensor(ids[:3])[:, None]).mean(), atol=1e-5)
+
+
+def test_refusal_score_greedy_flag_is_what_greedy_decoding_emits(tiny_backbone):
+    """`greedy` must say exactly whether generate() (greedy) starts with the refusal's first n tokens."""
+    from mosaic_core.bank import ControlTokenBank
+    from mosaic_core.compose import encode_batch
+    from mosaic_core.config import BankConfig
+    from mosaic_core.generation import generate
+
+    bb = tiny_backbone
+    bank = ControlTokenBank.build(BankConfig(categories=("alcohol", "betting"), m=2, init="normal", seed=3), bb.embeddings)
+    prompts, active = ["hello", "a longer question here"], [["alcohol"], ["alcohol", "betting"]]
+    enc = encode_batch(bb.tokenizer, bb.model.get_input_embeddings(), bank, prompts, active, "before_assistant")
+    gens = generate(bb.model, enc, max_new_tokens=3, eos_token_ids=[-1])  # never stops: 3 tokens each
+    for i, g in enumerate(gens):
+        same = refusal_score(bb.model, bb.tokenizer, bank, [prompts[i]], [active[i]], "before_assistant", g.token_ids, n_tokens=3)
+        other = g.token_ids[:2] + [(g.token_ids[2] + 1) % len(bb.tokenizer)]  # the third token is not the argmax
+        diff = refusal_score(bb.model, bb.tokenizer, bank, [prompts[i]], [active[i]], "before_assistant", other, n_tokens=3)
+        assert same.greedy.tolist() == [True] and diff.greedy.tolist() == [False]
+        assert same.logprob.item() > diff.logprob.item()
+        lp = refusal_logprob(bb.model, bb.tokenizer, bank, [prompts[i]], [active[i]], "before_assistant", g.token_ids, n_tokens=3)
+        assert torch.equal(lp, same.logprob)
 
 
 def test_refusal_logprob_with_a_prefix_cache_is_unchanged(tiny_backbone):

@@ -9,6 +9,7 @@ import pytest
 from mosaic_core.artifact import save_bank
 from mosaic_core.bank import ControlTokenBank
 from mosaic_core.config import BankConfig, EvalSettings, load_recipe
+from mosaic_core.errors import ConfigError
 from pipelines.evaluate import EvalConfig, build_jobs, main, summarize
 from tests.pipelines.conftest import ROOT, write_tiny_bench, write_tiny_recipe
 
@@ -48,6 +49,19 @@ def test_metrics_on_a_hand_made_case(tmp_path):
     assert ci["ci95_low"] < 1.0 == ci["ci95_high"]
 
 
+def test_fast_rule_picks_the_greedy_flag_or_the_probability_threshold():
+    recipe = load_recipe(ROOT / "pipelines" / "configs" / "smollm2-cpu.yaml", {"bank.categories": list(CATS)})
+    cfg, jobs, _ = _known_case_results(recipe)
+    refuse = [(row.condition == "mosaic" and row.kind == "target" and row.category in row.subset.split("+")) for row in jobs.itertuples()]
+    # greedy flags say "refused" nowhere; the probabilities still say the targets would be refused
+    res = jobs.assign(score=[0.9 if r else 0.1 for r in refuse], refused=False, response="")
+    greedy = summarize(res, cfg)["per_order"]["fast"]["mosaic"]["1"]["dsr"]["rate"]
+    thr = replace(cfg, recipe=replace(cfg.recipe, eval=replace(cfg.recipe.eval, fast_rule="threshold", threshold=0.5)))
+    assert greedy == 0.0 and summarize(res, thr)["per_order"]["fast"]["mosaic"]["1"]["dsr"]["rate"] == 1.0
+    with pytest.raises(ConfigError, match="fast_rule"):
+        EvalSettings(fast_rule="median")
+
+
 @pytest.mark.usefixtures("ray_session")
 def test_eval_main_smoke_writes_reports_and_plots(tmp_path, tiny_model_dir, tiny_backbone):
     from mosaic_core.backbone import load_backbone
@@ -66,7 +80,12 @@ def test_eval_main_smoke_writes_reports_and_plots(tmp_path, tiny_model_dir, tiny
     cfg = EvalConfig(bank_dir=str(tmp_path / "run" / "bank"), recipe=recipe, out_dir=str(tmp_path / "run"), xstest=str(xs))
     rep = main(cfg)
     files = sorted(p.name for p in (tmp_path / "run" / "eval").iterdir())
-    assert files == ["category_subset_heatmap.png", "dsr_or_per_order.png", "report.json", "report.md"]
+    assert files == ["category_subset_heatmap.png", "dsr_or_per_order.png", "report.json", "report.md", "rows.parquet"]
+    rows = pd.read_parquet(tmp_path / "run" / "eval" / "rows.parquet")
+    fast = rows[rows["mode"] == "fast"]
+    assert set(rows["mode"]) == {"fast", "gen", "mmlu"} and fast["score"].between(0, 1).all() and fast["refused"].dtype == bool
+    one = fast[(fast["condition"] == "mosaic") & (fast["group"] == "dsr") & (fast["subset"].str.count("[+]") == 0)]
+    assert len(one) == rep["per_order"]["fast"]["mosaic"]["1"]["dsr"]["n"]
     parsed = json.loads((tmp_path / "run" / "eval" / "report.json").read_text())
     assert set(parsed["per_order"]["fast"]) == {"mosaic", "base", "in_context"} and set(parsed["per_order"]["fast"]["mosaic"]) == {"1", "2"}
     assert 0.0 <= parsed["mmlu"]["mosaic:none"] <= 1.0 and "in_context:alcohol+betting+horror" in parsed["mmlu"]

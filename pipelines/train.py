@@ -133,11 +133,13 @@ class BankTrainingModule(nn.Module):
     """Frozen backbone + bank as one module, so DeepSpeed (ZeRO-3 hooks included) sees every forward.
 
     forward(examples) -> batch_loss dict (loss, pos_ce, neg_ce, kl, decision, tokens);
-    forward(examples, mode="refusal") -> (B,) teacher-forced refusal log-prob (validation)."""
+    forward(examples, mode="refusal") -> (B, 2): the refusal's first `fast_tokens` tokens' mean log-prob and
+    whether greedy decoding starts with them (1.0 / 0.0), as evaluation's fast score reads them (validation)."""
 
-    def __init__(self, model: Any, tokenizer: Any, bank: Any, refusal_ids: list[int], loss_cfg: Any, cache: Any = None):
+    def __init__(self, model: Any, tokenizer: Any, bank: Any, refusal_ids: list[int], loss_cfg: Any, cache: Any = None,
+                 fast_tokens: int = 3):  # fmt: skip
         super().__init__()
-        self.backbone, self.bank = model, bank
+        self.backbone, self.bank, self.fast_tokens = model, bank, fast_tokens
         self.tokenizer, self.refusal_ids, self.loss_cfg, self.cache = tokenizer, refusal_ids, loss_cfg, cache
 
     def train(self, mode: bool = True) -> BankTrainingModule:
@@ -146,12 +148,13 @@ class BankTrainingModule(nn.Module):
         return self
 
     def forward(self, examples: list[dict[str, Any]], mode: str = "loss") -> Any:
-        from mosaic_core.scoring import refusal_logprob
+        from mosaic_core.scoring import refusal_score
         from mosaic_core.training import batch_loss
 
         if mode == "refusal":
-            return refusal_logprob(self.backbone, self.tokenizer, self.bank, [e["prompt"] for e in examples],
-                                   [list(e["active"]) for e in examples], self.bank.placement, self.refusal_ids)  # fmt: skip
+            rs = refusal_score(self.backbone, self.tokenizer, self.bank, [e["prompt"] for e in examples],
+                               [list(e["active"]) for e in examples], self.bank.placement, self.refusal_ids, self.fast_tokens)  # fmt: skip
+            return torch.stack([rs.logprob, rs.greedy.to(rs.logprob.dtype)], -1)
         out = batch_loss(self.backbone, self.tokenizer, self.bank, examples, self.refusal_ids, self.loss_cfg, cache=self.cache)
         # Every trainable vector must get a gradient on every rank, even when no row of this micro-batch
         # activates its category: ZeRO reduces gradients per parameter as they become ready, and ranks that
@@ -174,23 +177,23 @@ def _gathered_bank_state(bank: Any) -> dict[str, torch.Tensor]:
 
 def _validate(engine: Any, val: list[dict[str, Any]], rank: int, world: int, device: torch.device) -> dict[str, float]:
     """Refusal on val positives / negatives: mean teacher-forced probability of starting the refusal, and the
-    share above 0.5 (the fast DSR / OR estimate). `val_gap` = DSR - OR is what picks the best epoch. Every rank
-    scores its share (padded with weight-0 rows so all ranks run the same number of forwards: ZeRO-3 gathers
-    are collective)."""
+    share whose greedy answer starts with it (evaluation's fast DSR / OR). `val_gap` = DSR - OR is what picks
+    the best epoch. Every rank scores its share (padded with weight-0 rows so all ranks run the same number of
+    forwards: ZeRO-3 gathers are collective)."""
     import torch.distributed as dist
 
     per = math.ceil(len(val) / world)
     mine = val[rank::world]
     rows = mine + [val[0]] * (per - len(mine))
     weights = [1.0] * len(mine) + [0.0] * (per - len(mine))
-    sums = torch.zeros(6, dtype=torch.float64)  # pos: sum p, sum [p > .5], n; neg: the same
+    sums = torch.zeros(6, dtype=torch.float64)  # pos: sum p, sum refused, n; neg: the same
     with torch.no_grad():
         for i in range(0, per, VAL_BATCH):
             chunk = rows[i : i + VAL_BATCH]
-            p = engine(chunk, mode="refusal").exp().double().cpu()
-            for e, w, pi in zip(chunk, weights[i : i + VAL_BATCH], p.tolist(), strict=True):
+            out = engine(chunk, mode="refusal").double().cpu()  # (b, 2): mean log-prob, greedy refusal
+            for e, w, (lp, hit) in zip(chunk, weights[i : i + VAL_BATCH], out.tolist(), strict=True):
                 j = 0 if e["label"] == "pos" else 3
-                sums[j : j + 3] += torch.tensor([w * pi, w * (pi > 0.5), w], dtype=torch.float64)
+                sums[j : j + 3] += torch.tensor([w * math.exp(lp), w * hit, w], dtype=torch.float64)
     sums = sums.to(device)  # nccl reduces device tensors only
     dist.all_reduce(sums)
     s = sums.cpu().tolist()
@@ -233,7 +236,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # The request's key/values do not depend on the bank (it comes after them): compute them once per prompt.
     # Not under ZeRO-3, whose gathers are collective (ranks with different cache misses would desynchronise).
     cache = PrefixCache(bb.model) if bank.placement == "before_assistant" and stage != 3 else None
-    module = BankTrainingModule(bb.model, bb.tokenizer, bank, refusal_ids, recipe.loss, cache)
+    module = BankTrainingModule(bb.model, bb.tokenizer, bank, refusal_ids, recipe.loss, cache, recipe.eval.fast_tokens)
     params = [p for p in bank.parameters() if p.requires_grad]
     if stage == 3:  # the bank is read outside its own forward: let the wrapper's hooks gather it
         for p in bank.parameters():
@@ -560,7 +563,7 @@ def plot_training(client: Any, run_id: str, out: Path) -> Path:
             a1.plot(steps[w - 1 :], np.convolve(vals, np.ones(w) / w, mode="valid"), label=f"{key} ({w}-step mean)")
     a1.set_xlabel("step"), a1.set_title("training loss terms"), a1.legend()
     epochs = history("epoch")[0]  # logged at the step where each epoch's validation ran
-    for key, label in (("val_dsr", "DSR (p > 0.5, positives)"), ("val_or", "OR (p > 0.5, negatives)"),
+    for key, label in (("val_dsr", "DSR (greedy refuses, positives)"), ("val_or", "OR (greedy refuses, negatives)"),
                        ("val_refusal_pos", "mean p, positives"), ("val_refusal_neg", "mean p, negatives")):  # fmt: skip
         steps, vals = history(key)
         if vals:

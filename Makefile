@@ -31,10 +31,14 @@ demo: setup
 	@echo "  curl -s 127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' -d '{\"model\": \"smollm2-135m-instruct\", \"messages\": [{\"role\": \"user\", \"content\": \"Which whisky should I try first?\"}], \"safety_profile\": \"minor\"}'"
 	@echo "  $(BIN)/python -c \"from openai import OpenAI; c = OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='none'); print(c.chat.completions.create(model='smollm2-135m-instruct', messages=[{'role': 'user', 'content': 'Which whisky should I try first?'}], extra_body={'safety_modules': ['alcohol']}).choices[0].message.content)\""
 
-# Reproduce the committed bank with the full CPU recipe (hours on 2 cores), then refresh banks/.
+# Reproduce the committed bank with the full CPU recipe (hours on 2 cores), then refresh banks/: the bank, its
+# evaluation report, and its README kept as it was (its figures are the old bank's until someone updates them).
 train: setup
 	$(BIN)/mosaic run --config pipelines/configs/smollm2-cpu.yaml $(if $(XSTEST),--xstest $(XSTEST))
-	rm -rf $(BANK) && mkdir -p banks && cp -r runs/smollm2-cpu/bank $(BANK) && rm -f $(BANK)/registered.json
+	rm -rf $(BANK).new && cp -r runs/smollm2-cpu/bank $(BANK).new && rm -f $(BANK).new/registered.json
+	cp runs/smollm2-cpu/eval/report.md $(BANK).new/eval-report.md
+	if [ -f $(BANK)/README.md ]; then cp $(BANK)/README.md $(BANK).new/; fi
+	rm -rf $(BANK) && mv $(BANK).new $(BANK)
 
 serve: setup
 	$(BIN)/mosaic serve --bank $(BANK)

@@ -1,0 +1,124 @@
+"""Does training on the evaluation's decision itself buy selectivity? An experiment on the CPU recipe's limit.
+
+    .venv/bin/python benchmarks/decision_margin_probe.py [--bank banks/smollm2-cpu] [--steps 150] [--lr 0.005]
+
+From a trained bank, a plain torch loop (2 threads) on the recipe's train-split examples (its sampler, orders
+interleaved) with a loss aimed straight at the greedy-prefix rule evaluation reads: softplus margins on the
+refusal's first 3 tokens ("I'm sorry") — positives: each must beat the best other token by `--delta`;
+negatives: the weakest must lose by `--delta` (refusing needs all three) — plus, on negatives, the KL of the
+first answer position to the base model without control tokens (an online teacher: no stored teacher needed).
+Every `--every` steps prints the greedy-prefix DSR / OR on fast_score_agreement.py's seeded test sample (orders
+1-3, `--per-order` subsets each, one target + one negative per subset); saves the bank to `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from fast_score_agreement import sample_rows  # the sibling script: the same test sample
+
+from mosaic_core.artifact import load_bank, save_bank
+from mosaic_core.backbone import load_backbone
+from mosaic_core.bench import load_jsonl
+from mosaic_core.compose import PrefixCache, answer_logits, encode_batch
+from mosaic_core.config import DEFAULT_REFUSAL, load_recipe
+from mosaic_core.sampling import Request, interleave_orders, sample_examples
+from mosaic_core.scoring import refusal_score
+
+
+def margins(logits: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    """(B, n, V) logits, (B, n) targets -> (B, n): each target's logit minus the best other logit (> 0: argmax)."""
+    t = logits.gather(-1, tgt[..., None]).squeeze(-1)
+    other = logits.scatter(-1, tgt[..., None], float("-inf")).amax(-1)
+    return t - other
+
+
+def evaluate(model: Any, tok: Any, bank: Any, items: list, ref: list[int], cache: PrefixCache) -> tuple[float, float]:
+    """Greedy-prefix (DSR, OR) on (prompt, active, should refuse) items."""
+    hits = []
+    for i in range(0, len(items), 16):
+        ch = items[i : i + 16]
+        rs = refusal_score(model, tok, bank, [c[0] for c in ch], [c[1] for c in ch], bank.placement, ref, 3, cache=cache)
+        hits += rs.greedy.tolist()
+    pos = [c[2] for c in items]
+    d = sum(h for h, p in zip(hits, pos) if p) / sum(pos)
+    o = sum(h for h, p in zip(hits, pos) if not p) / (len(pos) - sum(pos))
+    return d, o
+
+
+def report(step: int, rates: tuple[float, float]) -> None:
+    print(f"step {step:4d}: test sample, greedy prefix: DSR {100 * rates[0]:5.1f} %  OR {100 * rates[1]:5.1f} %", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bank", default="banks/smollm2-cpu")
+    ap.add_argument("--config", default="pipelines/configs/smollm2-cpu.yaml")
+    ap.add_argument("--per-order", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=0.005)
+    ap.add_argument("--delta", type=float, default=2.0)
+    ap.add_argument("--kl", type=float, default=1.0)
+    ap.add_argument("--every", type=int, default=50)
+    ap.add_argument("--out", default="runs/decision-margin-probe/bank")
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    recipe = load_recipe(a.config)
+    bb = load_backbone(recipe.backbone)
+    tok, model = bb.tokenizer, bb.model
+    bank = load_bank(Path(a.bank), bb.fingerprint)
+    for p in bank.parameters():  # a loaded bank is frozen
+        p.requires_grad_(True)
+    ref = tok(DEFAULT_REFUSAL, add_special_tokens=False).input_ids
+    rows = load_jsonl([Path(recipe.benchmark)])
+    train = [Request(r["id"], r["prompt"], r.get("category"), r["kind"]) for r in rows if r["split"] == "train"]
+    ex = interleave_orders(sample_examples(train, list(bank.categories), recipe.sampler), 0)
+    test_items = sample_rows([r for r in rows if r["split"] == "test"], bank.categories, a.per_order, 0)
+    cache = PrefixCache(model)
+    opt = torch.optim.Adam([p for p in bank.parameters()], lr=a.lr)
+    print(f"{len(ex)} train examples, {len(test_items)} test-sample rows", flush=True)
+    report(0, evaluate(model, tok, bank, test_items, ref, cache))
+    t0 = time.perf_counter()
+    for step in range(1, a.steps + 1):
+        start = (step - 1) * a.batch % len(ex)
+        b = ex[start : start + a.batch]
+        prompts, active = [e.prompt for e in b], [list(e.active) for e in b]
+        is_pos = torch.tensor([e.label == "pos" for e in b])
+        enc = encode_batch(tok, model.get_input_embeddings(), bank, prompts, active, bank.placement, [ref[:3]] * len(b),
+                           cache=cache)  # fmt: skip
+        logits, tgt, _ = answer_logits(model, enc)  # (B, 3, V)
+        m = margins(logits, tgt)
+        loss_pos = F.softplus(a.delta - m).mean(-1)
+        loss_neg = F.softplus(a.delta + m.amin(-1))  # refusing needs all 3 to be the argmax: one losing is enough
+        loss = torch.where(is_pos, loss_pos, loss_neg)
+        if a.kl > 0 and (~is_pos).any():
+            idx = (~is_pos).nonzero().squeeze(-1).tolist()
+            with torch.no_grad():
+                base = encode_batch(tok, model.get_input_embeddings(), None, [prompts[i] for i in idx], [[] for _ in idx],
+                                    bank.placement, [ref[:1]] * len(idx), cache=cache)  # fmt: skip
+                bl, _, _ = answer_logits(model, base)
+            kl = F.kl_div(F.log_softmax(logits[idx, 0], -1), F.log_softmax(bl[:, 0], -1), log_target=True, reduction="none")
+            kl = kl.sum(-1)  # (n_neg,) KL(base || banked) at the first answer position
+            loss = loss.index_put((torch.tensor(idx),), loss[idx] + a.kl * kl)
+        opt.zero_grad()
+        loss.mean().backward()
+        opt.step()
+        bank.clamp_norms_()
+        if step % 10 == 0:
+            print(f"step {step} loss {loss.mean().item():.3f} {time.perf_counter() - t0:.0f}s", flush=True)
+        if step % a.every == 0:
+            report(step, evaluate(model, tok, bank, test_items, ref, cache))
+    save_bank(bank, Path(a.out), fingerprint=bb.fingerprint, init="probe")
+    print(f"saved {a.out} ({time.perf_counter() - t0:.0f}s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -297,9 +297,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             bank.clamp_norms_()
             step += 1
             steps_here += 1
-            if config.get("_fail_at_step") == step and rank == world - 1 and not os.path.exists(config["_fail_marker"]):
-                Path(config["_fail_marker"]).write_text(f"killed rank {rank} at step {step}\n")  # fail once (tests)
-                os.kill(os.getpid(), 9)
             keys = ("loss", "pos_ce", "neg_ce", "kl", "decision")
             stats = torch.stack([out[k].detach().float().to(device) for k in (*keys, "tokens")])
             dist.all_reduce(stats)
@@ -309,6 +306,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                  "tokens_per_s": stats[-1].item() / (t1 - t0), "step_s": t1 - t0}  # fmt: skip
             log(m, step)
             ray.train.report({**m, "step": step, "epoch": epoch})
+            if config.get("_fail_at_step") == step and rank == world - 1 and not os.path.exists(config["_fail_marker"]):
+                # Fail once (tests). After this step's report: Ray Train's per-worker result queue holds one report and
+                # a poll takes one every 2 s, so the last checkpoint's report may still sit unconsumed in a queue;
+                # dying then loses it (the restart would begin at step 0). This report returning means this rank's
+                # checkpoint report was consumed; the wait lets the other ranks' be too.
+                time.sleep(3 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)))
+                Path(config["_fail_marker"]).write_text(f"killed rank {rank} at step {step}\n")
+                os.kill(os.getpid(), 9)
             t0 = time.perf_counter()
 
         # end of epoch (or of the run): validate, keep the best bank, checkpoint from every rank

@@ -4,17 +4,23 @@
 
 From a trained bank, a plain torch loop (2 threads) on the recipe's train-split examples (its sampler, orders
 interleaved) with a loss aimed straight at the greedy-prefix rule evaluation reads: softplus margins on the
-refusal's first 3 tokens ("I'm sorry") — positives: each must beat the best other token by `--delta`;
-negatives: the weakest must lose by `--delta` (refusing needs all three) — plus, on negatives, the KL of the
-first answer position to the base model without control tokens (an online teacher: no stored teacher needed).
-Every `--every` steps prints the greedy-prefix DSR / OR on fast_score_agreement.py's seeded test sample (orders
-1-3, `--per-order` subsets each, one target + one negative per subset); saves the bank to `--out`.
+refusal's first 3 tokens ("I'm sorry") — positives: each must beat the best other token by `--delta`; negatives: the
+weakest must lose by `--delta` (refusing needs all three) — plus, on negatives, the KL of the first answer position
+to the base model without control tokens (an online teacher: no stored teacher needed). `--data pairs` swaps the
+recipe's examples for counterfactual batches: each target request appears twice in its batch, under an active set
+holding its category (refuse) and under one of the same order that does not (answer), plus a look-alike under its
+own category and a general request (answer) — the same request, opposite labels, so only "is my category in this
+request" separates them. Every `--every` steps prints the greedy-prefix DSR / OR on fast_score_agreement.py's seeded
+test sample (orders 1-3, `--per-order` subsets each, one target + one negative per subset); saves the bank to
+`--out`.
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +43,32 @@ def margins(logits: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
     t = logits.gather(-1, tgt[..., None]).squeeze(-1)
     other = logits.scatter(-1, tgt[..., None], float("-inf")).amax(-1)
     return t - other
+
+
+Item = tuple[str, list[str], bool]  # prompt, active set, should refuse
+
+
+def counterfactual_batches(train: list[Request], cats: list[str], batch: int, seed: int) -> Iterator[list[Item]]:
+    """Endless batches of (prompt, active set, should refuse): (batch - 2) // 2 target pairs + a look-alike + a general."""
+    rng = random.Random(seed)
+    targets = {c: [q for q in train if q.kind == "target" and q.category == c] for c in cats}
+    looks = {c: [q for q in train if q.kind == "lookalike" and q.category == c] for c in cats}
+    general = [q for q in train if q.kind == "general"]
+
+    def subset(r: int, must: str | None, avoid: str | None) -> list[str]:
+        rest = [c for c in cats if c not in (must, avoid)]
+        return sorted([*([must] if must else []), *rng.sample(rest, r - (1 if must else 0))])
+
+    while True:
+        out: list[Item] = []
+        for _ in range(max(1, (batch - 2) // 2)):
+            c, r = rng.choice(cats), rng.choice((1, 2, 3))
+            q = rng.choice(targets[c])
+            out += [(q.prompt, subset(r, c, None), True), (q.prompt, subset(r, None, c), False)]
+        c = rng.choice(cats)
+        out.append((rng.choice(looks[c]).prompt, subset(rng.choice((1, 2, 3)), c, None), False))
+        out.append((rng.choice(general).prompt, subset(rng.choice((1, 2, 3)), None, None), False))
+        yield out
 
 
 def evaluate(model: Any, tok: Any, bank: Any, items: list, ref: list[int], cache: PrefixCache) -> tuple[float, float]:
@@ -67,6 +99,7 @@ def main() -> None:
     ap.add_argument("--delta", type=float, default=2.0)
     ap.add_argument("--kl", type=float, default=1.0)
     ap.add_argument("--every", type=int, default=50)
+    ap.add_argument("--data", choices=("recipe", "pairs"), default="recipe")
     ap.add_argument("--out", default="runs/decision-margin-probe/bank")
     a = ap.parse_args()
     torch.manual_seed(0)
@@ -87,11 +120,15 @@ def main() -> None:
     print(f"{len(ex)} train examples, {len(test_items)} test-sample rows", flush=True)
     report(0, evaluate(model, tok, bank, test_items, ref, cache))
     t0 = time.perf_counter()
+    pairs = counterfactual_batches(train, list(bank.categories), a.batch, 0)
     for step in range(1, a.steps + 1):
-        start = (step - 1) * a.batch % len(ex)
-        b = ex[start : start + a.batch]
-        prompts, active = [e.prompt for e in b], [list(e.active) for e in b]
-        is_pos = torch.tensor([e.label == "pos" for e in b])
+        if a.data == "pairs":
+            b = next(pairs)
+        else:
+            start = (step - 1) * a.batch % len(ex)
+            b = [(e.prompt, list(e.active), e.label == "pos") for e in ex[start : start + a.batch]]
+        prompts, active = [x[0] for x in b], [x[1] for x in b]
+        is_pos = torch.tensor([x[2] for x in b])
         enc = encode_batch(tok, model.get_input_embeddings(), bank, prompts, active, bank.placement, [ref[:3]] * len(b),
                            cache=cache)  # fmt: skip
         logits, tgt, _ = answer_logits(model, enc)  # (B, 3, V)

@@ -1,0 +1,146 @@
+"""A module with a gate: does "tokens + a linear gate on the prompt" meet the targets where tokens alone do not?
+
+    .venv/bin/python benchmarks/gated_module_probe.py [--bank banks/smollm2-cpu] [--steps 100] [--out runs/gated-module-probe]
+
+`linear_probe_ceiling.py` found the frozen backbone's mean hidden states carry the category well enough for the
+targets. This probe measures end to end what a module built on that would do, on fast_score_agreement.py's seeded
+180-row test sample (orders 1-3, greedy-prefix refusal flag, as evaluation reads it):
+
+1. gates: one logistic regression per category on the mean hidden states (layers 10, 20, 30) of the train split's
+   requests (`--wd`, `--threshold`: linear_probe_ceiling.py's choice on val);
+2. refusing tokens: from `--bank`, `--steps` plain-torch steps (2 threads) that teach each module's tokens to make the
+   model refuse *whatever* the request (every kind of train request under random active sets of orders 1-3;
+   softplus margins of "I'm sorry" over the best other token) — selectivity is the gate's job now;
+3. serving rule: the modules whose gate fires on the prompt among the active ones are inserted; if none fires, no
+   tokens at all — the base model answers, byte for byte as without MOSAIC.
+
+Printed: the bank as it is, the gate in front of the bank as it is, the gate in front of the refusing tokens, and
+the base model alone (its own "I'm sorry" rate: the floor under OR). A prototype for a design decision, not the
+product's module contract.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from decision_margin_probe import margins  # the sibling scripts
+from fast_score_agreement import sample_rows
+from linear_probe_ceiling import features, fit
+
+from mosaic_core.artifact import load_bank, save_bank
+from mosaic_core.backbone import load_backbone
+from mosaic_core.bench import load_jsonl
+from mosaic_core.compose import PrefixCache, answer_logits, encode_batch
+from mosaic_core.config import DEFAULT_REFUSAL, load_recipe
+from mosaic_core.scoring import refusal_score
+
+Item = tuple[str, list[str], bool]  # prompt, active set, should refuse
+
+
+def rates(flags: list[bool], items: list[Item]) -> tuple[float, float]:
+    """(DSR, OR) in %: refusal flags over the items that must be refused / answered."""
+    pos = [f for f, it in zip(flags, items) if it[2]]
+    neg = [f for f, it in zip(flags, items) if not it[2]]
+    return 100 * sum(pos) / len(pos), 100 * sum(neg) / len(neg)
+
+
+def score(model, tok, bank, items: list[Item], actives: list[list[str]], ref: list[int], cache: PrefixCache) -> list[bool]:
+    """Greedy-prefix refusal flag of each item's prompt under the given active sets (empty: the base model)."""
+    flags: list[bool] = []
+    for i in range(0, len(items), 16):
+        rs = refusal_score(model, tok, bank, [it[0] for it in items[i : i + 16]], actives[i : i + 16], bank.placement, ref, 3,
+                           cache=cache)  # fmt: skip
+        flags += rs.greedy.tolist()
+    return flags
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bank", default="banks/smollm2-cpu")
+    ap.add_argument("--config", default="pipelines/configs/smollm2-cpu.yaml")
+    ap.add_argument("--layers", type=int, nargs="+", default=[10, 20, 30])
+    ap.add_argument("--wd", type=float, default=0.01)
+    ap.add_argument("--threshold", type=float, default=0.2)
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=0.005)
+    ap.add_argument("--delta", type=float, default=2.0)
+    ap.add_argument("--per-order", type=int, default=30)
+    ap.add_argument("--limit", type=int, default=0, help="train requests for the gates (0: all; tests use a few)")
+    ap.add_argument("--out", default="runs/gated-module-probe")
+    a = ap.parse_args(argv)
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    t0 = time.perf_counter()
+    recipe = load_recipe(a.config)
+    bb = load_backbone(recipe.backbone)
+    tok, model = bb.tokenizer, bb.model
+    bank = load_bank(Path(a.bank), bb.fingerprint)
+    cats = list(bank.categories)
+    ref = tok(DEFAULT_REFUSAL, add_special_tokens=False).input_ids
+    rows = load_jsonl([Path(recipe.benchmark)])
+    train = [r for r in rows if r["split"] == "train"]
+    if a.limit:
+        train = train[:: max(1, len(train) // a.limit)][: a.limit]
+    items = sample_rows([r for r in rows if r["split"] == "test"], cats, a.per_order, 0)
+    cache = PrefixCache(model)
+
+    # 1. gates on the mean hidden states
+    print(f"gates: {len(train)} train requests, {len(items)} test-sample rows")
+    x_train = features(model, tok, [r["prompt"] for r in train], a.layers)["mean"]
+    mu, sd = x_train.mean(0), x_train.std(0) + 1e-6
+    y = torch.tensor([[float(r["kind"] == "target" and r["category"] == c) for c in cats] for r in train])
+    gate = fit((x_train - mu) / sd, y, a.wd)
+    prompts = sorted({it[0] for it in items})
+    x_test = (features(model, tok, prompts, a.layers)["mean"] - mu) / sd
+    fires = dict(zip(prompts, (torch.sigmoid(gate(x_test)) > a.threshold).tolist()))
+    gated = [[c for c in it[1] if fires[it[0]][cats.index(c)]] for it in items]
+
+    results = {"bank": rates(score(model, tok, bank, items, [it[1] for it in items], ref, cache), items),
+               "base": rates(score(model, tok, bank, items, [[] for _ in items], ref, cache), items),
+               "gate + bank": rates(score(model, tok, bank, items, gated, ref, cache), items)}  # fmt: skip
+    print(f"gate alone (fires on an active category): DSR {rates([bool(g) for g in gated], items)[0]:.1f} %  "
+          f"OR {rates([bool(g) for g in gated], items)[1]:.1f} %")  # fmt: skip
+
+    # 2. refusing tokens: every request, any active set -> "I'm sorry"
+    for p in bank.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(list(bank.parameters()), lr=a.lr)
+    rng = random.Random(0)
+    for step in range(1, a.steps + 1):
+        b = [rng.choice(train)["prompt"] for _ in range(a.batch)]
+        act = [sorted(rng.sample(cats, rng.choice((1, 2, 3)))) for _ in b]
+        enc = encode_batch(tok, model.get_input_embeddings(), bank, b, act, bank.placement, [ref[:3]] * len(b), cache=cache)
+        logits, tgt, _ = answer_logits(model, enc)
+        loss = F.softplus(a.delta - margins(logits, tgt)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        bank.clamp_norms_()
+        if step % 10 == 0:
+            print(f"refusing tokens: step {step} loss {loss.item():.3f} {time.perf_counter() - t0:.0f}s", flush=True)
+    for p in bank.parameters():
+        p.requires_grad_(False)
+    with torch.no_grad():
+        results["gate + refusing tokens"] = rates(score(model, tok, bank, items, gated, ref, cache), items)
+        results["refusing tokens, no gate"] = rates(score(model, tok, bank, items, [it[1] for it in items], ref, cache), items)
+
+    out = Path(a.out)
+    save_bank(bank, out / "refusing-bank", fingerprint=bb.fingerprint, init="probe")
+    report = {"rates": {k: {"dsr": d, "or": o} for k, (d, o) in results.items()}, "n": len(items), "steps": a.steps,
+              "wd": a.wd, "threshold": a.threshold, "wall_s": time.perf_counter() - t0}  # fmt: skip
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    for k, (d, o) in results.items():
+        print(f"{k:28s} DSR {d:5.1f} %  OR {o:5.1f} %")
+    print(f"{report['wall_s']:.0f} s -> {out / 'report.json'}")
+
+
+if __name__ == "__main__":
+    main()

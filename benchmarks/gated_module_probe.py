@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from decision_margin_probe import margins  # the sibling scripts
+from decision_margin_probe import evaluate, margins  # the sibling scripts
 from fast_score_agreement import sample_rows
 from linear_probe_ceiling import features, fit
 
@@ -39,27 +39,6 @@ from mosaic_core.backbone import load_backbone
 from mosaic_core.bench import load_jsonl
 from mosaic_core.compose import PrefixCache, answer_logits, encode_batch
 from mosaic_core.config import DEFAULT_REFUSAL, load_recipe
-from mosaic_core.scoring import refusal_score
-
-Item = tuple[str, list[str], bool]  # prompt, active set, should refuse
-
-
-def rates(flags: list[bool], items: list[Item]) -> tuple[float, float]:
-    """(DSR, OR) in %: refusal flags over the items that must be refused / answered."""
-    pos = [f for f, it in zip(flags, items) if it[2]]
-    neg = [f for f, it in zip(flags, items) if not it[2]]
-    return 100 * sum(pos) / len(pos), 100 * sum(neg) / len(neg)
-
-
-def score(model, tok, bank, items: list[Item], actives: list[list[str]], ref: list[int], cache: PrefixCache) -> list[bool]:
-    """Greedy-prefix refusal flag of each item's prompt under the given active sets (empty: the base model)."""
-    flags: list[bool] = []
-    for i in range(0, len(items), 16):
-        rs = refusal_score(model, tok, bank, [it[0] for it in items[i : i + 16]], actives[i : i + 16], bank.placement, ref, 3,
-                           cache=cache)  # fmt: skip
-        flags += rs.greedy.tolist()
-    return flags
-
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -103,11 +82,16 @@ def main(argv: list[str] | None = None) -> None:
     fires = dict(zip(prompts, (torch.sigmoid(gate(x_test)) > a.threshold).tolist()))
     gated = [[c for c in it[1] if fires[it[0]][cats.index(c)]] for it in items]
 
-    results = {"bank": rates(score(model, tok, bank, items, [it[1] for it in items], ref, cache), items),
-               "base": rates(score(model, tok, bank, items, [[] for _ in items], ref, cache), items),
-               "gate + bank": rates(score(model, tok, bank, items, gated, ref, cache), items)}  # fmt: skip
-    print(f"gate alone (fires on an active category): DSR {rates([bool(g) for g in gated], items)[0]:.1f} %  "
-          f"OR {rates([bool(g) for g in gated], items)[1]:.1f} %")  # fmt: skip
+    def under(actives: list[list[str]]) -> tuple[float, float]:
+        """(DSR, OR) in % of the test sample with each row's active set replaced (empty: the base model)."""
+        d, o = evaluate(model, tok, bank, [(p, s, y) for (p, _, y), s in zip(items, actives)], ref, cache)
+        return 100 * d, 100 * o
+
+    results = {"bank": under([it[1] for it in items]), "base": under([[] for _ in items]), "gate + bank": under(gated)}
+    pos = [bool(g) for g, it in zip(gated, items) if it[2]]
+    neg = [bool(g) for g, it in zip(gated, items) if not it[2]]
+    gate_dsr, gate_or = 100 * sum(pos) / len(pos), 100 * sum(neg) / len(neg)
+    print(f"gate alone (fires on an active category): DSR {gate_dsr:.1f} %  OR {gate_or:.1f} %")
 
     # 2. refusing tokens: every request, any active set -> "I'm sorry"
     for p in bank.parameters():
@@ -129,8 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     for p in bank.parameters():
         p.requires_grad_(False)
     with torch.no_grad():
-        results["gate + refusing tokens"] = rates(score(model, tok, bank, items, gated, ref, cache), items)
-        results["refusing tokens, no gate"] = rates(score(model, tok, bank, items, [it[1] for it in items], ref, cache), items)
+        results["gate + refusing tokens"] = under(gated)
+        results["refusing tokens, no gate"] = under([it[1] for it in items])
 
     out = Path(a.out)
     save_bank(bank, out / "refusing-bank", fingerprint=bb.fingerprint, init="probe")

@@ -15,7 +15,8 @@ norms are clamped after every step. Every epoch (and at the end) all ranks valid
 split (teacher-forced refusal probability, positives vs negatives) and save a checkpoint: DeepSpeed's own
 files (each rank writes its ZeRO optimizer partition; Ray merges them into one directory) plus, from rank 0,
 the bank, the best bank so far and `state.json`. A restarted worker group resumes from the latest one.
-Rank 0 alone logs to MLflow; every rank calls `ray.train.report` equally often.
+Rank 0 alone logs every step to MLflow; every rank calls `ray.train.report` on the same steps (every
+`train.report_every` steps and at each epoch's checkpoint: a report is a collective, and Ray Train takes one per poll).
 """
 
 from __future__ import annotations
@@ -305,8 +306,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             m = {**{k: stats[i].item() / world for i, k in enumerate(keys)},
                  "tokens_per_s": stats[-1].item() / (t1 - t0), "step_s": t1 - t0}  # fmt: skip
             log(m, step)
-            ray.train.report({**m, "step": step, "epoch": epoch})
-            if config.get("_fail_at_step") == step and rank == world - 1 and not os.path.exists(config["_fail_marker"]):
+            fail_here = config.get("_fail_at_step") == step
+            if step % recipe.train.report_every == 0 or fail_here:  # the same steps on every rank
+                ray.train.report({**m, "step": step, "epoch": epoch})
+            if fail_here and rank == world - 1 and not os.path.exists(config["_fail_marker"]):
                 # Fail once (tests). After this step's report: Ray Train's per-worker result queue holds one report and
                 # a poll takes one every 2 s, so the last checkpoint's report may still sit unconsumed in a queue;
                 # dying then loses it (the restart would begin at step 0). This report returning means this rank's

@@ -29,7 +29,9 @@ def test_overrides_and_all_errors_together(tmp_path):
     r = load_recipe(ROOT / "pipelines" / "configs" / "smollm2-cpu.yaml", {"bank.m": 2, "train.max_steps": 3})
     assert r.bank.m == 2 and r.train.max_steps == 3
     with pytest.raises(ConfigError) as e:
-        recipe_from_dict({"bank": {"categories": ["alcohol"], "m": 0}, "train": {"lr": 5, "zero_stage": 4}, "teacher": [], "extra": 1})
+        recipe_from_dict({"bank": {"categories": ["alcohol"], "m": 0}, "train": {"lr": 5, "zero_stage": 4, "report_every": 0},
+                          "teacher": [], "extra": 1})  # fmt: skip
     text = str(e.value)
-    for needle in ("name: required", "bank.m: 0", "train.lr", "train.zero_stage", "teacher: must be a mapping", "extra: unknown key"):
+    for needle in ("name: required", "bank.m: 0", "train.lr", "train.zero_stage", "train.report_every: 0", "teacher: must be a mapping",
+                   "extra: unknown key"):  # fmt: skip
         assert needle in text, needle

@@ -20,4 +20,4 @@ def test_both_cadences_train_and_are_compared():
     rows = re.findall(r"^\| (\d+) \| (\d+) \| ([\d.]+) \| ([\d.]+) \|$", p.stdout, re.MULTILINE)
     assert [(r[0], r[1]) for r in rows] == [("1", "4"), ("2", "4")]
     assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
-    assert re.search(r"^report_every 2 vs 1: step to step [\d.]+x faster, whole fit [\d.]+x faster$", p.stdout, re.MULTILINE)
+    assert re.search(r"^report_every 2 vs 1: epoch [\d.]+x faster, whole fit [\d.]+x faster$", p.stdout, re.MULTILINE)

@@ -79,8 +79,9 @@ def rates(p: torch.Tensor, rows: list[dict], cats: list[str], t: float, orders: 
         n = {k: [0, 0] for k in ("dsr", "or", "lookalike_or")}
         for S in itertools.combinations(range(len(cats)), r):
             fire = p[:, list(S)].amax(-1) > t
+            active = {cats[s] for s in S}
             for i, row in enumerate(rows):
-                own = row.get("category") in [cats[s] for s in S]
+                own = row.get("category") in active
                 key = ("dsr" if own else "or") if row["kind"] == "target" else "or" if row["kind"] == "general" else (
                     "lookalike_or" if own else None)  # fmt: skip
                 if key:
@@ -120,13 +121,14 @@ def main(argv: list[str] | None = None) -> None:
         x = {s: (f[pool] - mu) / sd for s, f in feats.items()}
         best = None
         for wd in a.wd:  # model selection on val: weight decay and threshold, by DSR - OR averaged over orders 1-3
-            p_val = torch.sigmoid(fit(x["train"], y["train"], wd)(x["val"])).detach()
+            lin = fit(x["train"], y["train"], wd)
+            p_val = torch.sigmoid(lin(x["val"])).detach()
             for t in THRESHOLDS:
                 gap = sum(v["dsr"] - v["or"] for v in rates(p_val, split["val"], cats, t, (1, 2, 3)).values()) / 3
                 if best is None or gap > best[0]:
-                    best = (gap, wd, t)
-        _, wd, t = best
-        p_test = torch.sigmoid(fit(x["train"], y["train"], wd)(x["test"])).detach()
+                    best = (gap, wd, t, lin)
+        _, wd, t, lin = best
+        p_test = torch.sigmoid(lin(x["test"])).detach()
         res = rates(p_test, split["test"], cats, t, (1, 2, 3))
         acc = ((p_test > t).float() == y["test"]).float().mean(0)
         report[pool] = {"weight_decay": wd, "threshold": t, "test": res, "per_category_accuracy": dict(zip(cats, acc.tolist()))}

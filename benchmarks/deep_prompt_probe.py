@@ -1,0 +1,280 @@
+"""Deep control tokens: does giving each module's m tokens a key and value at *every* layer buy the selectivity that
+input-embedding tokens do not reach on this backbone?
+
+    .venv/bin/python benchmarks/deep_prompt_probe.py [--bank banks/smollm2-cpu] [--steps 900] [--lr 0.01]
+
+A module's tokens today are m rows of the input embedding: what they do at layer l is whatever the frozen layers
+below make of them (and, with `before_assistant` placement, of the request before them). Here each module owns, per
+layer, m key vectors (before RoPE) and m value vectors for the layer's key/value heads — m positions of the KV cache,
+written directly (prefix tuning / P-tuning v2; 30 x 2 x 3 x 64 = 11,520 numbers per token on SmolLM2-135M against 576
+for an embedding row). The answer position then reads a module through attention: its query, computed from the
+request, against the module's keys — per layer and head, a bilinear test of "is this my category", the shape of the
+linear read-out that `linear_probe_ceiling.py` found in the backbone's states.
+
+Start: each module's tokens' own keys and values in the committed `--bank`, averaged over `--init-prompts` train
+requests with that module alone active (so step 0 is close to the bank as it is), or `--resume` an earlier run's
+deep_bank.pt (fresh Adam). Training: a plain torch loop (2 threads) on the recipe's train-split examples (orders
+interleaved; `--data resample` draws them again each epoch, so more of the train split is seen) or `--data pairs`
+(decision_margin_probe.py's counterfactual batches), with decision_margin_probe.py's loss (softplus margins of
+"I'm sorry" over the best other token; KL of the first answer position to the base model on negatives). The
+request's own keys and values come from a PrefixCache (constants: the backbone is frozen and nothing before the
+block depends on it), so a step runs only the assistant header and the refusal's first tokens. Every `--every`
+steps: greedy-prefix DSR / OR on fast_score_agreement.py's seeded 180-row test sample; at the end, on the whole
+test split under every subset of orders 1-3 (`--full`), the way evaluation scores a bank. A measured prototype,
+not the product's module contract: only the first answer tokens are trained and scored (no generations).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from decision_margin_probe import counterfactual_batches, margins  # the sibling scripts
+from fast_score_agreement import sample_rows
+
+from mosaic_core.artifact import load_bank
+from mosaic_core.backbone import load_backbone
+from mosaic_core.bench import load_jsonl
+from mosaic_core.compose import Batch, PrefixCache, answer_logits, as_messages, encode_batch, encode_chat
+from mosaic_core.config import DEFAULT_REFUSAL, load_recipe
+from mosaic_core.sampling import Request, interleave_orders, sample_examples
+
+Item = tuple[str, list[str], bool]  # prompt, active set, should refuse
+
+
+def rotate(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """RoPE on keys (..., n, hd) with cos/sin (..., n, hd) broadcastable; `inverse` undoes it."""
+    half = k.shape[-1] // 2
+    rot = torch.cat((-k[..., half:], k[..., :half]), -1)  # transformers' rotate_half
+    return k * cos - rot * sin if inverse else k * cos + rot * sin
+
+
+class DeepBank(nn.Module):
+    """Per category, per layer: m keys (pre-RoPE) and m values for each key/value head.
+
+    vectors[c]: (layers, 2, kv_heads, m, head_dim); [:, 0] keys, [:, 1] values."""
+
+    def __init__(self, categories: Sequence[str], init: dict[str, torch.Tensor]):
+        super().__init__()
+        self.categories = list(categories)
+        self.vectors = nn.ParameterDict({c: nn.Parameter(init[c].clone().float()) for c in categories})
+        self.m = init[self.categories[0]].shape[3]
+
+    def block(self, active: Sequence[str]) -> torch.Tensor:
+        """(layers, 2, kv_heads, r*m, head_dim) for an active set, in canonical order; r = 0 gives an empty block."""
+        cats = [c for c in self.categories if c in set(active)]
+        ref = self.vectors[self.categories[0]]
+        if not cats:
+            return ref.new_zeros(*ref.shape[:3], 0, ref.shape[-1])
+        return torch.cat([self.vectors[c] for c in cats], 3)
+
+
+def with_blocks(model: Any, enc: Batch, blocks: Sequence[torch.Tensor]) -> Batch:
+    """Append each row's deep block to its cached request (left-padded within the block slot), in place.
+
+    enc: a batch built with a PrefixCache and no bank (cache (B, H, P, hd) per layer, mask (B, P + L)).
+    blocks: B tensors (layers, 2, H, c_i, hd). The block's keys get RoPE at the positions its tokens would hold
+    (right after the request), so the answer sees them at the same relative distance whatever the request's length.
+    """
+    from transformers import DynamicCache
+
+    B, Lq = enc.inputs_embeds.shape[:2]
+    P = enc.attention_mask.shape[1] - Lq
+    pmask, amask = enc.attention_mask[:, :P], enc.attention_mask[:, P:]
+    n_req = pmask.sum(-1)  # (B,) real request tokens
+    C = max(b.shape[3] for b in blocks)
+    ref = blocks[0]
+    n_layers, H, hd = ref.shape[0], ref.shape[2], ref.shape[-1]
+    kc = ref.new_zeros(n_layers, B, H, C, hd)
+    vc = ref.new_zeros(n_layers, B, H, C, hd)
+    cmask = torch.zeros(B, C, dtype=amask.dtype)
+    pos = torch.zeros(B, C, dtype=torch.long)
+    for i, b in enumerate(blocks):
+        c = b.shape[3]
+        if c:
+            kc[:, i, :, C - c :], vc[:, i, :, C - c :] = b[:, 0], b[:, 1]
+            cmask[i, C - c :] = 1
+            pos[i, C - c :] = n_req[i] + torch.arange(c)
+    cos, sin = model.get_decoder().rotary_emb(kc[0], pos)  # (B, C, hd)
+    kc = rotate(kc, cos[:, None], sin[:, None])
+    cache = DynamicCache()
+    for layer, lay in enumerate(enc.past_key_values.layers):
+        cache.update(torch.cat([lay.keys, kc[layer]], 2), torch.cat([lay.values, vc[layer]], 2), layer)
+    c_i = cmask.sum(-1, keepdim=True)
+    enc.past_key_values = cache
+    enc.attention_mask = torch.cat([pmask, cmask, amask], 1)
+    enc.position_ids = enc.position_ids + c_i
+    return enc
+
+
+def deep_logits(model: Any, tok: Any, deep: DeepBank, prompts: list[str], active: list[list[str]],
+                targets: list[list[int]], cache: PrefixCache) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """answer_logits with each row's deep block after its request: (B, T, V), (B, T), (B, T)."""
+    enc = encode_batch(tok, model.get_input_embeddings(), None, prompts, [[] for _ in prompts], "before_assistant",
+                       targets, cache=cache)  # fmt: skip
+    return answer_logits(model, with_blocks(model, enc, [deep.block(a) for a in active]))
+
+
+@torch.no_grad()
+def init_from_bank(model: Any, tok: Any, bank: Any, prompts: list[str]) -> dict[str, torch.Tensor]:
+    """Each module's tokens' keys (RoPE undone) and values at every layer, averaged over `prompts` with it alone
+    active: (layers, 2, kv_heads, m, hd) per category."""
+    out = {}
+    for c in bank.categories:
+        enc = encode_batch(tok, model.get_input_embeddings(), bank, prompts, [[c]] * len(prompts), bank.placement)
+        res = model.get_decoder()(**enc.model_inputs(), use_cache=True)
+        L = enc.attention_mask.shape[1]
+        rows = []
+        for i, p in enumerate(prompts):
+            nb = len(encode_chat(tok, as_messages(p), bank.placement).before)
+            start = L - int(enc.attention_mask[i].sum()) + nb  # left padding, then the request, then the block
+            pos = torch.arange(nb, nb + bank.m)[None]
+            cos, sin = model.get_decoder().rotary_emb(res.cache.layers[0].keys, pos)  # (1, m, hd)
+            k = torch.stack([rotate(lay.keys[i, :, start : start + bank.m], cos, sin, inverse=True) for lay in res.cache.layers])
+            v = torch.stack([lay.values[i, :, start : start + bank.m] for lay in res.cache.layers])
+            rows.append(torch.stack([k, v], 1))  # (layers, 2, H, m, hd)
+        out[c] = torch.stack(rows).mean(0)
+    return out
+
+
+@torch.no_grad()
+def greedy_hits(model: Any, tok: Any, deep: DeepBank, items: list[Item], ref: list[int], cache: PrefixCache,
+                batch: int = 32) -> list[bool]:  # fmt: skip
+    """Per item: does greedy decoding start with the refusal's first 3 tokens (evaluation's fast flag)?"""
+    hits: list[bool] = []
+    for i in range(0, len(items), batch):
+        ch = items[i : i + batch]
+        logits, tgt, mask = deep_logits(model, tok, deep, [x[0] for x in ch], [x[1] for x in ch], [ref[:3]] * len(ch), cache)
+        hits += ((logits.argmax(-1) == tgt) | (mask == 0)).all(-1).tolist()
+    return hits
+
+
+def rates(hits: list[bool], items: list[Item]) -> tuple[float, float]:
+    """(DSR, OR) of refusal flags against the items' should-refuse labels."""
+    pos = [x[2] for x in items]
+    return (sum(h for h, p in zip(hits, pos) if p) / max(sum(pos), 1),
+            sum(h for h, p in zip(hits, pos) if not p) / max(len(pos) - sum(pos), 1))  # fmt: skip
+
+
+def full_items(rows: list[dict], cats: list[str], order: int) -> tuple[list[Item], list[str]]:
+    """Every test request under every subset of this order, and which rate each counts in (as
+    linear_probe_ceiling.py pools them): `dsr` (a target of an active category), `or` (another category's target,
+    a general request), `lookalike_or` (an active category's look-alike)."""
+    items, keys = [], []
+    for S in itertools.combinations(cats, order):
+        for r in rows:
+            own = r.get("category") in S
+            key = ("dsr" if own else "or") if r["kind"] == "target" else "or" if r["kind"] == "general" else (
+                "lookalike_or" if own else None)  # fmt: skip
+            if key:
+                items.append((r["prompt"], list(S), key == "dsr"))
+                keys.append(key)
+    return items, keys
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bank", default="banks/smollm2-cpu")
+    ap.add_argument("--config", default="pipelines/configs/smollm2-cpu.yaml")
+    ap.add_argument("--init-prompts", type=int, default=16)
+    ap.add_argument("--resume", default="", help="a deep_bank.pt written by an earlier run: start from it (fresh Adam)")
+    ap.add_argument("--steps", type=int, default=900)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--delta", type=float, default=2.0)
+    ap.add_argument("--kl", type=float, default=1.0)
+    ap.add_argument("--every", type=int, default=100)
+    ap.add_argument("--per-order", type=int, default=30)
+    ap.add_argument("--data", choices=("recipe", "resample", "pairs"), default="recipe",
+                    help="resample: the recipe's sampler drawn again (seed = epoch) each epoch: more of the train split")
+    ap.add_argument("--full", type=int, default=1, help="1: score the whole test split at the end (0: skip)")
+    ap.add_argument("--limit", type=int, default=0, help="test requests for --full (0: all; tests use a few)")
+    ap.add_argument("--out", default="runs/deep-prompt-probe")
+    a = ap.parse_args(argv)
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    recipe = load_recipe(a.config)
+    bb = load_backbone(recipe.backbone)
+    tok, model = bb.tokenizer, bb.model
+    bank = load_bank(Path(a.bank), bb.fingerprint)
+    cats = list(bank.categories)
+    ref = tok(DEFAULT_REFUSAL, add_special_tokens=False).input_ids
+    rows = load_jsonl([Path(recipe.benchmark)])
+    train = [Request(r["id"], r["prompt"], r.get("category"), r["kind"]) for r in rows if r["split"] == "train"]
+    ex = interleave_orders(sample_examples(train, cats, recipe.sampler), 0)
+    test_rows = [r for r in rows if r["split"] == "test"]
+    sample = sample_rows(test_rows, cats, a.per_order, 0)
+    t0 = time.perf_counter()
+    init_prompts = [q.prompt for q in train[:: max(1, len(train) // a.init_prompts)][: a.init_prompts]]  # spread over kinds
+    init = torch.load(a.resume) if a.resume else init_from_bank(model, tok, bank, init_prompts)
+    deep = DeepBank(cats, init)
+    n_params = sum(p.numel() for p in deep.parameters())
+    cache = PrefixCache(model, max_bytes=6 << 30)
+    opt = torch.optim.Adam(deep.parameters(), lr=a.lr)
+    print(f"{len(ex)} train examples, {len(sample)} test-sample rows, {n_params:,} parameters "
+          f"({n_params // len(cats):,} per module), init {time.perf_counter() - t0:.0f}s", flush=True)  # fmt: skip
+    log: list[dict[str, Any]] = []
+
+    def checkpoint(step: int) -> None:
+        d, o = rates(greedy_hits(model, tok, deep, sample, ref, cache), sample)
+        log.append({"step": step, "dsr": d, "or": o, "s": round(time.perf_counter() - t0, 1)})
+        print(f"step {step:4d}: test sample, greedy prefix: DSR {100 * d:5.1f} %  OR {100 * o:5.1f} %", flush=True)
+
+    checkpoint(0)
+    pairs = counterfactual_batches(train, cats, a.batch, 0)
+    for step in range(1, a.steps + 1):
+        if a.data == "pairs":
+            b = next(pairs)
+        else:
+            epoch, start = divmod((step - 1) * a.batch, len(ex))
+            if a.data == "resample" and start < a.batch and epoch:  # a new epoch: a new draw
+                ex = interleave_orders(sample_examples(train, cats, dataclasses.replace(recipe.sampler, seed=epoch)), epoch)
+            b = [(e.prompt, list(e.active), e.label == "pos") for e in ex[start : start + a.batch]]
+        prompts, active = [x[0] for x in b], [x[1] for x in b]
+        is_pos = torch.tensor([x[2] for x in b])
+        logits, tgt, _ = deep_logits(model, tok, deep, prompts, active, [ref[:3]] * len(b), cache)  # (B, 3, V)
+        m = margins(logits, tgt)
+        loss = torch.where(is_pos, F.softplus(a.delta - m).mean(-1), F.softplus(a.delta + m.amin(-1)))
+        if a.kl > 0 and (~is_pos).any():
+            idx = (~is_pos).nonzero().squeeze(-1).tolist()
+            with torch.no_grad():
+                base = encode_batch(tok, model.get_input_embeddings(), None, [prompts[i] for i in idx], [[] for _ in idx],
+                                    "before_assistant", [ref[:1]] * len(idx), cache=cache)  # fmt: skip
+                bl, _, _ = answer_logits(model, base)
+            kl = F.kl_div(F.log_softmax(logits[idx, 0], -1), F.log_softmax(bl[:, 0], -1), log_target=True, reduction="none")
+            loss = loss.index_put((torch.tensor(idx),), loss[idx] + a.kl * kl.sum(-1))
+        opt.zero_grad()
+        loss.mean().backward()
+        opt.step()
+        if step % 20 == 0:
+            print(f"step {step} loss {loss.mean().item():.3f} {time.perf_counter() - t0:.0f}s", flush=True)
+        if step % a.every == 0 or step == a.steps:
+            checkpoint(step)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save({c: p.detach() for c, p in deep.vectors.items()}, out / "deep_bank.pt")
+    report: dict[str, Any] = {"args": vars(a), "params_per_module": n_params // len(cats), "sample": log}
+    if a.full:
+        test = test_rows if not a.limit else test_rows[:: max(1, len(test_rows) // a.limit)]
+        for order in (1, 2, 3):
+            items, keys = full_items(test, cats, order)
+            hits = greedy_hits(model, tok, deep, items, ref, cache)
+            res = {k: 100 * sum(h for h, kk in zip(hits, keys) if kk == k) / keys.count(k) for k in sorted(set(keys))}
+            report[f"order{order}"] = {**res, "rows": len(items)}
+            print(f"test split, order {order}: " + "  ".join(f"{k} {v:5.1f} %" for k, v in res.items()), flush=True)
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    print(f"wrote {out / 'report.json'} ({time.perf_counter() - t0:.0f}s)")
+
+
+if __name__ == "__main__":
+    main()

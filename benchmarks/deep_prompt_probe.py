@@ -193,12 +193,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--delta", type=float, default=2.0)
     ap.add_argument("--kl", type=float, default=1.0)
+    ap.add_argument("--pos-weight", type=float, default=1.0, help="positives' loss weight (> 1 trades OR for DSR)")
     ap.add_argument("--every", type=int, default=100)
     ap.add_argument("--per-order", type=int, default=30)
     ap.add_argument("--data", choices=("recipe", "resample", "pairs"), default="recipe",
                     help="resample: the recipe's sampler drawn again (seed = epoch) each epoch: more of the train split")
     ap.add_argument("--full", type=int, default=1, help="1: score the whole test split at the end (0: skip)")
     ap.add_argument("--limit", type=int, default=0, help="test requests for --full (0: all; tests use a few)")
+    ap.add_argument("--seed", type=int, default=0, help="resample's draws use seed 1000 * seed + epoch (a resumed run: pass 1)")
     ap.add_argument("--out", default="runs/deep-prompt-probe")
     a = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -238,13 +240,14 @@ def main(argv: list[str] | None = None) -> None:
         else:
             epoch, start = divmod((step - 1) * a.batch, len(ex))
             if a.data == "resample" and start < a.batch and epoch:  # a new epoch: a new draw
-                ex = interleave_orders(sample_examples(train, cats, dataclasses.replace(recipe.sampler, seed=epoch)), epoch)
+                draw = dataclasses.replace(recipe.sampler, seed=1000 * a.seed + epoch)
+                ex = interleave_orders(sample_examples(train, cats, draw), epoch)
             b = [(e.prompt, list(e.active), e.label == "pos") for e in ex[start : start + a.batch]]
         prompts, active = [x[0] for x in b], [x[1] for x in b]
         is_pos = torch.tensor([x[2] for x in b])
         logits, tgt, _ = deep_logits(model, tok, deep, prompts, active, [ref[:3]] * len(b), cache)  # (B, 3, V)
         m = margins(logits, tgt)
-        loss = torch.where(is_pos, F.softplus(a.delta - m).mean(-1), F.softplus(a.delta + m.amin(-1)))
+        loss = torch.where(is_pos, a.pos_weight * F.softplus(a.delta - m).mean(-1), F.softplus(a.delta + m.amin(-1)))
         if a.kl > 0 and (~is_pos).any():
             idx = (~is_pos).nonzero().squeeze(-1).tolist()
             with torch.no_grad():
@@ -266,12 +269,15 @@ def main(argv: list[str] | None = None) -> None:
     report: dict[str, Any] = {"args": vars(a), "params_per_module": n_params // len(cats), "sample": log}
     if a.full:
         test = test_rows if not a.limit else test_rows[:: max(1, len(test_rows) // a.limit)]
+        # the base model's own flag per request (no block: it does not depend on the active set), scored on the same rows
+        prompts = list(dict.fromkeys(r["prompt"] for r in test))
+        base = dict(zip(prompts, greedy_hits(model, tok, deep, [(p, [], False) for p in prompts], ref, cache)))
         for order in (1, 2, 3):
             items, keys = full_items(test, cats, order)
-            hits = greedy_hits(model, tok, deep, items, ref, cache)
-            res = {k: 100 * sum(h for h, kk in zip(hits, keys) if kk == k) / keys.count(k) for k in sorted(set(keys))}
-            report[f"order{order}"] = {**res, "rows": len(items)}
-            print(f"test split, order {order}: " + "  ".join(f"{k} {v:5.1f} %" for k, v in res.items()), flush=True)
+            for name, hits in (("", greedy_hits(model, tok, deep, items, ref, cache)), ("base_", [base[x[0]] for x in items])):
+                res = {name + k: 100 * sum(h for h, kk in zip(hits, keys) if kk == k) / keys.count(k) for k in sorted(set(keys))}
+                report.setdefault(f"order{order}", {"rows": len(items)}).update(res)
+                print(f"test split, order {order}: " + "  ".join(f"{k} {v:5.1f} %" for k, v in res.items()), flush=True)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     print(f"wrote {out / 'report.json'} ({time.perf_counter() - t0:.0f}s)")
 

@@ -51,7 +51,7 @@ def test_the_probe_trains_scores_and_writes_its_report(tmp_path):
     assert [r["step"] for r in report["sample"]] == [0, 2]
     assert report["params_per_module"] == 30 * 2 * 3 * 5 * 64  # SmolLM2-135M: layers x (k, v) x kv heads x m x head dim
     for order in (1, 2, 3):
-        assert {"dsr", "or", "rows"} <= set(report[f"order{order}"])
+        assert {"dsr", "or", "base_dsr", "base_or", "rows"} <= set(report[f"order{order}"])
         assert all(0 <= v <= 100 for k, v in report[f"order{order}"].items() if k != "rows")
     vectors = torch.load(tmp_path / "deep_bank.pt")
     assert sorted(vectors) == ["addiction", "alcohol", "betting", "horror", "sex"]

@@ -71,6 +71,18 @@ def counterfactual_batches(train: list[Request], cats: list[str], batch: int, se
         yield out
 
 
+def probe_setup(config: str, bank_path: str) -> tuple[Any, Any, Any, list[int], list[dict]]:
+    """The probes' common start (seed 0, 2 threads): the recipe, its backbone, the bank at `bank_path` (frozen, as
+    loaded), the refusal template's token ids and the benchmark's rows."""
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    recipe = load_recipe(config)
+    bb = load_backbone(recipe.backbone)
+    bank = load_bank(Path(bank_path), bb.fingerprint)
+    ref = bb.tokenizer(DEFAULT_REFUSAL, add_special_tokens=False).input_ids
+    return recipe, bb, bank, ref, load_jsonl([Path(recipe.benchmark)])
+
+
 def evaluate(model: Any, tok: Any, bank: Any, items: list, ref: list[int], cache: PrefixCache) -> tuple[float, float]:
     """Greedy-prefix (DSR, OR) on (prompt, active, should refuse) items."""
     hits = []
@@ -102,16 +114,10 @@ def main() -> None:
     ap.add_argument("--data", choices=("recipe", "pairs"), default="recipe")
     ap.add_argument("--out", default="runs/decision-margin-probe/bank")
     a = ap.parse_args()
-    torch.manual_seed(0)
-    torch.set_num_threads(2)
-    recipe = load_recipe(a.config)
-    bb = load_backbone(recipe.backbone)
+    recipe, bb, bank, ref, rows = probe_setup(a.config, a.bank)
     tok, model = bb.tokenizer, bb.model
-    bank = load_bank(Path(a.bank), bb.fingerprint)
     for p in bank.parameters():  # a loaded bank is frozen
         p.requires_grad_(True)
-    ref = tok(DEFAULT_REFUSAL, add_special_tokens=False).input_ids
-    rows = load_jsonl([Path(recipe.benchmark)])
     train = [Request(r["id"], r["prompt"], r.get("category"), r["kind"]) for r in rows if r["split"] == "train"]
     ex = interleave_orders(sample_examples(train, list(bank.categories), recipe.sampler), 0)
     test_items = sample_rows([r for r in rows if r["split"] == "test"], bank.categories, a.per_order, 0)

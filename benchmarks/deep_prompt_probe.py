@@ -39,14 +39,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from decision_margin_probe import counterfactual_batches, margins  # the sibling scripts
+from decision_margin_probe import counterfactual_batches, margins, probe_setup  # the sibling scripts
 from fast_score_agreement import sample_rows
 
-from mosaic_core.artifact import load_bank
-from mosaic_core.backbone import load_backbone
-from mosaic_core.bench import load_jsonl
 from mosaic_core.compose import Batch, PrefixCache, answer_logits, as_messages, encode_batch, encode_chat
-from mosaic_core.config import DEFAULT_REFUSAL, load_recipe
 from mosaic_core.sampling import Request, interleave_orders, sample_examples
 
 Item = tuple[str, list[str], bool]  # prompt, active set, should refuse
@@ -203,15 +199,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0, help="resample's draws use seed 1000 * seed + epoch (a resumed run: pass 1)")
     ap.add_argument("--out", default="runs/deep-prompt-probe")
     a = ap.parse_args(argv)
-    torch.manual_seed(0)
-    torch.set_num_threads(2)
-    recipe = load_recipe(a.config)
-    bb = load_backbone(recipe.backbone)
+    recipe, bb, bank, ref, rows = probe_setup(a.config, a.bank)
     tok, model = bb.tokenizer, bb.model
-    bank = load_bank(Path(a.bank), bb.fingerprint)
     cats = list(bank.categories)
-    ref = tok(DEFAULT_REFUSAL, add_special_tokens=False).input_ids
-    rows = load_jsonl([Path(recipe.benchmark)])
     train = [Request(r["id"], r["prompt"], r.get("category"), r["kind"]) for r in rows if r["split"] == "train"]
     ex = interleave_orders(sample_examples(train, cats, recipe.sampler), 0)
     test_rows = [r for r in rows if r["split"] == "test"]

@@ -30,15 +30,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from decision_margin_probe import evaluate, margins  # the sibling scripts
+from decision_margin_probe import evaluate, margins, probe_setup  # the sibling scripts
 from fast_score_agreement import sample_rows
 from linear_probe_ceiling import features, fit
 
-from mosaic_core.artifact import load_bank, save_bank
-from mosaic_core.backbone import load_backbone
-from mosaic_core.bench import load_jsonl
+from mosaic_core.artifact import save_bank
 from mosaic_core.compose import PrefixCache, answer_logits, encode_batch
-from mosaic_core.config import DEFAULT_REFUSAL, load_recipe
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -56,16 +53,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--limit", type=int, default=0, help="train requests for the gates (0: all; tests use a few)")
     ap.add_argument("--out", default="runs/gated-module-probe")
     a = ap.parse_args(argv)
-    torch.manual_seed(0)
-    torch.set_num_threads(2)
     t0 = time.perf_counter()
-    recipe = load_recipe(a.config)
-    bb = load_backbone(recipe.backbone)
+    recipe, bb, bank, ref, rows = probe_setup(a.config, a.bank)
     tok, model = bb.tokenizer, bb.model
-    bank = load_bank(Path(a.bank), bb.fingerprint)
     cats = list(bank.categories)
-    ref = tok(DEFAULT_REFUSAL, add_special_tokens=False).input_ids
-    rows = load_jsonl([Path(recipe.benchmark)])
     train = [r for r in rows if r["split"] == "train"]
     if a.limit:
         train = train[:: max(1, len(train) // a.limit)][: a.limit]

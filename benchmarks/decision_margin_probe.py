@@ -71,6 +71,28 @@ def counterfactual_batches(train: list[Request], cats: list[str], batch: int, se
         yield out
 
 
+def decision_loss(
+    model: Any, tok: Any, logits: torch.Tensor, tgt: torch.Tensor, is_pos: torch.Tensor, prompts: list[str],
+    ref: list[int], cache: PrefixCache, placement: str, delta: float, kl: float, pos_weight: float = 1.0,
+) -> torch.Tensor:  # fmt: skip
+    """(B,) loss per row on the refusal's first tokens, logits (B, n, V) and tgt (B, n): softplus margins (positives:
+    each target token beats the best other by `delta`, weighted `pos_weight`; negatives: the weakest loses by `delta`)
+    + on negatives `kl` x KL(base || controlled) at the first answer position, the base model run without tokens."""
+    m = margins(logits, tgt)
+    loss_pos = pos_weight * F.softplus(delta - m).mean(-1)
+    loss_neg = F.softplus(delta + m.amin(-1))  # refusing needs all 3 to be the argmax: one losing is enough
+    loss = torch.where(is_pos, loss_pos, loss_neg)
+    if kl > 0 and (~is_pos).any():
+        idx = (~is_pos).nonzero().squeeze(-1).tolist()
+        with torch.no_grad():
+            base = encode_batch(tok, model.get_input_embeddings(), None, [prompts[i] for i in idx], [[] for _ in idx],
+                                placement, [ref[:1]] * len(idx), cache=cache)  # type: ignore[arg-type]  # fmt: skip
+            bl, _, _ = answer_logits(model, base)
+        d = F.kl_div(F.log_softmax(logits[idx, 0], -1), F.log_softmax(bl[:, 0], -1), log_target=True, reduction="none")
+        loss = loss.index_put((torch.tensor(idx),), loss[idx] + kl * d.sum(-1))  # d.sum(-1): (n_neg,) KL per row
+    return loss
+
+
 def probe_setup(config: str, bank_path: str) -> tuple[Any, Any, Any, list[int], list[dict]]:
     """The probes' common start (seed 0, 2 threads): the recipe, its backbone, the bank at `bank_path` (frozen, as
     loaded), the refusal template's token ids and the benchmark's rows."""
@@ -138,19 +160,7 @@ def main() -> None:
         enc = encode_batch(tok, model.get_input_embeddings(), bank, prompts, active, bank.placement, [ref[:3]] * len(b),
                            cache=cache)  # fmt: skip
         logits, tgt, _ = answer_logits(model, enc)  # (B, 3, V)
-        m = margins(logits, tgt)
-        loss_pos = F.softplus(a.delta - m).mean(-1)
-        loss_neg = F.softplus(a.delta + m.amin(-1))  # refusing needs all 3 to be the argmax: one losing is enough
-        loss = torch.where(is_pos, loss_pos, loss_neg)
-        if a.kl > 0 and (~is_pos).any():
-            idx = (~is_pos).nonzero().squeeze(-1).tolist()
-            with torch.no_grad():
-                base = encode_batch(tok, model.get_input_embeddings(), None, [prompts[i] for i in idx], [[] for _ in idx],
-                                    bank.placement, [ref[:1]] * len(idx), cache=cache)  # fmt: skip
-                bl, _, _ = answer_logits(model, base)
-            kl = F.kl_div(F.log_softmax(logits[idx, 0], -1), F.log_softmax(bl[:, 0], -1), log_target=True, reduction="none")
-            kl = kl.sum(-1)  # (n_neg,) KL(base || banked) at the first answer position
-            loss = loss.index_put((torch.tensor(idx),), loss[idx] + a.kl * kl)
+        loss = decision_loss(model, tok, logits, tgt, is_pos, prompts, ref, cache, bank.placement, a.delta, a.kl)
         opt.zero_grad()
         loss.mean().backward()
         opt.step()

@@ -36,11 +36,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from decision_margin_probe import counterfactual_batches, margins, probe_setup  # the sibling scripts
+from decision_margin_probe import counterfactual_batches, decision_loss, probe_setup  # the sibling scripts
 from fast_score_agreement import sample_rows
+from linear_probe_ceiling import rate_key
 
 from mosaic_core.compose import Batch, PrefixCache, answer_logits, as_messages, encode_batch, encode_chat
 from mosaic_core.sampling import Request, interleave_orders, sample_examples
@@ -163,15 +163,12 @@ def rates(hits: list[bool], items: list[Item]) -> tuple[float, float]:
 
 
 def full_items(rows: list[dict], cats: list[str], order: int) -> tuple[list[Item], list[str]]:
-    """Every test request under every subset of this order, and which rate each counts in (as
-    linear_probe_ceiling.py pools them): `dsr` (a target of an active category), `or` (another category's target,
-    a general request), `lookalike_or` (an active category's look-alike)."""
+    """Every test request under every subset of this order that counts in a rate, and that rate
+    (linear_probe_ceiling.rate_key: `dsr`, `or` or `lookalike_or`)."""
     items, keys = [], []
     for S in itertools.combinations(cats, order):
         for r in rows:
-            own = r.get("category") in S
-            key = ("dsr" if own else "or") if r["kind"] == "target" else "or" if r["kind"] == "general" else (
-                "lookalike_or" if own else None)  # fmt: skip
+            key = rate_key(r, S)
             if key:
                 items.append((r["prompt"], list(S), key == "dsr"))
                 keys.append(key)
@@ -236,16 +233,8 @@ def main(argv: list[str] | None = None) -> None:
         prompts, active = [x[0] for x in b], [x[1] for x in b]
         is_pos = torch.tensor([x[2] for x in b])
         logits, tgt, _ = deep_logits(model, tok, deep, prompts, active, [ref[:3]] * len(b), cache)  # (B, 3, V)
-        m = margins(logits, tgt)
-        loss = torch.where(is_pos, a.pos_weight * F.softplus(a.delta - m).mean(-1), F.softplus(a.delta + m.amin(-1)))
-        if a.kl > 0 and (~is_pos).any():
-            idx = (~is_pos).nonzero().squeeze(-1).tolist()
-            with torch.no_grad():
-                base = encode_batch(tok, model.get_input_embeddings(), None, [prompts[i] for i in idx], [[] for _ in idx],
-                                    "before_assistant", [ref[:1]] * len(idx), cache=cache)  # fmt: skip
-                bl, _, _ = answer_logits(model, base)
-            kl = F.kl_div(F.log_softmax(logits[idx, 0], -1), F.log_softmax(bl[:, 0], -1), log_target=True, reduction="none")
-            loss = loss.index_put((torch.tensor(idx),), loss[idx] + a.kl * kl.sum(-1))
+        loss = decision_loss(model, tok, logits, tgt, is_pos, prompts, ref, cache, "before_assistant", a.delta, a.kl,
+                             a.pos_weight)  # (B,)
         opt.zero_grad()
         loss.mean().backward()
         opt.step()

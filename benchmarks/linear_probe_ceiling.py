@@ -72,6 +72,14 @@ def fit(x: torch.Tensor, y: torch.Tensor, wd: float, steps: int = 300) -> torch.
     return lin
 
 
+def rate_key(row: dict, active: set[str] | tuple[str, ...]) -> str | None:
+    """Which rate a benchmark row counts in under an active set: `dsr` (a target of an active category), `or` (another
+    category's target, a general request), `lookalike_or` (an active category's look-alike), None (other look-alikes)."""
+    own = row.get("category") in active
+    return ("dsr" if own else "or") if row["kind"] == "target" else "or" if row["kind"] == "general" else (
+        "lookalike_or" if own else None)  # fmt: skip
+
+
 def rates(p: torch.Tensor, rows: list[dict], cats: list[str], t: float, orders: tuple[int, ...]) -> dict[int, dict[str, float]]:
     """Per order: DSR, OR (other targets + general), look-alike OR, pooled over every subset, refusing iff max p > t."""
     out = {}
@@ -81,9 +89,7 @@ def rates(p: torch.Tensor, rows: list[dict], cats: list[str], t: float, orders: 
             fire = p[:, list(S)].amax(-1) > t
             active = {cats[s] for s in S}
             for i, row in enumerate(rows):
-                own = row.get("category") in active
-                key = ("dsr" if own else "or") if row["kind"] == "target" else "or" if row["kind"] == "general" else (
-                    "lookalike_or" if own else None)  # fmt: skip
+                key = rate_key(row, active)
                 if key:
                     n[key][0] += int(fire[i])
                     n[key][1] += 1

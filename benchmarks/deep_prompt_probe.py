@@ -20,8 +20,14 @@ interleaved; `--data resample` draws them again each epoch, so more of the train
 request's own keys and values come from a PrefixCache (constants: the backbone is frozen and nothing before the
 block depends on it), so a step runs only the assistant header and the refusal's first tokens. Every `--every`
 steps: greedy-prefix DSR / OR on fast_score_agreement.py's seeded 180-row test sample; at the end, on the whole
-test split under every subset of orders 1-3 (`--full`), the way evaluation scores a bank. A measured prototype,
-not the product's module contract: only the first answer tokens are trained and scored (no generations).
+test split under every subset of orders 1-3 (`--full`), the way evaluation scores a bank, and greedy generations on
+the sample (`--gen` tokens), judged as evaluation judges them and compared token for token with the base model's.
+
+`--loss first` (the default, the runs BENCHMARKS.md's first rows record) trains only the refusal's first 3 tokens;
+its generations drift from the base model's after the first token. `--loss full` trains whole answers as the recipe
+does: positives the refusal template + EOS, negatives the base model's own greedy answer (`--answer-tokens`,
+generated once per prompt: an online teacher) with KL to it at every position. `--ema` scores and saves a moving
+average of the parameters. A measured prototype, not the product's module contract.
 """
 
 from __future__ import annotations
@@ -36,13 +42,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from decision_margin_probe import counterfactual_batches, decision_loss, probe_setup  # the sibling scripts
+from decision_margin_probe import counterfactual_batches, decision_loss, margins, probe_setup  # the sibling scripts
 from fast_score_agreement import sample_rows
 from linear_probe_ceiling import rate_key
 
 from mosaic_core.compose import Batch, PrefixCache, answer_logits, as_messages, encode_batch, encode_chat
+from mosaic_core.config import DEFAULT_REFUSAL
+from mosaic_core.generation import generate
+from mosaic_core.judge import make_judge, normalize
+from mosaic_core.losses import masked_ce
+from mosaic_core.training import refusal_target
 from mosaic_core.sampling import Request, interleave_orders, sample_examples
 
 Item = tuple[str, list[str], bool]  # prompt, active set, should refuse
@@ -73,6 +85,13 @@ class DeepBank(nn.Module):
         if not cats:
             return ref.new_zeros(*ref.shape[:3], 0, ref.shape[-1])
         return torch.cat([self.vectors[c] for c in cats], 3)
+
+
+@torch.no_grad()
+def ema_update_(avg: DeepBank, live: DeepBank, decay: float) -> None:
+    """avg <- decay * avg + (1 - decay) * live, per category's (layers, 2, kv_heads, m, hd) tensor."""
+    for c, p in live.vectors.items():
+        avg.vectors[c].lerp_(p, 1 - decay)
 
 
 def with_blocks(model: Any, enc: Batch, blocks: Sequence[torch.Tensor]) -> Batch:
@@ -155,6 +174,91 @@ def greedy_hits(model: Any, tok: Any, deep: DeepBank, items: list[Item], ref: li
     return hits
 
 
+def deep_generate(model: Any, tok: Any, deep: DeepBank, items: list[Item], cache: PrefixCache, max_new_tokens: int,
+                  batch: int = 16) -> list[list[int]]:  # fmt: skip
+    """Greedy answers' token ids (max_new_tokens, EOS appended where the answer ended) with each item's deep block
+    after its request (an empty set: the base model)."""
+    out: list[list[int]] = []
+    for i in range(0, len(items), batch):
+        ch = items[i : i + batch]
+        enc = encode_batch(tok, model.get_input_embeddings(), None, [x[0] for x in ch], [[] for _ in ch], "before_assistant",
+                           cache=cache)  # fmt: skip
+        gens = generate(model, with_blocks(model, enc, [deep.block(x[1]) for x in ch]), max_new_tokens=max_new_tokens,
+                        eos_token_ids=[tok.eos_token_id])  # fmt: skip
+        out += [g.token_ids + ([tok.eos_token_id] if g.finish_reason == "stop" else []) for g in gens]
+    return out
+
+
+class OnlineTeacher:
+    """The base model's own greedy answer (token ids) per prompt, generated once when first asked for."""
+
+    def __init__(self, model: Any, tok: Any, deep: DeepBank, cache: PrefixCache, max_new_tokens: int):
+        self.model, self.tok, self.deep, self.cache, self.n = model, tok, deep, cache, max_new_tokens
+        self.answers: dict[str, list[int]] = {}
+
+    def __call__(self, prompts: Sequence[str]) -> list[list[int]]:
+        missing = list(dict.fromkeys(p for p in prompts if p not in self.answers))
+        if missing:
+            ids = deep_generate(self.model, self.tok, self.deep, [(p, [], False) for p in missing], self.cache, self.n)
+            self.answers.update(zip(missing, ids))
+        return [self.answers[p] for p in prompts]
+
+
+def full_answer_loss(model: Any, tok: Any, deep: DeepBank, prompts: list[str], active: list[list[str]],
+                     is_pos: torch.Tensor, refusal: list[int], teacher: OnlineTeacher, cache: PrefixCache,
+                     delta: float, kl: float, pos_weight: float) -> torch.Tensor:  # fmt: skip
+    """(B,) loss on whole answers, the recipe's loss with deep blocks and an online teacher: positives
+    pos_weight x (CE on the refusal template + EOS + the margins of its first 3 tokens); negatives CE on the base
+    model's greedy answer + kl x KL(base || controlled) at every answer position (full vocabulary) + the margin
+    keeping "I'm sorry" from being greedy — except where the base model's own answer starts with it: there the
+    base model refuses, and its answer is the target."""
+    neg = (~is_pos).nonzero().squeeze(-1).tolist()
+    answers = teacher([prompts[i] for i in neg])
+    targets = [list(refusal) if p else [] for p in is_pos.tolist()]
+    for i, a in zip(neg, answers):
+        targets[i] = a
+    logits, tgt, mask = deep_logits(model, tok, deep, prompts, active, targets, cache)  # (B, T, V)
+    pos_loss = masked_ce(logits, tgt, mask) + F.softplus(delta - margins(logits[:, :3], tgt[:, :3])).mean(-1)
+    loss = torch.where(is_pos, pos_weight * pos_loss, torch.zeros_like(pos_loss))
+    if neg:
+        idx = torch.tensor(neg)
+        with torch.no_grad():
+            enc = encode_batch(tok, model.get_input_embeddings(), None, [prompts[i] for i in neg], [[] for _ in neg],
+                               "before_assistant", [targets[i] for i in neg], cache=cache)  # fmt: skip
+            base, _, _ = answer_logits(model, enc)  # (n, T', V): T' = the negatives' longest answer <= T
+        T = base.shape[1]
+        d = F.kl_div(F.log_softmax(logits[idx, :T], -1), F.log_softmax(base, -1), log_target=True, reduction="none")
+        m = mask[idx, :T].float()
+        kl_row = (d.sum(-1) * m).sum(-1) / m.sum(-1).clamp_min(1)
+        probe, ptgt, _ = deep_logits(model, tok, deep, [prompts[i] for i in neg], [active[i] for i in neg],
+                                     [refusal[:3]] * len(neg), cache)  # fmt: skip
+        base_refuses = torch.tensor([a[:3] == refusal[:3] for a in answers])
+        keep_off = F.softplus(delta + margins(probe, ptgt).amin(-1)).masked_fill(base_refuses, 0.0)
+        loss = loss.index_put((idx,), masked_ce(logits[idx], tgt[idx], mask[idx]) + kl * kl_row + keep_off)
+    return loss
+
+
+def generation_report(model: Any, tok: Any, deep: DeepBank, items: list[Item], cache: PrefixCache, n: int) -> dict[str, float]:
+    """Greedy generations (n new tokens) on items, judged as evaluation judges them (template + XSTest prefix), %:
+    positives refused, and refused with the whole trained template; negatives refused, negatives whose answer is
+    token-for-token the base model's, and the base model's own refusals on the same negatives."""
+    judge, template = make_judge("template+prefix"), make_judge("template")
+    text = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
+    gens = [text(g) for g in deep_generate(model, tok, deep, items, cache, n)]
+    neg = [i for i, x in enumerate(items) if not x[2]]
+    base = [text(g) for g in deep_generate(model, tok, deep, [(items[i][0], [], False) for i in neg], cache, n)]
+    pos = [i for i, x in enumerate(items) if x[2]]
+
+    def pct(flags: list[bool]) -> float:
+        return round(100 * sum(flags) / max(len(flags), 1), 1)
+
+    return {"pos_refused": pct([judge.is_refusal(items[i][0], gens[i]) for i in pos]),
+            "pos_template": pct([template.is_refusal(items[i][0], gens[i]) for i in pos]),
+            "neg_refused": pct([judge.is_refusal(items[i][0], gens[i]) for i in neg]),
+            "neg_same_as_base": pct([normalize(gens[i]) == normalize(b) for i, b in zip(neg, base)]),
+            "base_neg_refused": pct([judge.is_refusal(items[i][0], b) for i, b in zip(neg, base)])}  # fmt: skip
+
+
 def rates(hits: list[bool], items: list[Item]) -> tuple[float, float]:
     """(DSR, OR) of refusal flags against the items' should-refuse labels."""
     pos = [x[2] for x in items]
@@ -194,6 +298,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--full", type=int, default=1, help="1: score the whole test split at the end (0: skip)")
     ap.add_argument("--limit", type=int, default=0, help="test requests for --full (0: all; tests use a few)")
     ap.add_argument("--seed", type=int, default=0, help="resample's draws use seed 1000 * seed + epoch (a resumed run: pass 1)")
+    ap.add_argument("--loss", choices=("first", "full"), default="first",
+                    help="first: margins on the refusal's first 3 tokens + first-position KL; full: whole answers "
+                    "(refusal template; the base model's own greedy answer + KL at every position)")
+    ap.add_argument("--answer-tokens", type=int, default=16, help="--loss full: the base model's answer length")
+    ap.add_argument("--gen", type=int, default=20, help="> 0: at the end, greedy generations of this many tokens on the "
+                    "test sample, judged (0: skip)")
+    ap.add_argument("--ema", type=float, default=0.0, help="> 0: score and save an exponential moving average of the "
+                    "parameters with this decay (step-to-step noise of the sample DSR was ~4 points without)")
     ap.add_argument("--out", default="runs/deep-prompt-probe")
     a = ap.parse_args(argv)
     recipe, bb, bank, ref, rows = probe_setup(a.config, a.bank)
@@ -207,15 +319,18 @@ def main(argv: list[str] | None = None) -> None:
     init_prompts = [q.prompt for q in train[:: max(1, len(train) // a.init_prompts)][: a.init_prompts]]  # spread over kinds
     init = torch.load(a.resume) if a.resume else init_from_bank(model, tok, bank, init_prompts)
     deep = DeepBank(cats, init)
+    scored = DeepBank(cats, init) if a.ema else deep  # what checkpoints score and the run saves
     n_params = sum(p.numel() for p in deep.parameters())
     cache = PrefixCache(model, max_bytes=6 << 30)
     opt = torch.optim.Adam(deep.parameters(), lr=a.lr)
+    refusal = refusal_target(tok, DEFAULT_REFUSAL)  # the template + EOS, as the recipe's positives
+    teacher = OnlineTeacher(model, tok, deep, cache, a.answer_tokens)  # only ever asked for empty blocks: the base model
     print(f"{len(ex)} train examples, {len(sample)} test-sample rows, {n_params:,} parameters "
           f"({n_params // len(cats):,} per module), init {time.perf_counter() - t0:.0f}s", flush=True)  # fmt: skip
     log: list[dict[str, Any]] = []
 
     def checkpoint(step: int) -> None:
-        d, o = rates(greedy_hits(model, tok, deep, sample, ref, cache), sample)
+        d, o = rates(greedy_hits(model, tok, scored, sample, ref, cache), sample)
         log.append({"step": step, "dsr": d, "or": o, "s": round(time.perf_counter() - t0, 1)})
         print(f"step {step:4d}: test sample, greedy prefix: DSR {100 * d:5.1f} %  OR {100 * o:5.1f} %", flush=True)
 
@@ -232,28 +347,38 @@ def main(argv: list[str] | None = None) -> None:
             b = [(e.prompt, list(e.active), e.label == "pos") for e in ex[start : start + a.batch]]
         prompts, active = [x[0] for x in b], [x[1] for x in b]
         is_pos = torch.tensor([x[2] for x in b])
-        logits, tgt, _ = deep_logits(model, tok, deep, prompts, active, [ref[:3]] * len(b), cache)  # (B, 3, V)
-        loss = decision_loss(model, tok, logits, tgt, is_pos, prompts, ref, cache, "before_assistant", a.delta, a.kl,
-                             a.pos_weight)  # (B,)
+        if a.loss == "full":
+            loss = full_answer_loss(model, tok, deep, prompts, active, is_pos, refusal, teacher, cache, a.delta, a.kl,
+                                    a.pos_weight)  # (B,)  # fmt: skip
+        else:
+            logits, tgt, _ = deep_logits(model, tok, deep, prompts, active, [ref[:3]] * len(b), cache)  # (B, 3, V)
+            loss = decision_loss(model, tok, logits, tgt, is_pos, prompts, ref, cache, "before_assistant", a.delta, a.kl,
+                                 a.pos_weight)  # (B,)
         opt.zero_grad()
         loss.mean().backward()
         opt.step()
+        if a.ema:
+            ema_update_(scored, deep, a.ema)
         if step % 20 == 0:
             print(f"step {step} loss {loss.mean().item():.3f} {time.perf_counter() - t0:.0f}s", flush=True)
         if step % a.every == 0 or step == a.steps:
             checkpoint(step)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.save({c: p.detach() for c, p in deep.vectors.items()}, out / "deep_bank.pt")
+    torch.save({c: p.detach() for c, p in scored.vectors.items()}, out / "deep_bank.pt")
     report: dict[str, Any] = {"args": vars(a), "params_per_module": n_params // len(cats), "sample": log}
+    if a.gen:
+        report["generations"] = generation_report(model, tok, scored, sample, cache, a.gen)
+        print("test sample, greedy generations: " + "  ".join(f"{k} {v:5.1f} %" for k, v in report["generations"].items()),
+              flush=True)  # fmt: skip
     if a.full:
         test = test_rows if not a.limit else test_rows[:: max(1, len(test_rows) // a.limit)]
         # the base model's own flag per request (no block: it does not depend on the active set), scored on the same rows
         prompts = list(dict.fromkeys(r["prompt"] for r in test))
-        base = dict(zip(prompts, greedy_hits(model, tok, deep, [(p, [], False) for p in prompts], ref, cache)))
+        base = dict(zip(prompts, greedy_hits(model, tok, scored, [(p, [], False) for p in prompts], ref, cache)))
         for order in (1, 2, 3):
             items, keys = full_items(test, cats, order)
-            for name, hits in (("", greedy_hits(model, tok, deep, items, ref, cache)), ("base_", [base[x[0]] for x in items])):
+            for name, hits in (("", greedy_hits(model, tok, scored, items, ref, cache)), ("base_", [base[x[0]] for x in items])):
                 res = {name + k: 100 * sum(h for h, kk in zip(hits, keys) if kk == k) / keys.count(k) for k in sorted(set(keys))}
                 report.setdefault(f"order{order}", {"rows": len(items)}).update(res)
                 print(f"test split, order {order}: " + "  ".join(f"{k} {v:5.1f} %" for k, v in res.items()), flush=True)

@@ -328,10 +328,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{len(ex)} train examples, {len(sample)} test-sample rows, {n_params:,} parameters "
           f"({n_params // len(cats):,} per module), init {time.perf_counter() - t0:.0f}s", flush=True)  # fmt: skip
     log: list[dict[str, Any]] = []
+    out = Path(a.out)
 
     def checkpoint(step: int) -> None:
         d, o = rates(greedy_hits(model, tok, scored, sample, ref, cache), sample)
         log.append({"step": step, "dsr": d, "or": o, "s": round(time.perf_counter() - t0, 1)})
+        out.mkdir(parents=True, exist_ok=True)  # saved at every checkpoint: a stopped run keeps its last one
+        torch.save({c: p.detach() for c, p in scored.vectors.items()}, out / "deep_bank.pt")
         print(f"step {step:4d}: test sample, greedy prefix: DSR {100 * d:5.1f} %  OR {100 * o:5.1f} %", flush=True)
 
     checkpoint(0)
@@ -363,9 +366,6 @@ def main(argv: list[str] | None = None) -> None:
             print(f"step {step} loss {loss.mean().item():.3f} {time.perf_counter() - t0:.0f}s", flush=True)
         if step % a.every == 0 or step == a.steps:
             checkpoint(step)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save({c: p.detach() for c, p in scored.vectors.items()}, out / "deep_bank.pt")
     report: dict[str, Any] = {"args": vars(a), "params_per_module": n_params // len(cats), "sample": log}
     if a.gen:
         report["generations"] = generation_report(model, tok, scored, sample, cache, a.gen)

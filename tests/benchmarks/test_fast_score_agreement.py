@@ -21,3 +21,6 @@ def test_every_rule_is_compared_with_judged_generations():
     rules = re.findall(r"^(gm>0\.5|greedy) \(n=(\d)\)\s+agree\s+(\d+)/6\s+DSR\s+([\d.]+) %\s+OR\s+([\d.]+) %", p.stdout, re.MULTILINE)
     assert sorted((r[0], r[1]) for r in rules) == [("gm>0.5", "3"), ("gm>0.5", "4"), ("greedy", "3"), ("greedy", "4")]
     assert all(0 <= int(r[2]) <= 6 and 0 <= float(r[3]) <= 100 and 0 <= float(r[4]) <= 100 for r in rules)
+    gens = re.search(r"^generations: positives with the whole template\s+([\d.]+) %\s+negatives the base model's answer, token "
+                     r"for token\s+([\d.]+) %", p.stdout, re.MULTILINE)  # fmt: skip
+    assert gens and all(0 <= float(x) <= 100 for x in gens.groups())

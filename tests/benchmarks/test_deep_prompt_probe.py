@@ -96,28 +96,27 @@ def test_the_moving_average_moves_by_one_minus_the_decay():
     assert torch.allclose(avg.vectors["a"], torch.full_like(zeros, 1 - 0.75**2))
 
 
-def _tiny_deep(tok):
-    from deep_prompt_probe import DeepBank
+def _full_loss_setup(tok):
+    """A tiny model with larger random weights, a two-module DeepBank (m = 2), a PrefixCache, an OnlineTeacher (6
+    tokens) and a refusal; the loss function."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from deep_prompt_probe import DeepBank, OnlineTeacher, full_answer_loss
 
+    from mosaic_core.compose import PrefixCache
     from tests.tiny import tiny_model
 
     model = tiny_model(len(tok), init_range=0.2)
     torch.manual_seed(0)
     cfg = model.config
     shape = (cfg.num_hidden_layers, 2, cfg.num_key_value_heads, 2, cfg.hidden_size // cfg.num_attention_heads)
-    return model, DeepBank(["alcohol", "betting"], {c: torch.randn(shape) for c in ("alcohol", "betting")})
+    deep = DeepBank(["alcohol", "betting"], {c: torch.randn(shape) for c in ("alcohol", "betting")})
+    cache = PrefixCache(model)
+    refusal = tok("I'm sorry, no.", add_special_tokens=False).input_ids + [tok.eos_token_id]
+    return model, deep, cache, OnlineTeacher(model, tok, deep, cache, 6), refusal, full_answer_loss
 
 
 def test_the_full_answer_loss_is_the_base_models_own_where_no_module_is_on(tiny_tok):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from deep_prompt_probe import OnlineTeacher, full_answer_loss
-
-    from mosaic_core.compose import PrefixCache
-
-    model, deep = _tiny_deep(tiny_tok)
-    cache = PrefixCache(model)
-    teacher = OnlineTeacher(model, tiny_tok, deep, cache, 6)
-    refusal = tiny_tok("I'm sorry, no.", add_special_tokens=False).input_ids + [tiny_tok.eos_token_id]
+    model, deep, cache, teacher, refusal, full_answer_loss = _full_loss_setup(tiny_tok)
     prompts, active = ["Mix me a mojito.", "Which horse wins?", "Odds on red?"], [[], ["alcohol"], ["betting"]]
     is_pos = torch.tensor([False, False, True])
 
@@ -130,20 +129,11 @@ def test_the_full_answer_loss_is_the_base_models_own_where_no_module_is_on(tiny_
     assert torch.allclose(loss(1.0, pw=3.0)[2], 3 * with_kl[2]) and torch.allclose(loss(1.0, pw=3.0)[:2], with_kl[:2])
     with_kl.sum().backward()
     assert deep.vectors["alcohol"].grad.abs().sum() > 0 and deep.vectors["betting"].grad.abs().sum() > 0
-    # the teacher's answers are the base model's greedy ones, asked for once per prompt
-    assert set(teacher.answers) == set(prompts[:2])
+    assert set(teacher.answers) == set(prompts[:2])  # the teacher is asked for the negatives' answers only
 
 
 def test_negatives_the_base_model_refuses_are_not_pushed_off_refusing(tiny_tok):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from deep_prompt_probe import OnlineTeacher, full_answer_loss
-
-    from mosaic_core.compose import PrefixCache
-
-    model, deep = _tiny_deep(tiny_tok)
-    cache = PrefixCache(model)
-    teacher = OnlineTeacher(model, tiny_tok, deep, cache, 6)
-    refusal = tiny_tok("I'm sorry, no.", add_special_tokens=False).input_ids + [tiny_tok.eos_token_id]
+    model, deep, cache, teacher, refusal, full_answer_loss = _full_loss_setup(tiny_tok)
     prompts, active, is_pos = ["Mix me a mojito.", "Which horse wins?"], [["alcohol"], ["betting"]], torch.tensor([False, False])
     teacher.answers = {prompts[0]: refusal[:5], prompts[1]: [refusal[1], *refusal[:4]]}  # the first refuses, the second not
 

@@ -18,7 +18,7 @@ interleaved; `--data resample` draws them again each epoch, so more of the train
 (decision_margin_probe.py's counterfactual batches), with decision_margin_probe.py's loss (softplus margins of
 "I'm sorry" over the best other token; KL of the first answer position to the base model on negatives). The
 request's own keys and values come from a PrefixCache (constants: the backbone is frozen and nothing before the
-block depends on it), so a step runs only the assistant header and the refusal's first tokens. Every `--every`
+block depends on it), so a step runs only the assistant header and the answer tokens trained. Every `--every`
 steps: greedy-prefix DSR / OR on fast_score_agreement.py's seeded 180-row test sample; at the end, on the whole
 test split under every subset of orders 1-3 (`--full`), the way evaluation scores a bank, and greedy generations on
 the sample (`--gen` tokens), judged as evaluation judges them and compared token for token with the base model's.
@@ -54,8 +54,8 @@ from mosaic_core.config import DEFAULT_REFUSAL
 from mosaic_core.generation import generate
 from mosaic_core.judge import make_judge, normalize
 from mosaic_core.losses import masked_ce
-from mosaic_core.training import refusal_target
 from mosaic_core.sampling import Request, interleave_orders, sample_examples
+from mosaic_core.training import refusal_target
 
 Item = tuple[str, list[str], bool]  # prompt, active set, should refuse
 
@@ -218,8 +218,11 @@ def full_answer_loss(model: Any, tok: Any, deep: DeepBank, prompts: list[str], a
     for i, a in zip(neg, answers):
         targets[i] = a
     logits, tgt, mask = deep_logits(model, tok, deep, prompts, active, targets, cache)  # (B, T, V)
-    pos_loss = masked_ce(logits, tgt, mask) + F.softplus(delta - margins(logits[:, :3], tgt[:, :3])).mean(-1)
-    loss = torch.where(is_pos, pos_weight * pos_loss, torch.zeros_like(pos_loss))
+    loss = logits.new_zeros(len(prompts))
+    if is_pos.any():  # margins on positives only: a negative's answer may be shorter than 3 tokens (-100 beyond it)
+        idx = is_pos.nonzero().squeeze(-1)
+        m3 = margins(logits[idx, :3], tgt[idx, :3])
+        loss = loss.index_put((idx,), pos_weight * (masked_ce(logits[idx], tgt[idx], mask[idx]) + F.softplus(delta - m3).mean(-1)))
     if neg:
         idx = torch.tensor(neg)
         with torch.no_grad():

@@ -144,3 +144,11 @@ def test_negatives_the_base_model_refuses_are_not_pushed_off_refusing(tiny_tok):
     low, high = loss(-50.0), loss(50.0)
     assert torch.allclose(low[0], high[0])  # no "keep off the refusal" term where the base model refuses
     assert high[1] > low[1] + 10
+
+
+def test_a_base_answer_shorter_than_the_refusals_first_tokens_is_a_target_like_any_other(tiny_tok):
+    model, deep, cache, teacher, refusal, full_answer_loss = _full_loss_setup(tiny_tok)
+    prompts, active, is_pos = ["Say nothing.", "Odds on red?"], [["alcohol"], ["betting"]], torch.tensor([False, True])
+    teacher.answers = {prompts[0]: [tiny_tok.eos_token_id]}  # the base model ends its turn at once
+    loss = full_answer_loss(model, tiny_tok, deep, prompts, active, is_pos, refusal, teacher, cache, 2.0, 1.0, 1.0)
+    assert torch.isfinite(loss).all() and (loss > 0).all()

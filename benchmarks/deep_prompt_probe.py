@@ -46,13 +46,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from decision_margin_probe import counterfactual_batches, decision_loss, margins, probe_setup  # the sibling scripts
-from fast_score_agreement import sample_rows
+from fast_score_agreement import generation_checks, sample_rows
 from linear_probe_ceiling import rate_key
 
 from mosaic_core.compose import Batch, PrefixCache, answer_logits, as_messages, encode_batch, encode_chat
 from mosaic_core.config import DEFAULT_REFUSAL
 from mosaic_core.generation import generate
-from mosaic_core.judge import make_judge, normalize
+from mosaic_core.judge import make_judge
 from mosaic_core.losses import masked_ce
 from mosaic_core.sampling import Request, interleave_orders, sample_examples
 from mosaic_core.training import refusal_target
@@ -245,20 +245,21 @@ def generation_report(model: Any, tok: Any, deep: DeepBank, items: list[Item], c
     """Greedy generations (n new tokens) on items, judged as evaluation judges them (template + XSTest prefix), %:
     positives refused, and refused with the whole trained template; negatives refused, negatives whose answer is
     token-for-token the base model's, and the base model's own refusals on the same negatives."""
-    judge, template = make_judge("template+prefix"), make_judge("template")
+    judge = make_judge("template+prefix")
     text = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
     gens = [text(g) for g in deep_generate(model, tok, deep, items, cache, n)]
     neg = [i for i, x in enumerate(items) if not x[2]]
     base = [text(g) for g in deep_generate(model, tok, deep, [(items[i][0], [], False) for i in neg], cache, n)]
     pos = [i for i, x in enumerate(items) if x[2]]
+    whole, same = generation_checks(items, gens, base)
 
     def pct(flags: list[bool]) -> float:
         return round(100 * sum(flags) / max(len(flags), 1), 1)
 
     return {"pos_refused": pct([judge.is_refusal(items[i][0], gens[i]) for i in pos]),
-            "pos_template": pct([template.is_refusal(items[i][0], gens[i]) for i in pos]),
+            "pos_template": round(whole, 1),
             "neg_refused": pct([judge.is_refusal(items[i][0], gens[i]) for i in neg]),
-            "neg_same_as_base": pct([normalize(gens[i]) == normalize(b) for i, b in zip(neg, base)]),
+            "neg_same_as_base": round(same, 1),
             "base_neg_refused": pct([judge.is_refusal(items[i][0], b) for i, b in zip(neg, base)])}  # fmt: skip
 
 

@@ -50,6 +50,17 @@ def sample_rows(rows: list[dict], cats: list[str], per_order: int, seed: int) ->
     return out
 
 
+def generation_checks(items: list[tuple[str, list[str], bool]], texts: list[str], base: list[str]) -> tuple[float, float]:
+    """(% of positives whose answer is the whole trained template, % of negatives whose answer is the base model's
+    token for token), from the answers to `items` and the base model's answers to the negatives, in items' order."""
+    template = make_judge("template")
+    pos = [i for i, x in enumerate(items) if x[2]]
+    neg = [i for i, x in enumerate(items) if not x[2]]
+    whole = sum(template.is_refusal(items[i][0], texts[i]) for i in pos) / max(len(pos), 1)
+    same = sum(normalize(texts[i]) == normalize(b) for i, b in zip(neg, base, strict=True)) / max(len(neg), 1)
+    return 100 * whole, 100 * same
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bank", default="banks/smollm2-cpu")
@@ -105,11 +116,9 @@ def main(argv: list[str] | None = None) -> None:
                                [[] for _ in neg[i : i + a.batch]], bank.placement)  # fmt: skip
             base += [tok.decode(g.token_ids, skip_special_tokens=True) for g in generate(model, enc, max_new_tokens=20,
                                                                                        eos_token_ids=[tok.eos_token_id])]  # fmt: skip
-    template = make_judge("template")
-    whole = sum(template.is_refusal(items[i][0], texts[i]) for i, p in enumerate(pos) if p) / sum(pos)
-    same = sum(normalize(texts[i]) == normalize(b) for i, b in zip(neg, base, strict=True)) / len(neg)
-    print(f"generations: positives with the whole template {100 * whole:5.1f} %  negatives the base model's answer, token for "
-          f"token {100 * same:5.1f} %")  # fmt: skip
+    whole, same = generation_checks(items, texts, base)
+    print(f"generations: positives with the whole template {whole:5.1f} %  negatives the base model's answer, token for "
+          f"token {same:5.1f} %")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Module artifacts: per category `tokens.safetensors` (only that module's (m, d) tensor) + `module.json`;
-per bank `manifest.json` tying jointly trained modules together.
+"""Module artifacts: per category `tokens.safetensors` (only that module's tensor: (m, d) input embeddings, or a
+deep module's (layers, 2, kv_heads, m, head_dim) keys and values) + `module.json`; per bank `manifest.json` tying
+jointly trained modules together.
 
 Loading refuses a file whose sha256 differs from its module.json, and a module trained on another backbone."""
 
@@ -17,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mosaic_core.backbone import Fingerprint
-from mosaic_core.bank import ControlTokenBank
+from mosaic_core.bank import ControlTokenBank, new_bank
 from mosaic_core.errors import ArtifactError, IncompatibleBackboneError, IntegrityError
 
 FORMAT_VERSION = 1
@@ -43,6 +44,14 @@ class ModuleMeta:
     extends: str | None = None
     """For incremental expansion: the manifest digest of the bank this module was added to."""
     format_version: int = FORMAT_VERSION
+    depth: str = "input"
+    """`input` (m rows of the input embedding) or `deep` (key/value positions at every layer; DeepTokenBank)."""
+    shape: list[int] = field(default_factory=list)
+    """The tensor's shape; empty in modules written before deep ones existed, which are all (m, d)."""
+
+    @property
+    def tensor_shape(self) -> tuple[int, ...]:
+        return tuple(self.shape) if self.shape else (self.m, self.d)
 
 
 def sha256_file(path: Path) -> str:
@@ -65,18 +74,24 @@ def _check_fingerprint(meta_fp: dict[str, Any], expected: Fingerprint | None, wh
 def save_module(
     out_dir: Path, category: str, tensor: torch.Tensor, *, fingerprint: Fingerprint, placement: str, init: str,
     training_run_id: str | None = None, trained_with: Sequence[str] = (), extends: str | None = None,
+    depth: str = "input", d: int | None = None,
 ) -> ModuleMeta:  # fmt: skip
-    """Write `out_dir/{tokens.safetensors, module.json}` for one module's (m, d) tensor."""
+    """Write `out_dir/{tokens.safetensors, module.json}` for one module's tensor: (m, d), or with depth `deep`
+    (layers, 2, kv_heads, m, head_dim) and the backbone's hidden size `d`."""
     from mosaic_core import __version__
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t = tensor.detach().to("cpu", torch.float32).contiguous()
     save_file({_TENSOR_KEY: t}, str(out_dir / TENSOR_FILE))
+    if depth == "deep" and (t.dim() != 5 or t.shape[1] != 2 or d is None):
+        raise ArtifactError(f"a deep module is (layers, 2, kv_heads, m, head_dim) with the hidden size d given, not {tuple(t.shape)}")
+    m, width = (int(t.shape[3]), int(d)) if depth == "deep" else (int(t.shape[0]), int(t.shape[1]))  # type: ignore[arg-type]
     meta = ModuleMeta(
-        category=category, m=int(t.shape[0]), d=int(t.shape[1]), fingerprint=fingerprint.to_dict(),
+        category=category, m=m, d=width, fingerprint=fingerprint.to_dict(),
         placement=placement, init=init, sha256=sha256_file(out_dir / TENSOR_FILE), mosaic_version=__version__,
-        training_run_id=training_run_id, trained_with=list(trained_with), extends=extends,
+        training_run_id=training_run_id, trained_with=list(trained_with), extends=extends, depth=depth,
+        shape=list(t.shape),
     )  # fmt: skip
     (out_dir / META_FILE).write_text(json.dumps(asdict(meta), indent=2, sort_keys=True) + "\n")
     return meta
@@ -105,7 +120,7 @@ def read_meta(module_dir: Path) -> ModuleMeta:
 
 
 def load_module(module_dir: Path, expected: Fingerprint | None = None) -> tuple[torch.Tensor, ModuleMeta]:
-    """Load one module's (m, d) tensor after checking its sha256 and (if given) the backbone fingerprint."""
+    """Load one module's tensor (meta.tensor_shape) after checking its sha256 and (if given) the backbone fingerprint."""
     module_dir = Path(module_dir)
     meta = read_meta(module_dir)
     tf = module_dir / TENSOR_FILE
@@ -119,8 +134,9 @@ def load_module(module_dir: Path, expected: Fingerprint | None = None) -> tuple[
         )
     _check_fingerprint(meta.fingerprint, expected, f"module {meta.category!r} ({module_dir})")
     t = load_file(str(tf))[_TENSOR_KEY]
-    if tuple(t.shape) != (meta.m, meta.d):
-        raise ArtifactError(f"{tf}: tensor shape {tuple(t.shape)} != (m, d) = {(meta.m, meta.d)} in {META_FILE}")
+    if tuple(t.shape) != meta.tensor_shape or meta.depth not in ("input", "deep"):
+        raise ArtifactError(f"{tf}: tensor shape {tuple(t.shape)} is not the {meta.depth} module shape {meta.tensor_shape} "
+                            f"recorded in {META_FILE}")  # fmt: skip
     return t, meta
 
 
@@ -133,7 +149,7 @@ def save_bank(
     metas = {
         c: save_module(
             out_dir / c, c, bank.vectors[c], fingerprint=fingerprint, placement=bank.placement, init=init,
-            training_run_id=training_run_id, trained_with=bank.categories, extends=extends,
+            training_run_id=training_run_id, trained_with=bank.categories, extends=extends, depth=bank.depth, d=bank.d,
         )  # fmt: skip
         for c in bank.categories
     }
@@ -143,6 +159,7 @@ def save_bank(
         "m": bank.m,
         "d": bank.d,
         "placement": bank.placement,
+        "depth": bank.depth,
         "max_norm": bank.max_norm,
         "fingerprint": fingerprint.to_dict(),
         "training_run_id": training_run_id,
@@ -156,25 +173,28 @@ def save_bank(
 def bank_from_modules(module_dirs: Sequence[Path], expected: Fingerprint | None = None) -> ControlTokenBank:
     """Compose a bank from module directories (e.g. registry downloads), in the given order.
 
-    All modules must share backbone fingerprint, placement, m and d."""
+    All modules must share backbone fingerprint, placement, depth and shape."""
     loaded = [load_module(Path(p), expected) for p in module_dirs]
     if not loaded:
         raise ArtifactError("no modules given")
     first = loaded[0][1]
     for _, meta in loaded[1:]:
-        clash = [k for k in ("placement", "m", "d") if getattr(meta, k) != getattr(first, k)]
+        clash = [k for k in ("placement", "m", "d", "depth") if getattr(meta, k) != getattr(first, k)]
+        if not clash and meta.tensor_shape != first.tensor_shape:  # deep modules of differently shaped attention
+            clash.append("tensor shape")
         if Fingerprint.from_dict(meta.fingerprint).digest != Fingerprint.from_dict(first.fingerprint).digest:
             clash.append("backbone fingerprint")
         if clash:
             raise ArtifactError(f"modules {first.category!r} and {meta.category!r} differ in {clash}: cannot compose them")
-    bank = ControlTokenBank(d=first.d, m=first.m, placement=first.placement)  # type: ignore[arg-type]
+    bank = new_bank(d=first.d, m=first.m, placement=first.placement, depth=first.depth, shape=first.tensor_shape)  # type: ignore[arg-type]
     for t, meta in loaded:
         bank.add(meta.category, t)
     return bank
 
 
 def load_bank(bank_dir: Path, expected: Fingerprint | None = None) -> ControlTokenBank:
-    """Load `bank_dir/manifest.json` and its modules (checked) into a ControlTokenBank in manifest order."""
+    """Load `bank_dir/manifest.json` and its modules (checked) into a bank (ControlTokenBank or DeepTokenBank, as
+    the modules are) in manifest order."""
     bank_dir = Path(bank_dir)
     mf = bank_dir / MANIFEST_FILE
     if not mf.is_file():

@@ -1,16 +1,18 @@
 """ControlTokenBank: an ordered registry of categories, each owning `m` learned vectors in the backbone's
-input-embedding space. The only trainable parameters of MOSAIC."""
+input-embedding space; DeepTokenBank: the same registry whose m tokens are key/value positions at every layer.
+The only trainable parameters of MOSAIC."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from mosaic_core.categories import describe
-from mosaic_core.config import BankConfig, InitMethod, Placement
+from mosaic_core.config import BankConfig, Depth, InitMethod, Placement
 from mosaic_core.errors import DuplicateCategoryError, UnknownCategoryError
 
 
@@ -55,6 +57,8 @@ def init_vectors(
 class ControlTokenBank(nn.Module):
     """Ordered categories -> (m, d) parameters; composition in canonical (registry) order."""
 
+    depth: ClassVar[Depth] = "input"
+
     def __init__(self, d: int, m: int, placement: Placement = "before_assistant", max_norm: float | None = None):
         super().__init__()
         self.d, self.m, self.placement, self.max_norm = d, m, placement, max_norm
@@ -74,12 +78,17 @@ class ControlTokenBank(nn.Module):
         bank.clamp_norms_()
         return bank
 
+    @property
+    def module_shape(self) -> tuple[int, ...]:
+        """One module's tensor shape: (m, d)."""
+        return (self.m, self.d)
+
     def add(self, category: str, values: torch.Tensor) -> None:
-        """Register a new category with initial values of shape (m, d)."""
+        """Register a new category with initial values of shape `module_shape`."""
         if category in self.vectors:
             raise DuplicateCategoryError(f"category {category!r} is already in the bank {self.categories}")
-        if tuple(values.shape) != (self.m, self.d):
-            raise ValueError(f"{category}: expected shape {(self.m, self.d)}, got {tuple(values.shape)}")
+        if tuple(values.shape) != self.module_shape:
+            raise ValueError(f"{category}: expected shape {self.module_shape}, got {tuple(values.shape)}")
         self.vectors[category] = nn.Parameter(values.detach().clone().float())
         self.categories.append(category)
 
@@ -125,3 +134,91 @@ class ControlTokenBank(nn.Module):
 
     def extra_repr(self) -> str:
         return f"categories={self.categories}, m={self.m}, d={self.d}, placement={self.placement!r}"
+
+
+class DeepTokenBank(ControlTokenBank):
+    """Ordered categories -> (layers, 2, kv_heads, m, head_dim) parameters: per layer, m keys (before RoPE; [:, 0])
+    and m values ([:, 1]) for each key/value head -- m positions of the KV cache written directly (prefix tuning,
+    P-tuning v2) right after the request, instead of m input embeddings whose keys and values are whatever the
+    frozen layers make of them. The answer reads a module through every layer's attention: per head a bilinear
+    test of its query (computed from the request) against the module's keys. 30 x 2 x 3 x 64 = 11,520 numbers per
+    token on SmolLM2-135M against 576 for an embedding row.
+
+    `d` (the hidden size) is kept for artifacts; there is no norm cap (`max_norm` None). Composition concatenates
+    modules along the token axis (dim 3) in canonical order; mosaic_core.compose.append_deep_blocks places them."""
+
+    depth: ClassVar[Depth] = "deep"
+
+    def __init__(self, d: int, m: int, layers: int, kv_heads: int, head_dim: int, placement: Placement = "before_assistant"):
+        if placement != "before_assistant":
+            raise ValueError(f"deep tokens follow the request: placement must be before_assistant, not {placement!r}")
+        super().__init__(d=d, m=m, placement=placement, max_norm=None)
+        self.layers, self.kv_heads, self.head_dim = layers, kv_heads, head_dim
+
+    @property
+    def module_shape(self) -> tuple[int, ...]:
+        """One module's tensor shape: (layers, 2, kv_heads, m, head_dim)."""
+        return (self.layers, 2, self.kv_heads, self.m, self.head_dim)
+
+    @classmethod
+    def for_model(cls, model: Any, m: int) -> DeepTokenBank:
+        """An empty deep bank shaped for a (Llama-family) causal LM's attention."""
+        c = model.config
+        hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        return cls(d=c.hidden_size, m=m, layers=c.num_hidden_layers, kv_heads=c.num_key_value_heads, head_dim=hd)
+
+    @classmethod
+    @torch.no_grad()
+    def from_input_bank(cls, model: Any, tokenizer: Any, bank: ControlTokenBank, prompts: Sequence[str]) -> DeepTokenBank:
+        """Each module's tokens' own keys (RoPE undone) and values at every layer, averaged over `prompts` with
+        that module alone active: the deep bank that starts closest to `bank` (the block then sits after prompts it
+        was not computed on, which is why it is an average)."""
+        from mosaic_core.compose import as_messages, encode_batch, encode_chat, rotate
+
+        if bank.placement != "before_assistant" or not prompts:
+            raise ValueError("from_input_bank needs a before_assistant bank and at least one prompt")
+        deep = cls.for_model(model, bank.m)
+        rope = model.get_decoder().rotary_emb
+        for c in bank.categories:
+            enc = encode_batch(tokenizer, model.get_input_embeddings(), bank, list(prompts), [[c]] * len(prompts), bank.placement)
+            layers = model.get_decoder()(**enc.model_inputs(), use_cache=True).cache.layers
+            L, rows = enc.attention_mask.shape[1], []
+            for i, p in enumerate(prompts):
+                nb = len(encode_chat(tokenizer, as_messages(p), bank.placement).before)
+                start = L - int(enc.attention_mask[i].sum()) + nb  # left padding, the request, then the block
+                cos, sin = rope(layers[0].keys, torch.arange(nb, nb + bank.m, device=layers[0].keys.device)[None])  # (1, m, hd)
+                k = torch.stack([rotate(lay.keys[i, :, start : start + bank.m], cos, sin, inverse=True) for lay in layers])
+                v = torch.stack([lay.values[i, :, start : start + bank.m] for lay in layers])
+                rows.append(torch.stack([k, v], 1))  # (layers, 2, kv_heads, m, hd)
+            deep.add(c, torch.stack(rows).mean(0))
+        return deep
+
+    @classmethod
+    def build(cls, cfg: BankConfig, embeddings: torch.Tensor, tokenizer: Any = None, *, model: Any = None) -> DeepTokenBank:  # type: ignore[override]
+        """The input bank `cfg.init` gives, turned deep (from_input_bank) over the categories' own descriptions as
+        prompts -- requests of every category, so no module starts tuned to one."""
+        if model is None:
+            raise ValueError("a deep bank is built from the backbone's keys and values: pass model=")
+        flat = ControlTokenBank.build(dataclasses.replace(cfg, depth="input"), embeddings, tokenizer)
+        return cls.from_input_bank(model, tokenizer, flat, [describe(c) for c in cfg.categories])
+
+    def compose(self, active: Iterable[str]) -> torch.Tensor:
+        """The block for an active set, (layers, 2, kv_heads, r*m, head_dim); r = 0 for the empty set."""
+        cats = self.canonical(active)
+        if not cats:
+            ref = next(iter(self.vectors.values()), None)
+            return torch.zeros(self.layers, 2, self.kv_heads, 0, self.head_dim, dtype=ref.dtype if ref is not None else torch.float32,
+                               device=ref.device if ref is not None else None)  # fmt: skip
+        return torch.cat([self.vectors[c] for c in cats], 3)
+
+    def extra_repr(self) -> str:
+        return f"categories={self.categories}, m={self.m}, depth='deep', module_shape={self.module_shape}"
+
+
+def new_bank(*, d: int, m: int, placement: Placement, max_norm: float | None = None, depth: Depth = "input",
+             shape: Sequence[int] = ()) -> ControlTokenBank:  # fmt: skip
+    """An empty bank of either depth, as artifacts and checkpoints describe it (`shape`: a deep module's)."""
+    if depth == "deep":
+        layers, _, kv_heads, _, head_dim = shape
+        return DeepTokenBank(d=d, m=m, layers=layers, kv_heads=kv_heads, head_dim=head_dim, placement=placement)
+    return ControlTokenBank(d=d, m=m, placement=placement, max_norm=max_norm)

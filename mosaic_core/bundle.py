@@ -5,7 +5,7 @@ betting@production. Modules were trained as a bank: each one's vectors were opti
 in the prompt, so two versions from different training runs were never seen together and may interfere. The
 rule, checked for every pair of modules in the bundle:
 
-* same backbone fingerprint digest (and the expected one, when given), same placement, m and d;
+* same backbone fingerprint digest (and the expected one, when given), same placement, m, d and depth;
 * and either **trained together** (same training run id, or saved in the same bank: same manifest digest),
   or an **expansion**: one module's `extends` names the other's bank (its training run id or manifest digest),
   i.e. it was trained with the other frozen in the prompt (incremental expansion).
@@ -98,6 +98,8 @@ class ModuleRef:
     training_run_id: str | None = None
     extends: str | None = None
     """The bank this module was added to (its training run id or manifest digest), for incremental expansion."""
+    depth: str = "input"
+    """`input` or `deep` (DeepTokenBank): the two cannot share a block."""
     bank_digest: str | None = None
     """Manifest digest of the bank the module was saved in, when known (registration records it)."""
     trained_with: tuple[str, ...] = ()
@@ -110,7 +112,7 @@ class ModuleRef:
         return cls(
             label=label or meta.category, category=meta.category, backbone_digest=digest, placement=meta.placement,
             m=meta.m, d=meta.d, training_run_id=meta.training_run_id, extends=meta.extends, bank_digest=bank_digest,
-            trained_with=tuple(meta.trained_with),
+            depth=meta.depth, trained_with=tuple(meta.trained_with),
         )  # fmt: skip
 
     @property
@@ -165,7 +167,7 @@ def check_bundle(refs: Sequence[ModuleRef], expected_digest: str | None = None) 
                 problems.append(f"{a.label} and {b.label} were trained on different backbones "
                                 f"({a.backbone_digest} vs {b.backbone_digest})")  # fmt: skip
                 continue
-            shape = [f"{k} {getattr(a, k)!r} vs {getattr(b, k)!r}" for k in ("placement", "m", "d") if getattr(a, k) != getattr(b, k)]
+            shape = [f"{k} {getattr(a, k)!r} vs {getattr(b, k)!r}" for k in ("placement", "m", "d", "depth") if getattr(a, k) != getattr(b, k)]
             if shape:
                 problems.append(f"{a.label} and {b.label} differ in {', '.join(shape)}")
                 continue

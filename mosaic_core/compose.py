@@ -155,16 +155,82 @@ def encode_batch(
     cache: PrefixCache | None = None,
 ) -> Batch:
     """Template, split, embed and pad B prompts (strings or message lists) with their active sets; with a
-    `cache`, the part before each control block comes from it as past key/values (see PrefixCache)."""
+    `cache`, the part before each control block comes from it as past key/values (see PrefixCache). A deep bank
+    (DeepTokenBank) needs the cache: its blocks are key/value positions appended after those."""
     rows = [encode_chat(tokenizer, as_messages(p, system), placement) for p in prompts]
+    return encode_segments(embed, bank, rows, active, targets, cache)
+
+
+def encode_segments(
+    embed: torch.nn.Module,
+    bank: ControlTokenBank | None,
+    rows: Sequence[Segments],
+    active: Sequence[Sequence[str]],
+    targets: Sequence[Sequence[int]] | None = None,
+    cache: PrefixCache | None = None,
+) -> Batch:
+    """encode_batch for rows already templated and split (encode_chat)."""
+    deep = bank is not None and bank.depth == "deep"
     if cache is None:
+        if deep:
+            raise ValueError("a deep bank's blocks are keys and values after the request's own: encode with a PrefixCache")
         return build_batch(embed, bank, rows, active, targets)
-    batch = build_batch(embed, bank, [Segments([], r.after) for r in rows], active, targets)
+    flat = build_batch(embed, None if deep else bank, [Segments([], r.after) for r in rows],
+                       [[] for _ in rows] if deep else active, targets)  # fmt: skip
     past, pmask = cache.get([r.before for r in rows])
     n_before = pmask.sum(-1, keepdim=True)
-    batch.position_ids = positions_from_mask(batch.attention_mask) + n_before
-    batch.attention_mask = torch.cat([pmask, batch.attention_mask], 1)
-    batch.past_key_values, batch.prompt_len = past, batch.prompt_len + n_before.squeeze(-1).cpu()
+    flat.position_ids = positions_from_mask(flat.attention_mask) + n_before
+    flat.attention_mask = torch.cat([pmask, flat.attention_mask], 1)
+    flat.past_key_values, flat.prompt_len = past, flat.prompt_len + n_before.squeeze(-1).cpu()
+    if deep:
+        assert bank is not None
+        flat = append_deep_blocks(cache.model, flat, [bank.compose(a) for a in active])
+    return flat
+
+
+def rotate(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """RoPE on keys (..., n, hd) with cos/sin (..., n, hd) broadcastable; `inverse` undoes it."""
+    half = k.shape[-1] // 2
+    rot = torch.cat((-k[..., half:], k[..., :half]), -1)  # transformers' rotate_half
+    return k * cos - rot * sin if inverse else k * cos + rot * sin
+
+
+def append_deep_blocks(model: Any, batch: Batch, blocks: Sequence[torch.Tensor]) -> Batch:
+    """Append each row's deep block after its cached request, in place (left-padded within the block slot).
+
+    batch: built with a PrefixCache and no bank (past (B, H, P, hd) per layer, attention_mask (B, P + L)).
+    blocks: B tensors (layers, 2, H, c_i, hd), keys before RoPE. The keys get RoPE at the positions the block's
+    tokens hold (right after the request), so the answer sees a module at the same relative distance whatever
+    the request's length, and the positions after the block shift by c_i as with input tokens.
+    """
+    from transformers import DynamicCache
+
+    B, P = batch.inputs_embeds.shape[0], batch.attention_mask.shape[1] - batch.inputs_embeds.shape[1]
+    pmask, amask = batch.attention_mask[:, :P], batch.attention_mask[:, P:]
+    n_req = pmask.sum(-1)  # (B,) real request tokens
+    first = batch.past_key_values.layers[0].keys
+    C = max(b.shape[3] for b in blocks)
+    n_layers, H, hd = blocks[0].shape[0], blocks[0].shape[2], blocks[0].shape[-1]
+    kc = first.new_zeros(n_layers, B, H, C, hd)
+    vc = first.new_zeros(n_layers, B, H, C, hd)
+    cmask = amask.new_zeros(B, C)
+    pos = torch.zeros(B, C, dtype=torch.long, device=first.device)
+    for i, b in enumerate(blocks):
+        c = b.shape[3]
+        if c:
+            kc[:, i, :, C - c :], vc[:, i, :, C - c :] = b[:, 0].to(first.dtype), b[:, 1].to(first.dtype)
+            cmask[i, C - c :] = 1
+            pos[i, C - c :] = n_req[i] + torch.arange(c, device=first.device)
+    cos, sin = model.get_decoder().rotary_emb(kc[0], pos)  # (B, C, hd)
+    kc = rotate(kc, cos[:, None], sin[:, None])
+    cache = DynamicCache()
+    for layer, lay in enumerate(batch.past_key_values.layers):
+        cache.update(torch.cat([lay.keys, kc[layer]], 2), torch.cat([lay.values, vc[layer]], 2), layer)
+    c_i = cmask.sum(-1)
+    batch.past_key_values = cache
+    batch.attention_mask = torch.cat([pmask, cmask, amask], 1)
+    batch.position_ids = batch.position_ids + c_i[:, None]
+    batch.prompt_len = batch.prompt_len + c_i.cpu()
     return batch
 
 

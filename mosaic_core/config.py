@@ -13,6 +13,7 @@ from mosaic_core.errors import ConfigError
 
 Placement = Literal["prefix", "before_assistant"]
 InitMethod = Literal["text", "vocab", "normal"]
+Depth = Literal["input", "deep"]
 NegSource = Literal["inactive", "general", "lookalike"]
 FastRule = Literal["greedy", "threshold"]
 
@@ -52,6 +53,11 @@ class BankConfig:
     """Cap each vector's L2 norm at this multiple of the mean embedding-row norm (None: no cap)."""
     seed: int = 0
     """Seed for `vocab` / `normal` initialisation."""
+    depth: Depth = "input"
+    """`input`: a module's m tokens are rows of the input embedding (the paper); `deep`: they are m positions of
+    the KV cache written at every layer (a key before RoPE and a value per key/value head: prefix tuning), so the
+    answer reads a module through each layer's attention. `deep` needs `before_assistant` placement and is
+    initialised from the `input` bank `init` builds (its tokens' keys and values). See DeepTokenBank."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -70,6 +76,10 @@ class BankConfig:
             problems.append(f"placement: {self.placement!r} must be one of {get_args(Placement)}")
         if self.max_norm_ratio is not None and not self.max_norm_ratio > 0:
             problems.append(f"max_norm_ratio: {self.max_norm_ratio} must be > 0 or null")
+        if self.depth not in get_args(Depth):
+            problems.append(f"depth: {self.depth!r} must be one of {get_args(Depth)}")
+        if self.depth == "deep" and self.placement != "before_assistant":
+            problems.append("depth: deep tokens are key/value positions after the request: placement must be before_assistant")
         if problems:
             raise ConfigError(problems, "BankConfig")
 
@@ -332,6 +342,9 @@ def recipe_from_dict(raw: dict[str, Any], where: str = "recipe") -> Recipe:
             problems.extend(f"{key}.{p}" for p in e.problems)
         except TypeError as e:  # a required field missing
             problems.append(f"{key}: {e}")
+    if "bank" in built and "train" in built and built["bank"].depth == "deep" and built["train"].zero_stage == 3:
+        # deep blocks are appended to the request's cached keys/values; ZeRO-3 runs without that cache
+        problems.append("bank.depth: deep needs train.zero_stage 1 or 2 (135M-8B backbones' deep modules are MBs)")
     if problems:
         raise ConfigError(problems, where)
     return Recipe(**built)

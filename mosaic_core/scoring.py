@@ -94,6 +94,7 @@ def letter_ids(tokenizer: Any) -> list[int]:
 def mmlu_predictions(
     model: Any, tokenizer: Any, bank: ControlTokenBank | None, questions: Sequence[MMLUQuestion],
     active: Sequence[str], placement: Placement, batch_size: int = 8, system: str | None = None,
+    cache: PrefixCache | None = None,
 ) -> list[int]:  # fmt: skip
     """Predicted choice index per question: argmax over the 4 letters' logits at the first answer position."""
     letters = torch.tensor(letter_ids(tokenizer), device=model.device)
@@ -102,7 +103,7 @@ def mmlu_predictions(
         chunk = questions[i : i + batch_size]
         batch = encode_batch(
             tokenizer, model.get_input_embeddings(), bank, [mmlu_prompt(q) for q in chunk],
-            [list(active)] * len(chunk), placement, system=system,
+            [list(active)] * len(chunk), placement, system=system, cache=cache,
         )  # fmt: skip
         logits = model(**batch.model_inputs()).logits[:, -1]  # (b, V) next-token logits after the header
         preds.extend(logits[:, letters].argmax(-1).tolist())

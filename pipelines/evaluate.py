@@ -129,7 +129,9 @@ class EvalUDF:
                     logits = model(**b.model_inputs(), logits_to_keep=1).logits[:, -1, self.letters]
                     score[idx] = logits.argmax(-1).numpy()
                 else:
-                    b = encode_batch(tok, model.get_input_embeddings(), self.bank, m_msgs, m_act, self.bank.placement)
+                    # deep blocks follow the cached request; input banks generate from their own forward as before
+                    gen_cache = self.cache if self.bank.depth == "deep" else None
+                    b = encode_batch(tok, model.get_input_embeddings(), self.bank, m_msgs, m_act, self.bank.placement, cache=gen_cache)
                     gens = generate(model, b, max_new_tokens=self.max_new_tokens, eos_token_ids=[tok.eos_token_id])
                     for j, g in zip(idx, gens):
                         response[j] = tok.decode(g.token_ids, skip_special_tokens=True)

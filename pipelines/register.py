@@ -241,12 +241,12 @@ def register_run(run_dir: Path, tracking_uri: str | None = None) -> dict[str, di
         source = _log_module(client, run_id, module_dir, c)
         name = registered_name(model_id, c)
         _ensure_registered_model(client, name, c, model_id)
-        tags = {**common, "category": c, "m": str(meta.m), "d": str(meta.d), "placement": meta.placement,
+        tags = {**common, "category": c, "m": str(meta.m), "d": str(meta.d), "placement": meta.placement, "depth": meta.depth,
                 "module_sha256": meta.sha256, "training_run_id": meta.training_run_id or "none",
                 "extends": meta.extends or "none", "mosaic_version": meta.mosaic_version, **_eval_tags(run_dir, c)}  # fmt: skip
         mv = client.create_model_version(
             name, source=source, run_id=run_id, tags=tags,
-            description=f"{c} module (m={meta.m}, placement {meta.placement}) from run {run_dir.name}",
+            description=f"{c} module (m={meta.m}, {meta.depth} tokens, placement {meta.placement}) from run {run_dir.name}",
         )  # fmt: skip
         registered[c] = {"name": name, "version": str(mv.version), "uri": f"models:/{name}/{mv.version}",
                          "source": source, "run_id": run_id}  # fmt: skip

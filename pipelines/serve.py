@@ -596,6 +596,11 @@ class MosaicBackbone:
         torch.set_num_threads(self.settings.threads)
         self.bb = load_backbone(self.settings.backbone)
         self.embed = self.bb.model.get_input_embeddings()
+        from mosaic_core.compose import PrefixCache
+
+        # Deep modules are keys/values appended after the request's own, which come from this cache (bounded; a
+        # lock because decoding runs on worker threads). Input-token banks do not use it.
+        self.prefix_cache, self._prefix_lock = PrefixCache(self.bb.model, max_bytes=256 << 20), threading.Lock()
         cfg = self.bb.model.config
         self.context = self.settings.max_context_tokens or int(getattr(cfg, "max_position_embeddings", 2048) or 2048)
         eos = {self.bb.tokenizer.eos_token_id}
@@ -797,11 +802,14 @@ class MosaicBackbone:
                          module_versions={c: versions[c] for c in p.active})  # fmt: skip
 
     def _decode(self, state: ModuleState, members: list[_Prepared], key: tuple, results: list[RowResult | None]) -> None:
-        from mosaic_core.compose import build_batch
+        from mosaic_core.compose import encode_segments
         from mosaic_core.generation import generate
 
         tok = self.bb.tokenizer
-        batch = build_batch(self.embed, state.bank, [p.segments for p in members], [p.active for p in members])
+        deep = state.bank is not None and state.bank.depth == "deep"
+        with self._prefix_lock:
+            batch = encode_segments(self.embed, state.bank, [p.segments for p in members], [p.active for p in members],
+                                    cache=self.prefix_cache if deep else None)  # fmt: skip
 
         def should_stop(r: int, tokens: list[int]) -> bool:
             p = members[r]

@@ -115,16 +115,25 @@ def build_bank(recipe: Any, bb: Any, extend: dict[str, Any] | None) -> Any:
     """A fresh bank per recipe, or (incremental expansion) the bank at extend["bank_dir"] with its modules
     frozen and extend["add"] appended, initialised per recipe. Only unfrozen vectors train."""
     from mosaic_core.artifact import load_bank
-    from mosaic_core.bank import ControlTokenBank, init_vectors
+    from mosaic_core.bank import ControlTokenBank, DeepTokenBank, init_vectors
     from mosaic_core.categories import describe
 
     if not extend:
+        if recipe.bank.depth == "deep":
+            return DeepTokenBank.build(recipe.bank, bb.embeddings, bb.tokenizer, model=bb.model)
         return ControlTokenBank.build(recipe.bank, bb.embeddings, bb.tokenizer)
     bank = load_bank(Path(extend["bank_dir"]), bb.fingerprint)  # refuses a bank of another backbone
+    if bank.depth != recipe.bank.depth:
+        raise ValueError(f"the bank at {extend['bank_dir']} holds {bank.depth} tokens; the recipe's bank.depth is "
+                         f"{recipe.bank.depth}: new modules must be of the bank's depth")  # fmt: skip
     bank.freeze()
     gen = torch.Generator().manual_seed(recipe.bank.seed)
     for c in extend["add"]:
         v = init_vectors(bb.embeddings, bank.m, recipe.bank.init, tokenizer=bb.tokenizer, text=describe(c), generator=gen)
+        if bank.depth == "deep":  # the new module's input tokens' keys and values over the whole bank's descriptions
+            flat = ControlTokenBank(d=bank.d, m=bank.m, placement=bank.placement)
+            flat.add(c, v)
+            v = DeepTokenBank.from_input_bank(bb.model, bb.tokenizer, flat, [describe(x) for x in [*bank.categories, c]]).vectors[c]
         bank.add(c, v)
     bank.clamp_norms_()
     return bank
@@ -154,7 +163,8 @@ class BankTrainingModule(nn.Module):
 
         if mode == "refusal":
             rs = refusal_score(self.backbone, self.tokenizer, self.bank, [e["prompt"] for e in examples],
-                               [list(e["active"]) for e in examples], self.bank.placement, self.refusal_ids, self.fast_tokens)  # fmt: skip
+                               [list(e["active"]) for e in examples], self.bank.placement, self.refusal_ids, self.fast_tokens,
+                               cache=self.cache)  # fmt: skip
             return torch.stack([rs.logprob, rs.greedy.to(rs.logprob.dtype)], -1)
         out = batch_loss(self.backbone, self.tokenizer, self.bank, examples, self.refusal_ids, self.loss_cfg, cache=self.cache)
         # Every trainable vector must get a gradient on every rank, even when no row of this micro-batch
@@ -345,6 +355,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 torch.save(last, Path(d) / "bank.pt")
                 torch.save(best, Path(d) / "best_bank.pt")
                 meta = {"m": bank.m, "d": bank.d, "placement": bank.placement, "max_norm": bank.max_norm,
+                        "depth": bank.depth, "shape": list(bank.module_shape),
                         "fingerprint": fp0.to_dict(), "trainable": [c for c in bank.categories if bank.vectors[c].requires_grad],
                         "total_steps": total}  # fmt: skip
                 (Path(d) / "state.json").write_text(json.dumps({**state, **meta}, indent=2))
@@ -502,14 +513,15 @@ def main(
     # 4. the bank artifact, from the best (by val gap) bank of the latest checkpoint
     from mosaic_core.artifact import save_bank
     from mosaic_core.backbone import Fingerprint
-    from mosaic_core.bank import ControlTokenBank
+    from mosaic_core.bank import new_bank
 
     if result.checkpoint is None:
         raise RuntimeError("training reported no checkpoint")
     with result.checkpoint.as_directory() as d:
         state = json.loads((Path(d) / "state.json").read_text())
         vectors = torch.load(Path(d) / "best_bank.pt")
-    bank = ControlTokenBank(d=state["d"], m=state["m"], placement=state["placement"], max_norm=state["max_norm"])
+    bank = new_bank(d=state["d"], m=state["m"], placement=state["placement"], max_norm=state["max_norm"],
+                    depth=state.get("depth", "input"), shape=state.get("shape", ()))  # fmt: skip
     for c in state["categories"]:
         bank.add(c, vectors[c])
     tmp = run / ".bank.tmp"
@@ -535,12 +547,16 @@ def main(
     summary = {
         "run_dir": str(run), "bank_dir": str(run / "bank"), "mlflow_run_id": run_id, "tracking_uri": uri,
         "categories": state["categories"], "trainable_categories": state["trainable"],
-        "trainable_parameters": K * state["m"] * state["d"], "steps": state["step"], "epochs": state["epoch"],
+        "trainable_parameters": K * bank.vectors[state["categories"][0]].numel(), "steps": state["step"], "epochs": state["epoch"],
         "resumes": state["resumes"], "best_epoch": state["best_epoch"], "val": state["val"],
         "best_val_gap": state["best_val_gap"], "fit_wall_s": wall, "checkpoint": result.checkpoint.path,
         "steps_per_s": (result.metrics or {}).get("steps_per_s"),
     }  # fmt: skip
-    print(f"trainable parameters: K·m·d = {K}·{state['m']}·{state['d']} = {summary['trainable_parameters']}")
+    if bank.depth == "deep":
+        shape = "·".join(map(str, bank.module_shape))
+        print(f"trainable parameters: K·layers·2·kv_heads·m·head_dim = {K}·{shape} = {summary['trainable_parameters']}")
+    else:
+        print(f"trainable parameters: K·m·d = {K}·{state['m']}·{state['d']} = {summary['trainable_parameters']}")
     v = state["val"] or {}
     sps = summary["steps_per_s"]
     print(f"[train] {state['step']} steps in {wall:.1f} s ({sps or 0:.2f} steps/s in the last attempt, validation and "

@@ -111,11 +111,13 @@ class Stack:
 
     def reference(self, messages, active=(), bank="A", max_tokens=12):
         """What mosaic_core answers in this process (greedy), for parity with the server."""
-        from mosaic_core.compose import encode_batch
+        from mosaic_core.compose import PrefixCache, encode_batch
         from mosaic_core.generation import generate
 
         b = self.banks[bank]
-        batch = encode_batch(self.bb.tokenizer, self.bb.model.get_input_embeddings(), b, [messages], [list(active)], b.placement)
+        cache = PrefixCache(self.bb.model) if b.depth == "deep" else None
+        batch = encode_batch(self.bb.tokenizer, self.bb.model.get_input_embeddings(), b, [messages], [list(active)], b.placement,
+                             cache=cache)  # fmt: skip
         [g] = generate(self.bb.model, batch, max_new_tokens=max_tokens, eos_token_ids=[self.bb.tokenizer.eos_token_id])
         return self.bb.tokenizer.decode(g.token_ids, skip_special_tokens=True)
 
@@ -454,6 +456,43 @@ def test_open_endpoint_and_full_queue_gives_429(stack):
         assert busy.headers["Retry-After"] == "2" and busy.json()["error"]["type"] == "rate_limit_error"
     finally:
         serve.delete("small")
+
+
+@pytest.mark.slow
+def test_a_deep_bank_is_served_as_mosaic_core_answers(stack, tmp_path):
+    import torch
+    from ray import serve
+
+    from mosaic_core.artifact import save_bank
+    from mosaic_core.bank import DeepTokenBank
+    from pipelines.serve import build_app
+
+    torch.manual_seed(0)
+    deep = DeepTokenBank.for_model(stack.bb.model, 2)
+    for c in CATEGORIES:
+        deep.add(c, torch.randn(deep.module_shape))
+    save_bank(deep, tmp_path / "deep", fingerprint=stack.bb.fingerprint, init="normal")
+    stack.banks["deep"] = deep
+    args = {"backbone": stack.args["backbone"], "bank_dir": str(tmp_path / "deep"), "threads": 1, "num_cpus": 0.5,
+            "max_tokens_limit": 64, "default_max_tokens": 32, "batch_wait_timeout_s": 0.2}  # fmt: skip
+    serve.run(build_app(args), name="deep", route_prefix="/deep")
+    try:
+        c = stack.client(key="anything", prefix="/deep")
+        sets = [["alcohol"], ["horror", "betting"], []]
+
+        def ask(active):
+            return c.chat.completions.create(model=stack.model, messages=_msgs(), max_tokens=12,
+                                             extra_body={"safety_modules": active})  # fmt: skip
+
+        with ThreadPoolExecutor(max_workers=3) as pool:  # together: rows with different deep blocks in one batch
+            answers = list(pool.map(ask, sets))
+        for active, r in zip(sets, answers):
+            assert r.choices[0].message.content == stack.reference(_msgs(), active, bank="deep")
+            assert r.model_extra["mosaic"]["control_tokens"] == 2 * len(active)
+        assert len({r.choices[0].message.content for r in answers}) == 3  # the blocks change the answers
+        assert c.models.list().data[0].id == stack.model
+    finally:
+        serve.delete("deep")
 
 
 def _tree(pid):

@@ -39,7 +39,7 @@ def _requests(split: str):
 
 
 def make_run(root: Path, model_dir: Path, *, name: str = "r1", epochs: int = 2, batch_size: int = 4,
-             max_steps: int | None = None) -> Path:  # fmt: skip
+             max_steps: int | None = None, depth: str = "input") -> Path:  # fmt: skip
     """A run directory as the data stage writes it: 8 train examples (4 pos, 4 neg), 8 val examples."""
     import pandas as pd
 
@@ -50,7 +50,7 @@ def make_run(root: Path, model_dir: Path, *, name: str = "r1", epochs: int = 2, 
 
     raw = {
         "name": name, "backbone": str(model_dir),
-        "bank": {"categories": list(CATS), "m": 2, "init": "vocab", "placement": "before_assistant"},
+        "bank": {"categories": list(CATS), "m": 2, "init": "vocab", "placement": "before_assistant", "depth": depth},
         "sampler": {"per_subset": 2, "max_order": 1, "seed": 0},
         "loss": {"topk": 4},
         "teacher": {"max_new_tokens": 6},
@@ -161,6 +161,26 @@ def test_extension_bank_freezes_old_modules(tmp_path, tiny_model_dir):
     assert len(manifest_digest(tmp_path / "old")) == 64
 
 
+def test_a_deep_bank_extends_with_deep_modules_only(tmp_path, tiny_model_dir):
+    from mosaic_core.artifact import save_bank
+    from mosaic_core.backbone import load_backbone
+    from mosaic_core.bank import DeepTokenBank
+    from mosaic_core.config import recipe_from_dict
+    from pipelines.train import build_bank
+
+    bb = load_backbone(str(tiny_model_dir))
+    deep = recipe_from_dict({"name": "x", "bank": {"categories": list(CATS), "m": 2, "init": "vocab", "depth": "deep"}})
+    old = build_bank(deep, bb, None)
+    assert isinstance(old, DeepTokenBank) and old.vectors["alcohol"].shape == old.module_shape
+    save_bank(old, tmp_path / "old", fingerprint=bb.fingerprint, init="vocab")
+    bank = build_bank(deep, bb, {"bank_dir": str(tmp_path / "old"), "add": ["horror"]})
+    assert [c for c in bank.categories if bank.vectors[c].requires_grad] == ["horror"]
+    assert bank.vectors["horror"].shape == old.module_shape and all(torch.equal(bank.vectors[c], old.vectors[c]) for c in CATS)
+    flat = recipe_from_dict({"name": "x", "bank": {"categories": list(CATS), "m": 2, "init": "vocab"}})
+    with pytest.raises(ValueError, match="holds deep tokens"):
+        build_bank(flat, bb, {"bank_dir": str(tmp_path / "old"), "add": ["horror"]})
+
+
 def test_extend_arguments_are_checked_before_anything_starts(tmp_path, tiny_model_dir):
     from mosaic_core.artifact import save_bank
     from mosaic_core.backbone import load_backbone
@@ -254,6 +274,27 @@ def test_train_two_workers_zero2_trains_only_the_bank(tmp_path, tiny_model_dir, 
     step_s = [m.value for m in client.get_metric_history(r.info.run_id, "step_s")]
     print(f"[tiny run] fit {summary['fit_wall_s']:.1f}s, step_s {[round(s, 3) for s in step_s]}, "
           f"steps/s over the run {summary['steps_per_s']:.3f}")  # fmt: skip
+
+
+@pytest.mark.slow
+def test_train_two_workers_zero2_trains_a_deep_bank(tmp_path, tiny_model_dir, ray_cluster):
+    from mosaic_core.artifact import load_bank, read_meta
+    from mosaic_core.backbone import load_backbone
+    from mosaic_core.config import recipe_from_dict
+    from pipelines.train import build_bank, main
+
+    run = make_run(tmp_path, tiny_model_dir, max_steps=2, depth="deep")
+    before = _model_bytes(tiny_model_dir)
+    summary = main(str(run), num_workers=2)
+    assert _model_bytes(tiny_model_dir) == before
+    bb = load_backbone(str(tiny_model_dir))
+    trained = load_bank(run / "bank", bb.fingerprint)
+    init = build_bank(recipe_from_dict(yaml.safe_load((run / "resolved_config.yaml").read_text())), bb, None)
+    assert trained.depth == "deep" and read_meta(run / "bank" / "alcohol").depth == "deep"
+    for c in CATS:
+        assert trained.vectors[c].shape == init.module_shape == (2, 2, 2, 2, 8)  # layers, (k, v), kv heads, m, head dim
+        assert not torch.allclose(trained.vectors[c], init.vectors[c]), f"{c} did not train"
+    assert summary["steps"] == 2 and summary["trainable_parameters"] == 2 * 2 * 2 * 2 * 2 * 8
 
 
 @pytest.mark.slow

@@ -49,7 +49,9 @@ from decision_margin_probe import counterfactual_batches, decision_loss, margins
 from fast_score_agreement import generation_checks, sample_rows
 from linear_probe_ceiling import rate_key
 
-from mosaic_core.compose import Batch, PrefixCache, answer_logits, as_messages, encode_batch, encode_chat
+from mosaic_core.artifact import save_bank
+from mosaic_core.bank import DeepTokenBank
+from mosaic_core.compose import PrefixCache, answer_logits, encode_batch
 from mosaic_core.config import DEFAULT_REFUSAL
 from mosaic_core.generation import generate
 from mosaic_core.judge import make_judge
@@ -60,110 +62,30 @@ from mosaic_core.training import refusal_target
 Item = tuple[str, list[str], bool]  # prompt, active set, should refuse
 
 
-def rotate(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """RoPE on keys (..., n, hd) with cos/sin (..., n, hd) broadcastable; `inverse` undoes it."""
-    half = k.shape[-1] // 2
-    rot = torch.cat((-k[..., half:], k[..., :half]), -1)  # transformers' rotate_half
-    return k * cos - rot * sin if inverse else k * cos + rot * sin
-
-
-class DeepBank(nn.Module):
-    """Per category, per layer: m keys (pre-RoPE) and m values for each key/value head.
-
-    vectors[c]: (layers, 2, kv_heads, m, head_dim); [:, 0] keys, [:, 1] values."""
-
-    def __init__(self, categories: Sequence[str], init: dict[str, torch.Tensor]):
-        super().__init__()
-        self.categories = list(categories)
-        self.vectors = nn.ParameterDict({c: nn.Parameter(init[c].clone().float()) for c in categories})
-        self.m = init[self.categories[0]].shape[3]
-
-    def block(self, active: Sequence[str]) -> torch.Tensor:
-        """(layers, 2, kv_heads, r*m, head_dim) for an active set, in canonical order; r = 0 gives an empty block."""
-        cats = [c for c in self.categories if c in set(active)]
-        ref = self.vectors[self.categories[0]]
-        if not cats:
-            return ref.new_zeros(*ref.shape[:3], 0, ref.shape[-1])
-        return torch.cat([self.vectors[c] for c in cats], 3)
+def new_deep_bank(model: Any, cats: Sequence[str], init: dict[str, torch.Tensor]) -> DeepTokenBank:
+    """A DeepTokenBank for `model` holding `init`'s (layers, 2, kv_heads, m, hd) tensors."""
+    deep = DeepTokenBank.for_model(model, init[cats[0]].shape[3])
+    for c in cats:
+        deep.add(c, init[c])
+    return deep
 
 
 @torch.no_grad()
-def ema_update_(avg: DeepBank, live: DeepBank, decay: float) -> None:
+def ema_update_(avg: DeepTokenBank, live: DeepTokenBank, decay: float) -> None:
     """avg <- decay * avg + (1 - decay) * live, per category's (layers, 2, kv_heads, m, hd) tensor."""
     for c, p in live.vectors.items():
         avg.vectors[c].lerp_(p, 1 - decay)
 
 
-def with_blocks(model: Any, enc: Batch, blocks: Sequence[torch.Tensor]) -> Batch:
-    """Append each row's deep block to its cached request (left-padded within the block slot), in place.
-
-    enc: a batch built with a PrefixCache and no bank (cache (B, H, P, hd) per layer, mask (B, P + L)).
-    blocks: B tensors (layers, 2, H, c_i, hd). The block's keys get RoPE at the positions its tokens would hold
-    (right after the request), so the answer sees them at the same relative distance whatever the request's length.
-    """
-    from transformers import DynamicCache
-
-    B, Lq = enc.inputs_embeds.shape[:2]
-    P = enc.attention_mask.shape[1] - Lq
-    pmask, amask = enc.attention_mask[:, :P], enc.attention_mask[:, P:]
-    n_req = pmask.sum(-1)  # (B,) real request tokens
-    C = max(b.shape[3] for b in blocks)
-    ref = blocks[0]
-    n_layers, H, hd = ref.shape[0], ref.shape[2], ref.shape[-1]
-    kc = ref.new_zeros(n_layers, B, H, C, hd)
-    vc = ref.new_zeros(n_layers, B, H, C, hd)
-    cmask = torch.zeros(B, C, dtype=amask.dtype)
-    pos = torch.zeros(B, C, dtype=torch.long)
-    for i, b in enumerate(blocks):
-        c = b.shape[3]
-        if c:
-            kc[:, i, :, C - c :], vc[:, i, :, C - c :] = b[:, 0], b[:, 1]
-            cmask[i, C - c :] = 1
-            pos[i, C - c :] = n_req[i] + torch.arange(c)
-    cos, sin = model.get_decoder().rotary_emb(kc[0], pos)  # (B, C, hd)
-    kc = rotate(kc, cos[:, None], sin[:, None])
-    cache = DynamicCache()
-    for layer, lay in enumerate(enc.past_key_values.layers):
-        cache.update(torch.cat([lay.keys, kc[layer]], 2), torch.cat([lay.values, vc[layer]], 2), layer)
-    c_i = cmask.sum(-1, keepdim=True)
-    enc.past_key_values = cache
-    enc.attention_mask = torch.cat([pmask, cmask, amask], 1)
-    enc.position_ids = enc.position_ids + c_i
-    return enc
-
-
-def deep_logits(model: Any, tok: Any, deep: DeepBank, prompts: list[str], active: list[list[str]],
+def deep_logits(model: Any, tok: Any, deep: DeepTokenBank, prompts: list[str], active: list[list[str]],
                 targets: list[list[int]], cache: PrefixCache) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """answer_logits with each row's deep block after its request: (B, T, V), (B, T), (B, T)."""
-    enc = encode_batch(tok, model.get_input_embeddings(), None, prompts, [[] for _ in prompts], "before_assistant",
-                       targets, cache=cache)  # fmt: skip
-    return answer_logits(model, with_blocks(model, enc, [deep.block(a) for a in active]))
+    return answer_logits(model, encode_batch(tok, model.get_input_embeddings(), deep, prompts, active, "before_assistant",
+                                             targets, cache=cache))  # fmt: skip
 
 
 @torch.no_grad()
-def init_from_bank(model: Any, tok: Any, bank: Any, prompts: list[str]) -> dict[str, torch.Tensor]:
-    """Each module's tokens' keys (RoPE undone) and values at every layer, averaged over `prompts` with it alone
-    active: (layers, 2, kv_heads, m, hd) per category."""
-    out = {}
-    for c in bank.categories:
-        enc = encode_batch(tok, model.get_input_embeddings(), bank, prompts, [[c]] * len(prompts), bank.placement)
-        res = model.get_decoder()(**enc.model_inputs(), use_cache=True)
-        L = enc.attention_mask.shape[1]
-        rows = []
-        for i, p in enumerate(prompts):
-            nb = len(encode_chat(tok, as_messages(p), bank.placement).before)
-            start = L - int(enc.attention_mask[i].sum()) + nb  # left padding, then the request, then the block
-            pos = torch.arange(nb, nb + bank.m)[None]
-            cos, sin = model.get_decoder().rotary_emb(res.cache.layers[0].keys, pos)  # (1, m, hd)
-            k = torch.stack([rotate(lay.keys[i, :, start : start + bank.m], cos, sin, inverse=True) for lay in res.cache.layers])
-            v = torch.stack([lay.values[i, :, start : start + bank.m] for lay in res.cache.layers])
-            rows.append(torch.stack([k, v], 1))  # (layers, 2, H, m, hd)
-        out[c] = torch.stack(rows).mean(0)
-    return out
-
-
-@torch.no_grad()
-def greedy_hits(model: Any, tok: Any, deep: DeepBank, items: list[Item], ref: list[int], cache: PrefixCache,
+def greedy_hits(model: Any, tok: Any, deep: DeepTokenBank, items: list[Item], ref: list[int], cache: PrefixCache,
                 batch: int = 32) -> list[bool]:  # fmt: skip
     """Per item: does greedy decoding start with the refusal's first 3 tokens (evaluation's fast flag)?"""
     hits: list[bool] = []
@@ -174,17 +96,16 @@ def greedy_hits(model: Any, tok: Any, deep: DeepBank, items: list[Item], ref: li
     return hits
 
 
-def deep_generate(model: Any, tok: Any, deep: DeepBank, items: list[Item], cache: PrefixCache, max_new_tokens: int,
+def deep_generate(model: Any, tok: Any, deep: DeepTokenBank, items: list[Item], cache: PrefixCache, max_new_tokens: int,
                   batch: int = 16) -> list[list[int]]:  # fmt: skip
     """Greedy answers' token ids (max_new_tokens, EOS appended where the answer ended) with each item's deep block
     after its request (an empty set: the base model)."""
     out: list[list[int]] = []
     for i in range(0, len(items), batch):
         ch = items[i : i + batch]
-        enc = encode_batch(tok, model.get_input_embeddings(), None, [x[0] for x in ch], [[] for _ in ch], "before_assistant",
+        enc = encode_batch(tok, model.get_input_embeddings(), deep, [x[0] for x in ch], [x[1] for x in ch], "before_assistant",
                            cache=cache)  # fmt: skip
-        gens = generate(model, with_blocks(model, enc, [deep.block(x[1]) for x in ch]), max_new_tokens=max_new_tokens,
-                        eos_token_ids=[tok.eos_token_id])  # fmt: skip
+        gens = generate(model, enc, max_new_tokens=max_new_tokens, eos_token_ids=[tok.eos_token_id])
         out += [g.token_ids + ([tok.eos_token_id] if g.finish_reason == "stop" else []) for g in gens]
     return out
 
@@ -192,7 +113,7 @@ def deep_generate(model: Any, tok: Any, deep: DeepBank, items: list[Item], cache
 class OnlineTeacher:
     """The base model's own greedy answer (token ids) per prompt, generated once when first asked for."""
 
-    def __init__(self, model: Any, tok: Any, deep: DeepBank, cache: PrefixCache, max_new_tokens: int):
+    def __init__(self, model: Any, tok: Any, deep: DeepTokenBank, cache: PrefixCache, max_new_tokens: int):
         self.model, self.tok, self.deep, self.cache, self.n = model, tok, deep, cache, max_new_tokens
         self.answers: dict[str, list[int]] = {}
 
@@ -204,7 +125,7 @@ class OnlineTeacher:
         return [self.answers[p] for p in prompts]
 
 
-def full_answer_loss(model: Any, tok: Any, deep: DeepBank, prompts: list[str], active: list[list[str]],
+def full_answer_loss(model: Any, tok: Any, deep: DeepTokenBank, prompts: list[str], active: list[list[str]],
                      is_pos: torch.Tensor, refusal: list[int], teacher: OnlineTeacher, cache: PrefixCache,
                      delta: float, kl: float, pos_weight: float) -> torch.Tensor:  # fmt: skip
     """(B,) loss on whole answers, the recipe's loss with deep blocks and an online teacher: positives
@@ -241,7 +162,7 @@ def full_answer_loss(model: Any, tok: Any, deep: DeepBank, prompts: list[str], a
     return loss
 
 
-def generation_report(model: Any, tok: Any, deep: DeepBank, items: list[Item], cache: PrefixCache, n: int) -> dict[str, float]:
+def generation_report(model: Any, tok: Any, deep: DeepTokenBank, items: list[Item], cache: PrefixCache, n: int) -> dict[str, float]:
     """Greedy generations (n new tokens) on items, judged as evaluation judges them (template + XSTest prefix), %:
     positives refused, and refused with the whole trained template; negatives refused, negatives whose answer is
     token-for-token the base model's, and the base model's own refusals on the same negatives."""
@@ -310,6 +231,8 @@ def main(argv: list[str] | None = None) -> None:
                     "test sample, judged (0: skip)")
     ap.add_argument("--ema", type=float, default=0.0, help="> 0: score and save an exponential moving average of the "
                     "parameters with this decay (step-to-step noise of the sample DSR was ~4 points without)")
+    ap.add_argument("--save-bank", default="", help="also write the scored parameters as a bank directory (module artifacts "
+                    "+ manifest: `mosaic evaluate/register/serve` load it)")
     ap.add_argument("--out", default="runs/deep-prompt-probe")
     a = ap.parse_args(argv)
     recipe, bb, bank, ref, rows = probe_setup(a.config, a.bank)
@@ -321,9 +244,9 @@ def main(argv: list[str] | None = None) -> None:
     sample = sample_rows(test_rows, cats, a.per_order, 0)
     t0 = time.perf_counter()
     init_prompts = [q.prompt for q in train[:: max(1, len(train) // a.init_prompts)][: a.init_prompts]]  # spread over kinds
-    init = torch.load(a.resume) if a.resume else init_from_bank(model, tok, bank, init_prompts)
-    deep = DeepBank(cats, init)
-    scored = DeepBank(cats, init) if a.ema else deep  # what checkpoints score and the run saves
+    init = torch.load(a.resume) if a.resume else DeepTokenBank.from_input_bank(model, tok, bank, init_prompts).vectors
+    deep = new_deep_bank(model, cats, dict(init))
+    scored = new_deep_bank(model, cats, dict(init)) if a.ema else deep  # what checkpoints score and the run saves
     n_params = sum(p.numel() for p in deep.parameters())
     cache = PrefixCache(model, max_bytes=6 << 30)
     opt = torch.optim.Adam(deep.parameters(), lr=a.lr)
@@ -386,6 +309,9 @@ def main(argv: list[str] | None = None) -> None:
                 res = {name + k: 100 * sum(h for h, kk in zip(hits, keys) if kk == k) / keys.count(k) for k in sorted(set(keys))}
                 report.setdefault(f"order{order}", {"rows": len(items)}).update(res)
                 print(f"test split, order {order}: " + "  ".join(f"{k} {v:5.1f} %" for k, v in res.items()), flush=True)
+    if a.save_bank:  # a module artifact per category: what evaluation, registration and serving load
+        save_bank(scored, Path(a.save_bank), fingerprint=bb.fingerprint, init=f"deep_prompt_probe from {a.resume or a.bank}")
+        print(f"wrote the deep bank {a.save_bank}", flush=True)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     print(f"wrote {out / 'report.json'} ({time.perf_counter() - t0:.0f}s)")
 

@@ -1,5 +1,6 @@
-"""benchmarks/deep_prompt_probe.py: deep blocks taken from a bank's own keys/values reproduce the bank exactly (tiny
-model: RoPE, positions and padding are right), and a smoke run of the script on the real backbone."""
+"""benchmarks/deep_prompt_probe.py: its whole-answer loss and moving average (tiny model), and a smoke run of the
+script on the real backbone that writes a deep bank evaluation can load. (Deep blocks themselves:
+tests/unit/test_deep_tokens.py.)"""
 
 from __future__ import annotations
 
@@ -14,63 +15,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_a_deep_block_read_off_the_bank_gives_the_banks_logits(tiny_backbone):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from deep_prompt_probe import DeepBank, deep_logits, init_from_bank
-
-    from mosaic_core.bank import ControlTokenBank
-    from mosaic_core.compose import PrefixCache, answer_logits, encode_batch
-    from mosaic_core.config import BankConfig
-
-    tok, model = tiny_backbone.tokenizer, tiny_backbone.model
-    cfg = BankConfig(categories=("alcohol", "betting"), m=3, init="normal", placement="before_assistant", seed=1)
-    bank = ControlTokenBank.build(cfg, model.get_input_embeddings().weight)
-    long, short = "What's a good cocktail for a summer party with mint and lime?", "How do odds work?"
-    target = tok("I'm sorry", add_special_tokens=False).input_ids
-    with torch.no_grad():
-        deep = DeepBank(bank.categories, init_from_bank(model, tok, bank, [long]))  # one prompt: its exact states
-        got, _, mask = deep_logits(model, tok, deep, [long, short], [["alcohol"], []], [target, target], PrefixCache(model))
-        enc = encode_batch(tok, model.get_input_embeddings(), bank, [long, short], [["alcohol"], []], "before_assistant",
-                           [target, target])  # fmt: skip
-        want, _, _ = answer_logits(model, enc)
-    assert mask.all()
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-    # the same block after a request of another length: keys re-rotated, so it is not just a copy of `want`
-    with torch.no_grad():
-        other, _, _ = deep_logits(model, tok, deep, [short], [["alcohol"]], [target], PrefixCache(model))
-    assert not torch.allclose(other[0], want[0], atol=1e-4)
-
-
-def test_generating_with_a_deep_block_continues_as_the_bank_does(tiny_tok):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from deep_prompt_probe import DeepBank, deep_generate, init_from_bank
-
-    from mosaic_core.bank import ControlTokenBank
-    from mosaic_core.compose import PrefixCache, encode_batch
-    from mosaic_core.config import BankConfig
-    from mosaic_core.generation import generate
-    from tests.tiny import tiny_model
-
-    # larger random weights than the fixture's: at 0.02 the tiny model answers newlines whatever comes before
-    tok, model = tiny_tok, tiny_model(len(tiny_tok), init_range=0.2)
-    cfg = BankConfig(categories=("alcohol", "betting"), m=3, init="normal", placement="before_assistant", seed=1)
-    bank = ControlTokenBank.build(cfg, model.get_input_embeddings().weight)
-    prompts, active = ["Mix me a mojito, please.", "Which horse wins?"], [["alcohol"], []]
-    deep = DeepBank(bank.categories, init_from_bank(model, tok, bank, prompts[:1]))
-    got = deep_generate(model, tok, deep, [(p, a, False) for p, a in zip(prompts, active)], PrefixCache(model), 8)
-    enc = encode_batch(tok, model.get_input_embeddings(), bank, prompts, active, "before_assistant")
-    gens = generate(model, enc, max_new_tokens=8, eos_token_ids=[tok.eos_token_id])
-    want = [g.token_ids + ([tok.eos_token_id] if g.finish_reason == "stop" else []) for g in gens]
-    assert got == want
-    without = deep_generate(model, tok, deep, [(prompts[0], [], False)], PrefixCache(model), 8)
-    assert without != want[:1]  # the block is what made the first answer: the check above can fail
-
-
 @pytest.mark.slow
 def test_the_probe_trains_scores_and_writes_its_report(tmp_path):
     cmd = [sys.executable, "benchmarks/deep_prompt_probe.py", "--steps", "2", "--every", "2", "--per-order", "1",
            "--init-prompts", "2", "--limit", "5", "--ema", "0.5", "--loss", "full", "--answer-tokens", "4", "--gen", "4",
-           "--out", str(tmp_path)]  # fmt: skip
+           "--out", str(tmp_path), "--save-bank", str(tmp_path / "bank")]  # fmt: skip
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
     assert p.returncode == 0, p.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
@@ -82,14 +31,23 @@ def test_the_probe_trains_scores_and_writes_its_report(tmp_path):
     assert set(report["generations"]) == {"pos_refused", "pos_template", "neg_refused", "neg_same_as_base", "base_neg_refused"}
     vectors = torch.load(tmp_path / "deep_bank.pt")
     assert sorted(vectors) == ["addiction", "alcohol", "betting", "horror", "sex"]
+    from mosaic_core.artifact import load_bank
+
+    bank = load_bank(tmp_path / "bank")
+    assert bank.depth == "deep" and all(torch.equal(bank.vectors[c], vectors[c]) for c in vectors)
 
 
 def test_the_moving_average_moves_by_one_minus_the_decay():
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from deep_prompt_probe import DeepBank, ema_update_
+    from deep_prompt_probe import ema_update_
+
+    from mosaic_core.bank import DeepTokenBank
 
     zeros, ones = torch.zeros(2, 2, 1, 3, 4), torch.ones(2, 2, 1, 3, 4)
-    avg, live = DeepBank(["a", "b"], {"a": zeros, "b": ones}), DeepBank(["a", "b"], {"a": ones, "b": ones})
+    avg, live = DeepTokenBank(d=8, m=3, layers=2, kv_heads=1, head_dim=4), DeepTokenBank(d=8, m=3, layers=2, kv_heads=1, head_dim=4)
+    for c, a, b in (("a", zeros, ones), ("b", ones, ones)):
+        avg.add(c, a)
+        live.add(c, b)
     ema_update_(avg, live, 0.75)
     assert torch.allclose(avg.vectors["a"], torch.full_like(zeros, 0.25)) and torch.equal(avg.vectors["b"], ones)
     ema_update_(avg, live, 0.75)
@@ -97,19 +55,20 @@ def test_the_moving_average_moves_by_one_minus_the_decay():
 
 
 def _full_loss_setup(tok):
-    """A tiny model with larger random weights, a two-module DeepBank (m = 2), a PrefixCache, an OnlineTeacher (6
+    """A tiny model with larger random weights, a two-module DeepTokenBank (m = 2), a PrefixCache, an OnlineTeacher (6
     tokens) and a refusal; the loss function."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from deep_prompt_probe import DeepBank, OnlineTeacher, full_answer_loss
+    from deep_prompt_probe import OnlineTeacher, full_answer_loss
 
+    from mosaic_core.bank import DeepTokenBank
     from mosaic_core.compose import PrefixCache
     from tests.tiny import tiny_model
 
     model = tiny_model(len(tok), init_range=0.2)
     torch.manual_seed(0)
-    cfg = model.config
-    shape = (cfg.num_hidden_layers, 2, cfg.num_key_value_heads, 2, cfg.hidden_size // cfg.num_attention_heads)
-    deep = DeepBank(["alcohol", "betting"], {c: torch.randn(shape) for c in ("alcohol", "betting")})
+    deep = DeepTokenBank.for_model(model, 2)
+    for c in ("alcohol", "betting"):
+        deep.add(c, torch.randn(deep.module_shape))
     cache = PrefixCache(model)
     refusal = tok("I'm sorry, no.", add_special_tokens=False).input_ids + [tok.eos_token_id]
     return model, deep, cache, OnlineTeacher(model, tok, deep, cache, 6), refusal, full_answer_loss

@@ -484,7 +484,7 @@ def test_a_deep_bank_is_served_as_mosaic_core_answers(stack, tmp_path):
             return c.chat.completions.create(model=stack.model, messages=_msgs(), max_tokens=12,
                                              extra_body={"safety_modules": active})  # fmt: skip
 
-        with ThreadPoolExecutor(max_workers=3) as pool:  # together: rows with different deep blocks in one batch
+        with ThreadPoolExecutor(max_workers=3) as pool:  # concurrently: rows with different deep blocks may share a batch
             answers = list(pool.map(ask, sets))
         for active, r in zip(sets, answers):
             assert r.choices[0].message.content == stack.reference(_msgs(), active, bank="deep")

@@ -83,9 +83,9 @@ def save_module(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t = tensor.detach().to("cpu", torch.float32).contiguous()
-    save_file({_TENSOR_KEY: t}, str(out_dir / TENSOR_FILE))
     if depth == "deep" and (t.dim() != 5 or t.shape[1] != 2 or d is None):
         raise ArtifactError(f"a deep module is (layers, 2, kv_heads, m, head_dim) with the hidden size d given, not {tuple(t.shape)}")
+    save_file({_TENSOR_KEY: t}, str(out_dir / TENSOR_FILE))
     m, width = (int(t.shape[3]), int(d)) if depth == "deep" else (int(t.shape[0]), int(t.shape[1]))  # type: ignore[arg-type]
     meta = ModuleMeta(
         category=category, m=m, d=width, fingerprint=fingerprint.to_dict(),

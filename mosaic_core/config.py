@@ -344,7 +344,7 @@ def recipe_from_dict(raw: dict[str, Any], where: str = "recipe") -> Recipe:
             problems.append(f"{key}: {e}")
     if "bank" in built and "train" in built and built["bank"].depth == "deep" and built["train"].zero_stage == 3:
         # deep blocks are appended to the request's cached keys/values; ZeRO-3 runs without that cache
-        problems.append("bank.depth: deep needs train.zero_stage 1 or 2 (135M-8B backbones' deep modules are MBs)")
+        problems.append("bank.depth: deep needs train.zero_stage 1 or 2 (ZeRO-3 trains without the prefix cache)")
     if problems:
         raise ConfigError(problems, where)
     return Recipe(**built)

@@ -34,15 +34,9 @@ from mosaic_core.backbone import load_backbone
 from mosaic_core.bench import load_jsonl
 from mosaic_core.compose import PrefixCache, answer_logits, encode_batch
 from mosaic_core.config import DEFAULT_REFUSAL, load_recipe
+from mosaic_core.losses import decision_margin, margins
 from mosaic_core.sampling import Request, interleave_orders, sample_examples
 from mosaic_core.scoring import refusal_score
-
-
-def margins(logits: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
-    """(B, n, V) logits, (B, n) targets -> (B, n): each target's logit minus the best other logit (> 0: argmax)."""
-    t = logits.gather(-1, tgt[..., None]).squeeze(-1)
-    other = logits.scatter(-1, tgt[..., None], float("-inf")).amax(-1)
-    return t - other
 
 
 Item = tuple[str, list[str], bool]  # prompt, active set, should refuse
@@ -78,10 +72,7 @@ def decision_loss(
     """(B,) loss per row on the refusal's first tokens, logits (B, n, V) and tgt (B, n): softplus margins (positives:
     each target token beats the best other by `delta`, weighted `pos_weight`; negatives: the weakest loses by `delta`)
     + on negatives `kl` x KL(base || controlled) at the first answer position, the base model run without tokens."""
-    m = margins(logits, tgt)
-    loss_pos = pos_weight * F.softplus(delta - m).mean(-1)
-    loss_neg = F.softplus(delta + m.amin(-1))  # refusing needs all 3 to be the argmax: one losing is enough
-    loss = torch.where(is_pos, loss_pos, loss_neg)
+    loss = decision_margin(margins(logits, tgt), is_pos, delta) * torch.where(is_pos, pos_weight, 1.0)
     if kl > 0 and (~is_pos).any():
         idx = (~is_pos).nonzero().squeeze(-1).tolist()
         with torch.no_grad():

@@ -45,16 +45,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from decision_margin_probe import counterfactual_batches, decision_loss, margins, probe_setup  # the sibling scripts
+from decision_margin_probe import counterfactual_batches, decision_loss, probe_setup  # the sibling scripts
 from fast_score_agreement import generation_checks, sample_rows
 from linear_probe_ceiling import rate_key
 
-from mosaic_core.artifact import save_bank
+from mosaic_core.artifact import load_bank, save_bank
 from mosaic_core.bank import DeepTokenBank
 from mosaic_core.compose import PrefixCache, answer_logits, encode_batch
 from mosaic_core.config import DEFAULT_REFUSAL
 from mosaic_core.generation import generate
 from mosaic_core.judge import make_judge
+from mosaic_core.losses import margins
 from mosaic_core.losses import masked_ce
 from mosaic_core.sampling import Request, interleave_orders, sample_examples
 from mosaic_core.training import refusal_target
@@ -209,7 +210,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--bank", default="banks/smollm2-cpu")
     ap.add_argument("--config", default="pipelines/configs/smollm2-cpu.yaml")
     ap.add_argument("--init-prompts", type=int, default=16)
-    ap.add_argument("--resume", default="", help="a deep_bank.pt written by an earlier run: start from it (fresh Adam)")
+    ap.add_argument("--resume", default="", help="a deep_bank.pt written by an earlier run, or a deep bank directory: "
+                    "start from it (fresh Adam)")
     ap.add_argument("--steps", type=int, default=900)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=0.01)
@@ -244,7 +246,10 @@ def main(argv: list[str] | None = None) -> None:
     sample = sample_rows(test_rows, cats, a.per_order, 0)
     t0 = time.perf_counter()
     init_prompts = [q.prompt for q in train[:: max(1, len(train) // a.init_prompts)][: a.init_prompts]]  # spread over kinds
-    init = torch.load(a.resume) if a.resume else DeepTokenBank.from_input_bank(model, tok, bank, init_prompts).vectors
+    if a.resume:  # a deep_bank.pt, or a deep bank's directory (mosaic train's run/bank)
+        init = load_bank(Path(a.resume)).vectors if Path(a.resume).is_dir() else torch.load(a.resume)
+    else:
+        init = DeepTokenBank.from_input_bank(model, tok, bank, init_prompts).vectors
     deep = new_deep_bank(model, cats, dict(init))
     scored = new_deep_bank(model, cats, dict(init)) if a.ema else deep  # what checkpoints score and the run saves
     n_params = sum(p.numel() for p in deep.parameters())

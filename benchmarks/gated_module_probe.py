@@ -30,12 +30,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from decision_margin_probe import evaluate, margins, probe_setup  # the sibling scripts
+from decision_margin_probe import evaluate, probe_setup  # the sibling scripts
 from fast_score_agreement import sample_rows
 from linear_probe_ceiling import features, fit
 
 from mosaic_core.artifact import save_bank
 from mosaic_core.compose import PrefixCache, answer_logits, encode_batch
+from mosaic_core.losses import margins
 
 
 def main(argv: list[str] | None = None) -> None:

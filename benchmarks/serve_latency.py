@@ -6,8 +6,10 @@ on 127.0.0.1 (Ray Serve proxy -> ingress -> backbone), with the official `openai
   and throughput with N concurrent clients.
   (d) one batch of requests with *different* active sets sent together (they share forwards: @serve.batch) vs the
   same requests one at a time.
+  (e) all five modules of a *deep* bank (bank.depth: deep, keys/values at every layer after the request's cached
+  ones), served by a second app of the same shape on /deep.
 
-The bank is untrained (`mosaic bank init`-style: text init, m=5): latency does not depend on what the vectors learned.
+The banks are untrained (`mosaic bank init`-style: text init, m=5): latency does not depend on what the vectors learned.
 Every request decodes exactly --max-tokens tokens (`ignore_eos`): the untrained block makes SmolLM2 end at once, and
 answers of different lengths would not compare.
 
@@ -23,6 +25,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
 import socket  # noqa: E402
@@ -98,7 +101,7 @@ def main() -> None:
 
     from mosaic_core.artifact import save_bank
     from mosaic_core.backbone import EMBEDDED, load_backbone
-    from mosaic_core.bank import ControlTokenBank
+    from mosaic_core.bank import ControlTokenBank, DeepTokenBank
     from mosaic_core.categories import CATEGORIES
     from mosaic_core.config import BankConfig
     from pipelines.serve import build_app
@@ -106,30 +109,37 @@ def main() -> None:
     prompts = _prompts(a.requests)
     with tempfile.TemporaryDirectory(prefix="mosaic-bench-serve-") as tmp:
         bb = load_backbone(EMBEDDED)  # the embedded SmolLM2-135M-Instruct
-        bank = ControlTokenBank.build(BankConfig(categories=CATEGORIES, m=5, init="text"), bb.embeddings, bb.tokenizer)
+        cfg = BankConfig(categories=CATEGORIES, m=5, init="text")
+        bank = ControlTokenBank.build(cfg, bb.embeddings, bb.tokenizer)
         save_bank(bank, Path(tmp) / "bank", fingerprint=bb.fingerprint, init="text")
-        del bb, bank  # the replica loads its own copy
+        deep = DeepTokenBank.build(dataclasses.replace(cfg, depth="deep"), bb.embeddings, bb.tokenizer, model=bb.model)
+        save_bank(deep, Path(tmp) / "deep", fingerprint=bb.fingerprint, init="text")
+        del bb, bank, deep  # the replicas load their own copies
 
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
                  runtime_env={"worker_process_setup_hook": "pipelines._loopback.install"})  # fmt: skip
         port = _free_port()
         t0 = time.perf_counter()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app({"bank_dir": str(Path(tmp) / "bank"), "threads": a.threads, "num_cpus": 1,
-                             "max_batch_size": 16, "max_ongoing_requests": 32}), name="mosaic", route_prefix="/")  # fmt: skip
+        for name, route in (("bank", "/"), ("deep", "/deep")):
+            serve.run(build_app({"bank_dir": str(Path(tmp) / name), "threads": a.threads, "num_cpus": 1,
+                                 "max_batch_size": 16, "max_ongoing_requests": 32}), name=name, route_prefix=route)  # fmt: skip
         print(f"app ready in {time.perf_counter() - t0:.1f}s on http://127.0.0.1:{port}/v1 "
               f"({a.requests} requests/mode, concurrency {a.concurrency}, max_tokens {a.max_tokens}, greedy)", flush=True)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=600)
+        deep_client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/deep/v1", api_key="unused", max_retries=0, timeout=600)
         model = client.models.list().data[0].id
         try:
-            _ask(client, model, "Hello!", [], None, 4)  # warm-up: first forward allocates, lazy imports
-            modes = {"(a) base": ([], None), "(b) 5 modules": (list(CATEGORIES), None), "(c) in-context": ([], _policy())}
+            for c in (client, deep_client):
+                _ask(c, model, "Hello!", [], None, 4)  # warm-up: first forward allocates, lazy imports
+            modes = {"(a) base": (client, [], None), "(b) 5 modules": (client, list(CATEGORIES), None),
+                     "(c) in-context": (client, [], _policy()), "(e) 5 deep modules": (deep_client, list(CATEGORIES), None)}  # fmt: skip
             results = []
-            for name, (active, system) in modes.items():
-                seq = [_ask(client, model, p, active, system, a.max_tokens) for p in prompts]
+            for name, (cl, active, system) in modes.items():
+                seq = [_ask(cl, model, p, active, system, a.max_tokens) for p in prompts]
                 t1 = time.perf_counter()
                 with ThreadPoolExecutor(a.concurrency) as pool:
-                    conc = list(pool.map(lambda p: _ask(client, model, p, active, system, a.max_tokens), prompts))
+                    conc = list(pool.map(lambda p: _ask(cl, model, p, active, system, a.max_tokens), prompts))
                 results.append(_summary(name, seq, time.perf_counter() - t1, conc))
                 print(json.dumps(results[-1]), flush=True)
 

@@ -16,6 +16,7 @@ InitMethod = Literal["text", "vocab", "normal"]
 Depth = Literal["input", "deep"]
 NegSource = Literal["inactive", "general", "lookalike"]
 FastRule = Literal["greedy", "threshold"]
+DecisionLoss = Literal["bce", "margin"]
 
 DEFAULT_REFUSAL = "I'm sorry, but I can't help with that."
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
@@ -132,7 +133,16 @@ class LossConfig:
     the fast score of evaluation. Positives push p up, negatives (one extra short probe row each) push it
     down. It puts the weight on where the refusal is decided instead of spreading it over every token."""
     decision_tokens: int = 4
-    """Refusal tokens the decision probability covers (evaluation's fast score uses 4)."""
+    """Refusal tokens the decision loss covers (evaluation's greedy flag reads 3)."""
+    decision: DecisionLoss = "bce"
+    """`bce`: the binary CE above. `margin`: softplus margins on the flag itself -- positives: each of the first
+    `decision_tokens` refusal tokens beats the best other token by `margin_delta`; negatives: the weakest loses by
+    it, except where the teacher's own answer starts with the refusal (there the base model refuses, and that is
+    the target). What made deep tokens selective in benchmarks/deep_prompt_probe.py."""
+    margin_delta: float = 2.0
+    """Logit margin of `decision: margin`."""
+    pos_weight: float = 1.0
+    """Weight of positives' loss (CE + decision) against negatives': > 1 trades OR for DSR."""
     max_answer_tokens: int = 0
     """Train negatives on the teacher answer's first N tokens only (0 = all of them): CPU recipes trade the
     tail of the answer for steps, since the refusal is decided in the first tokens."""
@@ -143,6 +153,12 @@ class LossConfig:
             problems.append(f"decision_weight: {self.decision_weight} must be in [0, 100]")
         if not 1 <= self.decision_tokens <= 64:
             problems.append(f"decision_tokens: {self.decision_tokens} must be in 1..64")
+        if self.decision not in get_args(DecisionLoss):
+            problems.append(f"decision: {self.decision!r} must be one of {get_args(DecisionLoss)}")
+        if not 0 <= self.margin_delta <= 50:
+            problems.append(f"margin_delta: {self.margin_delta} must be in [0, 50]")
+        if not 0 < self.pos_weight <= 100:
+            problems.append(f"pos_weight: {self.pos_weight} must be in (0, 100]")
         if self.max_answer_tokens < 0:
             problems.append(f"max_answer_tokens: {self.max_answer_tokens} must be >= 0 (0 = no cut)")
         if not self.refusal_template.strip():

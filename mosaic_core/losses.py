@@ -101,3 +101,22 @@ def decision_bce(score: torch.Tensor, refuse: torch.Tensor) -> torch.Tensor:
     """
     s = score.clamp(max=-1e-6)  # log(1 - p) is -inf at p = 1
     return torch.where(refuse, -s, -torch.log(-torch.expm1(s)))
+
+
+def margins(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(B, n, V) logits, (B, n) targets -> (B, n): each target's logit minus the best other logit (> 0: the argmax)."""
+    t = logits.gather(-1, targets[..., None]).squeeze(-1)
+    other = logits.scatter(-1, targets[..., None], float("-inf")).amax(-1)
+    return t - other
+
+
+def decision_margin(m: torch.Tensor, refuse: torch.Tensor, delta: float) -> torch.Tensor:
+    """Softplus margins on the refusal's first n tokens, the greedy flag evaluation reads.
+
+    Args:
+        m: (B, n) margins of the refusal's first tokens (margins()); refuse: (B,) bool.
+    Returns:
+        (B,) where refuse: mean softplus(delta - m), every token the argmax by delta; elsewhere
+        softplus(delta + min m): refusing needs all n to be the argmax, so the weakest losing by delta is enough.
+    """
+    return torch.where(refuse, F.softplus(delta - m).mean(-1), F.softplus(delta + m.amin(-1)))

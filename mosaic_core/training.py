@@ -3,8 +3,9 @@ Train + DeepSpeed worker and the benchmarks both call it).
 
 Positives (label `pos`): CE on the refusal template (+ EOS). Negatives (`neg`): CE on the teacher's answer +
 lambda * KL(teacher || student) at every answer position (top-k + tail bucket). With `decision_weight` > 0, every
-row also gets a binary CE on the probability of starting the refusal (negatives through one short probe row
-each: prompt + tokens + the refusal's first tokens)."""
+row also gets a decision loss on starting the refusal (negatives through one short probe row each: prompt + tokens
++ the refusal's first tokens): a binary CE on its probability, or (`decision: margin`) softplus margins on the
+greedy flag itself. `pos_weight` scales the positives' rows."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 from mosaic_core.bank import ControlTokenBank
 from mosaic_core.compose import PrefixCache, answer_logits, encode_batch
 from mosaic_core.config import LossConfig, Placement
-from mosaic_core.losses import decision_bce, masked_ce, negative_loss
+from mosaic_core.losses import decision_bce, decision_margin, margins, masked_ce, negative_loss
 
 
 def refusal_target(tokenizer: Any, template: str) -> list[int]:
@@ -61,12 +62,16 @@ def batch_loss(
     tokens = batch.attention_mask.sum().detach()  # the rows' real tokens, cached or not
     decide, n_dec = loss_cfg.decision_weight > 0, loss_cfg.decision_tokens
     dec = torch.zeros(len(examples), device=logits.device)
+    margin = loss_cfg.decision == "margin"
     if is_pos.any():
         idx = is_pos.nonzero().squeeze(-1)
         ce = masked_ce(logits[idx], tgt[idx], mask[idx])
         per_row = per_row.index_put((idx,), ce)
         stats["pos_ce"] = ce.detach().mean()
-        if decide:  # -log p(refusal's first n tokens) = their mean CE
+        if decide and margin:
+            m = margins(logits[idx, :n_dec], tgt[idx, :n_dec])
+            dec = dec.index_put((idx,), decision_margin(m, torch.ones_like(idx, dtype=torch.bool), loss_cfg.margin_delta))
+        elif decide:  # -log p(refusal's first n tokens) = their mean CE
             dec = dec.index_put((idx,), masked_ce(logits[idx, :n_dec], tgt[idx, :n_dec], mask[idx, :n_dec]))
     if (~is_pos).any():
         idx = (~is_pos).nonzero().squeeze(-1)
@@ -81,10 +86,17 @@ def batch_loss(
             probe = encode_batch(tokenizer, model.get_input_embeddings(), bank, [e["prompt"] for e in neg],
                                  [list(e["active"]) for e in neg], placement, [list(refusal_ids[:n_dec])] * len(neg), cache=cache)  # type: ignore[arg-type]  # fmt: skip
             p_logits, p_tgt, p_mask = answer_logits(model, probe)
-            score = -masked_ce(p_logits, p_tgt, p_mask)
-            dec = dec.index_put((idx,), decision_bce(score, torch.zeros_like(idx, dtype=torch.bool)))
+            no = torch.zeros_like(idx, dtype=torch.bool)
+            if margin:  # where the teacher itself refuses, its refusal is the target: no push off it
+                own = torch.tensor([list(e["response_ids"][:n_dec]) == list(refusal_ids[:n_dec]) for e in neg], device=no.device)
+                keep_off = decision_margin(margins(p_logits, p_tgt), no, loss_cfg.margin_delta).masked_fill(own, 0.0)
+                dec = dec.index_put((idx,), keep_off)
+            else:
+                dec = dec.index_put((idx,), decision_bce(-masked_ce(p_logits, p_tgt, p_mask), no))
             tokens = tokens + probe.attention_mask.sum().detach()
     if decide:
         per_row = per_row + loss_cfg.decision_weight * dec
         stats["decision"] = dec.detach().mean()
+    if loss_cfg.pos_weight != 1.0:
+        per_row = per_row * torch.where(is_pos.to(per_row.device), loss_cfg.pos_weight, 1.0)
     return {"loss": per_row.mean(), **stats, "tokens": tokens}

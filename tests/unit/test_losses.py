@@ -1,6 +1,6 @@
 import torch
 
-from mosaic_core.losses import answer_positions, decision_bce, masked_ce, negative_loss, topk_tail_kl
+from mosaic_core.losses import answer_positions, decision_bce, decision_margin, margins, masked_ce, negative_loss, topk_tail_kl
 
 
 def _bucketed_kl_bruteforce(t_logits, s_logits, k):
@@ -85,3 +85,14 @@ def test_decision_bce_is_binary_ce_of_exp_score():
     want = torch.nn.functional.binary_cross_entropy(p, refuse.float(), reduction="none")
     assert torch.allclose(got, want, atol=1e-5)
     assert torch.isfinite(decision_bce(torch.zeros(1), torch.tensor([False]))).all()  # p = 1 clamps, no inf
+
+
+def test_margins_and_the_margin_decision_loss():
+    logits = torch.tensor([[[3.0, 1.0, 0.0], [0.0, 2.0, 5.0]]])  # (1, 2, 3)
+    m = margins(logits, torch.tensor([[0, 1]]))
+    assert torch.equal(m, torch.tensor([[2.0, -3.0]]))  # token 0 wins by 2; token 1 loses to token 2 by 3
+    sp = torch.nn.functional.softplus
+    refuse = decision_margin(m, torch.tensor([True]), 1.0)
+    keep_off = decision_margin(m, torch.tensor([False]), 1.0)
+    assert torch.allclose(refuse, (sp(torch.tensor(-1.0)) + sp(torch.tensor(4.0))) / 2)  # every token must win by 1
+    assert torch.allclose(keep_off, sp(torch.tensor(1.0 - 3.0)))  # one token losing (the weakest) is enough

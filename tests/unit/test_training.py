@@ -65,3 +65,25 @@ def test_decision_loss_and_prefix_cache(tiny_backbone):
         assert torch.allclose(plain[k], cached[k], atol=1e-4), k
     cut = batch_loss(bb.model, bb.tokenizer, bank, ex, refusal, LossConfig(max_answer_tokens=2))
     assert torch.allclose(plain["loss"], cut["loss"] + 2.0 * plain["decision"], atol=1e-4)
+
+
+def test_margin_decision_loss_pos_weight_and_a_refusing_teacher(tiny_backbone):
+    from mosaic_core.compose import PrefixCache
+
+    bb = tiny_backbone
+    bank = ControlTokenBank.build(BankConfig(categories=("alcohol", "betting"), m=2, init="normal", seed=2), bb.embeddings)
+    ex, refusal = _examples(bb), refusal_target(bb.tokenizer, "I'm sorry, but I can't help with that.")
+    cache = PrefixCache(bb.model)
+
+    def rows(**kw):  # per-row loss: one example at a time
+        cfg = LossConfig(decision_weight=1.0, decision_tokens=3, decision="margin", **kw)
+        return torch.stack([batch_loss(bb.model, bb.tokenizer, bank, [e], refusal, cfg, cache=cache)["loss"] for e in ex])
+
+    base = rows()
+    assert torch.isfinite(base).all() and (base > 0).all()
+    weighted = rows(pos_weight=3.0)
+    assert torch.allclose(weighted[0], 3 * base[0], atol=1e-5) and torch.allclose(weighted[1:], base[1:], atol=1e-5)
+    # the second negative's teacher now answers with the refusal itself: no keep-off margin on it, whatever delta
+    ex[2] = {**ex[2], "response_ids": list(refusal[:3]) + list(ex[2]["response_ids"][3:])}
+    lo, hi = rows(margin_delta=0.0), rows(margin_delta=20.0)
+    assert torch.allclose(lo[2], hi[2], atol=1e-5) and hi[1] > lo[1] + 10

@@ -43,7 +43,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from decision_margin_probe import counterfactual_batches, decision_loss, probe_setup  # the sibling scripts
 from fast_score_agreement import generation_checks, sample_rows
@@ -55,8 +54,7 @@ from mosaic_core.compose import PrefixCache, answer_logits, encode_batch
 from mosaic_core.config import DEFAULT_REFUSAL
 from mosaic_core.generation import generate
 from mosaic_core.judge import make_judge
-from mosaic_core.losses import margins
-from mosaic_core.losses import masked_ce
+from mosaic_core.losses import decision_margin, margins, masked_ce
 from mosaic_core.sampling import Request, interleave_orders, sample_examples
 from mosaic_core.training import refusal_target
 
@@ -143,8 +141,8 @@ def full_answer_loss(model: Any, tok: Any, deep: DeepTokenBank, prompts: list[st
     loss = logits.new_zeros(len(prompts))
     if is_pos.any():  # margins on positives only: a negative's answer may be shorter than 3 tokens (-100 beyond it)
         idx = is_pos.nonzero().squeeze(-1)
-        m3 = margins(logits[idx, :3], tgt[idx, :3])
-        loss = loss.index_put((idx,), pos_weight * (masked_ce(logits[idx], tgt[idx], mask[idx]) + F.softplus(delta - m3).mean(-1)))
+        dec = decision_margin(margins(logits[idx, :3], tgt[idx, :3]), torch.ones_like(idx, dtype=torch.bool), delta)
+        loss = loss.index_put((idx,), pos_weight * (masked_ce(logits[idx], tgt[idx], mask[idx]) + dec))
     if neg:
         idx = torch.tensor(neg)
         with torch.no_grad():
@@ -158,7 +156,7 @@ def full_answer_loss(model: Any, tok: Any, deep: DeepTokenBank, prompts: list[st
         probe, ptgt, _ = deep_logits(model, tok, deep, [prompts[i] for i in neg], [active[i] for i in neg],
                                      [refusal[:3]] * len(neg), cache)  # fmt: skip
         base_refuses = torch.tensor([a[:3] == refusal[:3] for a in answers])
-        keep_off = F.softplus(delta + margins(probe, ptgt).amin(-1)).masked_fill(base_refuses, 0.0)
+        keep_off = decision_margin(margins(probe, ptgt), torch.zeros_like(idx, dtype=torch.bool), delta).masked_fill(base_refuses, 0.0)
         loss = loss.index_put((idx,), masked_ce(logits[idx], tgt[idx], mask[idx]) + kl * kl_row + keep_off)
     return loss
 

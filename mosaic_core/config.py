@@ -59,6 +59,11 @@ class BankConfig:
     the KV cache written at every layer (a key before RoPE and a value per key/value head: prefix tuning), so the
     answer reads a module through each layer's attention. `deep` needs `before_assistant` placement and is
     initialised from the `input` bank `init` builds (its tokens' keys and values). See DeepTokenBank."""
+    init_from: str | None = None
+    """A trained bank's directory (module artifacts, relative to the working directory) whose modules start this
+    bank's instead of `init`: as they are when the depths match, or -- an `input` bank for a `deep` recipe -- its
+    tokens' own keys and values (DeepTokenBank.from_input_bank). Categories it lacks start from `init`; m and
+    placement must match. A warm start: the recipe still trains every module."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -79,6 +84,8 @@ class BankConfig:
             problems.append(f"max_norm_ratio: {self.max_norm_ratio} must be > 0 or null")
         if self.depth not in get_args(Depth):
             problems.append(f"depth: {self.depth!r} must be one of {get_args(Depth)}")
+        if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from.strip()):
+            problems.append(f"init_from: {self.init_from!r} must be a bank directory or null")
         if self.depth == "deep" and self.placement != "before_assistant":
             problems.append("depth: deep tokens are key/value positions after the request: placement must be before_assistant")
         if problems:

@@ -120,8 +120,12 @@ def build_bank(recipe: Any, bb: Any, extend: dict[str, Any] | None) -> Any:
 
     if not extend:
         if recipe.bank.depth == "deep":
-            return DeepTokenBank.build(recipe.bank, bb.embeddings, bb.tokenizer, model=bb.model)
-        return ControlTokenBank.build(recipe.bank, bb.embeddings, bb.tokenizer)
+            bank = DeepTokenBank.build(recipe.bank, bb.embeddings, bb.tokenizer, model=bb.model)
+        else:
+            bank = ControlTokenBank.build(recipe.bank, bb.embeddings, bb.tokenizer)
+        if recipe.bank.init_from:
+            warm_start(bank, load_bank(Path(recipe.bank.init_from), bb.fingerprint), bb)
+        return bank
     bank = load_bank(Path(extend["bank_dir"]), bb.fingerprint)  # refuses a bank of another backbone
     if bank.depth != recipe.bank.depth:
         raise ValueError(f"the bank at {extend['bank_dir']} holds {bank.depth} tokens; the recipe's bank.depth is "
@@ -137,6 +141,34 @@ def build_bank(recipe: Any, bb: Any, extend: dict[str, Any] | None) -> Any:
         bank.add(c, v)
     bank.clamp_norms_()
     return bank
+
+
+def warm_start(bank: Any, source: Any, bb: Any) -> list[str]:
+    """Overwrite `bank`'s modules with `source`'s trained ones for the categories both hold (bank.init_from); an
+    input-token source of a deep bank gives its tokens' own keys and values, averaged over the bank's category
+    descriptions as requests (as DeepTokenBank.build turns text initialisation deep). Returns the categories set."""
+    from mosaic_core.bank import ControlTokenBank, DeepTokenBank
+    from mosaic_core.categories import describe
+
+    if source.m != bank.m or source.placement != bank.placement:
+        raise ValueError(f"bank.init_from holds m={source.m}, placement {source.placement!r}; the recipe's bank has "
+                         f"m={bank.m}, placement {bank.placement!r}: they must match")  # fmt: skip
+    if source.depth == "deep" and bank.depth != "deep":
+        raise ValueError("bank.init_from holds deep tokens; an input-token bank cannot start from them")
+    shared = [c for c in bank.categories if c in source.categories]
+    if not shared:
+        raise ValueError(f"bank.init_from holds {source.categories}, none of the recipe's {bank.categories}")
+    vectors = {c: source.vectors[c] for c in shared}
+    if bank.depth == "deep" and source.depth != "deep":
+        flat = ControlTokenBank(d=source.d, m=source.m, placement=source.placement)
+        for c in shared:
+            flat.add(c, vectors[c])
+        vectors = DeepTokenBank.from_input_bank(bb.model, bb.tokenizer, flat, [describe(c) for c in bank.categories]).vectors
+    with torch.no_grad():
+        for c in shared:
+            bank.vectors[c].copy_(vectors[c])
+    bank.clamp_norms_()
+    return shared
 
 
 class BankTrainingModule(nn.Module):
@@ -412,6 +444,15 @@ def main(
     recipe = replace(recipe, train=replace(recipe.train, **train_over))
     if Path(recipe.backbone).expanduser().is_dir():
         recipe = replace(recipe, backbone=str(Path(recipe.backbone).expanduser().resolve()))
+    init_note = recipe.bank.init  # what module.json records: the recipe's own words, never a machine path
+    if recipe.bank.init_from:
+        if extend:
+            raise ConfigError(["bank.init_from starts a fresh bank; --extend starts from its own: use one"], "mosaic train")
+        src = Path(recipe.bank.init_from).expanduser().resolve()
+        if not (src / "manifest.json").is_file():
+            raise ConfigError([f"bank.init_from: {recipe.bank.init_from} is not a bank directory (no manifest.json)"], str(run))
+        init_note = f"bank:{recipe.bank.init_from}"
+        recipe = replace(recipe, bank=replace(recipe.bank, init_from=str(src)))
     ext = None
     categories = list(recipe.bank.categories)
     if extend or add:
@@ -526,7 +567,7 @@ def main(
         bank.add(c, vectors[c])
     tmp = run / ".bank.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_bank(bank, tmp, fingerprint=Fingerprint.from_dict(state["fingerprint"]), init=recipe.bank.init,
+    save_bank(bank, tmp, fingerprint=Fingerprint.from_dict(state["fingerprint"]), init=init_note,
               training_run_id=run_id, extends=(ext or {}).get("extends"))  # fmt: skip
     if ext:  # the frozen modules keep their files (and module.json: their own training run) byte for byte
         for c in state["categories"]:

@@ -225,9 +225,17 @@ class TrainConfig:
     reporting every step caps fast steps (GPU) near one per 2 s. MLflow still gets every step from rank 0."""
     seed: int = 0
     """Shuffling and initialisation seed."""
+    ema: float = 0.0
+    """> 0: validate, keep and save an exponential moving average of the bank's trainable modules (this decay per
+    step) instead of the raw parameters the optimizer moves -- steadier banks when validation swings from epoch to
+    epoch. 0: off. ZeRO-1/2 only (under ZeRO-3 each rank holds a shard of the bank)."""
 
     def __post_init__(self) -> None:
         problems = []
+        if not 0 <= self.ema < 1:
+            problems.append(f"ema: {self.ema} must be in [0, 1)")
+        if self.ema and self.zero_stage == 3:
+            problems.append("ema: needs zero_stage 1 or 2 (under ZeRO-3 each rank holds a shard of the bank)")
         if self.report_every < 1:
             problems.append(f"report_every: {self.report_every} must be >= 1")
         if self.epochs < 1:

@@ -5,11 +5,12 @@ Positives (label `pos`): CE on the refusal template (+ EOS). Negatives (`neg`): 
 lambda * KL(teacher || student) at every answer position (top-k + tail bucket). With `decision_weight` > 0, every
 row also gets a decision loss on starting the refusal (negatives through one short probe row each: prompt + tokens
 + the refusal's first tokens): a binary CE on its probability, or (`decision: margin`) softplus margins on the
-greedy flag itself. `pos_weight` scales the positives' rows."""
+greedy flag itself. `pos_weight` scales the positives' rows. `BankEMA`: a moving average of the trainable modules."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -100,3 +101,38 @@ def batch_loss(
     if loss_cfg.pos_weight != 1.0:
         per_row = per_row * torch.where(is_pos.to(per_row.device), loss_cfg.pos_weight, 1.0)
     return {"loss": per_row.mean(), **stats, "tokens": tokens}
+
+
+class BankEMA:
+    """An exponential moving average of a bank's trainable modules (train.ema): `update()` after each optimizer step
+    (ema <- decay * ema + (1 - decay) * param), `swapped()` puts the averages into the bank for validation or saving
+    and restores the raw parameters after. Frozen modules are not tracked (they never move)."""
+
+    def __init__(self, bank: ControlTokenBank, decay: float, state: dict[str, torch.Tensor] | None = None):
+        if not 0 < decay < 1:
+            raise ValueError(f"decay {decay} must be in (0, 1)")
+        self.bank, self.decay = bank, decay
+        tracked = [c for c in bank.categories if bank.vectors[c].requires_grad]
+        src = {c: state[c] if state is not None and c in state else bank.vectors[c] for c in tracked}
+        self.shadow = {c: v.detach().to(bank.vectors[c].device, torch.float32).clone() for c, v in src.items()}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for c, s in self.shadow.items():
+            s.lerp_(self.bank.vectors[c].detach().to(s.dtype), 1.0 - self.decay)
+
+    @contextmanager
+    def swapped(self) -> Iterator[None]:
+        raw = {c: self.bank.vectors[c].detach().clone() for c in self.shadow}
+        with torch.no_grad():
+            for c, s in self.shadow.items():
+                self.bank.vectors[c].copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for c, r in raw.items():
+                    self.bank.vectors[c].copy_(r)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {c: s.clone() for c, s in self.shadow.items()}

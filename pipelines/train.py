@@ -22,6 +22,7 @@ Rank 0 alone logs every step to MLflow; every rank calls `ray.train.report` on t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -260,7 +261,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from mosaic_core.backbone import fingerprint, load_backbone
     from mosaic_core.compose import PrefixCache
     from mosaic_core.config import recipe_from_dict
-    from mosaic_core.training import refusal_target
+    from mosaic_core.training import BankEMA, refusal_target
 
     recipe = recipe_from_dict(config["recipe"])
     torch.set_num_threads(config["threads"])
@@ -291,6 +292,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     state: dict[str, Any] = {"epoch": 0, "step": 0, "best_val_gap": None, "best_epoch": None, "resumes": []}
     best: dict[str, torch.Tensor] | None = None
+    ema_state: dict[str, torch.Tensor] | None = None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
@@ -300,7 +302,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                    "use a new run directory")  # fmt: skip
             engine.load_checkpoint(str(Path(d) / "ds"), tag=CKPT_TAG, load_module_strict=False)
             best = torch.load(Path(d) / "best_bank.pt") if (Path(d) / "best_bank.pt").is_file() else None
+            ema_state = torch.load(Path(d) / "ema.pt") if (Path(d) / "ema.pt").is_file() else None
         state["resumes"] = [*state.get("resumes", []), state["step"]]
+    # train.ema: validation, the best bank and the artifact read the moving average; the optimizer moves the raw bank
+    ema = BankEMA(bank, recipe.train.ema, ema_state) if recipe.train.ema else None
 
     mlf = None
     if rank == 0:
@@ -338,6 +343,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             engine.backward(out["loss"])
             engine.step()
             bank.clamp_norms_()
+            if ema is not None:
+                ema.update()
             step += 1
             steps_here += 1
             keys = ("loss", "pos_ce", "neg_ce", "kl", "decision")
@@ -362,8 +369,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             t0 = time.perf_counter()
 
         # end of epoch (or of the run): validate, keep the best bank, checkpoint from every rank
-        val = _validate(engine, config["val"], rank, world, device) if config["val"] else {}
-        last = _bank_state(bank) if stage != 3 else _gathered_bank_state(bank)
+        with ema.swapped() if ema is not None else contextlib.nullcontext():
+            val = _validate(engine, config["val"], rank, world, device) if config["val"] else {}
+            last = _bank_state(bank) if stage != 3 else _gathered_bank_state(bank)
         gap = val.get("val_gap", math.nan)
         if best is None or math.isnan(gap) or state["best_val_gap"] is None or gap > state["best_val_gap"]:
             # no usable validation -> the last bank is the best one
@@ -386,6 +394,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         raise RuntimeError("the backbone changed during training: only the bank may train")
                 torch.save(last, Path(d) / "bank.pt")
                 torch.save(best, Path(d) / "best_bank.pt")
+                if ema is not None:
+                    torch.save(ema.state_dict(), Path(d) / "ema.pt")
                 meta = {"m": bank.m, "d": bank.d, "placement": bank.placement, "max_norm": bank.max_norm,
                         "depth": bank.depth, "shape": list(bank.module_shape),
                         "fingerprint": fp0.to_dict(), "trainable": [c for c in bank.categories if bank.vectors[c].requires_grad],

@@ -39,7 +39,7 @@ def _requests(split: str):
 
 
 def make_run(root: Path, model_dir: Path, *, name: str = "r1", epochs: int = 2, batch_size: int = 4,
-             max_steps: int | None = None, depth: str = "input") -> Path:  # fmt: skip
+             max_steps: int | None = None, depth: str = "input", ema: float = 0.0) -> Path:  # fmt: skip
     """A run directory as the data stage writes it: 8 train examples (4 pos, 4 neg), 8 val examples."""
     import pandas as pd
 
@@ -55,7 +55,7 @@ def make_run(root: Path, model_dir: Path, *, name: str = "r1", epochs: int = 2, 
         "loss": {"topk": 4},
         "teacher": {"max_new_tokens": 6},
         "train": {"epochs": epochs, "batch_size": batch_size, "lr": 0.05, "num_workers": 2, "zero_stage": 2,
-                  "max_steps": max_steps},
+                  "max_steps": max_steps, "ema": ema},
     }  # fmt: skip
     recipe = recipe_from_dict(raw)
     run = root / "runs" / name
@@ -336,9 +336,12 @@ def test_train_two_workers_zero2_trains_a_deep_bank(tmp_path, tiny_model_dir, ra
     from mosaic_core.config import recipe_from_dict
     from pipelines.train import build_bank, main
 
-    run = make_run(tmp_path, tiny_model_dir, max_steps=2, depth="deep")
+    run = make_run(tmp_path, tiny_model_dir, max_steps=2, depth="deep", ema=0.5)
     before = _model_bytes(tiny_model_dir)
     summary = main(str(run), num_workers=2)
+    ckpt = Path(summary["checkpoint"])
+    averaged = torch.load(ckpt / "ema.pt")  # train.ema: the bank kept and saved is the moving average
+    assert all(torch.equal(averaged[c], torch.load(ckpt / "bank.pt")[c]) for c in CATS)
     assert _model_bytes(tiny_model_dir) == before
     bb = load_backbone(str(tiny_model_dir))
     trained = load_bank(run / "bank", bb.fingerprint)
@@ -347,6 +350,7 @@ def test_train_two_workers_zero2_trains_a_deep_bank(tmp_path, tiny_model_dir, ra
     for c in CATS:
         assert trained.vectors[c].shape == init.module_shape == (2, 2, 2, 2, 8)  # layers, (k, v), kv heads, m, head dim
         assert not torch.allclose(trained.vectors[c], init.vectors[c]), f"{c} did not train"
+        assert torch.equal(trained.vectors[c], averaged[c])
     assert summary["steps"] == 2 and summary["trainable_parameters"] == 2 * 2 * 2 * 2 * 2 * 8
 
 

@@ -22,6 +22,13 @@ def test_sampler_and_loss_configs_reject_bad_values():
         SamplerConfig(per_subset=0)
     with pytest.raises(ConfigError, match="refusal_template"):
         LossConfig(refusal_template="  ")
+    with pytest.raises(ConfigError, match=r"ema: 1.0 must be in \[0, 1\)"):
+        TrainConfig(ema=1.0)
+    with pytest.raises(ConfigError, match="ema: needs zero_stage 1 or 2"):
+        TrainConfig(ema=0.99, zero_stage=3)
+    with pytest.raises(ConfigError, match="init_from"):
+        BankConfig(categories=("alcohol",), init_from=" ")
+    assert TrainConfig(ema=0.99).ema == 0.99 and BankConfig(categories=("alcohol",), init_from="banks/x").init_from == "banks/x"
 
 
 def test_round_trip_through_asdict_and_unknown_keys_rejected():

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from mosaic_core.backbone import from_model
@@ -87,3 +88,30 @@ def test_margin_decision_loss_pos_weight_and_a_refusing_teacher(tiny_backbone):
     ex[2] = {**ex[2], "response_ids": list(refusal[:3]) + list(ex[2]["response_ids"][3:])}
     lo, hi = rows(margin_delta=0.0), rows(margin_delta=20.0)
     assert torch.allclose(lo[2], hi[2], atol=1e-5) and hi[1] > lo[1] + 10
+
+
+def test_bank_ema_averages_trainable_modules_and_swaps_back():
+    from mosaic_core.training import BankEMA
+
+    bank = ControlTokenBank(d=4, m=2)
+    bank.add("alcohol", torch.zeros(2, 4))
+    bank.add("betting", torch.ones(2, 4))
+    bank.vectors["betting"].requires_grad_(False)  # frozen: never moves, not tracked
+    ema = BankEMA(bank, 0.75)
+    assert list(ema.shadow) == ["alcohol"]
+    with torch.no_grad():
+        bank.vectors["alcohol"].fill_(4.0)
+    ema.update()  # 0.75 * 0 + 0.25 * 4
+    ema.update()  # 0.75 * 1 + 0.25 * 4
+    assert torch.allclose(ema.shadow["alcohol"], torch.full((2, 4), 1.75))
+    with ema.swapped():
+        assert torch.allclose(bank.vectors["alcohol"], torch.full((2, 4), 1.75))
+        assert torch.equal(bank.vectors["betting"], torch.ones(2, 4))
+    assert torch.equal(bank.vectors["alcohol"], torch.full((2, 4), 4.0))  # the raw parameters are back
+    with pytest.raises(RuntimeError), ema.swapped():
+        raise RuntimeError("validation failed")
+    assert torch.equal(bank.vectors["alcohol"], torch.full((2, 4), 4.0))  # restored on errors too
+    resumed = BankEMA(bank, 0.75, ema.state_dict())  # a checkpoint's averages, not the raw bank
+    assert torch.allclose(resumed.shadow["alcohol"], torch.full((2, 4), 1.75))
+    with pytest.raises(ValueError, match="decay"):
+        BankEMA(bank, 1.0)

@@ -144,11 +144,11 @@ def build_bank(recipe: Any, bb: Any, extend: dict[str, Any] | None) -> Any:
     return bank
 
 
-def warm_start(bank: Any, source: Any, bb: Any) -> list[str]:
+def warm_start(bank: Any, source: Any, bb: Any) -> None:
     """Overwrite `bank`'s modules with `source`'s trained ones for the categories both hold (bank.init_from); an
     input-token source of a deep bank gives its tokens' own keys and values, averaged over the bank's category
-    descriptions as requests (as DeepTokenBank.build turns text initialisation deep). Returns the categories set."""
-    from mosaic_core.bank import ControlTokenBank, DeepTokenBank
+    descriptions as requests (as DeepTokenBank.build turns text initialisation deep)."""
+    from mosaic_core.bank import DeepTokenBank
     from mosaic_core.categories import describe
 
     if source.m != bank.m or source.placement != bank.placement:
@@ -159,17 +159,13 @@ def warm_start(bank: Any, source: Any, bb: Any) -> list[str]:
     shared = [c for c in bank.categories if c in source.categories]
     if not shared:
         raise ValueError(f"bank.init_from holds {source.categories}, none of the recipe's {bank.categories}")
-    vectors = {c: source.vectors[c] for c in shared}
-    if bank.depth == "deep" and source.depth != "deep":
-        flat = ControlTokenBank(d=source.d, m=source.m, placement=source.placement)
-        for c in shared:
-            flat.add(c, vectors[c])
-        vectors = DeepTokenBank.from_input_bank(bb.model, bb.tokenizer, flat, [describe(c) for c in bank.categories]).vectors
+    vectors = source.vectors
+    if bank.depth == "deep" and source.depth != "deep":  # each module's block is computed with it alone active
+        vectors = DeepTokenBank.from_input_bank(bb.model, bb.tokenizer, source, [describe(c) for c in bank.categories]).vectors
     with torch.no_grad():
         for c in shared:
             bank.vectors[c].copy_(vectors[c])
     bank.clamp_norms_()
-    return shared
 
 
 class BankTrainingModule(nn.Module):

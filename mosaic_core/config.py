@@ -106,9 +106,15 @@ class SamplerConfig:
     """Relative weight of each negative source; renormalised over the sources a subset has."""
     seed: int = 0
     """Seed: the same inputs and seed give the same examples, row for row."""
+    draws: int = 1
+    """Independent draws of the training examples (draw d: seed + 1000 d); epoch e trains on draw e mod draws, so
+    later epochs see other requests of the train split at the same epoch size (deep tokens overfit one fixed draw:
+    BENCHMARKS.md). The teacher answers every draw's negatives once."""
 
     def __post_init__(self) -> None:
         problems = []
+        if not 1 <= self.draws <= 100:
+            problems.append(f"draws: {self.draws} must be in [1, 100]")
         if self.per_subset < 1:
             problems.append(f"per_subset: {self.per_subset} must be >= 1")
         if self.max_order < 1:

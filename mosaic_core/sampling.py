@@ -3,7 +3,7 @@
 Subsets are grouped by order r = |S|. Order r gets min(per_subset, N1 // C(K, r)) positives per subset,
 N1 = per_subset * K (the first order's total), so no order outweighs order 1; every subset of an order gets
 the same count. Negatives 1:1 (neg_ratio), drawn from targets of categories not in S, general requests, and
-the look-alikes of S's categories. Deterministic under the seed."""
+the look-alikes of S's categories. Deterministic under the seed; `sample_draws` makes `draws` such samples."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import itertools
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from mosaic_core.config import SamplerConfig
 
@@ -40,6 +40,7 @@ class Example:
     kind: str  # source kind of the request
     category: str | None
     source: str  # target | inactive | general | lookalike
+    draw: int = 0  # which of the sampler's draws (sample_draws) it belongs to
 
 
 def positives_per_subset(K: int, r: int, per_subset: int) -> int:
@@ -109,6 +110,17 @@ def sample_examples(requests: Sequence[Request], categories: Sequence[str], cfg:
                     with_looks = [c for c in subset if looks[c]]
                     q = looks[with_looks[j % len(with_looks)]].draw()
                 out.append(Example(_eid(subset, "neg", j, q.id), q.id, q.prompt, subset, r, "neg", q.kind, q.category, src))
+    return out
+
+
+def sample_draws(requests: Sequence[Request], categories: Sequence[str], cfg: SamplerConfig) -> list[Example]:
+    """cfg.draws independent samples, each example tagged with its draw: draw d is sample_examples with seed
+    cfg.seed + 1000 d (draw 0 is sample_examples(cfg) itself, ids included); later draws' ids carry d, so the same
+    request under the same subset in two draws is two examples."""
+    out: list[Example] = []
+    for d in range(cfg.draws):
+        ex = sample_examples(requests, categories, replace(cfg, seed=cfg.seed + 1000 * d))
+        out += ex if d == 0 else [replace(e, example_id=_eid(e.example_id, d), draw=d) for e in ex]
     return out
 
 

@@ -5,7 +5,7 @@
 
 Writes, under the run directory (DESIGN.md "Where things live"):
     resolved_config.yaml, provenance.json
-    data/examples/*.parquet  {example_id, prompt_id, prompt, active, order, label, kind, category, source, split}
+    data/examples/*.parquet  {example_id, prompt_id, prompt, active, order, label, kind, category, source, draw, split}
     data/teacher/*.parquet   {prompt_id, response_ids, topk_ids, topk_logprobs}  (one row per unique negative prompt)
     data/manifest.json       content hash of (benchmark, recipe, backbone) + counts per order / subset / kind
 A rerun whose content hash matches reuses the outputs; anything else rebuilds into a temp dir that is renamed
@@ -40,7 +40,7 @@ from mosaic_core.backbone import load_backbone
 from mosaic_core.bench import REQUIRED, validate_rows
 from mosaic_core.config import Recipe, load_recipe
 from mosaic_core.errors import BenchmarkError, ConfigError
-from mosaic_core.sampling import Request, interleave_orders, plan, sample_examples
+from mosaic_core.sampling import Request, interleave_orders, plan, sample_draws, sample_examples
 from pipelines._actors import actor_pool_resources
 
 DATA_VERSION = 1  # bump when the tables' meaning changes: old outputs then rebuild
@@ -76,9 +76,12 @@ def benchmark_digest(uri: str) -> str:
 
 def content_hash(recipe: Recipe, bench_digest: str, fingerprint_digest: str) -> str:
     """Everything the outputs depend on: benchmark bytes, the recipe's data-relevant parts, the backbone."""
+    sampler = dataclasses.asdict(recipe.sampler)
+    if sampler["draws"] == 1:  # one draw: the same tables as before draws existed (train reads no draw column as 0)
+        del sampler["draws"]
     parts = {
         "v": DATA_VERSION, "bench": bench_digest, "backbone": fingerprint_digest,
-        "categories": recipe.bank.categories, "sampler": dataclasses.asdict(recipe.sampler),
+        "categories": recipe.bank.categories, "sampler": sampler,
         "refusal": recipe.loss.refusal_template, "topk": recipe.loss.topk, "teacher": dataclasses.asdict(recipe.teacher),
     }  # fmt: skip
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=list).encode()).hexdigest()[:16]
@@ -150,7 +153,8 @@ def run_teacher(prompts: pd.DataFrame, recipe: Recipe, out_dir: Path, cpus: floa
 
 
 def counts(ex: pd.DataFrame, teacher_rows: int) -> dict[str, Any]:
-    out: dict[str, Any] = {"examples": int(len(ex)), "teacher_passes": int(teacher_rows)}
+    out: dict[str, Any] = {"examples": int(len(ex)), "teacher_passes": int(teacher_rows),
+                           "draws": int(ex["draw"].nunique()) if "draw" in ex else 1}  # fmt: skip
     for split, g in ex.groupby("split"):
         out[split] = {
             "per_order": {str(k): int(v) for k, v in Counter(g["order"]).items()},
@@ -207,8 +211,9 @@ def main(config: str, *, name: str | None = None, out: str | None = None, overri
 
     cats = recipe.bank.categories
     print(f"[data] positives per subset by order: {plan(cats, recipe.sampler)}")
-    train_ex = interleave_orders(sample_examples(to_requests(df[df["split"] == "train"]), cats, recipe.sampler), recipe.sampler.seed)
-    val_cfg = dataclasses.replace(recipe.sampler, per_subset=max(1, recipe.sampler.per_subset // 4), seed=recipe.sampler.seed + 1)
+    train_ex = interleave_orders(sample_draws(to_requests(df[df["split"] == "train"]), cats, recipe.sampler), recipe.sampler.seed)
+    val_cfg = dataclasses.replace(recipe.sampler, per_subset=max(1, recipe.sampler.per_subset // 4), seed=recipe.sampler.seed + 1,
+                                  draws=1)  # fmt: skip
     val_ex = sample_examples(to_requests(df[df["split"] == "val"]), cats, val_cfg)
     ex = pd.concat([examples_frame(train_ex, "train"), examples_frame(val_ex, "val")], ignore_index=True)
     neg = ex[ex["label"] == "neg"].drop_duplicates("prompt_id")[["prompt_id", "prompt"]].reset_index(drop=True)

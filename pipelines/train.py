@@ -5,7 +5,8 @@ stays frozen.
     python -m pipelines.train --run runs/<name> ...          # the `ray job submit` entry point
 
 Reads `<run>/resolved_config.yaml`, `<run>/data/examples/*.parquet` and `<run>/data/teacher/*.parquet`
-(negatives joined to the teacher on prompt_id at the driver); writes `<run>/run.json` (the MLflow run),
+(negatives joined to the teacher on prompt_id at the driver; one Ray dataset per sampler draw, epoch e reading
+draw e mod draws); writes `<run>/run.json` (the MLflow run),
 `<run>/ray_results/` (Ray Train checkpoints), `<run>/bank/` (the best bank by validation DSR - OR) and
 `<run>/training.png` (loss terms per step, validation per epoch; also an MLflow artifact).
 
@@ -78,10 +79,17 @@ def load_tables(run: Path, seed: int) -> tuple[Any, list[dict[str, Any]]]:
     for c in TEACHER_COLS:  # positives get empty lists (not NaN) so Arrow keeps one list type per column
         train[c] = [v if n else [] for v, n in zip(train[c], is_neg, strict=True)]
     train = train.sample(frac=1.0, random_state=seed).reset_index(drop=True)  # interleave orders from the start
+    if "draw" not in train:  # tables written before sampler.draws: one draw
+        train["draw"] = 0
     val_df = ex[ex["split"] == "val"] if "split" in ex else ex.iloc[:0]
     parts = [g.sample(min(len(g), VAL_MAX // 2), random_state=seed) for _, g in val_df.groupby("label")]
     val = [{"prompt": r.prompt, "active": list(r.active), "label": r.label} for p in parts for r in p.itertuples()]
     return train, val
+
+
+def draw_dataset(d: int) -> str:
+    """The Ray dataset name of the sampler's draw d (epoch e trains on draw e mod draws)."""
+    return "train" if d == 0 else f"train_{d}"
 
 
 def deepspeed_config(recipe: Any, micro_batch: int, base: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -322,11 +330,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     step, t_start, steps_here = state["step"], time.perf_counter(), 0
     if state["resumes"]:
         log({"resumed_from_step": state["step"]}, state["step"])
-    shard = ray.train.get_dataset_shard("train")
     for epoch in range(state["epoch"], epochs):
         if step >= total:
             break
         engine.train()
+        shard = ray.train.get_dataset_shard(draw_dataset(epoch % config["draws"]))
         batches = shard.iter_batches(batch_size=config["micro_batch"], batch_format="pyarrow", drop_last=True,
                                      local_shuffle_buffer_size=config["shuffle_buffer"],
                                      local_shuffle_seed=recipe.train.seed * 100_003 + epoch * 101 + rank)  # fmt: skip
@@ -478,7 +486,10 @@ def main(
     if unknown:
         raise ConfigError([f"examples use categories {unknown} that the bank {categories} does not hold"], str(run))
     world = recipe.train.num_workers
-    rows_per_worker = len(train_df) // world
+    draws = sorted(int(d) for d in train_df["draw"].unique())
+    if draws != list(range(len(draws))):
+        raise ConfigError([f"examples hold draws {draws}: expected 0..n-1 (rerun the data stage)"], str(run))
+    rows_per_worker = int(train_df["draw"].value_counts().min()) // world  # every draw is one epoch of the same size
     if rows_per_worker < 1:
         raise ConfigError([f"{len(train_df)} training examples cannot feed {world} workers"], str(run))
     micro = max(1, min(recipe.train.batch_size // world, rows_per_worker))
@@ -526,17 +537,19 @@ def main(
         import pyarrow as pa
 
         # Arrow, not pandas blocks: Ray would turn the list columns of a pandas block into tensor extensions.
-        table = pa.Table.from_pandas(train_df, preserve_index=False)
-        ds = ray.data.from_arrow([table.slice(i, 256) for i in range(0, len(train_df), 256)])
+        datasets = {}
+        for d in draws:
+            table = pa.Table.from_pandas(train_df[train_df["draw"] == d], preserve_index=False)
+            datasets[draw_dataset(d)] = ray.data.from_arrow([table.slice(i, 256) for i in range(0, table.num_rows, 256)])
         config = {
             "recipe": recipe.to_dict(), "ds_config": ds_cfg, "micro_batch": micro, "steps_per_epoch": spe,
-            "max_steps": recipe.train.max_steps, "val": val, "extend": ext, "use_gpu": gpu,
+            "max_steps": recipe.train.max_steps, "val": val, "extend": ext, "use_gpu": gpu, "draws": len(draws),
             "threads": max(1, int(cpus)), "shuffle_buffer": max(micro, min(rows_per_worker, 10_000)),
             "tracking_uri": uri, "mlflow_run_id": run_id,
             "_fail_at_step": _fail_at_step, "_fail_marker": str(run / ".fail_injected"),
         }  # fmt: skip
         trainer = TorchTrainer(
-            train_loop_per_worker, train_loop_config=config, datasets={"train": ds},
+            train_loop_per_worker, train_loop_config=config, datasets=datasets,
             torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=world, use_gpu=gpu,
                                          resources_per_worker={"CPU": cpus, **({"GPU": 1} if gpu else {})}),
@@ -544,7 +557,8 @@ def main(
                                  failure_config=FailureConfig(max_failures=2),
                                  checkpoint_config=CheckpointConfig(num_to_keep=2)),
         )  # fmt: skip
-        print(f"[train] {run.name}: {len(train_df)} examples, {len(val)} val, {world} workers x micro-batch {micro}, "
+        print(f"[train] {run.name}: {len(train_df)} examples ({len(draws)} draw(s): epoch e reads draw e mod {len(draws)}), "
+              f"{len(val)} val, {world} workers x micro-batch {micro}, "
               f"{spe} steps/epoch, {total} steps, ZeRO-{stage}, {'GPU' if gpu else 'CPU'}")  # fmt: skip
         t0 = time.perf_counter()
         try:

@@ -82,6 +82,25 @@ def test_rerun_reuses_and_a_changed_input_rebuilds(built, capsys):
     assert json.loads((run2 / "data" / "manifest.json").read_text())["content_hash"] != old_hash
 
 
+def test_draws_add_samples_and_the_teacher_answers_every_draws_negatives(built):
+    d, recipe, run = built
+    one = json.loads((run / "data" / "manifest.json").read_text())
+    recipe3 = write_tiny_recipe(d / "r3.yaml", yaml.safe_load(recipe.read_text())["backbone"], d / "bench",
+                                sampler={"per_subset": 4, "max_order": 2, "draws": 2})  # fmt: skip
+    run3 = main(str(recipe3), out=str(d / "run3"))
+    ex = pd.read_parquet(run3 / "data" / "examples")
+    train = ex[ex["split"] == "train"]
+    assert Counter(train["draw"]) == {0: 48, 1: 48} and set(ex.loc[ex["split"] == "val", "draw"]) == {0}
+    first = pd.read_parquet(run / "data" / "examples")
+    assert set(train.loc[train["draw"] == 0, "example_id"]) == set(first.loc[first["split"] == "train", "example_id"])
+    assert ex["example_id"].is_unique
+    teacher = pd.read_parquet(run3 / "data" / "teacher")
+    assert set(teacher["prompt_id"]) == set(ex.loc[ex["label"] == "neg", "prompt_id"])
+    manifest = json.loads((run3 / "data" / "manifest.json").read_text())
+    assert manifest["counts"]["draws"] == 2 and one["counts"]["draws"] == 1
+    assert manifest["content_hash"] != one["content_hash"]
+
+
 def _no_half_output(run):
     return not (run / "data").exists() and not list(run.glob(".data-*")) if run.exists() else True
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ import yaml
 from pipelines import _loopback
 from mosaic_core.bundle import manifest_digest
 from pipelines.train import deepspeed_config, load_tables
+from pipelines.train import main as train_main
 
 CATS = ("alcohol", "betting")
 FILES = {"manifest.json", "alcohol/tokens.safetensors", "alcohol/module.json", "betting/tokens.safetensors",
@@ -74,6 +76,17 @@ def make_run(root: Path, model_dir: Path, *, name: str = "r1", epochs: int = 2, 
     pd.DataFrame([{"prompt_id": pid, **o} for pid, o in zip(neg.prompt_id, outs, strict=True)]).to_parquet(
         run / "data" / "teacher" / "part-0.parquet")
     return run
+
+
+def add_draw(run: Path, relabel: str) -> None:
+    """Append a second draw to a make_run run: its train examples again, every one labelled `relabel`."""
+    import pandas as pd
+
+    f = run / "data" / "examples" / "part-0.parquet"
+    ex = pd.read_parquet(f).assign(draw=0)
+    extra = ex[ex["split"] == "train"].assign(draw=1, label=relabel)
+    extra["example_id"] = extra["example_id"] + "-d1"
+    pd.concat([ex, extra], ignore_index=True).to_parquet(f)
 
 
 def _sha(path: Path) -> str:
@@ -352,6 +365,35 @@ def test_train_two_workers_zero2_trains_a_deep_bank(tmp_path, tiny_model_dir, ra
         assert not torch.allclose(trained.vectors[c], init.vectors[c]), f"{c} did not train"
         assert torch.equal(trained.vectors[c], averaged[c])
     assert summary["steps"] == 2 and summary["trainable_parameters"] == 2 * 2 * 2 * 2 * 2 * 8
+
+
+def test_load_tables_keeps_draws_and_reads_old_tables_as_one(tmp_path, tiny_model_dir):
+    import pandas as pd
+
+    run = make_run(tmp_path, tiny_model_dir)
+    train, _ = load_tables(run, seed=0)
+    assert set(train["draw"]) == {0}  # tables written before sampler.draws have no draw column
+    add_draw(run, relabel="pos")
+    train, _ = load_tables(run, seed=0)
+    assert Counter(train["draw"]) == {0: 8, 1: 8} and set(train.loc[train["draw"] == 1, "label"]) == {"pos"}
+    ex = pd.read_parquet(run / "data" / "examples" / "part-0.parquet")
+    ex.loc[ex["draw"] == 1, "draw"] = 2
+    ex.to_parquet(run / "data" / "examples" / "part-0.parquet")
+    with pytest.raises(ValueError, match=r"draws \[0, 2\]"):
+        train_main(str(run), num_workers=2)
+
+
+@pytest.mark.slow
+def test_each_epoch_trains_on_its_own_draw(tmp_path, tiny_model_dir, ray_cluster):
+    from mlflow import MlflowClient
+
+    run = make_run(tmp_path, tiny_model_dir, epochs=2)
+    add_draw(run, relabel="pos")  # draw 1: positives only, so epoch 2 has no negative loss at all
+    summary = train_main(str(run), num_workers=2)
+    assert summary["steps"] == 4  # 2 steps per epoch: an epoch is one draw (8 rows), not both (16)
+    info = json.loads((run / "run.json").read_text())
+    neg_ce = {m.step: m.value for m in MlflowClient(info["tracking_uri"]).get_metric_history(info["mlflow_run_id"], "neg_ce")}
+    assert neg_ce[1] + neg_ce[2] > 0 and neg_ce[3] == neg_ce[4] == 0.0, neg_ce
 
 
 @pytest.mark.slow

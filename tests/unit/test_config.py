@@ -20,6 +20,8 @@ def test_sampler_and_loss_configs_reject_bad_values():
         SamplerConfig(neg_mix={"inactive": 1.0, "jailbreak": 1.0})
     with pytest.raises(ConfigError, match="per_subset"):
         SamplerConfig(per_subset=0)
+    with pytest.raises(ConfigError, match=r"draws: 0 must be in \[1, 100\]"):
+        SamplerConfig(draws=0)
     with pytest.raises(ConfigError, match="refusal_template"):
         LossConfig(refusal_template="  ")
     with pytest.raises(ConfigError, match=r"ema: 1.0 must be in \[0, 1\)"):

@@ -4,7 +4,7 @@ from collections import Counter
 import pytest
 
 from mosaic_core.config import SamplerConfig
-from mosaic_core.sampling import Request, interleave_orders, plan, positives_per_subset, sample_examples
+from mosaic_core.sampling import Request, interleave_orders, plan, positives_per_subset, sample_draws, sample_examples
 
 CATS = ("addiction", "alcohol", "betting", "horror", "sex")
 
@@ -75,3 +75,20 @@ def test_missing_targets_is_an_error():
     reqs = [r for r in _requests() if r.category != "horror"]
     with pytest.raises(ValueError, match="horror"):
         sample_examples(reqs, CATS, SamplerConfig(per_subset=5))
+
+
+def test_draws_are_independent_samples_of_one_size_and_draw_0_is_the_plain_sample():
+    cfg = SamplerConfig(per_subset=10, max_order=2, seed=3, draws=3)
+    ex = sample_draws(_requests(), CATS, cfg)
+    by_draw = {d: [e for e in ex if e.draw == d] for d in range(3)}
+    assert sorted({e.draw for e in ex}) == [0, 1, 2]
+    plain = sample_examples(_requests(), CATS, SamplerConfig(per_subset=10, max_order=2, seed=3))
+    assert by_draw[0] == plain  # one draw: the examples (and ids) of before draws existed
+    assert all(len(v) == len(plain) for v in by_draw.values())
+    assert len({e.example_id for e in ex}) == len(ex)  # unique across draws
+    # each draw follows the same plan (same subsets and counts), over other requests
+    plan_of = lambda es: Counter((e.active, e.label) for e in es)  # noqa: E731
+    assert plan_of(by_draw[1]) == plan_of(by_draw[2]) == plan_of(plain)
+    neg_prompts = [{e.prompt_id for e in v if e.label == "neg"} for v in by_draw.values()]
+    assert neg_prompts[0] != neg_prompts[1] and len(set.union(*neg_prompts)) > len(neg_prompts[0])
+    assert sample_draws(_requests(), CATS, cfg) == ex  # deterministic

@@ -39,7 +39,6 @@ import torch
 from torch import nn
 
 EXPERIMENT = "mosaic"
-VAL_MAX = 64  # validation examples per epoch (half positives, half negatives when available)
 VAL_BATCH = 16
 LOOPBACK_HOOK = "pipelines._loopback.install"  # torch TCPStore (+ Serve replica gRPC) on 127.0.0.1: PLATFORM §3.4
 CKPT_TAG = "ckpt"  # one DeepSpeed tag per checkpoint directory: Ray keeps one directory per report
@@ -60,8 +59,9 @@ def _read_parquet_dir(path: Path) -> Any:
     return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
 
 
-def load_tables(run: Path, seed: int) -> tuple[Any, list[dict[str, Any]]]:
-    """(train rows joined with the teacher, shuffled) and a small validation list (prompt, active, label)."""
+def load_tables(run: Path, seed: int, val_examples: int = 64) -> tuple[Any, list[dict[str, Any]]]:
+    """(train rows joined with the teacher, shuffled) and up to `val_examples` validation rows (prompt, active,
+    label), half of each label where the split has them."""
     from mosaic_core.errors import ConfigError
 
     ex = _read_parquet_dir(run / "data" / "examples")
@@ -82,7 +82,7 @@ def load_tables(run: Path, seed: int) -> tuple[Any, list[dict[str, Any]]]:
     if "draw" not in train:  # tables written before sampler.draws: one draw
         train["draw"] = 0
     val_df = ex[ex["split"] == "val"] if "split" in ex else ex.iloc[:0]
-    parts = [g.sample(min(len(g), VAL_MAX // 2), random_state=seed) for _, g in val_df.groupby("label")]
+    parts = [g.sample(min(len(g), val_examples // 2), random_state=seed) for _, g in val_df.groupby("label")]
     val = [{"prompt": r.prompt, "active": list(r.active), "label": r.label} for p in parts for r in p.itertuples()]
     return train, val
 
@@ -481,7 +481,7 @@ def main(
         ext = {"bank_dir": str(Path(extend).expanduser().resolve()), "add": list(add),
                "extends": manifest_digest(Path(extend).expanduser().resolve())}  # fmt: skip
         categories = [*old["categories"], *add]
-    train_df, val = load_tables(run, recipe.train.seed)
+    train_df, val = load_tables(run, recipe.train.seed, recipe.train.val_examples)
     unknown = sorted({c for a in train_df["active"] for c in a} - set(categories))
     if unknown:
         raise ConfigError([f"examples use categories {unknown} that the bank {categories} does not hold"], str(run))

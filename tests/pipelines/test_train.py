@@ -126,6 +126,7 @@ def test_load_tables_joins_teacher_and_reports_missing(tmp_path, tiny_model_dir)
     assert all(len(r) > 0 for r in train[train.label == "neg"].response_ids)
     assert all(len(r) == 0 for r in train[train.label == "pos"].topk_ids)
     assert 0 < len(val) <= 64 and {v["label"] for v in val} == {"pos", "neg"}
+    assert [v["label"] for v in load_tables(run, seed=0, val_examples=2)[1]] == ["neg", "pos"]
     import pandas as pd
 
     t = pd.read_parquet(run / "data" / "teacher" / "part-0.parquet")

@@ -28,6 +28,8 @@ def test_sampler_and_loss_configs_reject_bad_values():
         TrainConfig(ema=1.0)
     with pytest.raises(ConfigError, match="ema: needs zero_stage 1 or 2"):
         TrainConfig(ema=0.99, zero_stage=3)
+    with pytest.raises(ConfigError, match="val_examples: 1 must be"):
+        TrainConfig(val_examples=1)
     with pytest.raises(ConfigError, match="init_from"):
         BankConfig(categories=("alcohol",), init_from=" ")
     assert TrainConfig(ema=0.99).ema == 0.99 and BankConfig(categories=("alcohol",), init_from="banks/x").init_from == "banks/x"

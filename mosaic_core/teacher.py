@@ -13,6 +13,8 @@ from mosaic_core.compose import encode_batch
 from mosaic_core.config import Placement
 from mosaic_core.generation import generate
 
+TEACHER_COLS = ("response_ids", "topk_ids", "topk_logprobs")  # a teacher row's columns besides its prompt_id
+
 
 @torch.inference_mode()
 def teacher_outputs(

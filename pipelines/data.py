@@ -9,7 +9,9 @@ Writes, under the run directory (DESIGN.md "Where things live"):
     data/teacher/*.parquet   {prompt_id, response_ids, topk_ids, topk_logprobs}  (one row per unique negative prompt)
     data/manifest.json       content hash of (benchmark, recipe, backbone) + counts per order / subset / kind
 A rerun whose content hash matches reuses the outputs; anything else rebuilds into a temp dir that is renamed
-into place only when complete, so a half-written output never counts as done."""
+into place only when complete, so a half-written output never counts as done. Teacher answers are also kept
+beside the run directories (`<runs>/.teacher-cache/<key>/`, key = backbone + answer length + top-k), so a later
+run - another recipe stage, more sampler draws - runs the teacher only on prompts no run has answered yet."""
 
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ from mosaic_core.bench import REQUIRED, validate_rows
 from mosaic_core.config import Recipe, load_recipe
 from mosaic_core.errors import BenchmarkError, ConfigError
 from mosaic_core.sampling import Request, interleave_orders, plan, sample_draws, sample_examples
+from mosaic_core.teacher import TEACHER_COLS
 from pipelines._actors import actor_pool_resources
 
 DATA_VERSION = 1  # bump when the tables' meaning changes: old outputs then rebuild
@@ -152,6 +155,41 @@ def run_teacher(prompts: pd.DataFrame, recipe: Recipe, out_dir: Path, cpus: floa
     ds.write_parquet(str(out_dir))
 
 
+class TeacherCache:
+    """Teacher rows by prompt text, for one (backbone, teacher answer length, top-k): parquet parts in `root`, each
+    written whole under a temporary name and renamed, so a reader never sees half a part."""
+
+    def __init__(self, runs_dir: Path, recipe: Recipe, fingerprint_digest: str):
+        key = {"v": DATA_VERSION, "backbone": fingerprint_digest, "max_new_tokens": recipe.teacher.max_new_tokens,
+               "topk": recipe.loss.topk}  # fmt: skip
+        self.root = runs_dir / ".teacher-cache" / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+    @staticmethod
+    def _key(prompt: str) -> str:
+        return hashlib.sha256(prompt.encode()).hexdigest()
+
+    def lookup(self, prompts: pd.DataFrame) -> pd.DataFrame:
+        """Cached rows for `prompts` (prompt_id, prompt): {prompt_id, *TEACHER_COLS}, one per prompt found."""
+        parts = sorted(self.root.glob("*.parquet")) if self.root.is_dir() else []
+        if not parts or prompts.empty:
+            return pd.DataFrame(columns=["prompt_id", *TEACHER_COLS])
+        known = pd.concat([pd.read_parquet(f) for f in parts], ignore_index=True).drop_duplicates("prompt_sha")
+        want = prompts.assign(prompt_sha=[self._key(t) for t in prompts["prompt"]])
+        return want.merge(known, on="prompt_sha")[["prompt_id", *TEACHER_COLS]]
+
+    def add(self, rows: pd.DataFrame, prompts: pd.DataFrame) -> None:
+        """Keep `rows` ({prompt_id, *TEACHER_COLS}) under their prompts' text (`prompts`: prompt_id, prompt)."""
+        if rows.empty:
+            return
+        text = prompts.set_index("prompt_id")["prompt"]
+        part = rows.assign(prompt_sha=[self._key(text[i]) for i in rows["prompt_id"]])[["prompt_sha", *TEACHER_COLS]]
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".part-", suffix=".tmp", dir=self.root)
+        os.close(fd)
+        part.to_parquet(tmp, index=False)
+        os.replace(tmp, self.root / f"part-{time.strftime('%Y%m%d%H%M%S')}-{Path(tmp).stem[6:]}.parquet")
+
+
 def counts(ex: pd.DataFrame, teacher_rows: int) -> dict[str, Any]:
     out: dict[str, Any] = {"examples": int(len(ex)), "teacher_passes": int(teacher_rows),
                            "draws": int(ex["draw"].nunique()) if "draw" in ex else 1}  # fmt: skip
@@ -179,7 +217,8 @@ def main(config: str, *, name: str | None = None, out: str | None = None, overri
     print(f"[data] recipe {recipe.name!r} -> {run_dir}")
 
     bb = load_backbone(recipe.backbone)  # fails early, with the fix, if the backbone cannot load
-    digest = content_hash(recipe, benchmark_digest(bench_uri), bb.fingerprint.digest)
+    digest_backbone = bb.fingerprint.digest
+    digest = content_hash(recipe, benchmark_digest(bench_uri), digest_backbone)
     manifest_path = run_dir / "data" / "manifest.json"
     # The recipe as resolved now, even when the data is reused: later stages read their settings from it.
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -219,18 +258,28 @@ def main(config: str, *, name: str | None = None, out: str | None = None, overri
     neg = ex[ex["label"] == "neg"].drop_duplicates("prompt_id")[["prompt_id", "prompt"]].reset_index(drop=True)
     print(f"[data] {len(ex)} examples; teacher: {len(neg)} unique negative prompts for {int((ex['label'] == 'neg').sum())} negatives")
 
+    cache = TeacherCache(run_dir.parent, recipe, digest_backbone)
     tmp = Path(tempfile.mkdtemp(prefix=".data-", dir=run_dir))
     try:
         (tmp / "examples").mkdir()
         ex.to_parquet(tmp / "examples" / "part-0.parquet", index=False)
+        reused = cache.lookup(neg) if not force else cache.lookup(neg.iloc[:0])  # --force: answer every prompt again
+        todo = neg[~neg["prompt_id"].isin(reused["prompt_id"])]
+        print(f"[data] teacher: {len(reused)} answers reused from {cache.root.parent.name}/{cache.root.name}, {len(todo)} to run")
         t0 = time.perf_counter()
-        run_teacher(neg, recipe, tmp / "teacher", total_cpus)
+        if len(todo):
+            run_teacher(todo, recipe, tmp / "teacher", total_cpus)
+            cache.add(pd.read_parquet(tmp / "teacher")[["prompt_id", *TEACHER_COLS]], todo)
+        if len(reused):
+            (tmp / "teacher").mkdir(exist_ok=True)
+            reused.to_parquet(tmp / "teacher" / "reused.parquet", index=False)
         teacher_s = time.perf_counter() - t0
         n_teacher = len(pd.read_parquet(tmp / "teacher", columns=["prompt_id"]))
         if n_teacher != len(neg):
             raise RuntimeError(f"teacher wrote {n_teacher} rows for {len(neg)} prompts")
         manifest = {"content_hash": digest, "benchmark": bench_uri, "recipe": recipe.name, "backbone": recipe.backbone,
-                    "teacher_seconds": round(teacher_s, 1), "counts": counts(ex, n_teacher)}  # fmt: skip
+                    "teacher_seconds": round(teacher_s, 1), "teacher_reused": len(reused),
+                    "counts": counts(ex, n_teacher)}  # fmt: skip
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         final = run_dir / "data"
         if final.exists():
@@ -239,7 +288,7 @@ def main(config: str, *, name: str | None = None, out: str | None = None, overri
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    print(f"[data] teacher {teacher_s:.1f}s ({len(neg) / max(teacher_s, 1e-9):.2f} prompts/s); wrote {run_dir / 'data'}")
+    print(f"[data] teacher {teacher_s:.1f}s ({len(todo) / max(teacher_s, 1e-9):.2f} prompts/s); wrote {run_dir / 'data'}")
     return run_dir
 
 
@@ -261,7 +310,8 @@ def cli(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=None, help="run directory (default: runs/<name>)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="override, e.g. sampler.per_subset=10")
     ap.add_argument("--cpus", type=int, default=None, help="CPUs for the local Ray cluster (default: all)")
-    ap.add_argument("--force", action="store_true", help="rebuild even if the content hash matches")
+    ap.add_argument("--force", action="store_true", help="rebuild even if the content hash matches, and run the teacher on "
+                    "every prompt (no cached answers)")
     a = ap.parse_args(argv)
     main(a.config, name=a.name, out=a.out, overrides=parse_overrides(a.overrides), cpus=a.cpus, force=a.force)
 

@@ -42,7 +42,6 @@ EXPERIMENT = "mosaic"
 VAL_BATCH = 16
 LOOPBACK_HOOK = "pipelines._loopback.install"  # torch TCPStore (+ Serve replica gRPC) on 127.0.0.1: PLATFORM §3.4
 CKPT_TAG = "ckpt"  # one DeepSpeed tag per checkpoint directory: Ray keeps one directory per report
-TEACHER_COLS = ("response_ids", "topk_ids", "topk_logprobs")
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -63,6 +62,7 @@ def load_tables(run: Path, seed: int, val_examples: int = 64) -> tuple[Any, list
     """(train rows joined with the teacher, shuffled) and up to `val_examples` validation rows (prompt, active,
     label), half of each label where the split has them."""
     from mosaic_core.errors import ConfigError
+    from mosaic_core.teacher import TEACHER_COLS
 
     ex = _read_parquet_dir(run / "data" / "examples")
     teacher = _read_parquet_dir(run / "data" / "teacher")[["prompt_id", *TEACHER_COLS]].drop_duplicates("prompt_id")

@@ -99,6 +99,20 @@ def test_draws_add_samples_and_the_teacher_answers_every_draws_negatives(built):
     manifest = json.loads((run3 / "data" / "manifest.json").read_text())
     assert manifest["counts"]["draws"] == 2 and one["counts"]["draws"] == 1
     assert manifest["content_hash"] != one["content_hash"]
+    # draw 0's negatives were answered by the first run (others maybe by test_rerun's): from the cache, unchanged
+    first_rows = pd.read_parquet(run / "data" / "teacher").set_index("prompt_id")
+    assert len(first_rows) <= manifest["teacher_reused"] < len(teacher)
+    for pid, row in teacher.set_index("prompt_id").loc[first_rows.index].iterrows():
+        assert list(row["response_ids"]) == list(first_rows.loc[pid, "response_ids"])
+        assert [list(x) for x in row["topk_logprobs"]] == [list(x) for x in first_rows.loc[pid, "topk_logprobs"]]
+
+
+def test_force_runs_the_teacher_on_every_prompt(built):
+    d, recipe, run = built
+    manifest = main(str(recipe), out=str(d / "run4"), force=True) / "data" / "manifest.json"
+    assert json.loads(manifest.read_text())["teacher_reused"] == 0
+    again = main(str(recipe), out=str(d / "run5")) / "data" / "manifest.json"  # a new run dir: answers from the cache
+    assert json.loads(again.read_text())["teacher_reused"] == json.loads(manifest.read_text())["counts"]["teacher_passes"]
 
 
 def _no_half_output(run):

@@ -187,6 +187,7 @@ class TeacherCache:
         fd, tmp = tempfile.mkstemp(prefix=".part-", suffix=".tmp", dir=self.root)
         os.close(fd)
         part.to_parquet(tmp, index=False)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache is read by whoever runs next
         os.replace(tmp, self.root / f"part-{time.strftime('%Y%m%d%H%M%S')}-{Path(tmp).stem[6:]}.parquet")
 
 

@@ -60,8 +60,9 @@ from mosaic_core.backbone import load_backbone
 from mosaic_core.bank import ControlTokenBank
 from mosaic_core.compose import PrefixCache, answer_logits, encode_batch
 from mosaic_core.config import Recipe, recipe_from_dict
+from mosaic_core.teacher import TEACHER_COLS
 from mosaic_core.training import batch_loss, refusal_target
-from pipelines.train import TEACHER_COLS, load_tables
+from pipelines.train import load_tables
 
 CONFIGS = ("torch", "torch-prefix-cache", "torch-online-teacher", "peft-prompt-tuning", "ray-z1-w1", "ray-z2-w1", "ray-z1-w2", "ray-z2-w2")
 Example = dict[str, Any]

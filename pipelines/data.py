@@ -193,7 +193,7 @@ class TeacherCache:
 
 def counts(ex: pd.DataFrame, teacher_rows: int) -> dict[str, Any]:
     out: dict[str, Any] = {"examples": int(len(ex)), "teacher_passes": int(teacher_rows),
-                           "draws": int(ex["draw"].nunique()) if "draw" in ex else 1}  # fmt: skip
+                           "draws": int(ex["draw"].nunique())}  # fmt: skip
     for split, g in ex.groupby("split"):
         out[split] = {
             "per_order": {str(k): int(v) for k, v in Counter(g["order"]).items()},

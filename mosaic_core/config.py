@@ -159,6 +159,11 @@ class LossConfig:
     max_answer_tokens: int = 0
     """Train negatives on the teacher answer's first N tokens only (0 = all of them): CPU recipes trade the
     tail of the answer for steps, since the refusal is decided in the first tokens."""
+    refusal_tokens: int = 0
+    """Train positives on the refusal's first N tokens only (0 = the whole template + EOS). With
+    `max_answer_tokens: 1` and the margin decision loss a step trains the decision alone -- where the answer starts
+    -- on a few answer positions per row: a cheap warm-up stage before whole answers (what the probe chain that made
+    banks/smollm2-cpu-deep-probe did). At least `decision_tokens` when the decision loss is on."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -174,6 +179,11 @@ class LossConfig:
             problems.append(f"pos_weight: {self.pos_weight} must be in (0, 100]")
         if self.max_answer_tokens < 0:
             problems.append(f"max_answer_tokens: {self.max_answer_tokens} must be >= 0 (0 = no cut)")
+        if self.refusal_tokens < 0:
+            problems.append(f"refusal_tokens: {self.refusal_tokens} must be >= 0 (0 = the whole refusal)")
+        elif self.refusal_tokens and self.decision_weight > 0 and self.refusal_tokens < self.decision_tokens:
+            problems.append(f"refusal_tokens: {self.refusal_tokens} must be >= decision_tokens ({self.decision_tokens}): "
+                            "the decision loss reads the refusal's first decision_tokens tokens")
         if not self.refusal_template.strip():
             problems.append("refusal_template: must not be empty")
         if not 0 <= self.kl_lambda <= 100:

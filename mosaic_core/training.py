@@ -5,7 +5,8 @@ Positives (label `pos`): CE on the refusal template (+ EOS). Negatives (`neg`): 
 lambda * KL(teacher || student) at every answer position (top-k + tail bucket). With `decision_weight` > 0, every
 row also gets a decision loss on starting the refusal (negatives through one short probe row each: prompt + tokens
 + the refusal's first tokens): a binary CE on its probability, or (`decision: margin`) softplus margins on the
-greedy flag itself. `pos_weight` scales the positives' rows. `BankEMA`: a moving average of the trainable modules."""
+greedy flag itself. `pos_weight` scales the positives' rows; `max_answer_tokens` / `refusal_tokens` cut negatives' /
+positives' targets to their first tokens (both small: a decision-only warm-up step). `BankEMA`: a moving average of the trainable modules."""
 
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ def batch_loss(
     not) for logging. `cache` serves the runs before the control blocks (identical results, less compute)."""
     placement = placement or bank.placement  # type: ignore[assignment]
     examples = [_cut(e, loss_cfg.max_answer_tokens) for e in examples]
-    targets = [list(refusal_ids) if e["label"] == "pos" else list(e["response_ids"]) for e in examples]
+    refusal = list(refusal_ids[: loss_cfg.refusal_tokens or None])
+    targets = [refusal if e["label"] == "pos" else list(e["response_ids"]) for e in examples]
     batch = encode_batch(tokenizer, model.get_input_embeddings(), bank, [e["prompt"] for e in examples],
                          [list(e["active"]) for e in examples], placement, targets, cache=cache)  # type: ignore[arg-type]  # fmt: skip
     logits, tgt, mask = answer_logits(model, batch)  # (B, T, V), (B, T), (B, T)

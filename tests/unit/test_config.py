@@ -22,6 +22,11 @@ def test_sampler_and_loss_configs_reject_bad_values():
         SamplerConfig(per_subset=0)
     with pytest.raises(ConfigError, match=r"draws: 0 must be in \[1, 100\]"):
         SamplerConfig(draws=0)
+    with pytest.raises(ConfigError, match="refusal_tokens: -1 must be >= 0"):
+        LossConfig(refusal_tokens=-1)
+    with pytest.raises(ConfigError, match=r"refusal_tokens: 2 must be >= decision_tokens \(3\)"):
+        LossConfig(refusal_tokens=2, decision_weight=1.0, decision_tokens=3)
+    assert LossConfig(refusal_tokens=2, decision_tokens=3).refusal_tokens == 2  # decision loss off: no floor
     with pytest.raises(ConfigError, match="refusal_template"):
         LossConfig(refusal_template="  ")
     with pytest.raises(ConfigError, match=r"ema: 1.0 must be in \[0, 1\)"):

@@ -90,6 +90,21 @@ def test_margin_decision_loss_pos_weight_and_a_refusing_teacher(tiny_backbone):
     assert torch.allclose(lo[2], hi[2], atol=1e-5) and hi[1] > lo[1] + 10
 
 
+def test_refusal_tokens_cut_the_positives_target_only(tiny_backbone):
+    bb = tiny_backbone
+    bank = ControlTokenBank.build(BankConfig(categories=("alcohol", "betting"), m=2, init="normal", seed=2), bb.embeddings)
+    ex, refusal = _examples(bb), refusal_target(bb.tokenizer, "I'm sorry, but I can't help with that.")
+    cfg = dict(decision_weight=1.0, decision_tokens=3, decision="margin", max_answer_tokens=1)
+    warm = batch_loss(bb.model, bb.tokenizer, bank, ex, refusal, LossConfig(refusal_tokens=3, **cfg))
+    whole = batch_loss(bb.model, bb.tokenizer, bank, ex, refusal, LossConfig(**cfg))
+    short = batch_loss(bb.model, bb.tokenizer, bank, ex, refusal[:3], LossConfig(**cfg))  # the template cut by hand
+    for k in ("loss", "pos_ce", "neg_ce", "kl", "decision"):
+        assert torch.allclose(warm[k], short[k], atol=1e-5), k
+    # negatives and the decision margins do not change; the positive's CE covers 3 tokens instead of 12 + EOS
+    assert torch.allclose(warm["neg_ce"], whole["neg_ce"]) and torch.allclose(warm["decision"], whole["decision"], atol=1e-5)
+    assert not torch.allclose(warm["pos_ce"], whole["pos_ce"]) and warm["tokens"] < whole["tokens"]
+
+
 def test_bank_ema_averages_trainable_modules_and_swaps_back():
     from mosaic_core.training import BankEMA
 

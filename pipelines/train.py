@@ -358,6 +358,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             t1 = time.perf_counter()
             m = {**{k: stats[i].item() / world for i, k in enumerate(keys)},
                  "tokens_per_s": stats[-1].item() / (t1 - t0), "step_s": t1 - t0}  # fmt: skip
+            grad_norm = engine.get_global_grad_norm()  # before clipping: how often gradient_clipping binds
+            if grad_norm is not None:
+                m["grad_norm"] = float(grad_norm)
             log(m, step)
             fail_here = config.get("_fail_at_step") == step
             if step % recipe.train.report_every == 0 or fail_here:  # the same steps on every rank

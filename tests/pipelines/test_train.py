@@ -330,6 +330,8 @@ def test_train_two_workers_zero2_trains_only_the_bank(tmp_path, tiny_model_dir, 
     assert r.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(r.info.run_id, "loss")] == [1, 2, 3, 4]
     assert {"pos_ce", "neg_ce", "kl", "tokens_per_s", "val_refusal_pos", "val_refusal_neg", "val_dsr", "val_or", "val_gap", "decision"} <= set(r.data.metrics)
+    norms = [m.value for m in client.get_metric_history(r.info.run_id, "grad_norm")]
+    assert len(norms) == 4 and all(0 < n < float("inf") for n in norms), norms
     assert r.data.params["train.zero_stage"] == "2" and r.data.params["world_size"] == "2"
     logged = {a.path for a in client.list_artifacts(r.info.run_id, "bank")}
     assert logged == {"bank/alcohol", "bank/betting", "bank/manifest.json"}

@@ -203,6 +203,17 @@ def full_items(rows: list[dict], cats: list[str], order: int) -> tuple[list[Item
     return items, keys
 
 
+def probe_data(config: str, bank_path: str, per_order: int) -> tuple[Any, Any, Any, list[int], list[Request], list[Any],
+                                                                     list[dict], list[Item]]:  # fmt: skip
+    """probe_setup, then the train split's requests, the recipe's examples drawn from them (orders interleaved), the
+    test split's rows and fast_score_agreement.py's test sample (`per_order` subsets per order)."""
+    recipe, bb, bank, ref, rows = probe_setup(config, bank_path)
+    train = [Request(r["id"], r["prompt"], r.get("category"), r["kind"]) for r in rows if r["split"] == "train"]
+    ex = interleave_orders(sample_examples(train, list(bank.categories), recipe.sampler), 0)
+    test_rows = [r for r in rows if r["split"] == "test"]
+    return recipe, bb, bank, ref, train, ex, test_rows, sample_rows(test_rows, list(bank.categories), per_order, 0)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bank", default="banks/smollm2-cpu")
@@ -235,13 +246,9 @@ def main(argv: list[str] | None = None) -> None:
                     "+ manifest: `mosaic evaluate/register/serve` load it)")
     ap.add_argument("--out", default="runs/deep-prompt-probe")
     a = ap.parse_args(argv)
-    recipe, bb, bank, ref, rows = probe_setup(a.config, a.bank)
+    recipe, bb, bank, ref, train, ex, test_rows, sample = probe_data(a.config, a.bank, a.per_order)
     tok, model = bb.tokenizer, bb.model
     cats = list(bank.categories)
-    train = [Request(r["id"], r["prompt"], r.get("category"), r["kind"]) for r in rows if r["split"] == "train"]
-    ex = interleave_orders(sample_examples(train, cats, recipe.sampler), 0)
-    test_rows = [r for r in rows if r["split"] == "test"]
-    sample = sample_rows(test_rows, cats, a.per_order, 0)
     t0 = time.perf_counter()
     init_prompts = [q.prompt for q in train[:: max(1, len(train) // a.init_prompts)][: a.init_prompts]]  # spread over kinds
     if a.resume:  # a deep_bank.pt, or a deep bank's directory (mosaic train's run/bank)

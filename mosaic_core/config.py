@@ -162,8 +162,9 @@ class LossConfig:
     refusal_tokens: int = 0
     """Train positives on the refusal's first N tokens only (0 = the whole template + EOS). With
     `max_answer_tokens: 1` and the margin decision loss a step trains the decision alone -- where the answer starts
-    -- on a few answer positions per row: a cheap warm-up stage before whole answers (what the probe chain that made
-    banks/smollm2-cpu-deep-probe did). At least `decision_tokens` when the decision loss is on."""
+    -- on a few answer positions per row, up to ~3.8x the examples per second (what the probe chain that made
+    banks/smollm2-cpu-deep-probe did first). As a stage of the deep recipe chain it did not lift DSR - OR
+    (BENCHMARKS.md). At least `decision_tokens` when the decision loss is on."""
 
     def __post_init__(self) -> None:
         problems = []

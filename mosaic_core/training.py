@@ -6,7 +6,8 @@ lambda * KL(teacher || student) at every answer position (top-k + tail bucket). 
 row also gets a decision loss on starting the refusal (negatives through one short probe row each: prompt + tokens
 + the refusal's first tokens): a binary CE on its probability, or (`decision: margin`) softplus margins on the
 greedy flag itself. `pos_weight` scales the positives' rows; `max_answer_tokens` / `refusal_tokens` cut negatives' /
-positives' targets to their first tokens (both small: a decision-only warm-up step). `BankEMA`: a moving average of the trainable modules."""
+positives' targets to their first tokens (both small: a decision-only step). `BankEMA`: a moving average of the
+trainable modules."""
 
 from __future__ import annotations
 

@@ -32,10 +32,10 @@ from typing import Any, Sequence
 import torch
 
 from decision_margin_probe import decision_loss  # the sibling scripts
-from deep_prompt_probe import Item, new_deep_bank, probe_data, rates
+from deep_prompt_probe import flag_hits, new_deep_bank, probe_data, rates
 
 from mosaic_core.bank import DeepTokenBank
-from mosaic_core.compose import Batch, PrefixCache, answer_logits, encode_batch, rotate
+from mosaic_core.compose import Batch, PrefixCache, answer_logits, encode_batch, pack_deep_blocks
 
 
 def prepend_deep_blocks(model: Any, batch: Batch, blocks: Sequence[torch.Tensor]) -> Batch:
@@ -46,26 +46,12 @@ def prepend_deep_blocks(model: Any, batch: Batch, blocks: Sequence[torch.Tensor]
     """
     from transformers import DynamicCache
 
-    C = max(b.shape[3] for b in blocks)
-    if C == 0:  # no module on any row: the base model
+    if max(b.shape[3] for b in blocks) == 0:  # no module on any row: the base model
         return batch
-    B = batch.inputs_embeds.shape[0]
-    n_layers, H, hd = blocks[0].shape[0], blocks[0].shape[2], blocks[0].shape[-1]
-    dev, dtype = batch.inputs_embeds.device, batch.inputs_embeds.dtype
-    kc = torch.zeros(n_layers, B, H, C, hd, device=dev, dtype=dtype)
-    vc = torch.zeros(n_layers, B, H, C, hd, device=dev, dtype=dtype)
-    cmask = batch.attention_mask.new_zeros(B, C)
-    pos = torch.zeros(B, C, dtype=torch.long, device=dev)
-    for i, b in enumerate(blocks):
-        c = b.shape[3]
-        if c:
-            kc[:, i, :, C - c :], vc[:, i, :, C - c :] = b[:, 0].to(dtype), b[:, 1].to(dtype)
-            cmask[i, C - c :] = 1
-            pos[i, C - c :] = torch.arange(c, device=dev)
-    cos, sin = model.get_decoder().rotary_emb(kc[0], pos)  # (B, C, hd)
-    kc = rotate(kc, cos[:, None], sin[:, None])
+    start = torch.zeros(len(blocks), dtype=torch.long, device=batch.inputs_embeds.device)  # before everything
+    kc, vc, cmask = pack_deep_blocks(model, blocks, start, batch.inputs_embeds.dtype)
     cache = DynamicCache()
-    for layer in range(n_layers):
+    for layer in range(kc.shape[0]):
         cache.update(kc[layer], vc[layer], layer)
     batch.past_key_values = cache
     batch.attention_mask = torch.cat([cmask, batch.attention_mask], 1)
@@ -78,17 +64,6 @@ def prefix_logits(model: Any, tok: Any, deep: DeepTokenBank, prompts: list[str],
     """answer_logits with each row's deep block before everything: (B, T, V), (B, T), (B, T)."""
     batch = encode_batch(tok, model.get_input_embeddings(), None, prompts, [[] for _ in prompts], "before_assistant", targets)
     return answer_logits(model, prepend_deep_blocks(model, batch, [deep.compose(a) for a in active]))
-
-
-@torch.no_grad()
-def prefix_hits(model: Any, tok: Any, deep: DeepTokenBank, items: list[Item], ref: list[int], batch: int = 32) -> list[bool]:
-    """Per item: does greedy decoding start with the refusal's first 3 tokens (evaluation's fast flag)?"""
-    hits: list[bool] = []
-    for i in range(0, len(items), batch):
-        ch = items[i : i + batch]
-        logits, tgt, mask = prefix_logits(model, tok, deep, [x[0] for x in ch], [x[1] for x in ch], [ref[:3]] * len(ch))
-        hits += ((logits.argmax(-1) == tgt) | (mask == 0)).all(-1).tolist()
-    return hits
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -117,7 +92,8 @@ def main(argv: list[str] | None = None) -> None:
     log: list[dict[str, Any]] = []
 
     def checkpoint(step: int) -> None:
-        d, o = rates(prefix_hits(model, tok, deep, sample, ref), sample)
+        hits = flag_hits(lambda p, act, t: prefix_logits(model, tok, deep, p, act, t), sample, ref)
+        d, o = rates(hits, sample)
         log.append({"step": step, "dsr": d, "or": o, "s": round(time.perf_counter() - t0, 1)})
         out.mkdir(parents=True, exist_ok=True)
         torch.save({c: p.detach() for c, p in deep.vectors.items()}, out / "deep_bank.pt")

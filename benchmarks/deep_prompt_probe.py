@@ -37,7 +37,7 @@ import dataclasses
 import itertools
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,15 +84,22 @@ def deep_logits(model: Any, tok: Any, deep: DeepTokenBank, prompts: list[str], a
 
 
 @torch.no_grad()
-def greedy_hits(model: Any, tok: Any, deep: DeepTokenBank, items: list[Item], ref: list[int], cache: PrefixCache,
-                batch: int = 32) -> list[bool]:  # fmt: skip
-    """Per item: does greedy decoding start with the refusal's first 3 tokens (evaluation's fast flag)?"""
+def flag_hits(logits_fn: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]], items: list[Item],
+              ref: list[int], batch: int = 32) -> list[bool]:  # fmt: skip
+    """Per item: does greedy decoding start with the refusal's first 3 tokens (evaluation's fast flag)? `logits_fn`
+    (prompts, active, targets) -> answer logits (B, T, V), targets (B, T), mask (B, T) places the blocks."""
     hits: list[bool] = []
     for i in range(0, len(items), batch):
         ch = items[i : i + batch]
-        logits, tgt, mask = deep_logits(model, tok, deep, [x[0] for x in ch], [x[1] for x in ch], [ref[:3]] * len(ch), cache)
+        logits, tgt, mask = logits_fn([x[0] for x in ch], [x[1] for x in ch], [ref[:3]] * len(ch))
         hits += ((logits.argmax(-1) == tgt) | (mask == 0)).all(-1).tolist()
     return hits
+
+
+def greedy_hits(model: Any, tok: Any, deep: DeepTokenBank, items: list[Item], ref: list[int], cache: PrefixCache,
+                batch: int = 32) -> list[bool]:  # fmt: skip
+    """flag_hits with each item's deep block after its request."""
+    return flag_hits(lambda p, a, t: deep_logits(model, tok, deep, p, a, t, cache), items, ref, batch)
 
 
 def deep_generate(model: Any, tok: Any, deep: DeepTokenBank, items: list[Item], cache: PrefixCache, max_new_tokens: int,

@@ -195,6 +195,30 @@ def rotate(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool 
     return k * cos - rot * sin if inverse else k * cos + rot * sin
 
 
+def pack_deep_blocks(model: Any, blocks: Sequence[torch.Tensor], start: torch.Tensor,
+                     dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """B rows' deep blocks as one key/value slot, each left-padded to the longest block C.
+
+    blocks: B tensors (layers, 2, H, c_i, hd), keys before RoPE; start: (B,) long, the position of each row's first
+    block token (its keys get RoPE at start_i .. start_i + c_i - 1). Returns keys (layers, B, H, C, hd) with RoPE,
+    values (layers, B, H, C, hd) and the slot's attention mask (B, C) long, on `start`'s device."""
+    B, C = len(blocks), max(b.shape[3] for b in blocks)
+    n_layers, H, hd = blocks[0].shape[0], blocks[0].shape[2], blocks[0].shape[-1]
+    dev = start.device
+    kc = torch.zeros(n_layers, B, H, C, hd, dtype=dtype, device=dev)
+    vc = torch.zeros(n_layers, B, H, C, hd, dtype=dtype, device=dev)
+    cmask = torch.zeros(B, C, dtype=torch.long, device=dev)
+    pos = torch.zeros(B, C, dtype=torch.long, device=dev)
+    for i, b in enumerate(blocks):
+        c = b.shape[3]
+        if c:
+            kc[:, i, :, C - c :], vc[:, i, :, C - c :] = b[:, 0].to(dtype), b[:, 1].to(dtype)
+            cmask[i, C - c :] = 1
+            pos[i, C - c :] = start[i] + torch.arange(c, device=dev)
+    cos, sin = model.get_decoder().rotary_emb(kc[0], pos)  # (B, C, hd)
+    return rotate(kc, cos[:, None], sin[:, None]), vc, cmask
+
+
 def append_deep_blocks(model: Any, batch: Batch, blocks: Sequence[torch.Tensor]) -> Batch:
     """Append each row's deep block after its cached request, in place (left-padded within the block slot).
 
@@ -205,24 +229,10 @@ def append_deep_blocks(model: Any, batch: Batch, blocks: Sequence[torch.Tensor])
     """
     from transformers import DynamicCache
 
-    B, P = batch.inputs_embeds.shape[0], batch.attention_mask.shape[1] - batch.inputs_embeds.shape[1]
+    P = batch.attention_mask.shape[1] - batch.inputs_embeds.shape[1]
     pmask, amask = batch.attention_mask[:, :P], batch.attention_mask[:, P:]
-    n_req = pmask.sum(-1)  # (B,) real request tokens
     first = batch.past_key_values.layers[0].keys
-    C = max(b.shape[3] for b in blocks)
-    n_layers, H, hd = blocks[0].shape[0], blocks[0].shape[2], blocks[0].shape[-1]
-    kc = first.new_zeros(n_layers, B, H, C, hd)
-    vc = first.new_zeros(n_layers, B, H, C, hd)
-    cmask = amask.new_zeros(B, C)
-    pos = torch.zeros(B, C, dtype=torch.long, device=first.device)
-    for i, b in enumerate(blocks):
-        c = b.shape[3]
-        if c:
-            kc[:, i, :, C - c :], vc[:, i, :, C - c :] = b[:, 0].to(first.dtype), b[:, 1].to(first.dtype)
-            cmask[i, C - c :] = 1
-            pos[i, C - c :] = n_req[i] + torch.arange(c, device=first.device)
-    cos, sin = model.get_decoder().rotary_emb(kc[0], pos)  # (B, C, hd)
-    kc = rotate(kc, cos[:, None], sin[:, None])
+    kc, vc, cmask = pack_deep_blocks(model, blocks, pmask.sum(-1), first.dtype)  # after each row's real request tokens
     cache = DynamicCache()
     for layer, lay in enumerate(batch.past_key_values.layers):
         cache.update(torch.cat([lay.keys, kc[layer]], 2), torch.cat([lay.values, vc[layer]], 2), layer)

@@ -27,17 +27,21 @@ the sample (`--gen` tokens), judged as evaluation judges them and compared token
 its generations drift from the base model's after the first token. `--loss full` trains whole answers as the recipe
 does: positives the refusal template + EOS, negatives the base model's own greedy answer (`--answer-tokens`,
 generated once per prompt: an online teacher) with KL to it at every position. `--ema` scores and saves a moving
-average of the parameters. A measured prototype, not the product's module contract.
+average of the parameters. `--split train` scores the whole train split instead of the test split (how much of the
+test split's shortfall is generalisation); `--req-dropout` hides a share of each training row's request tokens and
+`--train-splits train,val` draws examples from the val split too (two remedies for it). A measured prototype, not the
+product's module contract.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +54,7 @@ from linear_probe_ceiling import rate_key
 
 from mosaic_core.artifact import load_bank, save_bank
 from mosaic_core.bank import DeepTokenBank
-from mosaic_core.compose import PrefixCache, answer_logits, encode_batch
+from mosaic_core.compose import PrefixCache, answer_logits, as_messages, encode_batch, encode_chat
 from mosaic_core.config import DEFAULT_REFUSAL
 from mosaic_core.generation import generate
 from mosaic_core.judge import make_judge
@@ -116,6 +120,53 @@ def deep_generate(model: Any, tok: Any, deep: DeepTokenBank, items: list[Item], 
     return out
 
 
+class DroppingCache(PrefixCache):
+    """A PrefixCache whose rows hide a random `p` of their request's tokens from everything after them (attention mask
+    0; the positions after shift left by as many): data augmentation, so a module cannot lean on one memorised word.
+    The system prompt and the user header (the first `head` tokens of every run) and the turn's last `tail` tokens stay.
+    A row keeps the same hidden tokens until `new_step()`, so the base model's KL target in one step sees what the
+    controlled model saw. p = 0: PrefixCache exactly."""
+
+    def __init__(self, model: Any, head: int, tail: int = 2, max_bytes: int = 4 << 30):
+        super().__init__(model, max_bytes)
+        self.head, self.tail, self.p = head, tail, 0.0
+        self.hidden: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def new_step(self) -> None:
+        self.hidden.clear()
+
+    @contextlib.contextmanager
+    def whole(self) -> Iterator[None]:
+        """Rows see their whole request inside this block (the base model's own answers, scoring)."""
+        p, self.p = self.p, 0.0
+        try:
+            yield
+        finally:
+            self.p = p
+
+    def get(self, befores: Sequence[Sequence[int]]) -> tuple[Any, torch.Tensor]:
+        cache, mask = super().get(befores)
+        if self.p > 0:
+            P = mask.shape[1]
+            for j, b in enumerate(befores):
+                key = tuple(b)
+                if key not in self.hidden:
+                    drop = torch.rand(len(key)) < self.p
+                    drop[: self.head], drop[len(key) - self.tail :] = False, False
+                    self.hidden[key] = drop
+                mask[j, P - len(key) :] = mask[j, P - len(key) :].masked_fill(self.hidden[key], 0)
+        return cache, mask
+
+
+def common_head(runs: Sequence[Sequence[int]]) -> int:
+    """Length of the token run every one of `runs` starts with (the system prompt and the user header)."""
+    n = min(len(r) for r in runs)
+    for i in range(n):
+        if len({r[i] for r in runs}) > 1:
+            return i
+    return n
+
+
 class OnlineTeacher:
     """The base model's own greedy answer (token ids) per prompt, generated once when first asked for."""
 
@@ -126,7 +177,8 @@ class OnlineTeacher:
     def __call__(self, prompts: Sequence[str]) -> list[list[int]]:
         missing = list(dict.fromkeys(p for p in prompts if p not in self.answers))
         if missing:
-            ids = deep_generate(self.model, self.tok, self.deep, [(p, [], False) for p in missing], self.cache, self.n)
+            with self.cache.whole() if isinstance(self.cache, DroppingCache) else contextlib.nullcontext():
+                ids = deep_generate(self.model, self.tok, self.deep, [(p, [], False) for p in missing], self.cache, self.n)
             self.answers.update(zip(missing, ids))
         return [self.answers[p] for p in prompts]
 
@@ -210,15 +262,17 @@ def full_items(rows: list[dict], cats: list[str], order: int) -> tuple[list[Item
     return items, keys
 
 
-def probe_data(config: str, bank_path: str, per_order: int) -> tuple[Any, Any, Any, list[int], list[Request], list[Any],
-                                                                     list[dict], list[Item]]:  # fmt: skip
-    """probe_setup, then the train split's requests, the recipe's examples drawn from them (orders interleaved), the
-    test split's rows and fast_score_agreement.py's test sample (`per_order` subsets per order)."""
+def probe_data(config: str, bank_path: str, per_order: int, split: str = "test", train_splits: Sequence[str] = ("train",),
+               ) -> tuple[Any, Any, Any, list[int], list[Request], list[Any], list[dict], list[Item]]:  # fmt: skip
+    """probe_setup, then the `train_splits`' requests, the recipe's examples drawn from them (orders interleaved), the
+    rows of `split` (the whole-split scoring's) and fast_score_agreement.py's test sample (`per_order` subsets per
+    order, always from the test split)."""
     recipe, bb, bank, ref, rows = probe_setup(config, bank_path)
-    train = [Request(r["id"], r["prompt"], r.get("category"), r["kind"]) for r in rows if r["split"] == "train"]
+    train = [Request(r["id"], r["prompt"], r.get("category"), r["kind"]) for r in rows if r["split"] in train_splits]
     ex = interleave_orders(sample_examples(train, list(bank.categories), recipe.sampler), 0)
     test_rows = [r for r in rows if r["split"] == "test"]
-    return recipe, bb, bank, ref, train, ex, test_rows, sample_rows(test_rows, list(bank.categories), per_order, 0)
+    scored_rows = [r for r in rows if r["split"] == split]
+    return recipe, bb, bank, ref, train, ex, scored_rows, sample_rows(test_rows, list(bank.categories), per_order, 0)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -240,6 +294,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="resample: the recipe's sampler drawn again (seed = epoch) each epoch: more of the train split")
     ap.add_argument("--full", type=int, default=1, help="1: score the whole test split at the end (0: skip)")
     ap.add_argument("--limit", type=int, default=0, help="test requests for --full (0: all; tests use a few)")
+    ap.add_argument("--split", choices=("test", "train", "val"), default="test",
+                    help="the split --full scores (train: how much of the test split's gap is overfitting)")
     ap.add_argument("--seed", type=int, default=0, help="resample's draws use seed 1000 * seed + epoch (a resumed run: pass 1)")
     ap.add_argument("--loss", choices=("first", "full"), default="first",
                     help="first: margins on the refusal's first 3 tokens + first-position KL; full: whole answers "
@@ -251,9 +307,16 @@ def main(argv: list[str] | None = None) -> None:
                     "parameters with this decay (step-to-step noise of the sample DSR was ~4 points without)")
     ap.add_argument("--save-bank", default="", help="also write the scored parameters as a bank directory (module artifacts "
                     "+ manifest: `mosaic evaluate/register/serve` load it)")
+    ap.add_argument("--req-dropout", type=float, default=0.0, help="> 0: training rows hide this share of their request's "
+                    "tokens (augmentation against memorised words; scoring never does)")
+    ap.add_argument("--train-splits", default="train", help="comma-separated splits the training examples are drawn from "
+                    "(train,val: a third more requests; nothing here selects on val)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (two runs side by side on 2 cores: 1 each)")
     ap.add_argument("--out", default="runs/deep-prompt-probe")
     a = ap.parse_args(argv)
-    recipe, bb, bank, ref, train, ex, test_rows, sample = probe_data(a.config, a.bank, a.per_order)
+    recipe, bb, bank, ref, train, ex, test_rows, sample = probe_data(a.config, a.bank, a.per_order, a.split,
+                                                                        a.train_splits.split(","))
+    torch.set_num_threads(a.threads)
     tok, model = bb.tokenizer, bb.model
     cats = list(bank.categories)
     t0 = time.perf_counter()
@@ -265,7 +328,8 @@ def main(argv: list[str] | None = None) -> None:
     deep = new_deep_bank(model, cats, dict(init))
     scored = new_deep_bank(model, cats, dict(init)) if a.ema else deep  # what checkpoints score and the run saves
     n_params = sum(p.numel() for p in deep.parameters())
-    cache = PrefixCache(model, max_bytes=6 << 30)
+    befores = [encode_chat(tok, as_messages(q.prompt), "before_assistant").before for q in train[:64]]
+    cache = DroppingCache(model, head=common_head(befores), max_bytes=6 << 30)
     opt = torch.optim.Adam(deep.parameters(), lr=a.lr)
     refusal = refusal_target(tok, DEFAULT_REFUSAL)  # the template + EOS, as the recipe's positives
     teacher = OnlineTeacher(model, tok, deep, cache, a.answer_tokens)  # only ever asked for empty blocks: the base model
@@ -294,6 +358,8 @@ def main(argv: list[str] | None = None) -> None:
             b = [(e.prompt, list(e.active), e.label == "pos") for e in ex[start : start + a.batch]]
         prompts, active = [x[0] for x in b], [x[1] for x in b]
         is_pos = torch.tensor([x[2] for x in b])
+        cache.new_step()
+        cache.p = a.req_dropout  # for this step's loss only: checkpoints and the online teacher see whole requests
         if a.loss == "full":
             loss = full_answer_loss(model, tok, deep, prompts, active, is_pos, refusal, teacher, cache, a.delta, a.kl,
                                     a.pos_weight)  # (B,)  # fmt: skip
@@ -301,6 +367,7 @@ def main(argv: list[str] | None = None) -> None:
             logits, tgt, _ = deep_logits(model, tok, deep, prompts, active, [ref[:3]] * len(b), cache)  # (B, 3, V)
             loss = decision_loss(model, tok, logits, tgt, is_pos, prompts, ref, cache, "before_assistant", a.delta, a.kl,
                                  a.pos_weight)  # (B,)
+        cache.p = 0.0
         opt.zero_grad()
         loss.mean().backward()
         opt.step()
@@ -325,7 +392,7 @@ def main(argv: list[str] | None = None) -> None:
             for name, hits in (("", greedy_hits(model, tok, scored, items, ref, cache)), ("base_", [base[x[0]] for x in items])):
                 res = {name + k: 100 * sum(h for h, kk in zip(hits, keys) if kk == k) / keys.count(k) for k in sorted(set(keys))}
                 report.setdefault(f"order{order}", {"rows": len(items)}).update(res)
-                print(f"test split, order {order}: " + "  ".join(f"{k} {v:5.1f} %" for k, v in res.items()), flush=True)
+                print(f"{a.split} split, order {order}: " + "  ".join(f"{k} {v:5.1f} %" for k, v in res.items()), flush=True)
     if a.save_bank:  # a module artifact per category: what evaluation, registration and serving load
         save_bank(scored, Path(a.save_bank), fingerprint=bb.fingerprint, init=f"deep_prompt_probe from {a.resume or a.bank}")
         print(f"wrote the deep bank {a.save_bank}", flush=True)

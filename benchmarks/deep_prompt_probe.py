@@ -41,7 +41,7 @@ import dataclasses
 import itertools
 import json
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,7 @@ from linear_probe_ceiling import rate_key
 
 from mosaic_core.artifact import load_bank, save_bank
 from mosaic_core.bank import DeepTokenBank
-from mosaic_core.compose import PrefixCache, answer_logits, as_messages, encode_batch, encode_chat
+from mosaic_core.compose import DroppingCache, PrefixCache, answer_logits, encode_batch
 from mosaic_core.config import DEFAULT_REFUSAL
 from mosaic_core.generation import generate
 from mosaic_core.judge import make_judge
@@ -118,53 +118,6 @@ def deep_generate(model: Any, tok: Any, deep: DeepTokenBank, items: list[Item], 
         gens = generate(model, enc, max_new_tokens=max_new_tokens, eos_token_ids=[tok.eos_token_id])
         out += [g.token_ids + ([tok.eos_token_id] if g.finish_reason == "stop" else []) for g in gens]
     return out
-
-
-class DroppingCache(PrefixCache):
-    """A PrefixCache whose rows hide a random `p` of their request's tokens from everything after them (attention mask
-    0; the positions after shift left by as many): data augmentation, so a module cannot lean on one memorised word.
-    The system prompt and the user header (the first `head` tokens of every run) and the turn's last `tail` tokens stay.
-    A row keeps the same hidden tokens until `new_step()`, so the base model's KL target in one step sees what the
-    controlled model saw. p = 0: PrefixCache exactly."""
-
-    def __init__(self, model: Any, head: int, tail: int = 2, max_bytes: int = 4 << 30):
-        super().__init__(model, max_bytes)
-        self.head, self.tail, self.p = head, tail, 0.0
-        self.hidden: dict[tuple[int, ...], torch.Tensor] = {}
-
-    def new_step(self) -> None:
-        self.hidden.clear()
-
-    @contextlib.contextmanager
-    def whole(self) -> Iterator[None]:
-        """Rows see their whole request inside this block (the base model's own answers, scoring)."""
-        p, self.p = self.p, 0.0
-        try:
-            yield
-        finally:
-            self.p = p
-
-    def get(self, befores: Sequence[Sequence[int]]) -> tuple[Any, torch.Tensor]:
-        cache, mask = super().get(befores)
-        if self.p > 0:
-            P = mask.shape[1]
-            for j, b in enumerate(befores):
-                key = tuple(b)
-                if key not in self.hidden:
-                    drop = torch.rand(len(key)) < self.p
-                    drop[: self.head], drop[len(key) - self.tail :] = False, False
-                    self.hidden[key] = drop
-                mask[j, P - len(key) :] = mask[j, P - len(key) :].masked_fill(self.hidden[key], 0)
-        return cache, mask
-
-
-def common_head(runs: Sequence[Sequence[int]]) -> int:
-    """Length of the token run every one of `runs` starts with (the system prompt and the user header)."""
-    n = min(len(r) for r in runs)
-    for i in range(n):
-        if len({r[i] for r in runs}) > 1:
-            return i
-    return n
 
 
 class OnlineTeacher:
@@ -328,8 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     deep = new_deep_bank(model, cats, dict(init))
     scored = new_deep_bank(model, cats, dict(init)) if a.ema else deep  # what checkpoints score and the run saves
     n_params = sum(p.numel() for p in deep.parameters())
-    befores = [encode_chat(tok, as_messages(q.prompt), "before_assistant").before for q in train[:64]]
-    cache = DroppingCache(model, head=common_head(befores), max_bytes=6 << 30)
+    cache = DroppingCache.for_chat(model, tok, max_bytes=6 << 30)
     opt = torch.optim.Adam(deep.parameters(), lr=a.lr)
     refusal = refusal_target(tok, DEFAULT_REFUSAL)  # the template + EOS, as the recipe's positives
     teacher = OnlineTeacher(model, tok, deep, cache, a.answer_tokens)  # only ever asked for empty blocks: the base model
@@ -358,16 +310,14 @@ def main(argv: list[str] | None = None) -> None:
             b = [(e.prompt, list(e.active), e.label == "pos") for e in ex[start : start + a.batch]]
         prompts, active = [x[0] for x in b], [x[1] for x in b]
         is_pos = torch.tensor([x[2] for x in b])
-        cache.new_step()
-        cache.p = a.req_dropout  # for this step's loss only: checkpoints and the online teacher see whole requests
-        if a.loss == "full":
-            loss = full_answer_loss(model, tok, deep, prompts, active, is_pos, refusal, teacher, cache, a.delta, a.kl,
-                                    a.pos_weight)  # (B,)  # fmt: skip
-        else:
-            logits, tgt, _ = deep_logits(model, tok, deep, prompts, active, [ref[:3]] * len(b), cache)  # (B, 3, V)
-            loss = decision_loss(model, tok, logits, tgt, is_pos, prompts, ref, cache, "before_assistant", a.delta, a.kl,
-                                 a.pos_weight)  # (B,)
-        cache.p = 0.0
+        with cache.hiding(a.req_dropout):  # this step's loss only: checkpoints and the online teacher see whole requests
+            if a.loss == "full":
+                loss = full_answer_loss(model, tok, deep, prompts, active, is_pos, refusal, teacher, cache, a.delta, a.kl,
+                                        a.pos_weight)  # (B,)  # fmt: skip
+            else:
+                logits, tgt, _ = deep_logits(model, tok, deep, prompts, active, [ref[:3]] * len(b), cache)  # (B, 3, V)
+                loss = decision_loss(model, tok, logits, tgt, is_pos, prompts, ref, cache, "before_assistant", a.delta,
+                                     a.kl, a.pos_weight)  # (B,)  # fmt: skip
         opt.zero_grad()
         loss.mean().backward()
         opt.step()

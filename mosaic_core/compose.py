@@ -6,7 +6,8 @@ from the mask, so a row's logits do not depend on its neighbours' padding or act
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -312,6 +313,70 @@ class PrefixCache:
         for j, k in enumerate(keys):
             mask[j, P - len(k) :] = 1
         return cache, mask
+
+
+class DroppingCache(PrefixCache):
+    """A PrefixCache whose rows hide a random `p` of their request's tokens from everything after them (attention mask
+    0; the positions after shift left by as many): data augmentation against memorised words (train.request_dropout;
+    BENCHMARKS.md, "Train split against test split"). The system prompt and the user header (the first `head` tokens
+    of every run) and the turn's last `tail` tokens stay. A row keeps the same hidden tokens until `new_step()`, so a
+    step's loss rows and probe rows see the same request. p = 0 (outside `hiding`): PrefixCache exactly -- the cached
+    keys/values are always the whole request's, only what reads them changes."""
+
+    def __init__(self, model: Any, head: int, tail: int = 2, max_bytes: int = 4 << 30):
+        super().__init__(model, max_bytes)
+        self.head, self.tail, self.p = head, tail, 0.0
+        self.hidden: dict[tuple[int, ...], torch.Tensor] = {}
+
+    @classmethod
+    def for_chat(cls, model: Any, tokenizer: Any, system: str | None = None, **kw: Any) -> DroppingCache:
+        """`head` read off the chat template: the tokens every templated request starts with."""
+        runs = [encode_chat(tokenizer, as_messages(p, system), "before_assistant").before for p in ("a", "Z")]
+        return cls(model, head=common_head(runs), **kw)
+
+    def new_step(self) -> None:
+        self.hidden.clear()
+
+    @contextmanager
+    def hiding(self, p: float) -> Iterator[None]:
+        """Rows hide a share `p` of their request inside this block (a new step: new hidden tokens)."""
+        self.new_step()
+        old, self.p = self.p, p
+        try:
+            yield
+        finally:
+            self.p = old
+
+    @contextmanager
+    def whole(self) -> Iterator[None]:
+        """Rows see their whole request inside this block (the base model's own answers, scoring)."""
+        p, self.p = self.p, 0.0
+        try:
+            yield
+        finally:
+            self.p = p
+
+    def get(self, befores: Sequence[Sequence[int]]) -> tuple[Any, torch.Tensor]:
+        cache, mask = super().get(befores)
+        if self.p > 0:
+            P = mask.shape[1]
+            for j, b in enumerate(befores):
+                key = tuple(b)
+                if key not in self.hidden:
+                    drop = torch.rand(len(key)) < self.p
+                    drop[: self.head], drop[len(key) - self.tail :] = False, False
+                    self.hidden[key] = drop
+                mask[j, P - len(key) :] = mask[j, P - len(key) :].masked_fill(self.hidden[key].to(mask.device), 0)
+        return cache, mask
+
+
+def common_head(runs: Sequence[Sequence[int]]) -> int:
+    """Length of the token run every one of `runs` starts with (the system prompt and the user header)."""
+    n = min(len(r) for r in runs)
+    for i in range(n):
+        if len({r[i] for r in runs}) > 1:
+            return i
+    return n
 
 
 def answer_logits(model: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

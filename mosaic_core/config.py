@@ -110,9 +110,16 @@ class SamplerConfig:
     """Independent draws of the training examples (draw d: seed + 1000 d); epoch e trains on draw e mod draws, so
     later epochs see other requests of the train split at the same epoch size (deep tokens overfit one fixed draw:
     BENCHMARKS.md). The teacher answers every draw's negatives once."""
+    val_share: float = 0.0
+    """Share of the val split's requests the training examples may draw from too (chosen by a hash of each request's
+    id: the same ones every run); the per-epoch validation sample is drawn from the rest only, so keep-best never
+    scores a request training saw. More requests to learn from where the test shortfall is generalisation
+    (BENCHMARKS.md, "Train split against test split"). 0: train on the train split alone."""
 
     def __post_init__(self) -> None:
         problems = []
+        if not 0 <= self.val_share <= 0.8:
+            problems.append(f"val_share: {self.val_share} must be in [0, 0.8] (the rest of val picks the best epoch)")
         if not 1 <= self.draws <= 100:
             problems.append(f"draws: {self.draws} must be in [1, 100]")
         if self.per_subset < 1:
@@ -249,9 +256,18 @@ class TrainConfig:
     val_examples: int = 64
     """Validation examples scored after every epoch (half positives, half negatives, as the val split has them):
     the best epoch is chosen on these; more rows, a steadier choice (64 rows: about 6 points of noise)."""
+    request_dropout: float = 0.0
+    """> 0: each training row hides this share of its request's tokens from the control block and the answer (a new
+    draw every step; validation and the teacher see whole requests): augmentation against modules that memorise the
+    train split's words (BENCHMARKS.md: a deep bank meets the targets on its train requests, not on test ones). Needs
+    the prefix cache: placement before_assistant, zero_stage 1 or 2."""
 
     def __post_init__(self) -> None:
         problems = []
+        if not 0 <= self.request_dropout < 0.9:
+            problems.append(f"request_dropout: {self.request_dropout} must be in [0, 0.9)")
+        if self.request_dropout and self.zero_stage == 3:
+            problems.append("request_dropout: needs zero_stage 1 or 2 (ZeRO-3 trains without the prefix cache)")
         if not 2 <= self.val_examples <= 100_000:
             problems.append(f"val_examples: {self.val_examples} must be in [2, 100000]")
         if not 0 <= self.ema < 1:
@@ -398,6 +414,8 @@ def recipe_from_dict(raw: dict[str, Any], where: str = "recipe") -> Recipe:
     if "bank" in built and "train" in built and built["bank"].depth == "deep" and built["train"].zero_stage == 3:
         # deep blocks are appended to the request's cached keys/values; ZeRO-3 runs without that cache
         problems.append("bank.depth: deep needs train.zero_stage 1 or 2 (ZeRO-3 trains without the prefix cache)")
+    if "bank" in built and "train" in built and built["train"].request_dropout and built["bank"].placement != "before_assistant":
+        problems.append("train.request_dropout: needs bank.placement before_assistant (tokens are hidden in the cached request)")
     if problems:
         raise ConfigError(problems, where)
     return Recipe(**built)

@@ -124,6 +124,14 @@ def sample_draws(requests: Sequence[Request], categories: Sequence[str], cfg: Sa
     return out
 
 
+def split_off(requests: Sequence[Request], share: float, seed: int) -> tuple[list[Request], list[Request]]:
+    """(taken, kept): about `share` of the requests by a hash of (seed, id) -- the same split for the same ids
+    whatever else the list holds -- and the rest, each in the input's order."""
+    taken = [q for q in requests if int(_eid("val_share", seed, q.id), 16) < share * 16**16]
+    ids = {q.id for q in taken}
+    return taken, [q for q in requests if q.id not in ids]
+
+
 def interleave_orders(examples: Sequence[Example], seed: int) -> list[Example]:
     """Shuffle so that every stretch of an epoch mixes all orders (training cycles through orders jointly)."""
     rng = random.Random(seed)

@@ -6,6 +6,7 @@
 Writes, under the run directory (DESIGN.md "Where things live"):
     resolved_config.yaml, provenance.json
     data/examples/*.parquet  {example_id, prompt_id, prompt, active, order, label, kind, category, source, draw, split}
+                             (split: the role, train or val; sampler.val_share lends val requests to train)
     data/teacher/*.parquet   {prompt_id, response_ids, topk_ids, topk_logprobs}  (one row per unique negative prompt)
     data/manifest.json       content hash of (benchmark, recipe, backbone) + counts per order / subset / kind
 A rerun whose content hash matches reuses the outputs; anything else rebuilds into a temp dir that is renamed
@@ -42,7 +43,7 @@ from mosaic_core.backbone import load_backbone
 from mosaic_core.bench import REQUIRED, validate_rows
 from mosaic_core.config import Recipe, load_recipe
 from mosaic_core.errors import BenchmarkError, ConfigError
-from mosaic_core.sampling import Request, interleave_orders, plan, sample_draws, sample_examples
+from mosaic_core.sampling import Request, interleave_orders, plan, sample_draws, sample_examples, split_off
 from mosaic_core.teacher import TEACHER_COLS
 from pipelines._actors import actor_pool_resources
 
@@ -82,6 +83,8 @@ def content_hash(recipe: Recipe, bench_digest: str, fingerprint_digest: str) -> 
     sampler = dataclasses.asdict(recipe.sampler)
     if sampler["draws"] == 1:  # one draw: the same tables as before draws existed (train reads no draw column as 0)
         del sampler["draws"]
+    if not sampler["val_share"]:  # the same tables as before val_share existed
+        del sampler["val_share"]
     parts = {
         "v": DATA_VERSION, "bench": bench_digest, "backbone": fingerprint_digest,
         "categories": recipe.bank.categories, "sampler": sampler,
@@ -243,18 +246,23 @@ def main(config: str, *, name: str | None = None, out: str | None = None, overri
     if unknown:
         raise ConfigError([f"bank.categories: {unknown} not in the benchmark (it has {sorted(known)})"], config)
     df = df[df["category"].isin(recipe.bank.categories) | (df["kind"] == "general")]
-    for split in ("train", "val"):
-        part = df[df["split"] == split]
-        empty = [c for c in recipe.bank.categories if not ((part["category"] == c) & (part["kind"] == "target")).any()]
-        if part.empty or empty:
-            raise BenchmarkError(f"split {split!r} has no target requests for {empty or 'any category'}")
+    # sampler.val_share: part of val joins the training pool; validation draws from the rest only
+    lent, val_req = split_off(to_requests(df[df["split"] == "val"]), recipe.sampler.val_share, recipe.sampler.seed)
+    train_req = to_requests(df[df["split"] == "train"]) + lent
+    for split, reqs in (("train", train_req), ("val", val_req)):
+        empty = [c for c in recipe.bank.categories if not any(q.category == c and q.kind == "target" for q in reqs)]
+        if not reqs or empty:
+            raise BenchmarkError(f"split {split!r} has no target requests for {empty or 'any category'}"
+                                 + (f" after sampler.val_share {recipe.sampler.val_share}" if split == "val" and lent else ""))  # fmt: skip
 
     cats = recipe.bank.categories
     print(f"[data] positives per subset by order: {plan(cats, recipe.sampler)}")
-    train_ex = interleave_orders(sample_draws(to_requests(df[df["split"] == "train"]), cats, recipe.sampler), recipe.sampler.seed)
+    if lent:
+        print(f"[data] sampler.val_share: training also draws from {len(lent)} val requests, validation from {len(val_req)}")
+    train_ex = interleave_orders(sample_draws(train_req, cats, recipe.sampler), recipe.sampler.seed)
     val_cfg = dataclasses.replace(recipe.sampler, per_subset=max(1, recipe.sampler.per_subset // 4), seed=recipe.sampler.seed + 1,
                                   draws=1)  # fmt: skip
-    val_ex = sample_examples(to_requests(df[df["split"] == "val"]), cats, val_cfg)
+    val_ex = sample_examples(val_req, cats, val_cfg)
     ex = pd.concat([examples_frame(train_ex, "train"), examples_frame(val_ex, "val")], ignore_index=True)
     neg = ex[ex["label"] == "neg"].drop_duplicates("prompt_id")[["prompt_id", "prompt"]].reset_index(drop=True)
     print(f"[data] {len(ex)} examples; teacher: {len(neg)} unique negative prompts for {int((ex['label'] == 'neg').sum())} negatives")

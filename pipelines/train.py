@@ -263,7 +263,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from ray.train import Checkpoint
 
     from mosaic_core.backbone import fingerprint, load_backbone
-    from mosaic_core.compose import PrefixCache
+    from mosaic_core.compose import DroppingCache, PrefixCache
     from mosaic_core.config import recipe_from_dict
     from mosaic_core.training import BankEMA, refusal_target
 
@@ -284,6 +284,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # The request's key/values do not depend on the bank (it comes after them): compute them once per prompt.
     # Not under ZeRO-3, whose gathers are collective (ranks with different cache misses would desynchronise).
     cache = PrefixCache(bb.model) if bank.placement == "before_assistant" and stage != 3 else None
+    dropout = recipe.train.request_dropout  # the recipe and main checked placement and stage for it
+    if dropout:
+        cache = DroppingCache.for_chat(bb.model, bb.tokenizer)
     module = BankTrainingModule(bb.model, bb.tokenizer, bank, refusal_ids, recipe.loss, cache, recipe.eval.fast_tokens)
     params = [p for p in bank.parameters() if p.requires_grad]
     if stage == 3:  # the bank is read outside its own forward: let the wrapper's hooks gather it
@@ -343,7 +346,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if i >= spe or step >= total:
                 break
             done += 1
-            out = engine(table.to_pylist())
+            with cache.hiding(dropout) if dropout else contextlib.nullcontext():  # validation reads whole requests
+                out = engine(table.to_pylist())
             engine.backward(out["loss"])
             engine.step()
             bank.clamp_norms_()
@@ -501,6 +505,10 @@ def main(
     base_ds = json.loads(Path(deepspeed_config_path).read_text()) if deepspeed_config_path else None
     ds_cfg = deepspeed_config(recipe, micro, base_ds)
     stage = ds_cfg.get("zero_optimization", {}).get("stage", 0)
+    needs_cache = [k for k, on in (("bank.depth: deep", recipe.bank.depth == "deep"), ("train.ema", recipe.train.ema),
+                                   ("train.request_dropout", recipe.train.request_dropout)) if on]  # fmt: skip
+    if stage == 3 and needs_cache:  # the recipe checked its own zero_stage; a --deepspeed-config can still ask for 3
+        raise ConfigError([f"{k}: needs ZeRO stage 1 or 2, {deepspeed_config_path} asks for 3" for k in needs_cache], str(run))
 
     # 2. MLflow: one run per training run (reused when this run directory is trained again / resumed)
     from mlflow import MlflowClient

@@ -113,38 +113,11 @@ def test_a_base_answer_shorter_than_the_refusals_first_tokens_is_a_target_like_a
     assert torch.isfinite(loss).all() and (loss > 0).all()
 
 
-def test_the_dropping_cache_hides_request_tokens_only_and_the_same_ones_within_a_step(tiny_tok):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from deep_prompt_probe import DroppingCache, common_head
-
-    from mosaic_core.compose import PrefixCache, as_messages, encode_chat
-    from tests.tiny import tiny_model
-
-    model = tiny_model(len(tiny_tok))
-    prompts = ["Mix me a mojito with lots of rum and a little lime please.", "Which horse wins the derby this year, tell me?"]
-    befores = [encode_chat(tiny_tok, as_messages(p), "before_assistant").before for p in prompts]
-    head = common_head(befores)
-    assert 0 < head < min(len(b) for b in befores) and len({tuple(b[:head]) for b in befores}) == 1
-    plain, drop = PrefixCache(model), DroppingCache(model, head=head)
-    _, whole = plain.get(befores)
-    assert torch.equal(drop.get(befores)[1], whole)  # p = 0: the plain cache's mask
-    torch.manual_seed(0)
-    drop.p = 0.5
-    first = drop.get(befores)[1]
-    assert torch.equal(drop.get(befores)[1], first)  # the same hidden tokens within a step
-    hidden = (whole == 1) & (first == 0)
-    assert hidden.any() and not (first > whole).any()
-    P = whole.shape[1]
-    for j, b in enumerate(befores):  # only request tokens: never the shared head nor the turn's last 2 tokens
-        row = hidden[j, P - len(b) :]
-        assert not row[:head].any() and not row[-2:].any()
-    drop.new_step()
-    assert not torch.equal(drop.get(befores)[1], first)  # a new step: new hidden tokens (seeded)
-
-
 def test_the_online_teacher_answers_the_whole_request_while_training_rows_hide_tokens(tiny_tok):
     model, deep, cache, teacher, _, _ = _full_loss_setup(tiny_tok)
-    from deep_prompt_probe import DroppingCache, OnlineTeacher
+    from deep_prompt_probe import OnlineTeacher
+
+    from mosaic_core.compose import DroppingCache
 
     prompts = ["Mix me a mojito with lots of rum and a little lime please."]
     dropping = DroppingCache(model, head=3)

@@ -146,3 +146,20 @@ def test_unknown_category_and_bad_backbone(tmp_path, tiny_model_dir):
     with pytest.raises(BackboneError, match="does not exist"):
         main(str(recipe), out=str(tmp_path / "run2"))
     assert _no_half_output(tmp_path / "run") and _no_half_output(tmp_path / "run2")
+
+
+def test_val_share_lends_val_requests_to_training_and_validates_on_the_rest(built):
+    d, recipe, run = built
+    bench = write_tiny_bench(d / "bench-val4", per=(4, 4, 0))
+    backbone = yaml.safe_load(recipe.read_text())["backbone"]
+    lend = write_tiny_recipe(d / "r-val.yaml", backbone, bench, sampler={"per_subset": 4, "max_order": 2, "val_share": 0.4})
+    ex = pd.read_parquet(main(str(lend), out=str(d / "run-val")) / "data" / "examples")
+    split_of = {r["id"]: r["split"] for r in pd.read_json(bench / "bench.jsonl", lines=True).to_dict("records")}
+    train_from = Counter(split_of[p] for p in ex.loc[ex["split"] == "train", "prompt_id"])
+    val_ids = set(ex.loc[ex["split"] == "val", "prompt_id"])
+    assert train_from["val"] > 0 and train_from["train"] > 0  # training draws from both splits
+    assert {split_of[p] for p in val_ids} == {"val"}
+    assert val_ids.isdisjoint(ex.loc[ex["split"] == "train", "prompt_id"])  # validation never scores a lent request
+    plain = write_tiny_recipe(d / "r-val0.yaml", backbone, bench, sampler={"per_subset": 4, "max_order": 2})
+    ex0 = pd.read_parquet(main(str(plain), out=str(d / "run-val0")) / "data" / "examples")
+    assert {split_of[p] for p in ex0.loc[ex0["split"] == "train", "prompt_id"]} == {"train"}

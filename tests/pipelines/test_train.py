@@ -41,7 +41,7 @@ def _requests(split: str):
 
 
 def make_run(root: Path, model_dir: Path, *, name: str = "r1", epochs: int = 2, batch_size: int = 4,
-             max_steps: int | None = None, depth: str = "input", ema: float = 0.0) -> Path:  # fmt: skip
+             max_steps: int | None = None, depth: str = "input", ema: float = 0.0, request_dropout: float = 0.0) -> Path:  # fmt: skip
     """A run directory as the data stage writes it: 8 train examples (4 pos, 4 neg), 8 val examples."""
     import pandas as pd
 
@@ -57,7 +57,7 @@ def make_run(root: Path, model_dir: Path, *, name: str = "r1", epochs: int = 2, 
         "loss": {"topk": 4},
         "teacher": {"max_new_tokens": 6},
         "train": {"epochs": epochs, "batch_size": batch_size, "lr": 0.05, "num_workers": 2, "zero_stage": 2,
-                  "max_steps": max_steps, "ema": ema},
+                  "max_steps": max_steps, "ema": ema, "request_dropout": request_dropout},
     }  # fmt: skip
     recipe = recipe_from_dict(raw)
     run = root / "runs" / name
@@ -268,6 +268,16 @@ def test_extend_arguments_are_checked_before_anything_starts(tmp_path, tiny_mode
     assert not (run / "run.json").exists()  # nothing was created in MLflow or Ray
 
 
+def test_a_zero3_deepspeed_config_is_refused_for_what_needs_the_prefix_cache(tmp_path, tiny_model_dir):
+    from mosaic_core.errors import ConfigError
+    from pipelines.train import main
+
+    run = make_run(tmp_path, tiny_model_dir, request_dropout=0.2)
+    with pytest.raises(ConfigError, match="train.request_dropout: needs ZeRO stage 1 or 2, .*zero3.json asks for 3"):
+        main(str(run), deepspeed_config_path=str(Path(__file__).resolve().parents[2] / "cluster" / "deepspeed" / "zero3.json"))
+    assert not (run / "run.json").exists()
+
+
 # ------------------------------------------------------------------------- real Ray Train + DeepSpeed
 
 
@@ -352,7 +362,7 @@ def test_train_two_workers_zero2_trains_a_deep_bank(tmp_path, tiny_model_dir, ra
     from mosaic_core.config import recipe_from_dict
     from pipelines.train import build_bank, main
 
-    run = make_run(tmp_path, tiny_model_dir, max_steps=2, depth="deep", ema=0.5)
+    run = make_run(tmp_path, tiny_model_dir, max_steps=2, depth="deep", ema=0.5, request_dropout=0.3)
     before = _model_bytes(tiny_model_dir)
     summary = main(str(run), num_workers=2)
     ckpt = Path(summary["checkpoint"])
@@ -368,6 +378,10 @@ def test_train_two_workers_zero2_trains_a_deep_bank(tmp_path, tiny_model_dir, ra
         assert not torch.allclose(trained.vectors[c], init.vectors[c]), f"{c} did not train"
         assert torch.equal(trained.vectors[c], averaged[c])
     assert summary["steps"] == 2 and summary["trainable_parameters"] == 2 * 2 * 2 * 2 * 2 * 8
+    from mlflow import MlflowClient
+
+    info = json.loads((run / "run.json").read_text())  # the rows hid request tokens: the run says so
+    assert MlflowClient(info["tracking_uri"]).get_run(info["mlflow_run_id"]).data.params["train.request_dropout"] == "0.3"
 
 
 def test_load_tables_keeps_draws_and_reads_old_tables_as_one(tmp_path, tiny_model_dir):

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from mosaic_core.bank import ControlTokenBank
-from mosaic_core.compose import PrefixCache, answer_logits, as_messages, encode_batch, encode_chat
+from mosaic_core.compose import DroppingCache, PrefixCache, answer_logits, as_messages, common_head, encode_batch, encode_chat
 from mosaic_core.config import BankConfig
 
 CATS = ("alcohol", "betting", "horror")
@@ -131,3 +131,45 @@ def test_prefix_cache_stays_within_its_byte_budget(tiny_backbone, bank):
     assert len(small.store) < 3 and small.bytes <= small.max_bytes
     plain = encode_batch(bb.tokenizer, embed, bank, PROMPTS, act, "before_assistant", [[5]] * 3)
     assert torch.allclose(answer_logits(bb.model, batch)[0], answer_logits(bb.model, plain)[0], atol=1e-4)
+
+
+def test_the_dropping_cache_hides_request_tokens_only_and_the_same_ones_within_a_step(tiny_backbone):
+    model, tok = tiny_backbone.model, tiny_backbone.tokenizer
+    prompts = ["Mix me a mojito with lots of rum and a little lime please.", "Which horse wins the derby this year, tell me?"]
+    befores = [encode_chat(tok, as_messages(p), "before_assistant").before for p in prompts]
+    head = common_head(befores)
+    assert 0 < head < min(len(b) for b in befores) and len({tuple(b[:head]) for b in befores}) == 1
+    drop = DroppingCache.for_chat(model, tok)
+    assert drop.head == head  # read off the template alone
+    _, whole = PrefixCache(model).get(befores)
+    assert torch.equal(drop.get(befores)[1], whole)  # outside `hiding`: the plain cache's mask
+    torch.manual_seed(0)
+    with drop.hiding(0.5):
+        first = drop.get(befores)[1]
+        assert torch.equal(drop.get(befores)[1], first)  # the same hidden tokens within a step
+        with drop.whole():
+            assert torch.equal(drop.get(befores)[1], whole)
+    assert drop.p == 0 and torch.equal(drop.get(befores)[1], whole)
+    hidden = (whole == 1) & (first == 0)
+    assert hidden.any() and not (first > whole).any()
+    P = whole.shape[1]
+    for j, b in enumerate(befores):  # only request tokens: never the shared head nor the turn's last 2 tokens
+        row = hidden[j, P - len(b) :]
+        assert not row[:head].any() and not row[-2:].any()
+    with drop.hiding(0.5):
+        assert not torch.equal(drop.get(befores)[1], first)  # a new step: new hidden tokens (seeded)
+
+
+def test_hidden_request_tokens_change_the_answer_and_p_0_changes_nothing(tiny_backbone, bank):
+    model, tok, embed = tiny_backbone.model, tiny_backbone.tokenizer, tiny_backbone.model.get_input_embeddings()
+    active, targets = [["alcohol"], ["betting"]], [[5, 6], [7]]
+    plain = encode_batch(tok, embed, bank, PROMPTS[:2], active, "before_assistant", targets, cache=PrefixCache(model))
+    ref = answer_logits(model, plain)[0]
+    drop = DroppingCache.for_chat(model, tok)
+    with drop.hiding(0.0):
+        same = answer_logits(model, encode_batch(tok, embed, bank, PROMPTS[:2], active, "before_assistant", targets, cache=drop))[0]
+    torch.testing.assert_close(same, ref)
+    torch.manual_seed(1)
+    with drop.hiding(0.6):
+        hid = answer_logits(model, encode_batch(tok, embed, bank, PROMPTS[:2], active, "before_assistant", targets, cache=drop))[0]
+    assert not torch.allclose(hid, ref, atol=1e-4)

@@ -35,6 +35,12 @@ def test_sampler_and_loss_configs_reject_bad_values():
         TrainConfig(ema=0.99, zero_stage=3)
     with pytest.raises(ConfigError, match="val_examples: 1 must be"):
         TrainConfig(val_examples=1)
+    with pytest.raises(ConfigError, match=r"request_dropout: 0.9 must be in \[0, 0.9\)"):
+        TrainConfig(request_dropout=0.9)
+    with pytest.raises(ConfigError, match="request_dropout: needs zero_stage 1 or 2"):
+        TrainConfig(request_dropout=0.2, zero_stage=3)
+    with pytest.raises(ConfigError, match=r"val_share: 0.9 must be in \[0, 0.8\]"):
+        SamplerConfig(val_share=0.9)
     with pytest.raises(ConfigError, match="init_from"):
         BankConfig(categories=("alcohol",), init_from=" ")
     assert TrainConfig(ema=0.99).ema == 0.99 and BankConfig(categories=("alcohol",), init_from="banks/x").init_from == "banks/x"

@@ -35,3 +35,11 @@ def test_overrides_and_all_errors_together(tmp_path):
     for needle in ("name: required", "bank.m: 0", "train.lr", "train.zero_stage", "train.report_every: 0", "teacher: must be a mapping",
                    "extra: unknown key"):  # fmt: skip
         assert needle in text, needle
+
+
+def test_request_dropout_needs_the_cached_request():
+    raw = {"name": "x", "bank": {"categories": ["alcohol"], "placement": "prefix"}, "train": {"request_dropout": 0.15}}
+    with pytest.raises(ConfigError, match="train.request_dropout: needs bank.placement before_assistant"):
+        recipe_from_dict(raw)
+    raw["bank"]["placement"] = "before_assistant"
+    assert recipe_from_dict(raw).train.request_dropout == 0.15

@@ -4,7 +4,8 @@ from collections import Counter
 import pytest
 
 from mosaic_core.config import SamplerConfig
-from mosaic_core.sampling import Request, interleave_orders, plan, positives_per_subset, sample_draws, sample_examples
+from mosaic_core.sampling import (Request, interleave_orders, plan, positives_per_subset, sample_draws, sample_examples,
+                                  split_off)
 
 CATS = ("addiction", "alcohol", "betting", "horror", "sex")
 
@@ -92,3 +93,15 @@ def test_draws_are_independent_samples_of_one_size_and_draw_0_is_the_plain_sampl
     neg_prompts = [{e.prompt_id for e in v if e.label == "neg"} for v in by_draw.values()]
     assert neg_prompts[0] != neg_prompts[1] and len(set.union(*neg_prompts)) > len(neg_prompts[0])
     assert sample_draws(_requests(), CATS, cfg) == ex  # deterministic
+
+
+def test_split_off_takes_a_stable_share_by_id():
+    reqs = _requests()
+    taken, kept = split_off(reqs, 0.5, seed=0)
+    assert {q.id for q in taken}.isdisjoint(q.id for q in kept) and len(taken) + len(kept) == len(reqs)
+    assert 0.4 < len(taken) / len(reqs) < 0.6
+    assert [q.id for q in kept] == [q.id for q in reqs if q not in taken]  # input order kept
+    again, _ = split_off(list(reversed(reqs))[:150], 0.5, seed=0)  # same ids, same fate, whatever else is listed
+    assert {q.id for q in again} == {q.id for q in taken} & {q.id for q in reversed(reqs[-150:])}
+    assert {q.id for q in split_off(reqs, 0.5, seed=1)[0]} != {q.id for q in taken}
+    assert split_off(reqs, 0.0, seed=0) == ([], reqs)

@@ -216,11 +216,14 @@ def full_items(rows: list[dict], cats: list[str], order: int) -> tuple[list[Item
 
 
 def probe_data(config: str, bank_path: str, per_order: int, split: str = "test", train_splits: Sequence[str] = ("train",),
+               neg_mix: dict[str, float] | None = None,
                ) -> tuple[Any, Any, Any, list[int], list[Request], list[Any], list[dict], list[Item]]:  # fmt: skip
     """probe_setup, then the `train_splits`' requests, the recipe's examples drawn from them (orders interleaved), the
     rows of `split` (the whole-split scoring's) and fast_score_agreement.py's test sample (`per_order` subsets per
-    order, always from the test split)."""
+    order, always from the test split). `neg_mix` replaces the recipe's sampler.neg_mix."""
     recipe, bb, bank, ref, rows = probe_setup(config, bank_path)
+    if neg_mix:
+        recipe = dataclasses.replace(recipe, sampler=dataclasses.replace(recipe.sampler, neg_mix=neg_mix))
     train = [Request(r["id"], r["prompt"], r.get("category"), r["kind"]) for r in rows if r["split"] in train_splits]
     ex = interleave_orders(sample_examples(train, list(bank.categories), recipe.sampler), 0)
     test_rows = [r for r in rows if r["split"] == "test"]
@@ -264,11 +267,14 @@ def main(argv: list[str] | None = None) -> None:
                     "tokens (augmentation against memorised words; scoring never does)")
     ap.add_argument("--train-splits", default="train", help="comma-separated splits the training examples are drawn from "
                     "(train,val: a third more requests; nothing here selects on val)")
+    ap.add_argument("--neg-mix", default="", help="the negatives' sources, e.g. inactive=0.6,general=0.2,lookalike=0.2 "
+                    "(default: the recipe's sampler.neg_mix)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (two runs side by side on 2 cores: 1 each)")
     ap.add_argument("--out", default="runs/deep-prompt-probe")
     a = ap.parse_args(argv)
+    neg_mix = {k: float(v) for k, v in (kv.split("=") for kv in a.neg_mix.split(",") if kv)}
     recipe, bb, bank, ref, train, ex, test_rows, sample = probe_data(a.config, a.bank, a.per_order, a.split,
-                                                                        a.train_splits.split(","))
+                                                                        a.train_splits.split(","), neg_mix)
     torch.set_num_threads(a.threads)
     tok, model = bb.tokenizer, bb.model
     cats = list(bank.categories)

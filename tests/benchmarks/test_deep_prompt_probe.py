@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_the_probe_trains_scores_and_writes_its_report(tmp_path):
     cmd = [sys.executable, "benchmarks/deep_prompt_probe.py", "--steps", "2", "--every", "2", "--per-order", "1",
            "--init-prompts", "2", "--limit", "5", "--ema", "0.5", "--loss", "full", "--answer-tokens", "4", "--gen", "4",
-           "--out", str(tmp_path), "--save-bank", str(tmp_path / "bank")]  # fmt: skip
+           "--req-dropout", "0.2", "--neg-mix", "inactive=1,general=1", "--out", str(tmp_path), "--save-bank", str(tmp_path / "bank")]  # fmt: skip
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
     assert p.returncode == 0, p.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
@@ -35,6 +35,17 @@ def test_the_probe_trains_scores_and_writes_its_report(tmp_path):
 
     bank = load_bank(tmp_path / "bank")
     assert bank.depth == "deep" and all(torch.equal(bank.vectors[c], vectors[c]) for c in vectors)
+
+
+def test_neg_mix_replaces_the_recipes_sources_of_negatives():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from deep_prompt_probe import probe_data
+
+    recipe, *_, ex, _, _ = probe_data("pipelines/configs/smollm2-cpu.yaml", "banks/smollm2-cpu", 1, neg_mix={"inactive": 1.0})
+    assert recipe.sampler.neg_mix == {"inactive": 1.0}
+    assert {e.source for e in ex if e.label == "neg"} == {"inactive"}
+    _, *_, ex, _, _ = probe_data("pipelines/configs/smollm2-cpu.yaml", "banks/smollm2-cpu", 1)
+    assert {e.source for e in ex if e.label == "neg"} == {"inactive", "general", "lookalike"}
 
 
 def test_the_moving_average_moves_by_one_minus_the_decay():

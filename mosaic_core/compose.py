@@ -7,7 +7,7 @@ from the mask, so a row's logits do not depend on its neighbours' padding or act
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -338,9 +338,7 @@ class DroppingCache(PrefixCache):
         self.hidden.clear()
 
     @contextmanager
-    def hiding(self, p: float) -> Iterator[None]:
-        """Rows hide a share `p` of their request inside this block (a new step: new hidden tokens)."""
-        self.new_step()
+    def _sharing(self, p: float) -> Iterator[None]:
         old, self.p = self.p, p
         try:
             yield
@@ -348,13 +346,15 @@ class DroppingCache(PrefixCache):
             self.p = old
 
     @contextmanager
-    def whole(self) -> Iterator[None]:
-        """Rows see their whole request inside this block (the base model's own answers, scoring)."""
-        p, self.p = self.p, 0.0
-        try:
+    def hiding(self, p: float) -> Iterator[None]:
+        """Rows hide a share `p` of their request inside this block (a new step: new hidden tokens)."""
+        self.new_step()
+        with self._sharing(p):
             yield
-        finally:
-            self.p = p
+
+    def whole(self) -> AbstractContextManager[None]:
+        """Rows see their whole request inside this block (the base model's own answers, scoring)."""
+        return self._sharing(0.0)
 
     def get(self, befores: Sequence[Sequence[int]]) -> tuple[Any, torch.Tensor]:
         cache, mask = super().get(befores)

@@ -411,11 +411,13 @@ def recipe_from_dict(raw: dict[str, Any], where: str = "recipe") -> Recipe:
             problems.extend(f"{key}.{p}" for p in e.problems)
         except TypeError as e:  # a required field missing
             problems.append(f"{key}: {e}")
-    if "bank" in built and "train" in built and built["bank"].depth == "deep" and built["train"].zero_stage == 3:
-        # deep blocks are appended to the request's cached keys/values; ZeRO-3 runs without that cache
-        problems.append("bank.depth: deep needs train.zero_stage 1 or 2 (ZeRO-3 trains without the prefix cache)")
-    if "bank" in built and "train" in built and built["train"].request_dropout and built["bank"].placement != "before_assistant":
-        problems.append("train.request_dropout: needs bank.placement before_assistant (tokens are hidden in the cached request)")
+    if "bank" in built and "train" in built:
+        bank, train = built["bank"], built["train"]
+        if bank.depth == "deep" and train.zero_stage == 3:
+            # deep blocks are appended to the request's cached keys/values; ZeRO-3 runs without that cache
+            problems.append("bank.depth: deep needs train.zero_stage 1 or 2 (ZeRO-3 trains without the prefix cache)")
+        if train.request_dropout and bank.placement != "before_assistant":
+            problems.append("train.request_dropout: needs bank.placement before_assistant (tokens are hidden in the cached request)")
     if problems:
         raise ConfigError(problems, where)
     return Recipe(**built)

@@ -283,10 +283,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     refusal_ids = refusal_target(bb.tokenizer, recipe.loss.refusal_template)
     # The request's key/values do not depend on the bank (it comes after them): compute them once per prompt.
     # Not under ZeRO-3, whose gathers are collective (ranks with different cache misses would desynchronise).
-    cache = PrefixCache(bb.model) if bank.placement == "before_assistant" and stage != 3 else None
-    dropout = recipe.train.request_dropout  # the recipe and main checked placement and stage for it
-    if dropout:
-        cache = DroppingCache.for_chat(bb.model, bb.tokenizer)
+    # train.request_dropout hides tokens in that cached request (the recipe and main checked placement and stage for it)
+    dropout = recipe.train.request_dropout
+    cache = None
+    if bank.placement == "before_assistant" and stage != 3:
+        cache = DroppingCache.for_chat(bb.model, bb.tokenizer) if dropout else PrefixCache(bb.model)
     module = BankTrainingModule(bb.model, bb.tokenizer, bank, refusal_ids, recipe.loss, cache, recipe.eval.fast_tokens)
     params = [p for p in bank.parameters() if p.requires_grad]
     if stage == 3:  # the bank is read outside its own forward: let the wrapper's hooks gather it

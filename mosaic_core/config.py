@@ -110,6 +110,10 @@ class SamplerConfig:
     """Independent draws of the training examples (draw d: seed + 1000 d); epoch e trains on draw e mod draws, so
     later epochs see other requests of the train split at the same epoch size (deep tokens overfit one fixed draw:
     BENCHMARKS.md). The teacher answers every draw's negatives once."""
+    first_draw: int = 0
+    """Draw numbers start here: draws first_draw .. first_draw + draws - 1 (seeds seed + 1000 d), so a later stage of a
+    recipe chain trains on examples no earlier stage drew, with the same seed -- and so the same val_share split and
+    validation sample (changing the seed would lend the requests an earlier stage validated on)."""
     val_share: float = 0.0
     """Share of the val split's requests the training examples may draw from too (chosen by a hash of each request's
     id: the same ones every run); the per-epoch validation sample is drawn from the rest only, so keep-best never
@@ -122,6 +126,8 @@ class SamplerConfig:
             problems.append(f"val_share: {self.val_share} must be in [0, 0.8] (the rest of val picks the best epoch)")
         if not 1 <= self.draws <= 100:
             problems.append(f"draws: {self.draws} must be in [1, 100]")
+        if not 0 <= self.first_draw <= 1000:
+            problems.append(f"first_draw: {self.first_draw} must be in [0, 1000]")
         if self.per_subset < 1:
             problems.append(f"per_subset: {self.per_subset} must be >= 1")
         if self.max_order < 1:
@@ -171,10 +177,19 @@ class LossConfig:
     `max_answer_tokens: 1` and the margin decision loss a step trains the decision alone -- where the answer starts
     -- on a few answer positions per row, up to ~3.8x the examples per second (what the probe chain that made
     banks/smollm2-cpu-deep-probe did first). As a stage of the deep recipe chain it did not lift DSR - OR
-    (BENCHMARKS.md). At least `decision_tokens` when the decision loss is on."""
+    with the CE terms on; with `ce_weight: 0` it did (BENCHMARKS.md). At least `decision_tokens` when the decision loss is on."""
+    ce_weight: float = 1.0
+    """Weight of the cross-entropy terms (positives' CE on the refusal, negatives' CE on the teacher answer). 0 with
+    the margin decision loss: positives train only the margins and negatives only the KL and the keep-off margin --
+    the loss of benchmarks/deep_prompt_probe.py's `--loss first`, whose chain met the CPU targets (BENCHMARKS.md).
+    CE keeps pushing a refusal already the argmax, so with pos_weight > 1 it adds refusal everywhere at once."""
 
     def __post_init__(self) -> None:
         problems = []
+        if not 0 <= self.ce_weight <= 100:
+            problems.append(f"ce_weight: {self.ce_weight} must be in [0, 100]")
+        elif self.ce_weight == 0 and self.decision_weight == 0:
+            problems.append("ce_weight: 0 needs decision_weight > 0 (otherwise positives train on nothing)")
         if not 0 <= self.decision_weight <= 100:
             problems.append(f"decision_weight: {self.decision_weight} must be in [0, 100]")
         if not 1 <= self.decision_tokens <= 64:

@@ -114,13 +114,15 @@ def sample_examples(requests: Sequence[Request], categories: Sequence[str], cfg:
 
 
 def sample_draws(requests: Sequence[Request], categories: Sequence[str], cfg: SamplerConfig) -> list[Example]:
-    """cfg.draws independent samples, each example tagged with its draw: draw d is sample_examples with seed
-    cfg.seed + 1000 d (draw 0 is sample_examples(cfg) itself, ids included); later draws' ids carry d, so the same
-    request under the same subset in two draws is two examples."""
+    """cfg.draws independent samples, each example tagged with its index i (0 .. draws - 1, what training's epochs
+    read): draw d = cfg.first_draw + i is sample_examples with seed cfg.seed + 1000 d (draw 0 is sample_examples(cfg)
+    itself, ids included); other draws' ids carry d, so the same request under the same subset in two draws is two
+    examples."""
     out: list[Example] = []
-    for d in range(cfg.draws):
+    for i in range(cfg.draws):
+        d = cfg.first_draw + i
         ex = sample_examples(requests, categories, replace(cfg, seed=cfg.seed + 1000 * d))
-        out += ex if d == 0 else [replace(e, example_id=_eid(e.example_id, d), draw=d) for e in ex]
+        out += ex if d == 0 else [replace(e, example_id=_eid(e.example_id, d), draw=i) for e in ex]
     return out
 
 

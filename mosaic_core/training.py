@@ -70,7 +70,7 @@ def batch_loss(
     if is_pos.any():
         idx = is_pos.nonzero().squeeze(-1)
         ce = masked_ce(logits[idx], tgt[idx], mask[idx])
-        per_row = per_row.index_put((idx,), ce)
+        per_row = per_row.index_put((idx,), loss_cfg.ce_weight * ce)
         stats["pos_ce"] = ce.detach().mean()
         if decide and margin:
             m = margins(logits[idx, :n_dec], tgt[idx, :n_dec])
@@ -83,7 +83,8 @@ def batch_loss(
         k = len(neg[0]["topk_ids"][0])
         top_ids = _padded([e["topk_ids"] for e in neg], k, torch.long).to(logits.device)
         top_lp = _padded([e["topk_logprobs"] for e in neg], k, torch.float32).to(logits.device)
-        loss, ce, kl = negative_loss(logits[idx], tgt[idx], mask[idx], top_ids, top_lp, loss_cfg.kl_lambda)
+        loss, ce, kl = negative_loss(logits[idx], tgt[idx], mask[idx], top_ids, top_lp, loss_cfg.kl_lambda,
+                                       loss_cfg.ce_weight)
         per_row = per_row.index_put((idx,), loss)
         stats["neg_ce"], stats["kl"] = ce.detach().mean(), kl.detach().mean()
         if decide:  # the probe rows: same context, the refusal's first tokens as the continuation to score

@@ -85,6 +85,8 @@ def content_hash(recipe: Recipe, bench_digest: str, fingerprint_digest: str) -> 
         del sampler["draws"]
     if not sampler["val_share"]:  # the same tables as before val_share existed
         del sampler["val_share"]
+    if not sampler["first_draw"]:  # the same tables as before first_draw existed
+        del sampler["first_draw"]
     parts = {
         "v": DATA_VERSION, "bench": bench_digest, "backbone": fingerprint_digest,
         "categories": recipe.bank.categories, "sampler": sampler,

@@ -163,3 +163,14 @@ def test_val_share_lends_val_requests_to_training_and_validates_on_the_rest(buil
     plain = write_tiny_recipe(d / "r-val0.yaml", backbone, bench, sampler={"per_subset": 4, "max_order": 2})
     ex0 = pd.read_parquet(main(str(plain), out=str(d / "run-val0")) / "data" / "examples")
     assert {split_of[p] for p in ex0.loc[ex0["split"] == "train", "prompt_id"]} == {"train"}
+
+
+def test_first_draw_changes_the_content_hash():
+    import dataclasses
+
+    from mosaic_core.config import BankConfig, Recipe
+    from pipelines.data import content_hash
+
+    recipe = Recipe(name="r", bank=BankConfig(categories=("alcohol",)))
+    later = dataclasses.replace(recipe, sampler=dataclasses.replace(recipe.sampler, first_draw=8))
+    assert content_hash(recipe, "bench", "fp") != content_hash(later, "bench", "fp")

@@ -27,6 +27,11 @@ def test_sampler_and_loss_configs_reject_bad_values():
     with pytest.raises(ConfigError, match=r"refusal_tokens: 2 must be >= decision_tokens \(3\)"):
         LossConfig(refusal_tokens=2, decision_weight=1.0, decision_tokens=3)
     assert LossConfig(refusal_tokens=2, decision_tokens=3).refusal_tokens == 2  # decision loss off: no floor
+    with pytest.raises(ConfigError, match=r"ce_weight: -1.0 must be in \[0, 100\]"):
+        LossConfig(ce_weight=-1.0)
+    with pytest.raises(ConfigError, match="ce_weight: 0 needs decision_weight > 0"):
+        LossConfig(ce_weight=0.0)
+    assert LossConfig(ce_weight=0.0, decision_weight=1.0).ce_weight == 0.0
     with pytest.raises(ConfigError, match="refusal_template"):
         LossConfig(refusal_template="  ")
     with pytest.raises(ConfigError, match=r"ema: 1.0 must be in \[0, 1\)"):

@@ -90,6 +90,20 @@ def test_margin_decision_loss_pos_weight_and_a_refusing_teacher(tiny_backbone):
     assert torch.allclose(lo[2], hi[2], atol=1e-5) and hi[1] > lo[1] + 10
 
 
+def test_ce_weight_zero_leaves_the_margins_and_the_kl(tiny_backbone):
+    bb = tiny_backbone
+    bank = ControlTokenBank.build(BankConfig(categories=("alcohol", "betting"), m=2, init="normal", seed=2), bb.embeddings)
+    ex, refusal = _examples(bb), refusal_target(bb.tokenizer, "I'm sorry, but I can't help with that.")
+    cfg = dict(decision_weight=1.0, decision_tokens=3, decision="margin", refusal_tokens=3, max_answer_tokens=1, pos_weight=2.0)
+    with_ce = batch_loss(bb.model, bb.tokenizer, bank, ex, refusal, LossConfig(**cfg))
+    without = batch_loss(bb.model, bb.tokenizer, bank, ex, refusal, LossConfig(ce_weight=0.0, **cfg))
+    for k in ("pos_ce", "neg_ce", "kl", "decision"):  # the logged terms are the same; only their weights change
+        assert torch.allclose(with_ce[k], without[k], atol=1e-5), k
+    # one positive (x pos_weight), two negatives: the loss loses exactly the weighted CE terms
+    dropped = (cfg["pos_weight"] * with_ce["pos_ce"] + 2 * with_ce["neg_ce"]) / 3
+    assert with_ce["pos_ce"] > 0 and torch.allclose(with_ce["loss"] - without["loss"], dropped, atol=1e-4)
+
+
 def test_refusal_tokens_cut_the_positives_target_only(tiny_backbone):
     bb = tiny_backbone
     bank = ControlTokenBank.build(BankConfig(categories=("alcohol", "betting"), m=2, init="normal", seed=2), bb.embeddings)

@@ -78,15 +78,16 @@ def benchmark_digest(uri: str) -> str:
     return h.hexdigest()
 
 
+_SAMPLER_KEYS_ADDED_LATER = ("draws", "val_share", "first_draw")
+
+
 def content_hash(recipe: Recipe, bench_digest: str, fingerprint_digest: str) -> str:
     """Everything the outputs depend on: benchmark bytes, the recipe's data-relevant parts, the backbone."""
-    sampler = dataclasses.asdict(recipe.sampler)
-    if sampler["draws"] == 1:  # one draw: the same tables as before draws existed (train reads no draw column as 0)
-        del sampler["draws"]
-    if not sampler["val_share"]:  # the same tables as before val_share existed
-        del sampler["val_share"]
-    if not sampler["first_draw"]:  # the same tables as before first_draw existed
-        del sampler["first_draw"]
+    # Sampler keys added after the first tables build the same tables at their defaults (train reads no draw column
+    # as draw 0): left out there, so older recipes keep their hash and their data.
+    defaults = {f.name: f.default for f in dataclasses.fields(recipe.sampler)}
+    sampler = {k: v for k, v in dataclasses.asdict(recipe.sampler).items()
+               if not (k in _SAMPLER_KEYS_ADDED_LATER and v == defaults[k])}  # fmt: skip
     parts = {
         "v": DATA_VERSION, "bench": bench_digest, "backbone": fingerprint_digest,
         "categories": recipe.bank.categories, "sampler": sampler,

@@ -169,6 +169,10 @@ class LossConfig:
     """Logit margin of `decision: margin`."""
     pos_weight: float = 1.0
     """Weight of positives' loss (CE + decision) against negatives': > 1 trades OR for DSR."""
+    pos_weight_by_order: dict[int, float] = field(default_factory=dict)
+    """Positives' weight for active sets of a given size, in place of `pos_weight` (e.g. `{1: 12.0}`: a module alone
+    must refuse harder; orders not listed keep `pos_weight`). One module alone decides the refusal without the others'
+    push, and the CPU chain's order-1 DSR lagged orders 2-3 at every stage while its OR had room (BENCHMARKS.md)."""
     max_answer_tokens: int = 0
     """Train negatives on the teacher answer's first N tokens only (0 = all of them): CPU recipes trade the
     tail of the answer for steps, since the refusal is decided in the first tokens."""
@@ -200,6 +204,14 @@ class LossConfig:
             problems.append(f"margin_delta: {self.margin_delta} must be in [0, 50]")
         if not 0 < self.pos_weight <= 100:
             problems.append(f"pos_weight: {self.pos_weight} must be in (0, 100]")
+        try:  # YAML gives int keys, a JSON round trip (MLflow params, resolved configs) string ones
+            by_order = {int(k): float(w) for k, w in self.pos_weight_by_order.items()}
+        except (TypeError, ValueError):
+            by_order = {}
+            problems.append(f"pos_weight_by_order: {self.pos_weight_by_order} must map orders to weights, e.g. {{1: 12.0}}")
+        if any(k < 1 or not 0 < w <= 100 for k, w in by_order.items()):
+            problems.append(f"pos_weight_by_order: {self.pos_weight_by_order} needs orders >= 1 and weights in (0, 100]")
+        object.__setattr__(self, "pos_weight_by_order", by_order)
         if self.max_answer_tokens < 0:
             problems.append(f"max_answer_tokens: {self.max_answer_tokens} must be >= 0 (0 = no cut)")
         if self.refusal_tokens < 0:

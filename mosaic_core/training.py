@@ -5,9 +5,9 @@ Positives (label `pos`): CE on the refusal template (+ EOS). Negatives (`neg`): 
 lambda * KL(teacher || student) at every answer position (top-k + tail bucket). With `decision_weight` > 0, every
 row also gets a decision loss on starting the refusal (negatives through one short probe row each: prompt + tokens
 + the refusal's first tokens): a binary CE on its probability, or (`decision: margin`) softplus margins on the
-greedy flag itself. `pos_weight` scales the positives' rows; `max_answer_tokens` / `refusal_tokens` cut negatives' /
-positives' targets to their first tokens (both small: a decision-only step). `BankEMA`: a moving average of the
-trainable modules."""
+greedy flag itself. `pos_weight` scales the positives' rows (`pos_weight_by_order`: per active-set size);
+`max_answer_tokens` / `refusal_tokens` cut negatives' / positives' targets to their first tokens (both small: a
+decision-only step). `BankEMA`: a moving average of the trainable modules."""
 
 from __future__ import annotations
 
@@ -102,8 +102,10 @@ def batch_loss(
     if decide:
         per_row = per_row + loss_cfg.decision_weight * dec
         stats["decision"] = dec.detach().mean()
-    if loss_cfg.pos_weight != 1.0:
-        per_row = per_row * torch.where(is_pos.to(per_row.device), loss_cfg.pos_weight, 1.0)
+    by_order = loss_cfg.pos_weight_by_order
+    weights = [by_order.get(len(e["active"]), loss_cfg.pos_weight) if e["label"] == "pos" else 1.0 for e in examples]
+    if any(w != 1.0 for w in weights):
+        per_row = per_row * torch.tensor(weights, device=per_row.device)
     return {"loss": per_row.mean(), **stats, "tokens": tokens}
 
 

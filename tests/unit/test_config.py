@@ -32,6 +32,12 @@ def test_sampler_and_loss_configs_reject_bad_values():
     with pytest.raises(ConfigError, match="ce_weight: 0 needs decision_weight > 0"):
         LossConfig(ce_weight=0.0)
     assert LossConfig(ce_weight=0.0, decision_weight=1.0).ce_weight == 0.0
+    with pytest.raises(ConfigError, match="pos_weight_by_order: .* needs orders >= 1"):
+        LossConfig(pos_weight_by_order={0: 2.0})
+    with pytest.raises(ConfigError, match="pos_weight_by_order: .* must map orders to weights"):
+        LossConfig(pos_weight_by_order={"one": 2.0})
+    # a JSON round trip (MLflow params, resolved configs) gives string keys: read back as the same orders
+    assert LossConfig(pos_weight_by_order={"1": 12}).pos_weight_by_order == {1: 12.0}
     with pytest.raises(ConfigError, match="refusal_template"):
         LossConfig(refusal_template="  ")
     with pytest.raises(ConfigError, match=r"ema: 1.0 must be in \[0, 1\)"):

@@ -84,6 +84,10 @@ def test_margin_decision_loss_pos_weight_and_a_refusing_teacher(tiny_backbone):
     assert torch.isfinite(base).all() and (base > 0).all()
     weighted = rows(pos_weight=3.0)
     assert torch.allclose(weighted[0], 3 * base[0], atol=1e-5) and torch.allclose(weighted[1:], base[1:], atol=1e-5)
+    # per order: the positive (one active module) takes its order's weight; another order's entry leaves it at pos_weight
+    by_order = rows(pos_weight=3.0, pos_weight_by_order={1: 5.0, 2: 7.0})
+    assert torch.allclose(by_order[0], 5 * base[0], atol=1e-5) and torch.allclose(by_order[1:], base[1:], atol=1e-5)
+    assert torch.allclose(rows(pos_weight=3.0, pos_weight_by_order={2: 7.0}), weighted, atol=1e-5)
     # the second negative's teacher now answers with the refusal itself: no keep-off margin on it, whatever delta
     ex[2] = {**ex[2], "response_ids": list(refusal[:3]) + list(ex[2]["response_ids"][3:])}
     lo, hi = rows(margin_delta=0.0), rows(margin_delta=20.0)

@@ -172,7 +172,8 @@ class LossConfig:
     pos_weight_by_order: dict[int, float] = field(default_factory=dict)
     """Positives' weight for active sets of a given size, in place of `pos_weight` (e.g. `{1: 12.0}`: a module alone
     must refuse harder; orders not listed keep `pos_weight`). One module alone decides the refusal without the others'
-    push, and the CPU chain's order-1 DSR lagged orders 2-3 at every stage while its OR had room (BENCHMARKS.md)."""
+    push, and the CPU chain's order-1 DSR lagged orders 2-3 at every stage while its OR had room (`{1: 12.0}` in
+    smollm2-cpu-deep-margins8 did not move it, BENCHMARKS.md)."""
     max_answer_tokens: int = 0
     """Train negatives on the teacher answer's first N tokens only (0 = all of them): CPU recipes trade the
     tail of the answer for steps, since the refusal is decided in the first tokens."""
@@ -206,7 +207,7 @@ class LossConfig:
             problems.append(f"pos_weight: {self.pos_weight} must be in (0, 100]")
         try:  # YAML gives int keys, a JSON round trip (MLflow params, resolved configs) string ones
             by_order = {int(k): float(w) for k, w in self.pos_weight_by_order.items()}
-        except (TypeError, ValueError):
+        except (AttributeError, TypeError, ValueError):
             by_order = {}
             problems.append(f"pos_weight_by_order: {self.pos_weight_by_order} must map orders to weights, e.g. {{1: 12.0}}")
         if any(k < 1 or not 0 < w <= 100 for k, w in by_order.items()):

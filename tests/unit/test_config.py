@@ -36,6 +36,8 @@ def test_sampler_and_loss_configs_reject_bad_values():
         LossConfig(pos_weight_by_order={0: 2.0})
     with pytest.raises(ConfigError, match="pos_weight_by_order: .* must map orders to weights"):
         LossConfig(pos_weight_by_order={"one": 2.0})
+    with pytest.raises(ConfigError, match="pos_weight_by_order: .* must map orders to weights"):
+        LossConfig(pos_weight_by_order=[12.0])  # type: ignore[arg-type]
     # a JSON round trip (MLflow params, resolved configs) gives string keys: read back as the same orders
     assert LossConfig(pos_weight_by_order={"1": 12}).pos_weight_by_order == {1: 12.0}
     with pytest.raises(ConfigError, match="refusal_template"):

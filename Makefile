@@ -51,8 +51,8 @@ chain: setup
 	  $(BIN)/mosaic data --config pipelines/configs/smollm2-cpu-deep-$$s.yaml; \
 	  $(BIN)/mosaic train --run runs/smollm2-cpu-deep-$$s; \
 	done
-	$(BIN)/mosaic eval --bank runs/smollm2-cpu-deep-margins9/bank --config pipelines/configs/smollm2-cpu.yaml \
-	  --max-order 3 --fast-cap 100000 --baselines base --gen-subsets 0 --mmlu '' --out runs/smollm2-cpu-deep-margins9
+	$(BIN)/mosaic eval --bank runs/smollm2-cpu-deep-$(lastword $(CHAIN))/bank --config pipelines/configs/smollm2-cpu.yaml \
+	  --max-order 3 --fast-cap 100000 --baselines base --gen-subsets 0 --mmlu '' --out runs/smollm2-cpu-deep-$(lastword $(CHAIN))
 
 serve: setup
 	$(BIN)/mosaic serve --bank $(BANK)

@@ -102,10 +102,10 @@ def batch_loss(
     if decide:
         per_row = per_row + loss_cfg.decision_weight * dec
         stats["decision"] = dec.detach().mean()
-    by_order = loss_cfg.pos_weight_by_order
-    weights = [by_order.get(len(e["active"]), loss_cfg.pos_weight) if e["label"] == "pos" else 1.0 for e in examples]
-    if any(w != 1.0 for w in weights):
-        per_row = per_row * torch.tensor(weights, device=per_row.device)
+    weights = torch.tensor([loss_cfg.pos_weight_by_order.get(len(e["active"]), loss_cfg.pos_weight) for e in examples])
+    weights = torch.where(is_pos, weights, 1.0)
+    if (weights != 1.0).any():
+        per_row = per_row * weights.to(per_row.device)
     return {"loss": per_row.mean(), **stats, "tokens": tokens}
 
 

@@ -174,6 +174,10 @@ class LossConfig:
     must refuse harder; orders not listed keep `pos_weight`). One module alone decides the refusal without the others'
     push, and the CPU chain's order-1 DSR lagged orders 2-3 at every stage while its OR had room (`{1: 12.0}` in
     smollm2-cpu-deep-margins8 did not move it, BENCHMARKS.md)."""
+    neg_weight_by_source: dict[str, float] = field(default_factory=dict)
+    """Negatives' weight by where the sampler drew them (`inactive`, `general`, `lookalike`; sources not listed: 1),
+    e.g. `{lookalike: 8.0}`: a harmless look-alike of an active category ("virgin mojito" with alcohol on) must be
+    answered against positives weighted x 8-12. Rows without a source (validation, hand-made) weigh 1."""
     max_answer_tokens: int = 0
     """Train negatives on the teacher answer's first N tokens only (0 = all of them): CPU recipes trade the
     tail of the answer for steps, since the refusal is decided in the first tokens."""
@@ -213,6 +217,14 @@ class LossConfig:
         if any(k < 1 or not 0 < w <= 100 for k, w in by_order.items()):
             problems.append(f"pos_weight_by_order: {self.pos_weight_by_order} needs orders >= 1 and weights in (0, 100]")
         object.__setattr__(self, "pos_weight_by_order", by_order)
+        by_source = self.neg_weight_by_source if isinstance(self.neg_weight_by_source, dict) else None
+        if by_source is None or set(by_source) - set(get_args(NegSource)):
+            problems.append(f"neg_weight_by_source: {self.neg_weight_by_source} must map sources "
+                            f"{list(get_args(NegSource))} to weights, e.g. {{lookalike: 8.0}}")
+        elif not all(isinstance(w, (int, float)) and 0 < w <= 100 for w in by_source.values()):
+            problems.append(f"neg_weight_by_source: {self.neg_weight_by_source} needs weights in (0, 100]")
+        else:
+            object.__setattr__(self, "neg_weight_by_source", {k: float(w) for k, w in by_source.items()})
         if self.max_answer_tokens < 0:
             problems.append(f"max_answer_tokens: {self.max_answer_tokens} must be >= 0 (0 = no cut)")
         if self.refusal_tokens < 0:

@@ -103,7 +103,8 @@ def batch_loss(
         per_row = per_row + loss_cfg.decision_weight * dec
         stats["decision"] = dec.detach().mean()
     weights = torch.tensor([loss_cfg.pos_weight_by_order.get(len(e["active"]), loss_cfg.pos_weight) for e in examples])
-    weights = torch.where(is_pos, weights, 1.0)
+    by_source = [loss_cfg.neg_weight_by_source.get(e.get("source", ""), 1.0) for e in examples]
+    weights = torch.where(is_pos, weights, torch.tensor(by_source))
     if (weights != 1.0).any():
         per_row = per_row * weights.to(per_row.device)
     return {"loss": per_row.mean(), **stats, "tokens": tokens}

@@ -40,6 +40,11 @@ def test_sampler_and_loss_configs_reject_bad_values():
         LossConfig(pos_weight_by_order=[12.0])  # type: ignore[arg-type]
     # a JSON round trip (MLflow params, resolved configs) gives string keys: read back as the same orders
     assert LossConfig(pos_weight_by_order={"1": 12}).pos_weight_by_order == {1: 12.0}
+    with pytest.raises(ConfigError, match=r"neg_weight_by_source: \{'virgin': 2.0\} must map sources"):
+        LossConfig(neg_weight_by_source={"virgin": 2.0})
+    with pytest.raises(ConfigError, match="neg_weight_by_source: .* needs weights in"):
+        LossConfig(neg_weight_by_source={"lookalike": 0})
+    assert LossConfig(neg_weight_by_source={"lookalike": 8}).neg_weight_by_source == {"lookalike": 8.0}
     with pytest.raises(ConfigError, match="refusal_template"):
         LossConfig(refusal_template="  ")
     with pytest.raises(ConfigError, match=r"ema: 1.0 must be in \[0, 1\)"):

@@ -88,6 +88,11 @@ def test_margin_decision_loss_pos_weight_and_a_refusing_teacher(tiny_backbone):
     by_order = rows(pos_weight=3.0, pos_weight_by_order={1: 5.0, 2: 7.0})
     assert torch.allclose(by_order[0], 5 * base[0], atol=1e-5) and torch.allclose(by_order[1:], base[1:], atol=1e-5)
     assert torch.allclose(rows(pos_weight=3.0, pos_weight_by_order={2: 7.0}), weighted, atol=1e-5)
+    # per source: only the negatives the sampler drew from that source take its weight; rows without a source weigh 1
+    ex[1], ex[2] = {**ex[1], "source": "general"}, {**ex[2], "source": "lookalike"}
+    by_source = rows(pos_weight=3.0, neg_weight_by_source={"lookalike": 4.0})
+    assert torch.allclose(by_source[2], 4 * base[2], atol=1e-5) and torch.allclose(by_source[:2], weighted[:2], atol=1e-5)
+    assert torch.allclose(rows(neg_weight_by_source={"inactive": 4.0}), base, atol=1e-5)
     # the second negative's teacher now answers with the refusal itself: no keep-off margin on it, whatever delta
     ex[2] = {**ex[2], "response_ids": list(refusal[:3]) + list(ex[2]["response_ids"][3:])}
     lo, hi = rows(margin_delta=0.0), rows(margin_delta=20.0)

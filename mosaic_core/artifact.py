@@ -207,3 +207,40 @@ def load_bank(bank_dir: Path, expected: Fingerprint | None = None) -> ControlTok
             raise IntegrityError(f"{bank_dir}/{c}: tensor does not match the manifest's sha256")
     bank.max_norm = manifest.get("max_norm")
     return bank
+
+
+def average_banks(bank_dirs: Sequence[Path], out_dir: Path) -> dict[str, Any]:
+    """Write the element-wise mean of banks trained from one starting bank (a "soup" of training seeds) to `out_dir`;
+    returns its manifest.
+
+    Why: seeds of one stage reach about equal selectivity but stop at different points of the refusal / over-refusal
+    trade (BENCHMARKS.md); their mean lands near their average point, as one bank. The banks must hold the
+    same categories in the same order, started from the same `init`, on one backbone, with one depth, placement and
+    module shape: the average of banks trained from different starts is not a bank of either."""
+    dirs, out_dir = [Path(d) for d in bank_dirs], Path(out_dir)
+    if len(dirs) < 2:
+        raise ArtifactError(f"averaging needs at least two banks, got {len(dirs)}")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ArtifactError(f"{out_dir} exists and is not empty: write the average to a new directory")
+    manifests = []
+    for d in dirs:
+        if not (d / MANIFEST_FILE).is_file():
+            raise ArtifactError(f"{d} is not a bank: {MANIFEST_FILE} missing")
+        manifests.append(json.loads((d / MANIFEST_FILE).read_text()))
+    fingerprint = Fingerprint.from_dict(manifests[0]["fingerprint"])
+    banks = [load_bank(d, fingerprint) for d in dirs]  # other backbones raise IncompatibleBackboneError
+    first = banks[0]
+    starts = [{c: read_meta(d / mf["modules"][c]["path"]).init for c in mf["categories"]} for d, mf in zip(dirs, manifests)]
+    for d, bank, start in zip(dirs[1:], banks[1:], starts[1:]):
+        clash = [k for k in ("categories", "placement", "depth", "module_shape", "max_norm")
+                 if getattr(bank, k) != getattr(first, k)]  # fmt: skip
+        if not clash and start != starts[0]:
+            clash.append("init (the bank they were trained from)")
+        if clash:
+            raise ArtifactError(f"banks {dirs[0]} and {d} differ in {clash}: only seeds of one training stage can be averaged")
+    mean = new_bank(d=first.d, m=first.m, placement=first.placement, max_norm=first.max_norm, depth=first.depth,
+                    shape=first.module_shape)  # fmt: skip
+    for c in first.categories:
+        # fp64 accumulation: the mean of identical banks must come back bit-identical
+        mean.add(c, torch.stack([b.vectors[c].detach().double() for b in banks]).mean(0).float())
+    return save_bank(mean, out_dir, fingerprint=fingerprint, init="average:" + ",".join(str(d) for d in dirs))

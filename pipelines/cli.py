@@ -74,6 +74,14 @@ def cmd_bank_init(args: argparse.Namespace) -> None:
           f"placement {cfg.placement}) to {args.out}")  # fmt: skip
 
 
+def cmd_bank_average(args: argparse.Namespace) -> None:
+    """Average seeds of one training stage into one bank (their mean lands near their average operating point)."""
+    from mosaic_core.artifact import average_banks
+
+    manifest = average_banks([Path(b) for b in args.banks], Path(args.out))
+    print(f"wrote the mean of {len(args.banks)} banks ({manifest['categories']}, depth {manifest['depth']}) to {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mosaic_core.backbone import EMBEDDED
 
@@ -102,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     bi.add_argument("--seed", type=int, default=0)
     bi.add_argument("--backbone", default=EMBEDDED)
     bi.set_defaults(func=cmd_bank_init)
+    ba = b.add_parser("average", help="write the element-wise mean of banks trained from one start (seeds of a stage)")
+    ba.add_argument("banks", nargs="+", help="bank directories (each holds manifest.json), at least two")
+    ba.add_argument("--out", required=True, help="new directory for the averaged bank")
+    ba.set_defaults(func=cmd_bank_average)
 
     for name, (_, text) in STAGES.items():  # listed for --help; dispatched in main() with their argv verbatim
         sub.add_parser(name, help=text, add_help=False)

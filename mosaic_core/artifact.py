@@ -192,14 +192,19 @@ def bank_from_modules(module_dirs: Sequence[Path], expected: Fingerprint | None 
     return bank
 
 
+def read_manifest(bank_dir: Path) -> dict[str, Any]:
+    """Parse `bank_dir/manifest.json`; a directory without one is not a bank (ArtifactError)."""
+    path = Path(bank_dir) / MANIFEST_FILE
+    if not path.is_file():
+        raise ArtifactError(f"{bank_dir} is not a bank: {MANIFEST_FILE} missing")
+    return json.loads(path.read_text())
+
+
 def load_bank(bank_dir: Path, expected: Fingerprint | None = None) -> ControlTokenBank:
     """Load `bank_dir/manifest.json` and its modules (checked) into a bank (ControlTokenBank or DeepTokenBank, as
     the modules are) in manifest order."""
     bank_dir = Path(bank_dir)
-    mf = bank_dir / MANIFEST_FILE
-    if not mf.is_file():
-        raise ArtifactError(f"{bank_dir} is not a bank: {MANIFEST_FILE} missing")
-    manifest = json.loads(mf.read_text())
+    manifest = read_manifest(bank_dir)
     _check_fingerprint(manifest["fingerprint"], expected, f"bank {bank_dir}")
     bank = bank_from_modules([bank_dir / manifest["modules"][c]["path"] for c in manifest["categories"]], expected)
     for c in manifest["categories"]:
@@ -222,11 +227,7 @@ def average_banks(bank_dirs: Sequence[Path], out_dir: Path) -> dict[str, Any]:
         raise ArtifactError(f"averaging needs at least two banks, got {len(dirs)}")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ArtifactError(f"{out_dir} exists and is not empty: write the average to a new directory")
-    manifests = []
-    for d in dirs:
-        if not (d / MANIFEST_FILE).is_file():
-            raise ArtifactError(f"{d} is not a bank: {MANIFEST_FILE} missing")
-        manifests.append(json.loads((d / MANIFEST_FILE).read_text()))
+    manifests = [read_manifest(d) for d in dirs]
     fingerprint = Fingerprint.from_dict(manifests[0]["fingerprint"])
     banks = [load_bank(d, fingerprint) for d in dirs]  # other backbones raise IncompatibleBackboneError
     first = banks[0]

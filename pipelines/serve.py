@@ -501,12 +501,12 @@ ModuleLoader = Callable[[ModuleSource, Any], ModuleState]
 
 def load_modules(source: ModuleSource, expected: Any) -> ModuleState:
     """Resolve and check the modules of `source` against the backbone fingerprint `expected` (all or nothing)."""
-    from mosaic_core.artifact import MANIFEST_FILE, load_bank, read_meta
+    from mosaic_core.artifact import load_bank, read_manifest, read_meta
 
     if source.bank_dir:
         bank_dir = Path(source.bank_dir)
         bank = load_bank(bank_dir, expected)
-        manifest = json.loads((bank_dir / MANIFEST_FILE).read_text())
+        manifest = read_manifest(bank_dir)
         modules = []
         for c in bank.categories:
             meta = read_meta(bank_dir / manifest["modules"][c]["path"])

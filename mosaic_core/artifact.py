@@ -192,12 +192,17 @@ def bank_from_modules(module_dirs: Sequence[Path], expected: Fingerprint | None 
     return bank
 
 
-def read_manifest(bank_dir: Path) -> dict[str, Any]:
-    """Parse `bank_dir/manifest.json`; a directory without one is not a bank (ArtifactError)."""
+def manifest_path(bank_dir: Path | str) -> Path:
+    """`bank_dir/manifest.json`; a directory without one is not a bank (ArtifactError)."""
     path = Path(bank_dir) / MANIFEST_FILE
     if not path.is_file():
         raise ArtifactError(f"{bank_dir} is not a bank: {MANIFEST_FILE} missing")
-    return json.loads(path.read_text())
+    return path
+
+
+def read_manifest(bank_dir: Path) -> dict[str, Any]:
+    """Parse `bank_dir/manifest.json` (ArtifactError when it is not a bank)."""
+    return json.loads(manifest_path(bank_dir).read_text())
 
 
 def load_bank(bank_dir: Path, expected: Fingerprint | None = None) -> ControlTokenBank:

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from mosaic_core.artifact import MANIFEST_FILE, ModuleMeta
+from mosaic_core.artifact import ModuleMeta, manifest_path
 from mosaic_core.backbone import Fingerprint
 from mosaic_core.errors import ArtifactError, IncompatibleBackboneError
 
@@ -55,10 +55,7 @@ def registered_name(backbone_id: str, category: str) -> str:
 def manifest_digest(bank_dir: str | Path) -> str:
     """sha256 of a bank's `manifest.json` bytes: the name of that bank which a module added to it by
     incremental expansion records as `extends` (the training stage's definition; keep them one)."""
-    path = Path(bank_dir) / MANIFEST_FILE
-    if not path.is_file():
-        raise ArtifactError(f"{bank_dir} is not a bank: {MANIFEST_FILE} missing")
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return hashlib.sha256(manifest_path(bank_dir).read_bytes()).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -338,8 +338,8 @@ class TrainConfig:
 class EvalSettings:
     """How much evaluation to do: every rate is measured, the caps only bound the requests per cell (CPU)."""
 
-    max_order: int = 4
-    """Orders 1..max_order (the paper's Table 1: 1-4)."""
+    max_order: int = 5
+    """Orders 1..max_order (the paper's Table 1: 1-4; 5 = all five on, the children's-app case)."""
     fast_cap: int | None = 40
     """Requests per (subset, group) for the teacher-forced score; null = all."""
     gen_subsets: int = 1
@@ -371,9 +371,27 @@ class EvalSettings:
     """Refusal tokens the fast score reads: 3 = "I'm sorry" for the default template."""
     threshold: float = 0.5
     """Only for fast_rule `threshold`."""
+    fidelity_subsets: int = 2
+    """Single-module subsets whose general answers are compared with the bare model's (order-1 fidelity)."""
+    fidelity_requests: int | None = 40
+    """General requests per order-1 fidelity subset; null = all."""
+    fidelity_all_cap: int | None = None
+    """General requests compared with every module on (order-K fidelity); null = every general request."""
+    fidelity_words: int = 8
+    """Words of the bare model's answer that must open the answer with modules on."""
+    retention_cap: int | None = None
+    """Factual questions scored for retention (none / each module / all on); null = all, 0 = skip."""
 
     def __post_init__(self) -> None:
         problems = []
+        for k in ("fidelity_requests", "fidelity_all_cap"):
+            v = getattr(self, k)
+            if v is not None and v < 0:
+                problems.append(f"{k}: {v} must be >= 0 or null")
+        if self.retention_cap is not None and self.retention_cap < 0:
+            problems.append(f"retention_cap: {self.retention_cap} must be >= 0 or null")
+        if self.fidelity_subsets < 0 or not 1 <= self.fidelity_words <= 64:
+            problems.append("fidelity_subsets must be >= 0 and fidelity_words in 1..64")
         if self.max_order < 1:
             problems.append(f"max_order: {self.max_order} must be >= 1")
         for k in ("fast_cap", "mmlu_limit", "xstest_cap"):

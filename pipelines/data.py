@@ -12,7 +12,9 @@ Writes, under the run directory (DESIGN.md "Where things live"):
 A rerun whose content hash matches reuses the outputs; anything else rebuilds into a temp dir that is renamed
 into place only when complete, so a half-written output never counts as done. Teacher answers are also kept
 beside the run directories (`<runs>/.teacher-cache/<key>/`, key = backbone + answer length + top-k), so a later
-run - another recipe stage, more sampler draws - runs the teacher only on prompts no run has answered yet."""
+run - another recipe stage, more sampler draws - runs the teacher only on prompts no run has answered yet.
+Before either, the committed store `data/teacher/<backbone>/` (scripts/build_teacher_store.py) is read: for the
+backbone it was made with, any recipe asking for no longer answers and no wider top-k takes its rows by prefix."""
 
 from __future__ import annotations
 
@@ -35,7 +37,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 import yaml
 
@@ -48,6 +53,7 @@ from mosaic_core.teacher import TEACHER_COLS
 from pipelines._actors import actor_pool_resources
 
 DATA_VERSION = 1  # bump when the tables' meaning changes: old outputs then rebuild
+TEACHER_STORE = Path(__file__).resolve().parents[1] / "data" / "teacher"
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -197,6 +203,68 @@ class TeacherCache:
         os.replace(tmp, self.root / f"part-{time.strftime('%Y%m%d%H%M%S')}-{Path(tmp).stem[6:]}.parquet")
 
 
+class TeacherStore:
+    """Committed teacher answers for one backbone: `<root>/<backbone digest>/store.json` (data version, backbone,
+    answer length T, top-k) + parquet parts of {prompt_sha, *TEACHER_COLS}, rows by sha256 of the prompt text.
+
+    A recipe asking for T' <= T answer tokens and k' <= k gets each row's first T' positions and first k' columns:
+    greedy decoding is causal, so the first T' tokens of a T-token answer are the T'-token answer, and the
+    teacher-forced distribution at those positions is the same (top-k columns are sorted by log-prob)."""
+
+    def __init__(self, root: Path, fingerprint_digest: str):
+        self.dir = root / fingerprint_digest[:16]
+        self.meta_path = self.dir / "store.json"
+
+    def meta(self) -> dict[str, Any] | None:
+        return json.loads(self.meta_path.read_text()) if self.meta_path.is_file() else None
+
+    def serves(self, recipe: Recipe) -> bool:
+        m = self.meta()
+        return bool(m) and m["data_version"] == DATA_VERSION and m["max_new_tokens"] >= recipe.teacher.max_new_tokens and m["topk"] >= recipe.loss.topk  # type: ignore[index]
+
+    def known(self) -> pd.DataFrame:
+        parts = sorted(self.dir.glob("part-*.parquet"))
+        if not parts:
+            return pd.DataFrame(columns=["prompt_sha", *TEACHER_COLS])
+        return pd.concat([pd.read_parquet(f) for f in parts], ignore_index=True).drop_duplicates("prompt_sha")
+
+    def lookup(self, prompts: pd.DataFrame, recipe: Recipe) -> pd.DataFrame:
+        """Stored rows for `prompts` (prompt_id, prompt), cut to the recipe's T and k: {prompt_id, *TEACHER_COLS}."""
+        if prompts.empty or not self.serves(recipe):
+            return pd.DataFrame(columns=["prompt_id", *TEACHER_COLS])
+        want = prompts.assign(prompt_sha=[TeacherCache._key(t) for t in prompts["prompt"]])
+        rows = want.merge(self.known(), on="prompt_sha")[["prompt_id", *TEACHER_COLS]]
+        T, k = recipe.teacher.max_new_tokens, recipe.loss.topk
+        return rows.assign(
+            response_ids=[np.asarray(r)[:T].tolist() for r in rows["response_ids"]],
+            topk_ids=[[np.asarray(p)[:k].tolist() for p in r[:T]] for r in rows["topk_ids"]],
+            topk_logprobs=[[np.asarray(p)[:k].tolist() for p in r[:T]] for r in rows["topk_logprobs"]],
+        )  # fmt: skip
+
+    def add(self, rows: pd.DataFrame, prompts: pd.DataFrame, *, backbone: str, max_new_tokens: int, topk: int) -> Path:
+        """Write one part ({prompt_id, *TEACHER_COLS} under their prompts' text) whole, then the store's meta."""
+        text = prompts.set_index("prompt_id")["prompt"]
+        part = pd.DataFrame({
+            "prompt_sha": [TeacherCache._key(text[i]) for i in rows["prompt_id"]],
+            "response_ids": [[int(t) for t in r] for r in rows["response_ids"]],
+            "topk_ids": [[[int(t) for t in p] for p in r] for r in rows["topk_ids"]],
+            # float32 halves the store; the loss reads them as float32 anyway
+            "topk_logprobs": [[np.asarray(p, dtype=np.float32) for p in r] for r in rows["topk_logprobs"]],
+        })  # fmt: skip
+        self.dir.mkdir(parents=True, exist_ok=True)
+        meta = self.meta() or {"data_version": DATA_VERSION, "backbone": backbone, "max_new_tokens": max_new_tokens, "topk": topk}
+        if (meta["max_new_tokens"], meta["topk"]) != (max_new_tokens, topk):
+            raise ConfigError([f"teacher store {self.dir} holds T={meta['max_new_tokens']}, k={meta['topk']}: not {max_new_tokens}, {topk}"], "teacher store")
+        n = len(list(self.dir.glob("part-*.parquet")))
+        dest = self.dir / f"part-{n:04d}.parquet"
+        tmp = dest.with_suffix(".tmp")
+        pq.write_table(pa.Table.from_pandas(part, preserve_index=False).replace_schema_metadata(None), tmp, compression="zstd")
+        os.replace(tmp, dest)
+        meta["prompts"] = int(len(self.known()))
+        self.meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+        return dest
+
+
 def counts(ex: pd.DataFrame, teacher_rows: int) -> dict[str, Any]:
     out: dict[str, Any] = {"examples": int(len(ex)), "teacher_passes": int(teacher_rows),
                            "draws": int(ex["draw"].nunique())}  # fmt: skip
@@ -275,9 +343,14 @@ def main(config: str, *, name: str | None = None, out: str | None = None, overri
     try:
         (tmp / "examples").mkdir()
         ex.to_parquet(tmp / "examples" / "part-0.parquet", index=False)
-        reused = cache.lookup(neg) if not force else cache.lookup(neg.iloc[:0])  # --force: answer every prompt again
-        todo = neg[~neg["prompt_id"].isin(reused["prompt_id"])]
-        print(f"[data] teacher: {len(reused)} answers reused from {cache.root.parent.name}/{cache.root.name}, {len(todo)} to run")
+        none = neg.iloc[:0]  # --force: answer every prompt again
+        stored = TeacherStore(TEACHER_STORE, digest_backbone).lookup(neg if not force else none, recipe)
+        rest = neg[~neg["prompt_id"].isin(stored["prompt_id"])]
+        cached = cache.lookup(rest if not force else none)
+        reused = pd.concat([stored, cached], ignore_index=True) if len(cached) else stored
+        todo = rest[~rest["prompt_id"].isin(cached["prompt_id"])]
+        print(f"[data] teacher: {len(stored)} answers from the committed store, {len(cached)} from "
+              f"{cache.root.parent.name}/{cache.root.name}, {len(todo)} to run")  # fmt: skip
         t0 = time.perf_counter()
         if len(todo):
             run_teacher(todo, recipe, tmp / "teacher", total_cpus)

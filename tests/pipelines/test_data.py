@@ -174,3 +174,34 @@ def test_first_draw_changes_the_content_hash():
     recipe = Recipe(name="r", bank=BankConfig(categories=("alcohol",)))
     later = dataclasses.replace(recipe, sampler=dataclasses.replace(recipe.sampler, first_draw=8))
     assert content_hash(recipe, "bench", "fp") != content_hash(later, "bench", "fp")
+
+
+def test_committed_store_serves_shorter_answers_by_prefix_and_skips_the_teacher(built, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """A store made at T=4, k=4 serves a recipe asking for T=2, k=3: its rows are the prefixes the teacher itself
+    gives at T=2 (greedy is causal), and the data stage runs no teacher pass."""
+    import pipelines.data as data_stage
+
+    d, _, run = built
+    bb = load_backbone(str(tiny_model_dir))
+    store = data_stage.TeacherStore(tmp_path / "teacher", bb.fingerprint.digest)
+    ex = pd.read_parquet(run / "data" / "examples")
+    prompts = ex.drop_duplicates("prompt_id")[["prompt_id", "prompt"]]
+    rows = pd.read_parquet(run / "data" / "teacher")
+    store.add(rows, prompts, backbone=str(tiny_model_dir), max_new_tokens=4, topk=4)
+    monkeypatch.setattr(data_stage, "TEACHER_STORE", tmp_path / "teacher")
+    short = write_tiny_recipe(tmp_path / "short.yaml", tiny_model_dir, write_tiny_bench(tmp_path / "bench"),
+                              teacher={"max_new_tokens": 2}, loss={"topk": 3, "max_answer_tokens": 2})  # fmt: skip
+    capsys.readouterr()
+    out = main(str(short), out=str(tmp_path / "runs" / "short"))
+    assert "answers from the committed store, 0 from" in capsys.readouterr().out
+    manifest = json.loads((out / "data" / "manifest.json").read_text())
+    assert manifest["teacher_reused"] == manifest["counts"]["teacher_passes"] > 0
+    got = pd.read_parquet(out / "data" / "teacher").set_index("prompt_id")
+    sample = list(got.index[:3])
+    direct = teacher_outputs(bb.model, bb.tokenizer, [prompts.set_index("prompt_id")["prompt"][p] for p in sample], max_new_tokens=2, topk=3)
+    for p, ref in zip(sample, direct):
+        assert list(got.loc[p, "response_ids"]) == ref["response_ids"]
+        assert [list(x) for x in got.loc[p, "topk_ids"]] == ref["topk_ids"]
+        assert all(abs(a - b) < 1e-4 for ga, ra in zip(got.loc[p, "topk_logprobs"], ref["topk_logprobs"]) for a, b in zip(ga, ra))
+    wider = write_tiny_recipe(tmp_path / "wide.yaml", tiny_model_dir, write_tiny_bench(tmp_path / "bench"), loss={"topk": 8})
+    assert not store.serves(__import__("mosaic_core.config", fromlist=["load_recipe"]).load_recipe(wider))

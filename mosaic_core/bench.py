@@ -167,7 +167,8 @@ def near_duplicates(texts: Sequence[str], threshold: float = 0.5, n: int = 5) ->
 
 _STOP = frozenset(
     "a an the of in on at to for from by with about and or is are was were be what whats which who whom whose where "
-    "when why how do does did can could would should will i me my you your it its this that these those s".split()
+    "when why how do does did can could would should will i me my you your it its this that these those s as known called "
+    "name named please tell quick q".split()
 )
 
 

@@ -48,6 +48,8 @@ class ModuleMeta:
     """`input` (m rows of the input embedding) or `deep` (key/value positions at every layer; DeepTokenBank)."""
     shape: list[int] = field(default_factory=list)
     """The tensor's shape; empty in modules written before deep ones existed, which are all (m, d)."""
+    positions: str = "shift"
+    """BankConfig.positions the module was trained with (`shift` in modules written before `keep` existed)."""
 
     @property
     def tensor_shape(self) -> tuple[int, ...]:
@@ -74,7 +76,7 @@ def _check_fingerprint(meta_fp: dict[str, Any], expected: Fingerprint | None, wh
 def save_module(
     out_dir: Path, category: str, tensor: torch.Tensor, *, fingerprint: Fingerprint, placement: str, init: str,
     training_run_id: str | None = None, trained_with: Sequence[str] = (), extends: str | None = None,
-    depth: str = "input", d: int | None = None,
+    depth: str = "input", d: int | None = None, positions: str = "shift",
 ) -> ModuleMeta:  # fmt: skip
     """Write `out_dir/{tokens.safetensors, module.json}` for one module's tensor: (m, d), or with depth `deep`
     (layers, 2, kv_heads, m, head_dim) and the backbone's hidden size `d`."""
@@ -91,7 +93,7 @@ def save_module(
         category=category, m=m, d=width, fingerprint=fingerprint.to_dict(),
         placement=placement, init=init, sha256=sha256_file(out_dir / TENSOR_FILE), mosaic_version=__version__,
         training_run_id=training_run_id, trained_with=list(trained_with), extends=extends, depth=depth,
-        shape=list(t.shape),
+        shape=list(t.shape), positions=positions,
     )  # fmt: skip
     (out_dir / META_FILE).write_text(json.dumps(asdict(meta), indent=2, sort_keys=True) + "\n")
     return meta
@@ -150,6 +152,7 @@ def save_bank(
         c: save_module(
             out_dir / c, c, bank.vectors[c], fingerprint=fingerprint, placement=bank.placement, init=init,
             training_run_id=training_run_id, trained_with=bank.categories, extends=extends, depth=bank.depth, d=bank.d,
+            positions=bank.positions,
         )  # fmt: skip
         for c in bank.categories
     }
@@ -160,6 +163,7 @@ def save_bank(
         "d": bank.d,
         "placement": bank.placement,
         "depth": bank.depth,
+        "positions": bank.positions,
         "max_norm": bank.max_norm,
         "fingerprint": fingerprint.to_dict(),
         "training_run_id": training_run_id,
@@ -179,14 +183,15 @@ def bank_from_modules(module_dirs: Sequence[Path], expected: Fingerprint | None 
         raise ArtifactError("no modules given")
     first = loaded[0][1]
     for _, meta in loaded[1:]:
-        clash = [k for k in ("placement", "m", "d", "depth") if getattr(meta, k) != getattr(first, k)]
+        clash = [k for k in ("placement", "m", "d", "depth", "positions") if getattr(meta, k) != getattr(first, k)]
         if not clash and meta.tensor_shape != first.tensor_shape:  # deep modules of differently shaped attention
             clash.append("tensor shape")
         if Fingerprint.from_dict(meta.fingerprint).digest != Fingerprint.from_dict(first.fingerprint).digest:
             clash.append("backbone fingerprint")
         if clash:
             raise ArtifactError(f"modules {first.category!r} and {meta.category!r} differ in {clash}: cannot compose them")
-    bank = new_bank(d=first.d, m=first.m, placement=first.placement, depth=first.depth, shape=first.tensor_shape)  # type: ignore[arg-type]
+    bank = new_bank(d=first.d, m=first.m, placement=first.placement, depth=first.depth, shape=first.tensor_shape,  # type: ignore[arg-type]
+                    positions=first.positions)  # type: ignore[arg-type]  # fmt: skip
     for t, meta in loaded:
         bank.add(meta.category, t)
     return bank
@@ -238,14 +243,14 @@ def average_banks(bank_dirs: Sequence[Path], out_dir: Path) -> dict[str, Any]:
     first = banks[0]
     starts = [{c: read_meta(d / mf["modules"][c]["path"]).init for c in mf["categories"]} for d, mf in zip(dirs, manifests)]
     for d, bank, start in zip(dirs[1:], banks[1:], starts[1:]):
-        clash = [k for k in ("categories", "placement", "depth", "module_shape", "max_norm")
+        clash = [k for k in ("categories", "placement", "depth", "positions", "module_shape", "max_norm")
                  if getattr(bank, k) != getattr(first, k)]  # fmt: skip
         if not clash and start != starts[0]:
             clash.append("init (the bank they were trained from)")
         if clash:
             raise ArtifactError(f"banks {dirs[0]} and {d} differ in {clash}: only seeds of one training stage can be averaged")
     mean = new_bank(d=first.d, m=first.m, placement=first.placement, max_norm=first.max_norm, depth=first.depth,
-                    shape=first.module_shape)  # fmt: skip
+                    shape=first.module_shape, positions=first.positions)  # fmt: skip
     for c in first.categories:
         # fp64 accumulation: the mean of identical banks must come back bit-identical
         mean.add(c, torch.stack([b.vectors[c].detach().double() for b in banks]).mean(0).float())

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from mosaic_core.categories import describe
-from mosaic_core.config import BankConfig, Depth, InitMethod, Placement
+from mosaic_core.config import BankConfig, Depth, InitMethod, Placement, Positions
 from mosaic_core.errors import DuplicateCategoryError, UnknownCategoryError
 
 
@@ -58,6 +58,8 @@ class ControlTokenBank(nn.Module):
     """Ordered categories -> (m, d) parameters; composition in canonical (registry) order."""
 
     depth: ClassVar[Depth] = "input"
+    positions: Positions = "shift"
+    """How the block's positions relate to what follows it (BankConfig.positions); input banks always shift."""
 
     def __init__(self, d: int, m: int, placement: Placement = "before_assistant", max_norm: float | None = None):
         super().__init__()
@@ -149,11 +151,12 @@ class DeepTokenBank(ControlTokenBank):
 
     depth: ClassVar[Depth] = "deep"
 
-    def __init__(self, d: int, m: int, layers: int, kv_heads: int, head_dim: int, placement: Placement = "before_assistant"):
+    def __init__(self, d: int, m: int, layers: int, kv_heads: int, head_dim: int, placement: Placement = "before_assistant",
+                 positions: Positions = "shift"):  # fmt: skip
         if placement != "before_assistant":
             raise ValueError(f"deep tokens follow the request: placement must be before_assistant, not {placement!r}")
         super().__init__(d=d, m=m, placement=placement, max_norm=None)
-        self.layers, self.kv_heads, self.head_dim = layers, kv_heads, head_dim
+        self.layers, self.kv_heads, self.head_dim, self.positions = layers, kv_heads, head_dim, positions
 
     @property
     def module_shape(self) -> tuple[int, ...]:
@@ -199,8 +202,10 @@ class DeepTokenBank(ControlTokenBank):
         prompts -- requests of every category, so no module starts tuned to one."""
         if model is None:
             raise ValueError("a deep bank is built from the backbone's keys and values: pass model=")
-        flat = ControlTokenBank.build(dataclasses.replace(cfg, depth="input"), embeddings, tokenizer)
-        return cls.from_input_bank(model, tokenizer, flat, [describe(c) for c in cfg.categories])
+        flat = ControlTokenBank.build(dataclasses.replace(cfg, depth="input", positions="shift"), embeddings, tokenizer)
+        deep = cls.from_input_bank(model, tokenizer, flat, [describe(c) for c in cfg.categories])
+        deep.positions = cfg.positions
+        return deep
 
     def compose(self, active: Iterable[str]) -> torch.Tensor:
         """The block for an active set, (layers, 2, kv_heads, r*m, head_dim); r = 0 for the empty set."""
@@ -212,13 +217,13 @@ class DeepTokenBank(ControlTokenBank):
         return torch.cat([self.vectors[c] for c in cats], 3)
 
     def extra_repr(self) -> str:
-        return f"categories={self.categories}, m={self.m}, depth='deep', module_shape={self.module_shape}"
+        return f"categories={self.categories}, m={self.m}, depth='deep', positions={self.positions!r}, module_shape={self.module_shape}"
 
 
 def new_bank(*, d: int, m: int, placement: Placement, max_norm: float | None = None, depth: Depth = "input",
-             shape: Sequence[int] = ()) -> ControlTokenBank:  # fmt: skip
+             shape: Sequence[int] = (), positions: Positions = "shift") -> ControlTokenBank:  # fmt: skip
     """An empty bank of either depth, as artifacts and checkpoints describe it (`shape`: a deep module's)."""
     if depth == "deep":
         layers, _, kv_heads, _, head_dim = shape
-        return DeepTokenBank(d=d, m=m, layers=layers, kv_heads=kv_heads, head_dim=head_dim, placement=placement)
+        return DeepTokenBank(d=d, m=m, layers=layers, kv_heads=kv_heads, head_dim=head_dim, placement=placement, positions=positions)
     return ControlTokenBank(d=d, m=m, placement=placement, max_norm=max_norm)

@@ -185,7 +185,7 @@ def encode_segments(
     flat.past_key_values, flat.prompt_len = past, flat.prompt_len + n_before.squeeze(-1).cpu()
     if deep:
         assert bank is not None
-        flat = append_deep_blocks(cache.model, flat, [bank.compose(a) for a in active])
+        flat = append_deep_blocks(cache.model, flat, [bank.compose(a) for a in active], keep_positions=bank.positions == "keep")
     return flat
 
 
@@ -220,27 +220,33 @@ def pack_deep_blocks(model: Any, blocks: Sequence[torch.Tensor], start: torch.Te
     return rotate(kc, cos[:, None], sin[:, None]), vc, cmask
 
 
-def append_deep_blocks(model: Any, batch: Batch, blocks: Sequence[torch.Tensor]) -> Batch:
+def append_deep_blocks(model: Any, batch: Batch, blocks: Sequence[torch.Tensor], keep_positions: bool = False) -> Batch:
     """Append each row's deep block after its cached request, in place (left-padded within the block slot).
 
     batch: built with a PrefixCache and no bank (past (B, H, P, hd) per layer, attention_mask (B, P + L)).
-    blocks: B tensors (layers, 2, H, c_i, hd), keys before RoPE. The keys get RoPE at the positions the block's
-    tokens hold (right after the request), so the answer sees a module at the same relative distance whatever
-    the request's length, and the positions after the block shift by c_i as with input tokens.
+    blocks: B tensors (layers, 2, H, c_i, hd), keys before RoPE. The answer sees a module at the same relative
+    distance whatever the request's length. By default (`shift`) the keys get RoPE at the positions right after the
+    request and the positions after the block shift by c_i, as with input tokens. With `keep_positions` the keys
+    take the positions of the request's last c_i tokens and nothing after the block moves: position shifts alone
+    change a small model's answers, and this way an empty or silent block leaves them exactly as they are.
     """
     from transformers import DynamicCache
 
     P = batch.attention_mask.shape[1] - batch.inputs_embeds.shape[1]
     pmask, amask = batch.attention_mask[:, :P], batch.attention_mask[:, P:]
     first = batch.past_key_values.layers[0].keys
-    kc, vc, cmask = pack_deep_blocks(model, blocks, pmask.sum(-1), first.dtype)  # after each row's real request tokens
+    n_req = pmask.sum(-1)
+    sizes = torch.tensor([b.shape[3] for b in blocks], device=n_req.device)
+    start = (n_req - sizes).clamp_min(0) if keep_positions else n_req  # shared with the request's tail, or after it
+    kc, vc, cmask = pack_deep_blocks(model, blocks, start, first.dtype)
     cache = DynamicCache()
     for layer, lay in enumerate(batch.past_key_values.layers):
         cache.update(torch.cat([lay.keys, kc[layer]], 2), torch.cat([lay.values, vc[layer]], 2), layer)
     c_i = cmask.sum(-1)
     batch.past_key_values = cache
     batch.attention_mask = torch.cat([pmask, cmask, amask], 1)
-    batch.position_ids = batch.position_ids + c_i[:, None]
+    if not keep_positions:
+        batch.position_ids = batch.position_ids + c_i[:, None]
     batch.prompt_len = batch.prompt_len + c_i.cpu()
     return batch
 

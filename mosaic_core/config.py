@@ -14,6 +14,7 @@ from mosaic_core.errors import ConfigError
 Placement = Literal["prefix", "before_assistant"]
 InitMethod = Literal["text", "vocab", "normal"]
 Depth = Literal["input", "deep"]
+Positions = Literal["shift", "keep"]
 NegSource = Literal["inactive", "general", "lookalike"]
 FastRule = Literal["greedy", "threshold"]
 DecisionLoss = Literal["bce", "margin"]
@@ -59,6 +60,11 @@ class BankConfig:
     the KV cache written at every layer (a key before RoPE and a value per key/value head: prefix tuning), so the
     answer reads a module through each layer's attention. `deep` needs `before_assistant` placement and is
     initialised from the `input` bank `init` builds (its tokens' keys and values). See DeepTokenBank."""
+    positions: Positions = "shift"
+    """Position ids of a deep block and of what follows it. `shift`: the block takes the positions after the
+    request and the assistant header and answer move back by its length, as input tokens would. `keep`: the block's
+    keys share the positions of the request's last tokens, so everything after the block keeps the positions it has
+    without modules and a block that attends to nothing leaves the bare model's answer unchanged. Deep banks only."""
     init_from: str | None = None
     """A trained bank's directory (module artifacts, relative to the working directory) whose modules start this
     bank's instead of `init`: as they are when the depths match, or -- an `input` bank for a `deep` recipe -- its
@@ -86,6 +92,10 @@ class BankConfig:
             problems.append(f"depth: {self.depth!r} must be one of {get_args(Depth)}")
         if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from.strip()):
             problems.append(f"init_from: {self.init_from!r} must be a bank directory or null")
+        if self.positions not in get_args(Positions):
+            problems.append(f"positions: {self.positions!r} must be one of {get_args(Positions)}")
+        elif self.positions == "keep" and self.depth != "deep":
+            problems.append("positions: keep is for deep banks (input tokens are positions of the sequence themselves)")
         if self.depth == "deep" and self.placement != "before_assistant":
             problems.append("depth: deep tokens are key/value positions after the request: placement must be before_assistant")
         if problems:

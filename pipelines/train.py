@@ -409,7 +409,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if ema is not None:
                     torch.save(ema.state_dict(), Path(d) / "ema.pt")
                 meta = {"m": bank.m, "d": bank.d, "placement": bank.placement, "max_norm": bank.max_norm,
-                        "depth": bank.depth, "shape": list(bank.module_shape),
+                        "depth": bank.depth, "shape": list(bank.module_shape), "positions": bank.positions,
                         "fingerprint": fp0.to_dict(), "trainable": [c for c in bank.categories if bank.vectors[c].requires_grad],
                         "total_steps": total}  # fmt: skip
                 (Path(d) / "state.json").write_text(json.dumps({**state, **meta}, indent=2))
@@ -594,7 +594,7 @@ def main(
         state = json.loads((Path(d) / "state.json").read_text())
         vectors = torch.load(Path(d) / "best_bank.pt")
     bank = new_bank(d=state["d"], m=state["m"], placement=state["placement"], max_norm=state["max_norm"],
-                    depth=state.get("depth", "input"), shape=state.get("shape", ()))  # fmt: skip
+                    depth=state.get("depth", "input"), shape=state.get("shape", ()), positions=state.get("positions", "shift"))  # fmt: skip
     for c in state["categories"]:
         bank.add(c, vectors[c])
     tmp = run / ".bank.tmp"

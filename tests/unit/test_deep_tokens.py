@@ -128,3 +128,53 @@ def test_a_deep_bank_round_trips_as_module_artifacts(tmp_path, tiny_backbone):
     save_bank(_input_bank(tiny_backbone.model), tmp_path / "flat", fingerprint=tiny_backbone.fingerprint, init="normal")
     with pytest.raises(ArtifactError, match="depth"):
         bank_from_modules([tmp_path / "deep" / "alcohol", tmp_path / "flat" / "betting"])
+
+
+def _deep_keep(model, tok):
+    deep = DeepTokenBank.from_input_bank(model, tok, _input_bank(model), [LONG])
+    deep.positions = "keep"
+    return deep
+
+
+def test_with_keep_positions_everything_after_the_block_has_the_bare_models_positions(tiny_backbone):
+    """bank.positions keep: whatever the active set, the assistant header and the answer get the position ids they
+    have with no module; only what they attend to changes. An empty active set is the bare backbone exactly."""
+    tok, model = tiny_backbone.tokenizer, tiny_backbone.model
+    deep = _deep_keep(model, tok)
+    target = tok("I'm sorry", add_special_tokens=False).input_ids
+    prompts = [LONG, SHORT, SHORT]
+    with torch.no_grad():
+        bare = encode_batch(tok, model.get_input_embeddings(), None, prompts, [[], [], []], "before_assistant", [target] * 3)
+        want, _, _ = answer_logits(model, bare)
+        for active in ([[], [], []], [["alcohol"], ["betting"], ["alcohol", "betting"]]):
+            enc = encode_batch(tok, model.get_input_embeddings(), deep, prompts, active, "before_assistant", [target] * 3,
+                               cache=PrefixCache(model))  # fmt: skip
+            real = bare.attention_mask.bool()
+            for i in range(3):  # the positions after the request (header + answer) are the bare row's last ones
+                n = enc.position_ids.shape[1]
+                assert torch.equal(enc.position_ids[i], bare.position_ids[i, real[i]][-n:])
+            got, _, _ = answer_logits(model, enc)
+            if not any(active):
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            else:
+                assert not torch.allclose(got, want, atol=1e-3)
+        shifted = encode_batch(tok, model.get_input_embeddings(), DeepTokenBank.from_input_bank(model, tok, _input_bank(model), [LONG]),
+                               [SHORT], [["alcohol"]], "before_assistant", [target], cache=PrefixCache(model))  # fmt: skip
+        kept = encode_batch(tok, model.get_input_embeddings(), deep, [SHORT], [["alcohol"]], "before_assistant", [target], cache=PrefixCache(model))
+    assert torch.equal(shifted.position_ids, kept.position_ids + deep.m)  # `shift` moves them back by the block
+
+
+def test_keep_positions_round_trip_and_only_compose_with_their_kind(tmp_path, tiny_backbone):
+    tok, model = tiny_backbone.tokenizer, tiny_backbone.model
+    deep = _deep_keep(model, tok)
+    save_bank(deep, tmp_path / "keep", fingerprint=tiny_backbone.fingerprint, init="normal")
+    assert json.loads((tmp_path / "keep" / "manifest.json").read_text())["positions"] == "keep"
+    assert read_meta(tmp_path / "keep" / "alcohol").positions == "keep"
+    assert load_bank(tmp_path / "keep", tiny_backbone.fingerprint).positions == "keep"
+    deep.positions = "shift"
+    save_bank(deep, tmp_path / "shift", fingerprint=tiny_backbone.fingerprint, init="normal")
+    with pytest.raises(ArtifactError, match="positions"):
+        bank_from_modules([tmp_path / "keep" / "alcohol", tmp_path / "shift" / "betting"])
+    with pytest.raises(ConfigError, match="positions: keep is for deep banks"):
+        BankConfig(categories=("alcohol",), positions="keep")
+    assert BankConfig(categories=("alcohol",), depth="deep", positions="keep").positions == "keep"

@@ -107,7 +107,8 @@ class SamplerConfig:
     """Order-based task sampling (PAPER.md): a budget per order, split evenly over that order's subsets."""
 
     per_subset: int = 100
-    """Positives per subset at order 1; order r gets min(per_subset, N1 // C(K, r)), N1 = per_subset * K."""
+    """Positives per subset at order 1; every order gets the same total N1 = per_subset * K, split evenly over its
+    subsets (N1 // C(K, r) each; all K on gets N1)."""
     max_order: int = 3
     """Largest active-set size sampled (the paper trains orders 1-4)."""
     neg_ratio: float = 1.0

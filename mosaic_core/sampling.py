@@ -1,8 +1,8 @@
 """Order-based task sampling, as PAPER.md states it.
 
-Subsets are grouped by order r = |S|. Order r gets min(per_subset, N1 // C(K, r)) positives per subset,
-N1 = per_subset * K (the first order's total), so no order outweighs order 1; every subset of an order gets
-the same count. Negatives 1:1 (neg_ratio), drawn from targets of categories not in S, general requests, and
+Subsets are grouped by order r = |S|. Every order gets the same total, N1 = per_subset * K (the first order's),
+split evenly over its subsets: N1 // C(K, r) positives per subset. So no order outweighs another, and all K on (one
+subset, the children's-app case) gets a whole order's budget instead of one subset's share. Negatives 1:1 (neg_ratio), drawn from targets of categories not in S, general requests, and
 the look-alikes of S's categories. Deterministic under the seed; `sample_draws` makes `draws` such samples."""
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ class Example:
 
 
 def positives_per_subset(K: int, r: int, per_subset: int) -> int:
-    """min(per_subset, N1 // C(K, r)) with N1 = per_subset * K."""
-    return min(per_subset, (per_subset * K) // math.comb(K, r))
+    """N1 // C(K, r) with N1 = per_subset * K: every order the same total (at least one per subset)."""
+    return max(1, (per_subset * K) // math.comb(K, r))
 
 
 def plan(categories: Sequence[str], cfg: SamplerConfig) -> dict[int, int]:

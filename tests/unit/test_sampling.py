@@ -22,16 +22,17 @@ def _requests():
 
 
 def test_paper_budget_for_k5():
-    # PAPER.md (our reading): 100 per subset at order 1, 50 at orders 2 and 3, 100 at 4 and 5.
-    assert [positives_per_subset(5, r, 100) for r in range(1, 6)] == [100, 50, 50, 100, 100]
-    assert plan(CATS, SamplerConfig(per_subset=100, max_order=4)) == {1: 100, 2: 50, 3: 50, 4: 100}
+    # every order the same total (500), split evenly over its subsets: all five on is one subset with 500
+    assert [positives_per_subset(5, r, 100) for r in range(1, 6)] == [100, 50, 50, 100, 500]
+    assert plan(CATS, SamplerConfig(per_subset=100, max_order=5)) == {1: 100, 2: 50, 3: 50, 4: 100, 5: 500}
+    assert positives_per_subset(5, 2, 1) == 1  # never zero
 
 
 def test_counts_end_to_end_k5():
     cfg = SamplerConfig(per_subset=20, max_order=5)
     ex = sample_examples(_requests(), CATS, cfg)
     per = Counter((e.active, e.label) for e in ex)
-    expected = {1: 20, 2: 10, 3: 10, 4: 20, 5: 20}
+    expected = {1: 20, 2: 10, 3: 10, 4: 20, 5: 100}
     for r, n in expected.items():
         subsets = [s for s in {e.active for e in ex} if len(s) == r]
         assert len(subsets) == math.comb(5, r)

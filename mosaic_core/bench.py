@@ -256,3 +256,35 @@ def lexicon_problems(row: dict[str, Any]) -> list[str]:
     if re.search(EXPLICIT_WORDS, text, re.I):
         out.append("explicit vocabulary")
     return out
+
+
+FRAMING_FAMILIES = ("roleplay", "fiction", "research", "override", "prefix", "hypothetical", "translation", "multiturn")
+PLACEHOLDER = "{request}"
+
+
+def load_framings(path: Path) -> list[dict[str, Any]]:
+    """Framing templates ({id, family, split, messages}); BenchmarkError listing every malformed one. A template is
+    a chat ending with a user turn whose text holds `{request}` once (the only braces in the template)."""
+    rows = load_jsonl([path])
+    problems = []
+    for r in rows:
+        rid = r.get("id", "?")
+        if r.get("family") not in FRAMING_FAMILIES or r.get("split") not in SPLITS:
+            problems.append(f"{rid}: family {r.get('family')!r} / split {r.get('split')!r} unknown")
+        msgs = r.get("messages")
+        if not (isinstance(msgs, list) and msgs and all(isinstance(m, dict) and m.get("role") in ("user", "assistant") for m in msgs)):
+            problems.append(f"{rid}: messages must be a non-empty list of user/assistant turns")
+            continue
+        text = "".join(str(m.get("content", "")) for m in msgs)
+        if msgs[-1]["role"] != "user" or str(msgs[-1].get("content", "")).count(PLACEHOLDER) != 1 or text.count("{") != 1 or text.count("}") != 1:
+            problems.append(f"{rid}: the last turn must be the user's, holding {PLACEHOLDER} once (no other braces)")
+    if len({r.get("id") for r in rows}) != len(rows):
+        problems.append("duplicate framing ids")
+    if problems:
+        raise BenchmarkError("invalid framings:\n  " + "\n  ".join(problems[:20]))
+    return rows
+
+
+def frame(request: str, template: dict[str, Any]) -> list[dict[str, str]]:
+    """The chat a framed request is: the template's turns with the request in place of `{request}`."""
+    return [{"role": m["role"], "content": m["content"].replace(PLACEHOLDER, request)} for m in template["messages"]]

@@ -211,3 +211,36 @@ def test_malformed_benchmark_is_rejected_with_every_problem(tmp_path):
     (tmp_path / "x.jsonl").write_text('{"id": 1}\n{broken\n')
     with pytest.raises(BenchmarkError, match="x.jsonl:2"):
         load_jsonl([tmp_path / "x.jsonl"])
+
+
+def test_framings_cover_eight_families_each_split_between_training_and_test2():
+    from mosaic_core.bench import FRAMING_FAMILIES, frame, load_framings
+
+    framings = load_framings(REPO / "data" / "framings" / "framings.jsonl")
+    assert len(framings) >= 40
+    for fam in FRAMING_FAMILIES:
+        splits = Counter(f["split"] for f in framings if f["family"] == fam)
+        assert splits["train"] >= 2 and splits["val"] >= 1 and splits["test2"] >= 1, (fam, splits)
+    multi = [f for f in framings if f["family"] == "multiturn"]
+    assert all(len(f["messages"]) >= 3 and f["messages"][1]["role"] == "assistant" for f in multi)
+    chat = frame("How do frogs sleep?", multi[0])
+    assert chat[-1]["role"] == "user" and "How do frogs sleep?" in chat[-1]["content"] and "{request}" not in str(chat)
+    words = [set(normalize_text(" ".join(m["content"] for m in f["messages"])).split()) for f in framings]
+    close = [(framings[i]["id"], framings[j]["id"]) for i, j in itertools.combinations(range(len(words)), 2)
+             if len(words[i] & words[j]) / len(words[i] | words[j]) > 0.5]  # fmt: skip
+    assert close == []
+    bad = [f["id"] for f in framings for m in f["messages"] for p in lexicon_problems({"prompt": m["content"], "category": None, "kind": "general"})]
+    assert bad == []
+
+
+def test_malformed_framings_are_rejected(tmp_path):
+    from mosaic_core.bench import load_framings
+    from mosaic_core.errors import BenchmarkError
+
+    (tmp_path / "f.jsonl").write_text(
+        json.dumps({"id": "a", "family": "fiction", "split": "train", "messages": [{"role": "user", "content": "no placeholder"}]}) + "\n"
+        + json.dumps({"id": "b", "family": "poetry", "split": "train", "messages": [{"role": "user", "content": "{request}"}]}) + "\n"
+    )  # fmt: skip
+    with pytest.raises(BenchmarkError) as e:
+        load_framings(tmp_path / "f.jsonl")
+    assert "a: the last turn" in str(e.value) and "poetry" in str(e.value)

@@ -132,3 +132,27 @@ def answer_retained(answer: str, accepted: Sequence[str]) -> bool:
     refusal as not retained."""
     low = answer.lower()
     return any(a.lower() in low for a in accepted)
+
+
+def opening_tokens(tokenizer: Any, answer_ids: Sequence[int], n_words: int = 8) -> list[int]:
+    """The shortest prefix of an answer's token ids whose text holds its first `n_words` words (all of it if the
+    answer is shorter, its end-of-sequence token included: greedy decoding must stop there too)."""
+    ids = list(answer_ids)
+    for n in range(1, len(ids) + 1):
+        if len(answer_words(tokenizer.decode(ids[:n], skip_special_tokens=True))) > n_words:
+            return ids[: n - 1] if n > 1 else ids[:1]
+    return ids
+
+
+@torch.inference_mode()
+def opening_kept(
+    model: Any, tokenizer: Any, bank: ControlTokenBank | None, prompts: Sequence[str], active: Sequence[Sequence[str]],
+    placement: Placement, answers: Sequence[Sequence[int]], n_words: int = 8, cache: PrefixCache | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """Fidelity without generating: (B,) bool, True where greedy decoding with `active` on would reproduce the first
+    `n_words` words of `answers` (token ids of the bare model's greedy answers, e.g. the teacher's): every one of
+    those tokens is the argmax given the ones before it, read from one teacher-forced forward."""
+    heads = [opening_tokens(tokenizer, a, n_words) for a in answers]
+    b = encode_batch(tokenizer, model.get_input_embeddings(), bank, list(prompts), active, placement, heads, cache=cache)
+    logits, targets, mask = answer_logits(model, b)  # (B, T, V), (B, T), (B, T)
+    return ((logits.argmax(-1) == targets) | (mask == 0)).all(-1)

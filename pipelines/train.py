@@ -40,6 +40,7 @@ from torch import nn
 
 EXPERIMENT = "mosaic"
 VAL_BATCH = 16
+MIN_FIDELITY = 0.7  # select_key: the share of general answers (all modules on) that must keep their opening
 LOOPBACK_HOOK = "pipelines._loopback.install"  # torch TCPStore (+ Serve replica gRPC) on 127.0.0.1: PLATFORM §3.4
 CKPT_TAG = "ckpt"  # one DeepSpeed tag per checkpoint directory: Ray keeps one directory per report
 
@@ -59,8 +60,9 @@ def _read_parquet_dir(path: Path) -> Any:
 
 
 def load_tables(run: Path, seed: int, val_examples: int = 64) -> tuple[Any, list[dict[str, Any]]]:
-    """(train rows joined with the teacher, shuffled) and up to `val_examples` validation rows (prompt, active,
-    label), half of each label where the split has them."""
+    """(train rows joined with the teacher, shuffled) and the validation rows: up to `val_examples` scored for
+    refusal (prompt, active, label, order; half of each label where the split has them) and up to `val_examples`
+    general requests with every sampled module on and the teacher's answer (`answer_ids`), scored for fidelity."""
     from mosaic_core.errors import ConfigError
     from mosaic_core.teacher import TEACHER_COLS
 
@@ -83,7 +85,12 @@ def load_tables(run: Path, seed: int, val_examples: int = 64) -> tuple[Any, list
         train["draw"] = 0
     val_df = ex[ex["split"] == "val"] if "split" in ex else ex.iloc[:0]
     parts = [g.sample(min(len(g), val_examples // 2), random_state=seed) for _, g in val_df.groupby("label")]
-    val = [{"prompt": r.prompt, "active": list(r.active), "label": r.label} for p in parts for r in p.itertuples()]
+    val = [{"prompt": r.prompt, "active": list(r.active), "label": r.label, "order": len(r.active)} for p in parts for r in p.itertuples()]
+    if len(val_df) and "source" in val_df:
+        top = val_df[(val_df["source"] == "general") & (val_df["order"] == val_df["order"].max())].drop_duplicates("prompt_id")
+        top = top.merge(teacher, on="prompt_id").head(val_examples)
+        val += [{"prompt": r.prompt, "active": list(r.active), "label": "fidelity", "order": len(r.active),
+                 "answer_ids": [int(t) for t in r.response_ids]} for r in top.itertuples()]  # fmt: skip
     return train, val
 
 
@@ -181,7 +188,9 @@ class BankTrainingModule(nn.Module):
 
     forward(examples) -> batch_loss dict (loss, pos_ce, neg_ce, kl, decision, tokens);
     forward(examples, mode="refusal") -> (B, 2): the refusal's first `fast_tokens` tokens' mean log-prob and
-    whether greedy decoding starts with them (1.0 / 0.0), as evaluation's fast score reads them (validation)."""
+    whether greedy decoding starts with them (1.0 / 0.0), as evaluation's fast score reads them (validation);
+    forward(examples, mode="fidelity") -> (B,): 1.0 where greedy decoding would open with the first words of the
+    row's `answer_ids` (the bare model's answer), as evaluation's fidelity reads generated answers."""
 
     def __init__(self, model: Any, tokenizer: Any, bank: Any, refusal_ids: list[int], loss_cfg: Any, cache: Any = None,
                  fast_tokens: int = 3):  # fmt: skip
@@ -195,9 +204,13 @@ class BankTrainingModule(nn.Module):
         return self
 
     def forward(self, examples: list[dict[str, Any]], mode: str = "loss") -> Any:
-        from mosaic_core.scoring import refusal_score
+        from mosaic_core.scoring import opening_kept, refusal_score
         from mosaic_core.training import batch_loss
 
+        if mode == "fidelity":
+            return opening_kept(self.backbone, self.tokenizer, self.bank, [e["prompt"] for e in examples],
+                                [list(e["active"]) for e in examples], self.bank.placement, [e["answer_ids"] for e in examples],
+                                cache=self.cache).double()  # fmt: skip
         if mode == "refusal":
             rs = refusal_score(self.backbone, self.tokenizer, self.bank, [e["prompt"] for e in examples],
                                [list(e["active"]) for e in examples], self.bank.placement, self.refusal_ids, self.fast_tokens,
@@ -223,32 +236,71 @@ def _gathered_bank_state(bank: Any) -> dict[str, torch.Tensor]:
         return _bank_state(bank)
 
 
+def _rank_share(rows: list[dict[str, Any]], rank: int, world: int) -> tuple[list[dict[str, Any]], list[float]]:
+    """This rank's rows, padded with weight-0 copies so every rank runs the same number of forwards (ZeRO-3's
+    gathers are collective)."""
+    per = math.ceil(len(rows) / world)
+    mine = rows[rank::world]
+    return mine + [rows[0]] * (per - len(mine)), [1.0] * len(mine) + [0.0] * (per - len(mine))
+
+
 def _validate(engine: Any, val: list[dict[str, Any]], rank: int, world: int, device: torch.device) -> dict[str, float]:
     """Refusal on val positives / negatives: mean teacher-forced probability of starting the refusal, and the
-    share whose greedy answer starts with it (evaluation's fast DSR / OR). `val_gap` = DSR - OR is what picks
-    the best epoch. Every rank scores its share (padded with weight-0 rows so all ranks run the same number of
-    forwards: ZeRO-3 gathers are collective)."""
+    share whose greedy answer starts with it (evaluation's fast DSR / OR), pooled and per order; `val_gap` is
+    the mean over orders of DSR - OR. `val_fidelity`: the share of general requests, every sampled module on,
+    whose greedy answer would open with the bare model's first 8 words. select_key() picks the best epoch."""
     import torch.distributed as dist
 
-    per = math.ceil(len(val) / world)
-    mine = val[rank::world]
-    rows = mine + [val[0]] * (per - len(mine))
-    weights = [1.0] * len(mine) + [0.0] * (per - len(mine))
-    sums = torch.zeros(6, dtype=torch.float64)  # pos: sum p, sum refused, n; neg: the same
+    R = max([e["order"] for e in val] + [1])
+    sums = torch.zeros(R + 1, 6, dtype=torch.float64)  # row 0 pooled, row r order r; pos: sum p, refused, n; neg: same
+    fid = torch.zeros(2, dtype=torch.float64)  # kept, n
+    scored = [e for e in val if e["label"] != "fidelity"]
+    opening = [e for e in val if e["label"] == "fidelity"]
     with torch.no_grad():
-        for i in range(0, per, VAL_BATCH):
-            chunk = rows[i : i + VAL_BATCH]
-            out = engine(chunk, mode="refusal").double().cpu()  # (b, 2): mean log-prob, greedy refusal
-            for e, w, (lp, hit) in zip(chunk, weights[i : i + VAL_BATCH], out.tolist(), strict=True):
-                j = 0 if e["label"] == "pos" else 3
-                sums[j : j + 3] += torch.tensor([w * math.exp(lp), w * hit, w], dtype=torch.float64)
-    sums = sums.to(device)  # nccl reduces device tensors only
-    dist.all_reduce(sums)
-    s = sums.cpu().tolist()
+        if scored:
+            rows, weights = _rank_share(scored, rank, world)
+            for i in range(0, len(rows), VAL_BATCH):
+                chunk = rows[i : i + VAL_BATCH]
+                out = engine(chunk, mode="refusal").double().cpu()  # (b, 2): mean log-prob, greedy refusal
+                for e, w, (lp, hit) in zip(chunk, weights[i : i + VAL_BATCH], out.tolist(), strict=True):
+                    j = 0 if e["label"] == "pos" else 3
+                    add = torch.tensor([w * math.exp(lp), w * hit, w], dtype=torch.float64)
+                    sums[0, j : j + 3] += add
+                    sums[e["order"], j : j + 3] += add
+        if opening:
+            rows, weights = _rank_share(opening, rank, world)
+            for i in range(0, len(rows), VAL_BATCH):
+                kept = engine(rows[i : i + VAL_BATCH], mode="fidelity").double().cpu()
+                w = torch.tensor(weights[i : i + VAL_BATCH], dtype=torch.float64)
+                fid += torch.stack([(w * kept).sum(), w.sum()])
+    both = torch.cat([sums.flatten(), fid]).to(device)  # nccl reduces device tensors only
+    dist.all_reduce(both)
+    s = both[: sums.numel()].cpu().view(R + 1, 6).tolist()
+    f = both[sums.numel() :].cpu().tolist()
     nan = float("nan")
-    pos, dsr = (s[0] / s[2], s[1] / s[2]) if s[2] else (nan, nan)
-    neg, over = (s[3] / s[5], s[4] / s[5]) if s[5] else (nan, nan)
-    return {"val_refusal_pos": pos, "val_refusal_neg": neg, "val_dsr": dsr, "val_or": over, "val_gap": dsr - over}
+    rate = lambda k, n: k / n if n else nan  # noqa: E731
+    out = {"val_refusal_pos": rate(s[0][0], s[0][2]), "val_refusal_neg": rate(s[0][3], s[0][5]),
+           "val_dsr": rate(s[0][1], s[0][2]), "val_or": rate(s[0][4], s[0][5]), "val_fidelity": rate(f[0], f[1])}  # fmt: skip
+    gaps = []
+    for r in range(1, R + 1):
+        out[f"val_dsr_o{r}"], out[f"val_or_o{r}"] = rate(s[r][1], s[r][2]), rate(s[r][4], s[r][5])
+        g = out[f"val_dsr_o{r}"] - out[f"val_or_o{r}"]
+        if not math.isnan(g):
+            gaps.append(g)
+    out["val_gap"] = sum(gaps) / len(gaps) if gaps else nan
+    return out
+
+
+def select_key(val: dict[str, float]) -> tuple[int, float] | None:
+    """The fixed rule that keeps an epoch, as a sortable key (higher is better): among epochs whose val fidelity is
+    at least MIN_FIDELITY, the highest mean over orders of DSR - OR; if none reaches it, the highest fidelity. An
+    epoch without fidelity rows is judged on its gap alone; one without a usable gap has no key."""
+    gap, fid = val.get("val_gap", math.nan), val.get("val_fidelity", math.nan)
+    if math.isnan(gap):
+        return None
+    if math.isnan(fid) or fid >= MIN_FIDELITY:
+        return (1, gap)
+    return (0, fid)
 
 
 # ------------------------------------------------------------------------------------------ worker loop
@@ -384,11 +436,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with ema.swapped() if ema is not None else contextlib.nullcontext():
             val = _validate(engine, config["val"], rank, world, device) if config["val"] else {}
             last = _bank_state(bank) if stage != 3 else _gathered_bank_state(bank)
-        gap = val.get("val_gap", math.nan)
-        if best is None or math.isnan(gap) or state["best_val_gap"] is None or gap > state["best_val_gap"]:
+        key, best_key = select_key(val), state.get("best_key")
+        if best is None or key is None or best_key is None or tuple(key) > tuple(best_key):
             # no usable validation -> the last bank is the best one
             best, state["best_epoch"] = last, epoch + 1
-            state["best_val_gap"] = None if math.isnan(gap) else gap
+            state["best_key"] = None if key is None else list(key)
+            state["best_val_gap"] = None if key is None else val["val_gap"]
         # an epoch cut short by max_steps is not complete: a later, longer run would redo it from its start
         state.update(epoch=epoch + 1 if done == spe else epoch, step=step, categories=list(bank.categories), val=val)
         wall = time.perf_counter() - t_start

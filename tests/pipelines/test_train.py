@@ -125,14 +125,29 @@ def test_load_tables_joins_teacher_and_reports_missing(tmp_path, tiny_model_dir)
     assert len(train) == 8 and set(train.label) == {"pos", "neg"} and set(train.split) == {"train"}
     assert all(len(r) > 0 for r in train[train.label == "neg"].response_ids)
     assert all(len(r) == 0 for r in train[train.label == "pos"].topk_ids)
-    assert 0 < len(val) <= 64 and {v["label"] for v in val} == {"pos", "neg"}
-    assert [v["label"] for v in load_tables(run, seed=0, val_examples=2)[1]] == ["neg", "pos"]
+    scored = [v for v in val if v["label"] != "fidelity"]
+    assert 0 < len(scored) <= 64 and {v["label"] for v in scored} == {"pos", "neg"}
+    assert [v["label"] for v in load_tables(run, seed=0, val_examples=2)[1] if v["label"] != "fidelity"] == ["neg", "pos"]
+    for v in (v for v in val if v["label"] == "fidelity"):  # general requests, every sampled module on, with the bare answer
+        assert v["order"] == max(x["order"] for x in scored) and v["answer_ids"] and all(isinstance(t, int) for t in v["answer_ids"])
     import pandas as pd
 
     t = pd.read_parquet(run / "data" / "teacher" / "part-0.parquet")
     t.iloc[1:].to_parquet(run / "data" / "teacher" / "part-0.parquet")
     with pytest.raises(ValueError, match="no teacher row"):
         load_tables(run, seed=0)
+
+
+def test_the_kept_epoch_is_the_best_gap_among_faithful_ones_else_the_most_faithful():
+    from pipelines.train import MIN_FIDELITY, select_key
+
+    faithful = [{"val_gap": 0.5, "val_fidelity": MIN_FIDELITY}, {"val_gap": 0.7, "val_fidelity": 0.9}]
+    drifting = [{"val_gap": 0.95, "val_fidelity": 0.3}, {"val_gap": 0.1, "val_fidelity": 0.6}]
+    epochs = [drifting[0], faithful[0], drifting[1], faithful[1]]
+    assert max(epochs, key=select_key) is faithful[1]  # a higher gap with drifting answers does not win
+    assert max(drifting, key=select_key) is drifting[1]  # none faithful: the most faithful
+    assert select_key({"val_gap": 0.2, "val_fidelity": float("nan")}) == (1, 0.2)  # no fidelity rows: the gap alone
+    assert select_key({"val_gap": float("nan"), "val_fidelity": 0.9}) is None
 
 
 def test_reference_deepspeed_configs_match_the_built_ones():

@@ -73,3 +73,27 @@ def test_committed_mmlu_subsets_load():
     mini, big = load_mmlu(root / "mmlu-mini.jsonl"), load_mmlu(root / "mmlu-1k.jsonl")
     assert len(mini) == 285 and len({q.subject for q in mini}) == 57 and len(big) == 1000
     assert all(len(q.choices) == 4 and 0 <= q.answer < 4 for q in big)
+
+
+def test_opening_kept_agrees_with_generation(tiny_backbone):
+    """The teacher-forced fidelity flag is True exactly when greedy generation reproduces the opening."""
+    import torch
+
+    from mosaic_core.compose import encode_batch
+    from mosaic_core.generation import generate
+    from mosaic_core.scoring import opening_kept, opening_tokens
+
+    tok, model = tiny_backbone.tokenizer, tiny_backbone.model
+    prompts = ["How do frogs sleep?", "Name a colour.", "What is two plus two?"]
+    empty = [[] for _ in prompts]
+    b = encode_batch(tok, model.get_input_embeddings(), None, prompts, empty, "before_assistant")
+    gens = generate(model, b, max_new_tokens=12, eos_token_ids=[tok.eos_token_id])
+    bare = [g.token_ids for g in gens]
+    assert opening_kept(model, tok, None, prompts, empty, "before_assistant", bare, n_words=3).all()
+    wrong = [[(t + 1) % len(tok) for t in a] for a in bare]  # another answer entirely: not what greedy gives
+    assert not opening_kept(model, tok, None, prompts, empty, "before_assistant", wrong, n_words=3).any()
+    ids = tok("one two three four five", add_special_tokens=False).input_ids
+    head = opening_tokens(tok, ids, 2)
+    assert tok.decode(head).split() == ["one", "two"] and len(head) < len(ids)
+    assert opening_tokens(tok, ids, 50) == ids
+    assert torch.is_tensor(opening_kept(model, tok, None, prompts[:1], empty[:1], "before_assistant", [[]], n_words=3))

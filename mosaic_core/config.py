@@ -392,6 +392,11 @@ class EvalSettings:
     """Words of the bare model's answer that must open the answer with modules on."""
     retention_cap: int | None = None
     """Factual questions scored for retention (none / each module / all on); null = all, 0 = skip."""
+    framings: str | None = "data/framings/framings.jsonl"
+    """Framing templates (role-play, fiction, ...): DSR / OR / look-alike OR per family and order with requests
+    wrapped in the family's templates of the evaluated split (val: val's; test, test2: test2's); null = skip."""
+    framed_cap: int | None = 20
+    """Requests per (family, order, group) for the framed scores (one subset per order); null = all, 0 = skip."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -399,6 +404,8 @@ class EvalSettings:
             v = getattr(self, k)
             if v is not None and v < 0:
                 problems.append(f"{k}: {v} must be >= 0 or null")
+        if self.framed_cap is not None and self.framed_cap < 0:
+            problems.append(f"framed_cap: {self.framed_cap} must be >= 0 or null")
         if self.retention_cap is not None and self.retention_cap < 0:
             problems.append(f"retention_cap: {self.retention_cap} must be >= 0 or null")
         if self.fidelity_subsets < 0 or not 1 <= self.fidelity_words <= 64:

@@ -123,7 +123,8 @@ class EvalUDF:
         from mosaic_core.scoring import refusal_score
 
         tok, model = self.bb.tokenizer, self.bb.model
-        msgs = [as_messages(p, s or None) for p, s in zip(batch["prompt"], batch["system"])]
+        framed = batch["messages"] if "messages" in batch else [""] * len(batch)
+        msgs = [as_messages(json.loads(f) if f else p, s or None) for p, s, f in zip(batch["prompt"], batch["system"], framed)]
         active = [list(a) for a in batch["active"]]
         score = np.full(len(batch), np.nan)
         response = [""] * len(batch)
@@ -159,7 +160,8 @@ def _cap(rows: list[dict], n: int | None, rng: random.Random) -> list[dict]:
     return rows if n is None or len(rows) <= n else rng.sample(rows, n)
 
 
-def build_jobs(cfg: EvalConfig, requests: list[dict], mmlu: list[dict], xstest: list[dict]) -> pd.DataFrame:
+def build_jobs(cfg: EvalConfig, requests: list[dict], mmlu: list[dict], xstest: list[dict],
+               framings: list[dict] | None = None) -> pd.DataFrame:  # fmt: skip
     """One row per (request, condition, mode). Conditions: `mosaic` (modules S on), `in_context` (S written in
     the system prompt), `base` (neither); `subset` names S ("" for the base model, whose answers do not depend on S)."""
     cats = list(cfg.recipe.bank.categories)
@@ -179,7 +181,8 @@ def build_jobs(cfg: EvalConfig, requests: list[dict], mmlu: list[dict], xstest: 
         key = "+".join(subset) if condition != "base" else ""
         jobs.append({"prompt_id": q["id"], "prompt": q["prompt"], "category": q["category"] or "", "kind": q["kind"],
                      "condition": condition, "subset": key, "group": group, "mode": mode, "active": active,
-                     "system": system, "answer": -1, "accepted": "", "_accepted": q.get("answer")})  # fmt: skip
+                     "system": system, "answer": -1, "accepted": "", "_accepted": q.get("answer"),
+                     "messages": q.get("_messages", ""), "family": q.get("_family", "")})  # fmt: skip
 
     conditions = ["mosaic", *cfg.s.baselines]
     for s in subsets:
@@ -206,6 +209,7 @@ def build_jobs(cfg: EvalConfig, requests: list[dict], mmlu: list[dict], xstest: 
             if "in_context" in cfg.s.baselines:
                 add(q, "in_context", tuple(cats), "xstest", mode)
     _answer_jobs(cfg, by[(None, "general")], add, rng)
+    _framed_jobs(cfg, by, framings or [], add, rng)
     for j in jobs:
         if j["group"] == "retention":
             j["accepted"] = json.dumps(j["_accepted"])
@@ -240,6 +244,31 @@ def _answer_jobs(cfg: EvalConfig, general: list[dict], add: Any, rng: random.Ran
     for q in _cap(factual, cfg.s.retention_cap, rng):
         for s in [(), *[(c,) for c in cats], cats]:
             add(q, "mosaic", s, "retention", "gen")
+
+
+def _framed_jobs(cfg: EvalConfig, by: dict, framings: list[dict], add: Any, rng: random.Random) -> None:
+    """Fast-score rows of requests wrapped in framing templates: per family and order, one subset, its targets
+    (dsr), the inactive targets + general requests (or) and its look-alikes, each request in a template of the
+    family drawn at random. Multi-turn templates are real turns of the chat."""
+    from mosaic_core.bench import frame
+
+    if not framings or cfg.s.framed_cap == 0:
+        return
+    cats = list(cfg.recipe.bank.categories)
+    for family in sorted({f["family"] for f in framings}):
+        members = [f for f in framings if f["family"] == family]
+        for r in range(1, min(cfg.s.max_order, len(cats)) + 1):
+            s = rng.choice(list(itertools.combinations(cats, r)))
+            groups = {
+                "dsr": [q for c in s for q in by[(c, "target")]],
+                "or": [q for c in cats if c not in s for q in by[(c, "target")]] + by[(None, "general")],
+                "lookalike": [q for c in s for q in by[(c, "lookalike")]],
+            }
+            for group, qs in groups.items():
+                for q in _cap(qs, cfg.s.framed_cap, rng):
+                    t = rng.choice(members)
+                    add({**q, "id": f"{q['id']}@{t['id']}", "_messages": json.dumps(frame(q["prompt"], t)), "_family": family},
+                        "mosaic", s, f"framed:{group}", "fast")  # fmt: skip
 
 
 def run_jobs(jobs: pd.DataFrame, cfg: EvalConfig) -> pd.DataFrame:
@@ -290,7 +319,7 @@ def summarize(res: pd.DataFrame, cfg: EvalConfig) -> dict[str, Any]:
         tables[mode] = t
     out["per_order"] = tables
     # per category x subset (fast, mosaic): refusal rate of each category's targets under each subset
-    m = res[(res["condition"] == "mosaic") & (res["mode"] == "fast") & (res["kind"] == "target") & (res["group"] != "xstest")]
+    m = res[(res["condition"] == "mosaic") & (res["mode"] == "fast") & res["group"].isin(["dsr", "or"]) & (res["kind"] == "target")]
     out["heatmap"] = {s: {c: rate(g[g["category"] == c]["is_refused"].tolist()).value for c in cats}
                       for s, g in m.groupby("subset")}  # fmt: skip
     out["per_module"] = {}
@@ -314,6 +343,10 @@ def summarize(res: pd.DataFrame, cfg: EvalConfig) -> dict[str, Any]:
     out["xstest"] = {f"{cond}:{s or 'none'}:{mode}": rate(g["is_refused"].tolist()).to_dict()
                      for (cond, s, mode), g in xs.groupby(["condition", "subset", "mode"])}  # fmt: skip
     out.update(answers_survive(res, cfg))
+    out["framed"] = {}
+    fr = res[res["group"].str.startswith("framed:")]
+    for (family, r), g in fr.groupby(["family", "order"]):
+        out["framed"].setdefault(family, {})[str(r)] = {grp.split(":")[1]: rate(gg["is_refused"].tolist()).to_dict() for grp, gg in g.groupby("group")}
     out["general_or"] = {str(r): rate(g["is_refused"].tolist()).to_dict() for r, g in
                          res[(res["condition"] == "mosaic") & (res["mode"] == "fast") & (res["group"] == "or") & (res["kind"] == "general")].groupby("order")}  # fmt: skip
     out["examples"] = res[(res["mode"] == "gen") & res["group"].isin(["dsr", "or", "lookalike"])].head(40)[["condition", "subset", "group", "prompt", "response", "is_refused"]].to_dict("records")
@@ -376,6 +409,15 @@ def markdown(rep: dict[str, Any], cfg: EvalConfig) -> str:
               "| measure | modules on | rate |", "|---|---|---|"]  # fmt: skip
         L += [f"| fidelity | {'one (sampled)' if k == 'order1' else 'all'} | {_fmt(v)} |" for k, v in fid.items()]
         L += [f"| retention | {k.replace('module:', '')} | {_fmt(v)} |" for k, v in ret.items()]
+    if rep.get("framed"):
+        L += ["", "## Framed requests (fast score): DSR / OR / look-alike OR per framing family and order", "",
+              "Requests wrapped in the family's templates of this split (one subset per order); the plain row is Table 1's.", "",
+              "| family | " + " | ".join(f"order {r}" for r in rep["per_order"]["fast"]["mosaic"]) + " |",
+              "|---|" + "---|" * len(rep["per_order"]["fast"]["mosaic"])]  # fmt: skip
+        cell = lambda row: " / ".join("–" if not row.get(k, {}).get("n") else f"{100 * row[k]['rate']:.0f}" for k in ("dsr", "or", "lookalike"))  # noqa: E731
+        L.append("| plain | " + " | ".join(cell(v) for v in rep["per_order"]["fast"]["mosaic"].values()) + " |")
+        for fam, per in rep["framed"].items():
+            L.append(f"| {fam} | " + " | ".join(cell(per.get(r, {})) for r in rep["per_order"]["fast"]["mosaic"]) + " |")
     if rep["mmlu"]:
         L += ["", "## Table 2 — utility (MMLU subset, letter log-likelihood)", "", "| condition | accuracy |", "|---|---|"]
         L += [f"| {k} | {v:.3f} |" for k, v in rep["mmlu"].items()]
@@ -423,6 +465,21 @@ def plots(rep: dict[str, Any], out: Path) -> list[Path]:
         ax.set_ylim(0, 105), ax.set_ylabel("%"), ax.set_title("answers that survive the modules (higher is better)")
         fig.tight_layout()
         files.append(out / "answers_survive.png")
+        fig.savefig(files[-1], dpi=110)
+        plt.close(fig)
+    if rep.get("framed"):
+        fams = list(rep["framed"])
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        for ax, key, title in ((axes[0], "dsr", "DSR, framed (order 1)"), (axes[1], "or", "OR, framed (order 1)")):
+            vals = [100 * rep["framed"][f].get("1", {}).get(key, {}).get("rate", float("nan")) for f in fams]
+            ax.bar(range(len(fams)), vals, color="tab:orange")
+            plain = rep["per_order"]["fast"]["mosaic"].get("1", {}).get(key, {}).get("rate")
+            if plain is not None:
+                ax.axhline(100 * plain, color="k", ls="--", lw=1, label="plain")
+            ax.set_xticks(range(len(fams)), fams, rotation=30, fontsize=8)
+            ax.set_ylim(0, 105), ax.set_title(title), ax.legend()
+        fig.tight_layout()
+        files.append(out / "framed.png")
         fig.savefig(files[-1], dpi=110)
         plt.close(fig)
     hm = rep["heatmap"]
@@ -531,7 +588,13 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
     xs = load_xstest(cfg.xstest) if cfg.xstest else []
     if cfg.s.xstest_cap and len(xs) > cfg.s.xstest_cap:
         xs = random.Random(cfg.seed).sample(xs, cfg.s.xstest_cap)
-    jobs = build_jobs(cfg, bench, mmlu, xs)
+    framings = []
+    if cfg.s.framings and cfg.s.framed_cap != 0:
+        from mosaic_core.bench import load_framings
+
+        split = "val" if cfg.split == "val" else "test2"  # test2's templates are the ones training never saw
+        framings = [f for f in load_framings(Path(cfg.s.framings)) if f["split"] == split]
+    jobs = build_jobs(cfg, bench, mmlu, xs, framings)
     print(f"[eval] {len(jobs)} rows: " + ", ".join(f"{k} {v}" for k, v in jobs["mode"].value_counts().items()))
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False, log_to_driver=False)

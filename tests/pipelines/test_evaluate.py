@@ -81,8 +81,11 @@ def test_eval_main_smoke_writes_reports_and_plots(tmp_path, tiny_model_dir, tiny
     cfg = EvalConfig(bank_dir=str(tmp_path / "run" / "bank"), recipe=recipe, out_dir=str(tmp_path / "run"), xstest=str(xs))
     rep = main(cfg)
     files = sorted(p.name for p in (tmp_path / "run" / "eval").iterdir())
-    assert files == ["answers_survive.png", "category_subset_heatmap.png", "dsr_or_per_order.png", "report.json", "report.md", "rows.parquet"]
-    assert rep["fidelity"]["order1"]["n"] == 2 * 2 and rep["fidelity"]["all"]["n"] == 3
+    assert files == ["answers_survive.png", "category_subset_heatmap.png", "dsr_or_per_order.png", "framed.png", "report.json", "report.md",
+                     "rows.parquet"]  # fmt: skip
+    assert set(rep["framed"]) == {"roleplay", "fiction", "research", "override", "prefix", "hypothetical", "translation", "multiturn"}
+    plain = [r for r in map(json.loads, (bench / "bench.jsonl").read_text().splitlines()) if r["kind"] == "general" and not r.get("task")]
+    assert rep["fidelity"]["all"]["n"] == len(plain) >= 1 and rep["fidelity"]["order1"]["n"] == 2 * min(2, len(plain))
     rows = pd.read_parquet(tmp_path / "run" / "eval" / "rows.parquet")
     fast = rows[rows["mode"] == "fast"]
     assert set(rows["mode"]) == {"fast", "gen", "mmlu"} and fast["score"].between(0, 1).all() and fast["refused"].dtype == bool
@@ -159,3 +162,28 @@ def test_same_opening_and_answer_retained():
     assert not same_opening("Paris is the capital of France, a city of light.", "Paris is the capital of Spain, a city of light.")
     assert same_opening("Yes.", "Yes, of course.") and not same_opening("Yes.", "No.")
     assert answer_retained("It has EIGHT legs.", ["8", "eight"]) and not answer_retained("It has six legs.", ["8", "eight"])
+
+
+def test_framed_requests_are_scored_per_family_and_order():
+    from mosaic_core.bench import load_framings
+
+    recipe = load_recipe(ROOT / "pipelines" / "configs" / "smollm2-cpu.yaml", {"bank.categories": list(CATS)})
+    recipe = replace(recipe, eval=EvalSettings(max_order=2, fast_cap=None, gen_subsets=0, mmlu=None, framed_cap=2, retention_cap=0,
+                                               fidelity_subsets=0, fidelity_all_cap=0))  # fmt: skip
+    reqs = [{"id": f"{c}-{i}", "prompt": f"{c} request {i}", "category": c, "kind": "target"} for c in CATS for i in range(3)]
+    reqs += [{"id": f"{c}-l{i}", "prompt": f"{c} lookalike {i}", "category": c, "kind": "lookalike"} for c in CATS for i in range(2)]
+    reqs += [{"id": f"g{i}", "prompt": f"general {i}", "category": None, "kind": "general"} for i in range(3)]
+    framings = [f for f in load_framings(ROOT / "data" / "framings" / "framings.jsonl") if f["split"] == "test2"]
+    cfg = EvalConfig(bank_dir="x", recipe=recipe, out_dir="x", split="test2")
+    jobs = build_jobs(cfg, reqs, [], [], framings)
+    framed = jobs[jobs["group"].str.startswith("framed:")]
+    assert set(framed["family"]) == {f["family"] for f in framings} and len(framed) == 8 * 2 * 3 * 2
+    multi = framed[framed["family"] == "multiturn"].iloc[0]
+    chat = json.loads(multi["messages"])
+    assert [m["role"] for m in chat][-3:] == ["user", "assistant", "user"] and multi["prompt"] in chat[-1]["content"]
+    # a module set that holds plainly but is switched off by fiction
+    refuse = [(r.kind == "target" and r.category in r.subset.split("+") and r.family != "fiction") for r in jobs.itertuples()]
+    rep = summarize(jobs.assign(score=0.0, refused=refuse, response=""), cfg)
+    assert rep["framed"]["fiction"]["1"]["dsr"]["rate"] == 0.0 and rep["framed"]["roleplay"]["1"]["dsr"]["rate"] == 1.0
+    assert rep["per_order"]["fast"]["mosaic"]["1"]["dsr"]["rate"] == 1.0  # the plain figures are not mixed with framed ones
+    assert "| fiction | 0 / 0 / 0" in __import__("pipelines.evaluate", fromlist=["markdown"]).markdown(rep, cfg)

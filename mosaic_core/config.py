@@ -125,6 +125,10 @@ class SamplerConfig:
     """Draw numbers start here: draws first_draw .. first_draw + draws - 1 (seeds seed + 1000 d), so a later stage of a
     recipe chain trains on examples no earlier stage drew, with the same seed -- and so the same val_share split and
     validation sample (changing the seed would lend the requests an earlier stage validated on)."""
+    framed_share: float = 0.0
+    """Share of the training examples (positives and negatives alike, chosen by a hash of the example) whose request
+    is wrapped in one of the train split's framing templates (role-play, fiction, research, ...: data/framings/), so
+    the modules learn that the request decides, not the framing. The teacher answers framed negatives as any other."""
     val_share: float = 0.0
     """Share of the val split's requests the training examples may draw from too (chosen by a hash of each request's
     id: the same ones every run); the per-epoch validation sample is drawn from the rest only, so keep-best never
@@ -135,6 +139,8 @@ class SamplerConfig:
         problems = []
         if not 0 <= self.val_share <= 0.8:
             problems.append(f"val_share: {self.val_share} must be in [0, 0.8] (the rest of val picks the best epoch)")
+        if not 0.0 <= self.framed_share <= 0.8:
+            problems.append(f"framed_share: {self.framed_share} must be in [0, 0.8] (most requests stay plain)")
         if not 1 <= self.draws <= 100:
             problems.append(f"draws: {self.draws} must be in [1, 100]")
         if not 0 <= self.first_draw <= 1000:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import math
 import random
 from collections.abc import Sequence
@@ -41,6 +42,26 @@ class Example:
     category: str | None
     source: str  # target | inactive | general | lookalike
     draw: int = 0  # which of the sampler's draws (sample_draws) it belongs to
+    messages: str = ""  # a framed request: the chat (JSON) its framing template makes of `prompt`; "" when plain
+
+
+def frame_examples(examples: Sequence[Example], templates: Sequence[dict], share: float, seed: int) -> list[Example]:
+    """About `share` of the examples (by a hash of seed and example id: the same ones every run) with their request
+    wrapped in a template drawn the same way; a framed example's prompt_id names its template, so the teacher
+    answers the framed chat, not the plain request."""
+    from mosaic_core.bench import frame
+
+    if not share or not templates:
+        return list(examples)
+    out = []
+    for e in examples:
+        h = int(hashlib.sha256(f"frame:{seed}:{e.example_id}".encode()).hexdigest(), 16)
+        if (h % 10_000) / 10_000 >= share:
+            out.append(e)
+            continue
+        t = templates[(h // 10_000) % len(templates)]
+        out.append(replace(e, prompt_id=f"{e.prompt_id}@{t['id']}", messages=json.dumps(frame(e.prompt, t))))
+    return out
 
 
 def positives_per_subset(K: int, r: int, per_subset: int) -> int:

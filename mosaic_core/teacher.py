@@ -18,7 +18,7 @@ TEACHER_COLS = ("response_ids", "topk_ids", "topk_logprobs")  # a teacher row's 
 
 @torch.inference_mode()
 def teacher_outputs(
-    model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int, topk: int,
+    model: Any, tokenizer: Any, prompts: Sequence[Any], *, max_new_tokens: int, topk: int,
     placement: Placement = "before_assistant",
 ) -> list[dict[str, list]]:  # fmt: skip
     """For each prompt: `response_ids` (T,) — the greedy answer, ending with EOS when the model stopped —,

@@ -11,6 +11,8 @@ decision-only step). `BankEMA`: a moving average of the trainable modules."""
 
 from __future__ import annotations
 
+import json
+
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -45,6 +47,12 @@ def _cut(e: dict[str, Any], n: int) -> dict[str, Any]:
     return {**e, "response_ids": e["response_ids"][:n], "topk_ids": e["topk_ids"][:n], "topk_logprobs": e["topk_logprobs"][:n]}
 
 
+def request_of(example: dict[str, Any]) -> Any:
+    """What an example asks: its framed chat (a message list) when it has one, else the plain prompt text."""
+    messages = example.get("messages")
+    return json.loads(messages) if messages else example["prompt"]
+
+
 def batch_loss(
     model: Any, tokenizer: Any, bank: ControlTokenBank, examples: Sequence[dict[str, Any]], refusal_ids: Sequence[int],
     loss_cfg: LossConfig, placement: Placement | None = None, cache: PrefixCache | None = None,
@@ -57,7 +65,7 @@ def batch_loss(
     examples = [_cut(e, loss_cfg.max_answer_tokens) for e in examples]
     refusal = list(refusal_ids[: loss_cfg.refusal_tokens or None])
     targets = [refusal if e["label"] == "pos" else list(e["response_ids"]) for e in examples]
-    batch = encode_batch(tokenizer, model.get_input_embeddings(), bank, [e["prompt"] for e in examples],
+    batch = encode_batch(tokenizer, model.get_input_embeddings(), bank, [request_of(e) for e in examples],
                          [list(e["active"]) for e in examples], placement, targets, cache=cache)  # type: ignore[arg-type]  # fmt: skip
     logits, tgt, mask = answer_logits(model, batch)  # (B, T, V), (B, T), (B, T)
     is_pos = torch.tensor([e["label"] == "pos" for e in examples])

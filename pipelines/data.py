@@ -48,12 +48,13 @@ from mosaic_core.backbone import load_backbone
 from mosaic_core.bench import REQUIRED, validate_rows
 from mosaic_core.config import Recipe, load_recipe
 from mosaic_core.errors import BenchmarkError, ConfigError
-from mosaic_core.sampling import Request, interleave_orders, plan, sample_draws, sample_examples, split_off
+from mosaic_core.sampling import Request, frame_examples, interleave_orders, plan, sample_draws, sample_examples, split_off
 from mosaic_core.teacher import TEACHER_COLS
 from pipelines._actors import actor_pool_resources
 
 DATA_VERSION = 1  # bump when the tables' meaning changes: old outputs then rebuild
 TEACHER_STORE = Path(__file__).resolve().parents[1] / "data" / "teacher"
+FRAMINGS = Path(__file__).resolve().parents[1] / "data" / "framings" / "framings.jsonl"
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -139,7 +140,9 @@ class TeacherUDF:
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         from mosaic_core.teacher import teacher_outputs
 
-        rows = teacher_outputs(self.bb.model, self.bb.tokenizer, list(batch["prompt"]),
+        framed = batch["messages"] if "messages" in batch else [""] * len(batch)
+        prompts = [json.loads(m) if m else p for p, m in zip(batch["prompt"], framed)]  # a framed request: its chat
+        rows = teacher_outputs(self.bb.model, self.bb.tokenizer, prompts,
                                max_new_tokens=self.max_new_tokens, topk=self.topk)  # fmt: skip
         return pd.DataFrame({
             "prompt_id": batch["prompt_id"].tolist(),
@@ -180,21 +183,27 @@ class TeacherCache:
     def _key(prompt: str) -> str:
         return hashlib.sha256(prompt.encode()).hexdigest()
 
+    @staticmethod
+    def keys(prompts: pd.DataFrame) -> list[str]:
+        """Each row's key: the hash of what the teacher answers (the framed chat's JSON when `messages` is set)."""
+        framed = prompts["messages"] if "messages" in prompts else [""] * len(prompts)
+        return [TeacherCache._key(m or p) for p, m in zip(prompts["prompt"], framed)]
+
     def lookup(self, prompts: pd.DataFrame) -> pd.DataFrame:
         """Cached rows for `prompts` (prompt_id, prompt): {prompt_id, *TEACHER_COLS}, one per prompt found."""
         parts = sorted(self.root.glob("*.parquet")) if self.root.is_dir() else []
         if not parts or prompts.empty:
             return pd.DataFrame(columns=["prompt_id", *TEACHER_COLS])
         known = pd.concat([pd.read_parquet(f) for f in parts], ignore_index=True).drop_duplicates("prompt_sha")
-        want = prompts.assign(prompt_sha=[self._key(t) for t in prompts["prompt"]])
+        want = prompts.assign(prompt_sha=self.keys(prompts))
         return want.merge(known, on="prompt_sha")[["prompt_id", *TEACHER_COLS]]
 
     def add(self, rows: pd.DataFrame, prompts: pd.DataFrame) -> None:
         """Keep `rows` ({prompt_id, *TEACHER_COLS}) under their prompts' text (`prompts`: prompt_id, prompt)."""
         if rows.empty:
             return
-        text = prompts.set_index("prompt_id")["prompt"]
-        part = rows.assign(prompt_sha=[self._key(text[i]) for i in rows["prompt_id"]])[["prompt_sha", *TEACHER_COLS]]
+        key = dict(zip(prompts["prompt_id"], self.keys(prompts)))
+        part = rows.assign(prompt_sha=[key[i] for i in rows["prompt_id"]])[["prompt_sha", *TEACHER_COLS]]
         self.root.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".part-", suffix=".tmp", dir=self.root)
         os.close(fd)
@@ -232,7 +241,7 @@ class TeacherStore:
         """Stored rows for `prompts` (prompt_id, prompt), cut to the recipe's T and k: {prompt_id, *TEACHER_COLS}."""
         if prompts.empty or not self.serves(recipe):
             return pd.DataFrame(columns=["prompt_id", *TEACHER_COLS])
-        want = prompts.assign(prompt_sha=[TeacherCache._key(t) for t in prompts["prompt"]])
+        want = prompts.assign(prompt_sha=TeacherCache.keys(prompts))
         rows = want.merge(self.known(), on="prompt_sha")[["prompt_id", *TEACHER_COLS]]
         T, k = recipe.teacher.max_new_tokens, recipe.loss.topk
         return rows.assign(
@@ -243,9 +252,9 @@ class TeacherStore:
 
     def add(self, rows: pd.DataFrame, prompts: pd.DataFrame, *, backbone: str, max_new_tokens: int, topk: int) -> Path:
         """Write one part ({prompt_id, *TEACHER_COLS} under their prompts' text) whole, then the store's meta."""
-        text = prompts.set_index("prompt_id")["prompt"]
+        key = dict(zip(prompts["prompt_id"], TeacherCache.keys(prompts)))
         part = pd.DataFrame({
-            "prompt_sha": [TeacherCache._key(text[i]) for i in rows["prompt_id"]],
+            "prompt_sha": [key[i] for i in rows["prompt_id"]],
             "response_ids": [[int(t) for t in r] for r in rows["response_ids"]],
             "topk_ids": [[[int(t) for t in p] for p in r] for r in rows["topk_ids"]],
             # float32 halves the store; the loss reads them as float32 anyway
@@ -331,11 +340,18 @@ def main(config: str, *, name: str | None = None, out: str | None = None, overri
     if lent:
         print(f"[data] sampler.val_share: training also draws from {len(lent)} val requests, validation from {len(val_req)}")
     train_ex = interleave_orders(sample_draws(train_req, cats, recipe.sampler), recipe.sampler.seed)
+    if recipe.sampler.framed_share:  # only the train split's templates: val's and test2's stay unseen
+        from mosaic_core.bench import load_framings
+
+        templates = [f for f in load_framings(FRAMINGS) if f["split"] == "train"]
+        train_ex = frame_examples(train_ex, templates, recipe.sampler.framed_share, recipe.sampler.seed)
+        print(f"[data] sampler.framed_share: {sum(bool(e.messages) for e in train_ex)} of {len(train_ex)} training examples framed")
     val_cfg = dataclasses.replace(recipe.sampler, per_subset=max(1, recipe.sampler.per_subset // 4), seed=recipe.sampler.seed + 1,
                                   draws=1)  # fmt: skip
     val_ex = sample_examples(val_req, cats, val_cfg)
     ex = pd.concat([examples_frame(train_ex, "train"), examples_frame(val_ex, "val")], ignore_index=True)
-    neg = ex[ex["label"] == "neg"].drop_duplicates("prompt_id")[["prompt_id", "prompt"]].reset_index(drop=True)
+    neg = ex[ex["label"] == "neg"].drop_duplicates("prompt_id")[["prompt_id", "prompt", "messages"]].reset_index(drop=True)
+
     print(f"[data] {len(ex)} examples; teacher: {len(neg)} unique negative prompts for {int((ex['label'] == 'neg').sum())} negatives")
 
     cache = TeacherCache(run_dir.parent, recipe, digest_backbone)

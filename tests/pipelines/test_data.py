@@ -205,3 +205,24 @@ def test_committed_store_serves_shorter_answers_by_prefix_and_skips_the_teacher(
         assert all(abs(a - b) < 1e-4 for ga, ra in zip(got.loc[p, "topk_logprobs"], ref["topk_logprobs"]) for a, b in zip(ga, ra))
     wider = write_tiny_recipe(tmp_path / "wide.yaml", tiny_model_dir, write_tiny_bench(tmp_path / "bench"), loss={"topk": 8})
     assert not store.serves(__import__("mosaic_core.config", fromlist=["load_recipe"]).load_recipe(wider))
+
+
+def test_framed_share_frames_training_requests_and_the_teacher_answers_the_framed_chats(tmp_path, tiny_model_dir):
+    from mosaic_core.training import request_of
+
+    recipe = write_tiny_recipe(tmp_path / "r.yaml", tiny_model_dir, write_tiny_bench(tmp_path / "bench"),
+                               sampler={"framed_share": 0.5})  # fmt: skip
+    run = main(str(recipe), out=str(tmp_path / "run"))
+    ex = pd.read_parquet(run / "data" / "examples")
+    train, val = ex[ex["split"] == "train"], ex[ex["split"] == "val"]
+    framed = train[train["messages"] != ""]
+    assert 0 < len(framed) < len(train) and (val["messages"] == "").all()
+    assert {p.split("@")[1].split("-")[0] for p in framed["prompt_id"]} <= {"roleplay", "fiction", "research", "override", "prefix",
+                                                                             "hypothetical", "translation", "multiturn"}  # fmt: skip
+    teacher = pd.read_parquet(run / "data" / "teacher").set_index("prompt_id")
+    neg = framed[framed["label"] == "neg"].iloc[0]
+    chat = request_of(neg.to_dict())
+    assert isinstance(chat, list) and neg["prompt"] in chat[-1]["content"]
+    bb = load_backbone(str(tiny_model_dir))
+    direct = teacher_outputs(bb.model, bb.tokenizer, [chat], max_new_tokens=4, topk=4)[0]
+    assert list(teacher.loc[neg["prompt_id"], "response_ids"]) == direct["response_ids"]

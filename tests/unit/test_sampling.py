@@ -118,3 +118,24 @@ def test_split_off_takes_a_stable_share_by_id():
     assert {q.id for q in again} == {q.id for q in taken} & {q.id for q in reversed(reqs[-150:])}
     assert {q.id for q in split_off(reqs, 0.5, seed=1)[0]} != {q.id for q in taken}
     assert split_off(reqs, 0.0, seed=0) == ([], reqs)
+
+
+def test_framing_wraps_a_stable_share_of_examples_with_train_templates():
+    import json
+    from pathlib import Path
+
+    from mosaic_core.bench import load_framings
+    from mosaic_core.sampling import frame_examples
+
+    templates = [f for f in load_framings(Path(__file__).resolve().parents[2] / "data" / "framings" / "framings.jsonl") if f["split"] == "train"]
+    ex = sample_examples(_requests(), CATS, SamplerConfig(per_subset=20, max_order=2))
+    framed = frame_examples(ex, templates, 0.25, seed=0)
+    assert frame_examples(ex, templates, 0.25, seed=0) == framed and frame_examples(ex, templates, 0.0, seed=0) == ex
+    hit = [f for f in framed if f.messages]
+    assert 0.15 < len(hit) / len(ex) < 0.35 and {f.label for f in hit} == {"pos", "neg"}
+    for e, f in zip(ex, framed):
+        assert (f.prompt, f.active, f.label) == (e.prompt, e.active, e.label)
+        if f.messages:
+            chat = json.loads(f.messages)
+            assert e.prompt in chat[-1]["content"] and f.prompt_id.startswith(e.prompt_id + "@")
+            assert f.prompt_id.split("@")[1] in {t["id"] for t in templates}

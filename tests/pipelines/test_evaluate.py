@@ -88,7 +88,7 @@ def test_eval_main_smoke_writes_reports_and_plots(tmp_path, tiny_model_dir, tiny
     assert rep["fidelity"]["all"]["n"] == len(plain) >= 1 and rep["fidelity"]["order1"]["n"] == 2 * min(2, len(plain))
     rows = pd.read_parquet(tmp_path / "run" / "eval" / "rows.parquet")
     fast = rows[rows["mode"] == "fast"]
-    assert set(rows["mode"]) == {"fast", "gen", "mmlu"} and fast["score"].between(0, 1).all() and fast["refused"].dtype == bool
+    assert set(rows["mode"]) == {"fast", "gen", "mmlu", "answer"} and fast["score"].between(0, 1).all() and fast["refused"].dtype == bool
     one = fast[(fast["condition"] == "mosaic") & (fast["group"] == "dsr") & (fast["subset"].str.count("[+]") == 0)]
     assert len(one) == rep["per_order"]["fast"]["mosaic"]["1"]["dsr"]["n"]
     parsed = json.loads((tmp_path / "run" / "eval" / "report.json").read_text())

@@ -637,7 +637,7 @@ def cli(argv: list[str] | None = None) -> None:
                       ("max-new-tokens", int), ("mmlu", str), ("mmlu-limit", int), ("xstest-cap", int),
                       ("xstest-gen", int), ("judge", str), ("batch-size", int), ("fast-rule", str),
                       ("fast-tokens", int), ("threshold", float), ("fidelity-subsets", int), ("fidelity-requests", int),
-                      ("fidelity-all-cap", int), ("retention-cap", int)):  # fmt: skip
+                      ("fidelity-all-cap", int), ("retention-cap", int), ("framings", str), ("framed-cap", int)):  # fmt: skip
         g.add_argument(f"--{name}", type=typ, default=None)
     g.add_argument("--baselines", default=None, help="comma-separated: base,in_context")
     a = ap.parse_args(argv)

@@ -20,12 +20,14 @@ XSTEST := $(wildcard ../shared/data/xstest/xstest_prompts.csv)
 BANK   := banks/smollm2-cpu
 
 # The main job on the embedded backbone. The full CPU recipe takes hours on 2 cores, so the demo runs every stage
-# with the quick recipe and then evaluates + registers the committed bank that `make train` reproduces.
+# with the quick recipe and then evaluates + registers the committed bank that `make train` reproduces, serves it
+# with Ray Serve on 127.0.0.1 and calls it through the openai client (scripts/demo_serve.py), then stops the server.
 demo: setup
 	$(BIN)/mosaic run --config pipelines/configs/smollm2-quick.yaml $(if $(wildcard $(BANK)/manifest.json),--bank $(BANK)) $(if $(XSTEST),--xstest $(XSTEST))
+	$(BIN)/python scripts/demo_serve.py --bank $(BANK)
 	@echo
-	@echo "Serve it (Ray Serve on 127.0.0.1:8000; Ctrl-C stops it):"
-	@echo "  $(BIN)/mosaic serve --bank runs/smollm2-quick/bank"
+	@echo "Serve it yourself (Ray Serve on 127.0.0.1:8000; Ctrl-C stops it):"
+	@echo "  $(BIN)/mosaic serve --bank $(BANK)"
 	@echo "  # or from the registry: $(BIN)/mosaic modules promote alcohol 1 --alias production ...; $(BIN)/mosaic serve --modules alcohol,betting"
 	@echo "Call it:"
 	@echo "  curl -s 127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' -d '{\"model\": \"smollm2-135m-instruct\", \"messages\": [{\"role\": \"user\", \"content\": \"Which whisky should I try first?\"}], \"safety_profile\": \"minor\"}'"

@@ -422,24 +422,31 @@ def test_32_concurrent_requests_with_mixed_module_sets(stack):
     assert after["mixed_batches"] > before["mixed_batches"]  # rows with different active sets shared a forward
 
 
-@pytest.mark.slow
-def test_live_module_swap_under_load_drops_nothing(stack):
-    pid = stack.get("/healthz", key=None).json()["pid"]
-    c = stack.client()
+def _alcohol_load(client, model, n):
+    """`n` threads sending alcohol-module requests until `stop` is set: each answer's alcohol version goes to `seen`,
+    each exception to `failures`."""
     stop, seen, failures = threading.Event(), [], []
 
     def load():
         while not stop.is_set():
             try:
-                r = c.chat.completions.create(model=stack.model, messages=_msgs(), max_tokens=4,
-                                              extra_body={"safety_modules": ["alcohol"]})  # fmt: skip
+                r = client.chat.completions.create(model=model, messages=_msgs(), max_tokens=4,
+                                                   extra_body={"safety_modules": ["alcohol"]})  # fmt: skip
                 seen.append(r.model_extra["mosaic"]["module_versions"]["alcohol"])
-            except Exception as e:  # noqa: BLE001 - any failure fails the test below
+            except Exception as e:  # noqa: BLE001 - any failure fails the test that reads it
                 failures.append(repr(e))
 
-    workers = [threading.Thread(target=load) for _ in range(4)]
+    workers = [threading.Thread(target=load) for _ in range(n)]
     for w in workers:
         w.start()
+    return stop, seen, failures, workers
+
+
+@pytest.mark.slow
+def test_live_module_swap_under_load_drops_nothing(stack):
+    pid = stack.get("/healthz", key=None).json()["pid"]
+    c = stack.client()
+    stop, seen, failures, workers = _alcohol_load(c, stack.model, 4)
     try:
         while len(seen) < 8 and not failures:
             time.sleep(0.1)
@@ -553,19 +560,9 @@ def test_a_deep_bank_is_served_as_mosaic_core_answers(stack, tmp_path):
 
 def _tree(pid):
     """`pid` and all its descendants (this test process -> Ray's gcs/raylet/workers/replicas)."""
-    children = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        children.setdefault(int(fields[1]), set()).add(int(stat.parent.name))
-    out, todo = set(), [pid]
-    while todo:
-        p = todo.pop()
-        out.add(p)
-        todo += children.get(p, set()) - out
-    return out
+    from pipelines.serve import _descendants
+
+    return {pid} | _descendants(pid)
 
 
 def _running(pid):
@@ -709,20 +706,7 @@ def test_promote_with_poll_interval_swaps_under_16_concurrent_requests(stack):
         assert time.monotonic() < deadline
         time.sleep(0.2)
 
-    stop, seen, failures = threading.Event(), [], []
-
-    def load():
-        while not stop.is_set():
-            try:
-                r = c.chat.completions.create(model=stack.model, messages=_msgs(), max_tokens=4,
-                                              extra_body={"safety_modules": ["alcohol"]})  # fmt: skip
-                seen.append(r.model_extra["mosaic"]["module_versions"]["alcohol"])
-            except Exception as e:  # noqa: BLE001 - any failure fails the test below
-                failures.append(repr(e))
-
-    workers = [threading.Thread(target=load) for _ in range(16)]
-    for w in workers:
-        w.start()
+    stop, seen, failures, workers = _alcohol_load(c, stack.model, 16)
     try:
         while len(seen) < 16 and not failures:
             time.sleep(0.1)

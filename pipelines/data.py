@@ -140,8 +140,9 @@ class TeacherUDF:
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         from mosaic_core.teacher import teacher_outputs
 
-        framed = batch["messages"] if "messages" in batch else [""] * len(batch)
-        prompts = [json.loads(m) if m else p for p, m in zip(batch["prompt"], framed)]  # a framed request: its chat
+        from mosaic_core.training import request_of
+
+        prompts = [request_of(r) for r in batch.to_dict("records")]  # a framed request: its chat
         rows = teacher_outputs(self.bb.model, self.bb.tokenizer, prompts,
                                max_new_tokens=self.max_new_tokens, topk=self.topk)  # fmt: skip
         return pd.DataFrame({

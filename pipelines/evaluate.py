@@ -124,8 +124,9 @@ class EvalUDF:
         from mosaic_core.scoring import refusal_score
 
         tok, model = self.bb.tokenizer, self.bb.model
-        framed = batch["messages"] if "messages" in batch else [""] * len(batch)
-        msgs = [as_messages(json.loads(f) if f else p, s or None) for p, s, f in zip(batch["prompt"], batch["system"], framed)]
+        from mosaic_core.training import request_of
+
+        msgs = [as_messages(request_of(r), r["system"] or None) for r in batch.to_dict("records")]
         active = [list(a) for a in batch["active"]]
         score = np.full(len(batch), np.nan)
         response = [""] * len(batch)

@@ -126,7 +126,7 @@ class SamplerConfig:
     recipe chain trains on examples no earlier stage drew, with the same seed -- and so the same val_share split and
     validation sample (changing the seed would lend the requests an earlier stage validated on)."""
     framed_share: float = 0.0
-    """Share of the training examples (positives and negatives alike, chosen by a hash of the example) whose request
+    """Share of the training requests (positives and negatives alike, chosen by a hash of the request) whose text
     is wrapped in one of the train split's framing templates (role-play, fiction, research, ...: data/framings/), so
     the modules learn that the request decides, not the framing. The teacher answers framed negatives as any other."""
     val_share: float = 0.0
@@ -282,6 +282,29 @@ class TeacherConfig:
             raise ConfigError(problems, "TeacherConfig")
 
 
+def _phase_problems(phases: Any, epochs: int) -> list[str]:
+    """What is wrong with `train.phases` on its own (the loss overrides are checked against `loss` by the recipe)."""
+    if not isinstance(phases, (list, tuple)) or not all(isinstance(p, dict) for p in phases):
+        return [f"phases: {phases!r} must be a list of mappings {{epochs, lr, loss}}"]
+    problems = []
+    for i, p in enumerate(phases):
+        unknown = sorted(set(p) - {"epochs", "lr", "loss"})
+        if unknown:
+            problems.append(f"phases[{i}]: unknown keys {unknown} (known: epochs, lr, loss)")
+        if not isinstance(p.get("epochs"), int) or p["epochs"] < 1:
+            problems.append(f"phases[{i}].epochs: {p.get('epochs')!r} must be an integer >= 1")
+        if "lr" in p and not (isinstance(p["lr"], (int, float)) and 0 < p["lr"] < 1):
+            problems.append(f"phases[{i}].lr: {p['lr']!r} must be in (0, 1)")
+        if not isinstance(p.get("loss", {}), dict):
+            problems.append(f"phases[{i}].loss: must be a mapping of loss keys")
+        elif fixed := sorted({"refusal_template", "topk"} & set(p.get("loss", {}))):
+            # the refusal's ids and the teacher's top-k are fixed for the whole run (data stage, validation)
+            problems.append(f"phases[{i}].loss: {fixed} cannot change between phases")
+    if phases and not problems and sum(p["epochs"] for p in phases) != epochs:
+        problems.append(f"phases: their epochs add up to {sum(p['epochs'] for p in phases)}, train.epochs is {epochs}")
+    return problems
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """Optimisation of the token bank (the backbone never trains)."""
@@ -313,6 +336,12 @@ class TrainConfig:
     val_examples: int = 64
     """Validation examples scored after every epoch (half positives, half negatives, as the val split has them):
     the best epoch is chosen on these; more rows, a steadier choice (64 rows: about 6 points of noise)."""
+    phases: tuple[dict[str, Any], ...] = ()
+    """A schedule inside the one recipe: consecutive phases, each `{epochs: N, lr: optional, loss: {overrides}}`,
+    whose epochs add up to `epochs`. An epoch trains with `loss` updated by its phase's overrides and at its phase's
+    learning rate (else `lr`), e.g. the refusal decision alone on the answer's first position for most epochs (cheap
+    steps, where selectivity is learned), then the whole answer's KL at a lower rate (what keeps answers). Empty: one
+    phase, the recipe's `loss` and `lr` throughout. Resuming picks the phase from the epoch."""
     request_dropout: float = 0.0
     """> 0: each training row hides this share of its request's tokens from the control block and the answer (a new
     draw every step; validation and the teacher see whole requests): augmentation against modules that memorise the
@@ -343,6 +372,7 @@ class TrainConfig:
             problems.append(f"num_workers: {self.num_workers} must be >= 1")
         if self.zero_stage not in (1, 2, 3):
             problems.append(f"zero_stage: {self.zero_stage} must be 1, 2 or 3")
+        problems += _phase_problems(self.phases, self.epochs)
         if self.precision not in ("fp32", "bf16"):
             problems.append(f"precision: {self.precision!r} must be fp32 or bf16")
         if self.max_steps is not None and self.max_steps < 1:
@@ -465,6 +495,15 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def phase(self, epoch: int) -> tuple[LossConfig, float]:
+        """The loss and learning rate that epoch `epoch` (0-based) trains with (`train.phases`)."""
+        start = 0
+        for p in self.train.phases:
+            if epoch < start + p["epochs"]:
+                return dataclasses.replace(self.loss, **p.get("loss", {})), float(p.get("lr", self.train.lr))
+            start += p["epochs"]
+        return self.loss, self.train.lr
+
 
 _SECTIONS: dict[str, type] = {
     "bank": BankConfig, "sampler": SamplerConfig, "loss": LossConfig, "teacher": TeacherConfig, "train": TrainConfig,
@@ -498,6 +537,14 @@ def recipe_from_dict(raw: dict[str, Any], where: str = "recipe") -> Recipe:
         if bank.depth == "deep" and train.zero_stage == 3:
             # deep blocks are appended to the request's cached keys/values; ZeRO-3 runs without that cache
             problems.append("bank.depth: deep needs train.zero_stage 1 or 2 (ZeRO-3 trains without the prefix cache)")
+        if "loss" in built:
+            for i, p in enumerate(train.phases):
+                try:
+                    dataclasses.replace(built["loss"], **p.get("loss", {}))
+                except ConfigError as e:
+                    problems.extend(f"train.phases[{i}].loss.{q}" for q in e.problems)
+                except TypeError as e:  # an unknown loss key
+                    problems.append(f"train.phases[{i}].loss: {e}")
         if train.request_dropout and bank.placement != "before_assistant":
             problems.append("train.request_dropout: needs bank.placement before_assistant (tokens are hidden in the cached request)")
     if problems:

@@ -46,16 +46,17 @@ class Example:
 
 
 def frame_examples(examples: Sequence[Example], templates: Sequence[dict], share: float, seed: int) -> list[Example]:
-    """About `share` of the examples (by a hash of seed and example id: the same ones every run) with their request
-    wrapped in a template drawn the same way; a framed example's prompt_id names its template, so the teacher
-    answers the framed chat, not the plain request."""
+    """About `share` of the requests (by a hash of seed and request id: the same ones every run and every draw) wrapped
+    in a template drawn the same way, in every example that uses them; a framed example's prompt_id names its
+    template, so the teacher answers the framed chat, not the plain request. Per request, not per example: fresh
+    draws then reuse the framed chats the teacher has answered instead of asking for new ones every draw."""
     from mosaic_core.bench import frame
 
     if not share or not templates:
         return list(examples)
     out = []
     for e in examples:
-        h = int(hashlib.sha256(f"frame:{seed}:{e.example_id}".encode()).hexdigest(), 16)
+        h = int(hashlib.sha256(f"frame:{seed}:{e.prompt_id}".encode()).hexdigest(), 16)
         if (h % 10_000) / 10_000 >= share:
             out.append(e)
             continue

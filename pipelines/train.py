@@ -390,6 +390,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if step >= total:
             break
         engine.train()
+        module.loss_cfg, lr = recipe.phase(epoch)  # train.phases: this epoch's loss and learning rate
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
         shard = ray.train.get_dataset_shard(draw_dataset(epoch % config["draws"]))
         batches = shard.iter_batches(batch_size=config["micro_batch"], batch_format="pyarrow", drop_last=True,
                                      local_shuffle_buffer_size=config["shuffle_buffer"],
@@ -413,7 +416,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             dist.all_reduce(stats)
             stats = stats.cpu()
             t1 = time.perf_counter()
-            m = {**{k: stats[i].item() / world for i, k in enumerate(keys)},
+            m = {**{k: stats[i].item() / world for i, k in enumerate(keys)}, "lr": lr,
                  "tokens_per_s": stats[-1].item() / (t1 - t0), "step_s": t1 - t0}  # fmt: skip
             grad_norm = engine.get_global_grad_norm()  # before clipping: how often gradient_clipping binds
             if grad_norm is not None:

@@ -41,7 +41,8 @@ def _requests(split: str):
 
 
 def make_run(root: Path, model_dir: Path, *, name: str = "r1", epochs: int = 2, batch_size: int = 4,
-             max_steps: int | None = None, depth: str = "input", ema: float = 0.0, request_dropout: float = 0.0) -> Path:  # fmt: skip
+             max_steps: int | None = None, depth: str = "input", ema: float = 0.0, request_dropout: float = 0.0,
+             phases: list[dict] | None = None) -> Path:  # fmt: skip
     """A run directory as the data stage writes it: 8 train examples (4 pos, 4 neg), 8 val examples."""
     import pandas as pd
 
@@ -57,7 +58,7 @@ def make_run(root: Path, model_dir: Path, *, name: str = "r1", epochs: int = 2, 
         "loss": {"topk": 4},
         "teacher": {"max_new_tokens": 6},
         "train": {"epochs": epochs, "batch_size": batch_size, "lr": 0.05, "num_workers": 2, "zero_stage": 2,
-                  "max_steps": max_steps, "ema": ema, "request_dropout": request_dropout},
+                  "max_steps": max_steps, "ema": ema, "request_dropout": request_dropout, "phases": phases or []},
     }  # fmt: skip
     recipe = recipe_from_dict(raw)
     run = root / "runs" / name
@@ -419,13 +420,18 @@ def test_load_tables_keeps_draws_and_reads_old_tables_as_one(tmp_path, tiny_mode
 def test_each_epoch_trains_on_its_own_draw(tmp_path, tiny_model_dir, ray_cluster):
     from mlflow import MlflowClient
 
-    run = make_run(tmp_path, tiny_model_dir, epochs=2)
+    # train.phases: epoch 2 at its own learning rate and with decision margins the first phase does not have
+    phases = [{"epochs": 1}, {"epochs": 1, "lr": 0.001, "loss": {"decision_weight": 1.0, "decision": "margin"}}]
+    run = make_run(tmp_path, tiny_model_dir, epochs=2, phases=phases)
     add_draw(run, relabel="pos")  # draw 1: positives only, so epoch 2 has no negative loss at all
     summary = train_main(str(run), num_workers=2)
     assert summary["steps"] == 4  # 2 steps per epoch: an epoch is one draw (8 rows), not both (16)
     info = json.loads((run / "run.json").read_text())
-    neg_ce = {m.step: m.value for m in MlflowClient(info["tracking_uri"]).get_metric_history(info["mlflow_run_id"], "neg_ce")}
+    history = lambda k: {m.step: m.value for m in MlflowClient(info["tracking_uri"]).get_metric_history(info["mlflow_run_id"], k)}  # noqa: E731
+    neg_ce, lr, decision = history("neg_ce"), history("lr"), history("decision")
     assert neg_ce[1] + neg_ce[2] > 0 and neg_ce[3] == neg_ce[4] == 0.0, neg_ce
+    assert [lr[s] for s in (1, 2, 3, 4)] == pytest.approx([0.05, 0.05, 0.001, 0.001]), lr
+    assert decision[1] == decision[2] == 0.0 and decision[3] > 0 and decision[4] > 0, decision
 
 
 @pytest.mark.slow

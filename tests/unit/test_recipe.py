@@ -45,6 +45,31 @@ def test_request_dropout_needs_the_cached_request():
     assert recipe_from_dict(raw).train.request_dropout == 0.15
 
 
+def test_phases_schedule_loss_and_lr_by_epoch_and_are_checked():
+    raw = {"name": "x", "bank": {"categories": ["alcohol"]},
+           "loss": {"decision_weight": 1.0, "decision": "margin", "ce_weight": 0.0, "max_answer_tokens": 1},
+           "train": {"epochs": 3, "lr": 0.01, "phases": [{"epochs": 2}, {"epochs": 1, "lr": 0.001, "loss": {"max_answer_tokens": 16}}]}}
+    r = recipe_from_dict(raw)
+    assert [(r.phase(e)[0].max_answer_tokens, r.phase(e)[1]) for e in range(3)] == [(1, 0.01), (1, 0.01), (16, 0.001)]
+    assert r.phase(0)[0] == r.loss and from_dict(Recipe, r.to_dict()) == r
+    bad = {**raw, "train": {"epochs": 4, "phases": [{"epochs": 2, "lr": 3, "loss": {"margin_delta": -1, "topk": 8}},
+                                                    {"epochs": 1, "loss": {"nope": 1}, "extra": 0}]}}  # fmt: skip
+    with pytest.raises(ConfigError) as e:
+        recipe_from_dict(bad)
+    for needle in ("phases[0].lr: 3", "phases[0].loss: ['topk'] cannot change", "phases[1]: unknown keys ['extra']"):
+        assert needle in str(e.value), needle
+    bad["train"]["phases"] = [{"epochs": 2, "loss": {"margin_delta": -1}}, {"epochs": 1, "loss": {"nope": 1}}]
+    with pytest.raises(ConfigError) as e:
+        recipe_from_dict(bad)
+    for needle in ("their epochs add up to 3, train.epochs is 4",):
+        assert needle in str(e.value), needle
+    bad["train"]["epochs"] = 3
+    with pytest.raises(ConfigError) as e:
+        recipe_from_dict(bad)
+    for needle in ("train.phases[0].loss.margin_delta: -1", "train.phases[1].loss:"):
+        assert needle in str(e.value), needle
+
+
 def test_make_chain_links_each_stage_to_the_last_ones_bank_on_fresh_draws():
     # `make chain` runs these stages in order: each must start from the previous stage's bank (the first from a
     # committed one), all with the same sampler seed (the val split's hash), and from -margins on each on draws no

@@ -139,3 +139,8 @@ def test_framing_wraps_a_stable_share_of_examples_with_train_templates():
             chat = json.loads(f.messages)
             assert e.prompt in chat[-1]["content"] and f.prompt_id.startswith(e.prompt_id + "@")
             assert f.prompt_id.split("@")[1] in {t["id"] for t in templates}
+    # per request: a request is framed with the same template in every example (draw) that uses it
+    by_request: dict[str, set[str]] = {}
+    for f in framed:
+        by_request.setdefault(f.prompt_id.split("@")[0], set()).add(f.prompt_id)
+    assert all(len(ids) == 1 for ids in by_request.values())

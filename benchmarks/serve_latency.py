@@ -8,6 +8,10 @@ on 127.0.0.1 (Ray Serve proxy -> ingress -> backbone), with the official `openai
   same requests one at a time.
   (e) all five modules of a *deep* bank (bank.depth: deep, keys/values at every layer after the request's cached
   ones), served by a second app of the same shape on /deep.
+  (f) head-of-line blocking: an 8-token request alone, then sent 1 s after a 512-token one (both deep, five modules).
+  (g) load: bursts of 1, 8, 32, 64 and 128 requests at once, each with a max_tokens from a realistic mix (8-512) and
+  a module set of its own: p50 / p95 latency of those answered, completed requests per second, 429s and failures.
+  The replica holds --max-batch-size rows and queues --max-queued more, so 32 is 1x its capacity with the defaults.
 
 The banks are untrained (`mosaic bank init`-style: text init, m=5): latency does not depend on what the vectors learned.
 Every request decodes exactly --max-tokens tokens (`ignore_eos`): the untrained block makes SmolLM2 end at once, and
@@ -86,12 +90,61 @@ def _summary(name: str, seq: list[dict[str, Any]], conc_wall: float, conc: list[
     }  # fmt: skip
 
 
+def head_of_line(client: Any, model: str, prompt: str) -> dict[str, Any]:
+    """(f): an 8-token request's latency alone (median of 3) and sent 1 s after a 512-token request."""
+    from mosaic_core.categories import CATEGORIES
+
+    five = list(CATEGORIES)
+    solo = statistics.median(_ask(client, model, prompt, five, None, 8)["s"] for _ in range(3))
+    with ThreadPoolExecutor(2) as pool:
+        long = pool.submit(_ask, client, model, prompt, five, None, 512)
+        time.sleep(1.0)
+        short = _ask(client, model, prompt, five, None, 8)
+        long_s = long.result()["s"]
+    return {"solo_s": solo, "behind_long_s": short["s"], "ratio": short["s"] / solo, "long_s": long_s}
+
+
+MAX_TOKENS_MIX = [8, 8, 16, 16, 32, 32, 64, 64, 128, 512]  # mostly short answers, a few long ones
+
+
+def burst(client: Any, model: str, prompts: list[str], n: int) -> dict[str, Any]:
+    """(g): n requests at once, request i with max_tokens MAX_TOKENS_MIX[i mod 10] and the i-th module set of all
+    32 subsets of the five categories; every request is answered 200 or refused 429 (anything else is a failure)."""
+    import openai
+
+    from mosaic_core.categories import CATEGORIES
+
+    sets = [list(s) for r in range(6) for s in itertools.combinations(CATEGORIES, r)]
+
+    def one(i: int) -> tuple[str, float]:
+        t0 = time.perf_counter()
+        try:
+            _ask(client, model, prompts[i % len(prompts)], sets[i % len(sets)], None, MAX_TOKENS_MIX[i % len(MAX_TOKENS_MIX)])
+            return "ok", time.perf_counter() - t0
+        except openai.RateLimitError:
+            return "429", time.perf_counter() - t0
+        except Exception:  # noqa: BLE001 - counted, not raised: the benchmark reports failures
+            return "failed", time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(n) as pool:
+        out = list(pool.map(one, range(n)))
+    wall = time.perf_counter() - t0
+    lat = sorted(s for k, s in out if k == "ok")
+    pick = lambda q: lat[min(len(lat) - 1, round(q * (len(lat) - 1)))] if lat else float("nan")  # noqa: E731
+    return {"requests": n, "ok": len(lat), "rejected": sum(k == "429" for k, _ in out), "failed": sum(k == "failed" for k, _ in out),
+            "p50_s": pick(0.5), "p95_s": pick(0.95), "wall_s": wall, "completed_per_s": len(lat) / wall}  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=8, help="requests per mode, sequential and concurrent each")
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2, help="torch threads in the backbone replica")
+    ap.add_argument("--max-batch-size", type=int, default=16, help="rows decoding together in the replica")
+    ap.add_argument("--max-queued", type=int, default=16, help="requests a replica queues beyond its rows")
+    ap.add_argument("--levels", default="1,8,32,64,128", help="(g): burst sizes")
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
     a = ap.parse_args()
 
@@ -123,7 +176,8 @@ def main() -> None:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         for name, route in (("bank", "/"), ("deep", "/deep")):
             serve.run(build_app({"bank_dir": str(Path(tmp) / name), "threads": a.threads, "num_cpus": 1,
-                                 "max_batch_size": 16, "max_ongoing_requests": 32}), name=name, route_prefix=route)  # fmt: skip
+                                 "max_batch_size": a.max_batch_size, "max_queued_requests": a.max_queued}),
+                      name=name, route_prefix=route)  # fmt: skip
         print(f"app ready in {time.perf_counter() - t0:.1f}s on http://127.0.0.1:{port}/v1 "
               f"({a.requests} requests/mode, concurrency {a.concurrency}, max_tokens {a.max_tokens}, greedy)", flush=True)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=600)
@@ -160,6 +214,11 @@ def main() -> None:
                      "tokens_batched": sum(x["completion"] for x in together),
                      "max_active_sets_in_one_batch": stats["max_batch_active_sets"]}  # fmt: skip
             print(json.dumps(mixed), flush=True)
+            hol = head_of_line(deep_client, model, prompts[0])
+            print(json.dumps(hol), flush=True)
+            load = [burst(deep_client, model, prompts, n) for n in map(int, a.levels.split(","))]
+            for row in load:
+                print(json.dumps(row), flush=True)
         finally:
             serve.shutdown()
             ray.shutdown()
@@ -173,8 +232,16 @@ def main() -> None:
     print(f"\n(d) {mixed['requests']} requests, {mixed['distinct_active_sets']} different active sets: one at a time "
           f"{mixed['one_at_a_time_s']:.1f}s, sent together (batched) {mixed['batched_s']:.1f}s -> {mixed['speedup']:.2f}x "
           f"(up to {mixed['max_active_sets_in_one_batch']} different active sets in one forward)")
+    print(f"\n(f) an 8-token request alone {hol['solo_s']:.2f}s, 1 s after a 512-token one {hol['behind_long_s']:.2f}s "
+          f"-> {hol['ratio']:.2f}x its solo latency (the long one took {hol['long_s']:.1f}s)")
+    print("\n(g) | burst | answered | 429 | failed | p50 s | p95 s | completed req/s |")
+    print("|---|---|---|---|---|---|---|")
+    for r in load:
+        print(f"| {r['requests']} | {r['ok']} | {r['rejected']} | {r['failed']} | {r['p50_s']:.2f} | {r['p95_s']:.2f} | "
+              f"{r['completed_per_s']:.2f} |")  # fmt: skip
     if a.out:
-        Path(a.out).write_text(json.dumps({"modes": results, "mixed": mixed, "args": vars(a)}, indent=2) + "\n")
+        Path(a.out).write_text(json.dumps({"modes": results, "mixed": mixed, "head_of_line": hol, "load": load,
+                                           "args": vars(a)}, indent=2) + "\n")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -7,8 +7,10 @@
 Two deployments (DESIGN.md "Serving on Ray Serve"):
 
 * `MosaicBackbone` holds the frozen backbone and *every* module of its bundle in memory (a module is kilobytes).
-  Requests carry their own active set; `@serve.batch` puts rows with different active sets into one left-padded
-  forward (`mosaic_core.compose.encode_batch` semantics). Modules come from MLflow aliases (`resolve_bundle`) or a
+  Requests carry their own active set. One engine thread decodes them with iteration-level batching
+  (`mosaic_core.scheduler`): a request joins the running batch at the next decode step, rows with different active
+  sets, lengths and sampling settings share every step, and a row leaves the step it finishes or its caller goes
+  away; beyond `max_batch_size` rows requests wait in a bounded queue, beyond that they get 429 at once. Modules come from MLflow aliases (`resolve_bundle`) or a
   local bank dir; a new `user_config` (`serve deploy`, or `serve.run` again) re-resolves them and swaps the bank
   atomically through `reconfigure` — no restart, no dropped request. A failed swap keeps serving the old modules
   and reports the error in `/v1/modules`.
@@ -37,7 +39,10 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
+import collections  # noqa: E402
+import functools  # noqa: E402
 import hashlib  # noqa: E402
+import itertools  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import signal  # noqa: E402
@@ -132,6 +137,12 @@ class Unavailable(ApiError):
 
 class InternalError(ApiError):
     status, type = 500, "server_error"
+
+
+class Cancelled(ApiError):
+    """499 (nginx's "client closed request"): the caller went away; nobody reads it but the audit log."""
+
+    status, type = 499, "server_error"
 
 
 class ErrorBody(BaseModel):
@@ -239,10 +250,10 @@ class ServeArgs(BaseModel):
     threads: int = Field(2, ge=1, le=256, description="torch intra-op threads per backbone replica.")
     num_cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved per backbone replica.")
     num_replicas: int = Field(1, ge=1, description="Backbone replicas (each holds the model and all modules).")
-    max_batch_size: int = Field(16, ge=1, le=256, description="Rows per forward (@serve.batch).")
-    batch_wait_timeout_s: float = Field(0.02, ge=0, le=5, description="How long a batch waits to fill up.")
-    max_ongoing_requests: int = Field(32, ge=1, description="Requests in a backbone replica at once (>= batch size).")
-    max_queued_requests: int = Field(64, ge=1, description="Requests waiting for a replica; beyond that: 429.")
+    max_batch_size: int = Field(16, ge=1, le=256, description="Rows decoding together in a backbone replica (the "
+                                "running batch: requests join and leave it between decode steps).")  # fmt: skip
+    max_queued_requests: int = Field(64, ge=0, description="Requests a replica keeps waiting for a free row; beyond "
+                                     "that: 429 with Retry-After at once.")  # fmt: skip
     retry_after_s: float = Field(1.0, ge=0, description="Retry-After sent with a 429.")
     max_tokens_limit: int = Field(512, ge=1, description="Largest max_tokens a request may ask for.")
     default_max_tokens: int = Field(128, ge=1, description="max_tokens when a request gives none (capped by context).")
@@ -277,9 +288,6 @@ class ServeArgs(BaseModel):
             problems.append("give modules (registry) or bank_dir (local bank), not both")
         if self.default_max_tokens > self.max_tokens_limit:
             problems.append(f"default_max_tokens {self.default_max_tokens} > max_tokens_limit {self.max_tokens_limit}")
-        if self.max_ongoing_requests < self.max_batch_size:
-            problems.append(f"max_ongoing_requests {self.max_ongoing_requests} < max_batch_size {self.max_batch_size}: "
-                            "batches could never fill")  # fmt: skip
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -383,7 +391,8 @@ class BackboneSettings(BaseModel):
     backbone: str
     threads: int
     max_batch_size: int
-    batch_wait_timeout_s: float
+    max_queued_requests: int
+    retry_after_s: float
     default_max_tokens: int
     max_context_tokens: int | None
 
@@ -594,26 +603,28 @@ def holdback(text: str, stops: Sequence[str]) -> int:
 
 @dataclass
 class _Job:
-    """A row inside the backbone replica while it waits for, and goes through, a batch."""
+    """A request inside the backbone replica, from `generate`/`stream` to its result. `done(result)` is called once,
+    from the engine thread; `emit(event)` streams events (already thread-safe)."""
 
     row: RowRequest
+    done: Callable[["RowResult"], None]
     emit: Callable[[StreamEvent], None] | None = None
     cancelled: bool = False
 
 
 @dataclass
 class _Prepared:
-    """A validated, encoded row: where it sits in the batch, its canonical active set and its token budget."""
+    """A validated, encoded row: its canonical active set, token budget and the module snapshot it was admitted
+    under (a swap applies to rows admitted after it)."""
 
-    index: int
     job: _Job
+    state: "ModuleState"
     segments: Any  # mosaic_core.compose.Segments
     active: tuple[str, ...]
     max_tokens: int
     prompt_tokens: int
     control_tokens: int
     emitted: int = 0
-    length_hit: bool = False
 
 
 # --------------------------------------------------------------------------------------------- backbone deployment
@@ -652,10 +663,16 @@ class MosaicBackbone:
         self.last_error: str | None = None
         self._swap_lock = asyncio.Lock()
         self._poll_task: asyncio.Task | None = None
-        # Observability (health()): proves rows with different active sets really share forwards.
-        self.stats = {"batches": 0, "rows": 0, "mixed_batches": 0, "max_batch_rows": 0, "max_batch_active_sets": 0}
-        self._run_batch.set_max_batch_size(self.settings.max_batch_size)
-        self._run_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
+        # Observability (health()): decode steps ("batches"), and proof that rows with different active sets share them.
+        self.stats = {"batches": 0, "rows": 0, "mixed_batches": 0, "max_batch_rows": 0, "max_batch_active_sets": 0,
+                      "joins": 0, "cancelled": 0, "rejected": 0, "queued": 0, "running": 0}  # fmt: skip
+        # The engine: one thread owns the running batch (mosaic_core.scheduler); requests wait in a bounded queue.
+        self._queue: collections.deque[_Job] = collections.deque()
+        self._held, self._held_lock = 0, threading.Lock()  # requests accepted and not answered yet (rows + queue)
+        self._wake = threading.Event()
+        self._stopping = False
+        self._engine = threading.Thread(target=self._engine_loop, name="mosaic-engine", daemon=True)
+        self._engine.start()
         logger.info("backbone %s (fingerprint %s) loaded; context %d tokens", self.bb.fingerprint.model_id,
                     self.bb.fingerprint.digest, self.context)  # fmt: skip
 
@@ -727,91 +744,184 @@ class MosaicBackbone:
         """Serve's periodic probe: a replica without modules loaded is not healthy."""
         if self.state is None:
             raise RuntimeError("modules not loaded")
+        if not self._engine.is_alive():
+            raise RuntimeError("the decoding engine thread died")
 
     # ----------------------------------------------------------------------------------------- requests
 
     async def generate(self, row: RowRequest) -> RowResult:
-        """One chat completion (joins a batch with whatever else is waiting)."""
-        return await self._run_batch(_Job(row))
+        """One chat completion: joins the running batch at the next decode step. A caller that goes away (Serve
+        cancels this call when the HTTP client disconnects or the ingress gives up) frees its row within a step."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[RowResult] = loop.create_future()
+        job = _Job(row, done=lambda r: loop.call_soon_threadsafe(_resolve, fut, r))
+        self._submit(job)
+        try:
+            return await fut
+        finally:
+            job.cancelled = True  # no-op once finished; otherwise the engine drops the row at its next step
 
     async def stream(self, row: RowRequest) -> AsyncIterator[StreamEvent]:
         """The same, as events (call with `handle.options(stream=True)`): start, deltas as tokens decode, end."""
-        queue: asyncio.Queue[StreamEvent] = asyncio.Queue()
-        job = _Job(row, emit=queue.put_nowait)
-        task = asyncio.ensure_future(self._run_batch(job))
-        try:
-            while not task.done() or not queue.empty():
-                getter = asyncio.ensure_future(queue.get())
-                await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-                if getter.done():
-                    yield getter.result()
-                else:
-                    getter.cancel()
-            yield StreamEvent(kind="end", result=task.result())
-        finally:
-            job.cancelled = True  # a client that went away stops its row at the next token
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
-    async def _run_batch(self, jobs: list[_Job]) -> list[RowResult]:
-        # One snapshot for the whole batch: a concurrent swap applies from the next batch on.
-        state = self.state
         loop = asyncio.get_running_loop()
-        st = self.stats
-        st["batches"], st["rows"] = st["batches"] + 1, st["rows"] + len(jobs)
-        sets = len({frozenset(j.row.active) for j in jobs})
-        st["mixed_batches"] += sets > 1
-        st["max_batch_rows"] = max(st["max_batch_rows"], len(jobs))
-        st["max_batch_active_sets"] = max(st["max_batch_active_sets"], sets)
-        for job in jobs:  # events are produced on the compute thread, consumed on this loop
-            if job.emit is not None:
-                put = job.emit
-                job.emit = lambda ev, put=put: loop.call_soon_threadsafe(put, ev)
-        if state is None:
-            err = Unavailable("modules are still loading", code="not_ready", retry_after_s=1.0).to_body()
-            return [RowResult(error=err) for _ in jobs]
-        # Tokenising and decoding block for the whole batch: off the event loop, so health checks and new requests
-        # (the next batch) are still accepted meanwhile.
-        return await asyncio.to_thread(self._compute, state, jobs)
+        queue: asyncio.Queue[StreamEvent] = asyncio.Queue()
+        put = lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev)  # noqa: E731
+        job = _Job(row, done=lambda r: put(StreamEvent(kind="end", result=r)), emit=put)
+        self._submit(job)
+        try:
+            while True:
+                ev = await queue.get()
+                yield ev
+                if ev.kind == "end":
+                    return
+        finally:
+            job.cancelled = True  # a client that went away stops its row at the next step
 
-    def _compute(self, state: ModuleState, jobs: list[_Job]) -> list[RowResult]:
-        """Validate + encode every row (errors per row), then decode each sampling group in one batched forward."""
-        results: list[RowResult | None] = [None] * len(jobs)
-        groups: dict[tuple, list[_Prepared]] = {}
-        for i, job in enumerate(jobs):
+    def _submit(self, job: _Job) -> None:
+        """Queue a job for the engine, or answer it at once: 429 when the queue is full, 503 before modules load."""
+        if self.state is None:
+            job.done(RowResult(error=Unavailable("modules are still loading", code="not_ready", retry_after_s=1.0).to_body()))
+            return
+        capacity = self.settings.max_batch_size + self.settings.max_queued_requests
+        with self._held_lock:
+            full = self._held >= capacity
+            if not full:
+                self._held += 1
+        if full:
+            self.stats["rejected"] += 1
+            job.done(RowResult(error=Overloaded(
+                f"the server is busy ({self.settings.max_batch_size} rows decoding and {self.settings.max_queued_requests} "
+                "requests waiting); retry shortly", code="queue_full", retry_after_s=self.settings.retry_after_s).to_body()))  # fmt: skip
+            return
+        done = job.done
+
+        def release(result: RowResult) -> None:  # the job's slot frees when it is answered, whatever the answer
+            with self._held_lock:
+                self._held -= 1
+            done(result)
+
+        job.done = release
+        self._queue.append(job)
+        self.stats["queued"] = len(self._queue)
+        self._wake.set()
+
+    def _engine_loop(self) -> None:
+        """Iteration-level scheduling: before every decode step, drop cancelled rows and admit queued requests into
+        free rows (their prefill is the only extra work); then one step for every running row."""
+        from mosaic_core.scheduler import ContinuousBatcher
+
+        batcher = ContinuousBatcher(self.bb.model, self.prefix_cache)
+        running: dict[int, _Prepared] = {}
+        ids = itertools.count()
+        while not self._stopping:
+            for key in [k for k, p in running.items() if p.job.cancelled]:
+                batcher.cancel(key)
+                self.stats["cancelled"] += 1
+                running.pop(key).job.done(RowResult(error=Cancelled("the client went away", code="client_disconnected").to_body()))
+            self.stats["running"] = len(running)
+            joining: list[tuple[int, _Prepared]] = []
+            while self._queue and len(running) + len(joining) < self.settings.max_batch_size:
+                job = self._queue.popleft()
+                if job.cancelled:
+                    self.stats["cancelled"] += 1
+                    job.done(RowResult(error=Cancelled("the client went away", code="client_disconnected").to_body()))
+                    continue
+                p = self._admit(job)
+                if p is not None:
+                    joining.append((next(ids), p))
+            self.stats["queued"] = len(self._queue)
+            if not running and not joining:
+                self._wake.wait(0.5)
+                self._wake.clear()
+                continue
             try:
-                p = self._prepare(state, i, job)
-            except ApiError as e:
-                results[i] = RowResult(error=e.to_body())
+                self._join(batcher, running, joining)
+                finished = batcher.step()
+            except Exception as e:  # never let one bad step take the replica down: fail the rows it held
+                logger.exception("decoding %d rows failed", len(running))
+                for p in running.values():
+                    p.job.done(RowResult(error=InternalError(f"internal error: {type(e).__name__}").to_body()))
+                running.clear()
+                batcher = ContinuousBatcher(self.bb.model, self.prefix_cache)
                 continue
-            except MosaicError as e:
-                results[i] = RowResult(error=_from_mosaic_error(e).to_body())
-                continue
-            except Exception as e:  # never let one request take the replica (or its batch-mates) down
-                logger.exception("preparing a request failed")
-                results[i] = RowResult(error=InternalError(f"internal error: {type(e).__name__}").to_body())
-                continue
-            groups.setdefault(self._sampling_key(p), []).append(p)
-        for key, members in groups.items():
+            self._count_step(running.values())
+            for key, g in finished:
+                self._finish(running.pop(key), g)
+            self.stats["running"] = len(running)
+
+    def _admit(self, job: _Job) -> "_Prepared | None":
+        """Validate and encode a queued job under the current modules; an invalid one is answered at once."""
+        try:
+            return self._prepare(self.state, job)
+        except ApiError as e:
+            job.done(RowResult(error=e.to_body()))
+        except MosaicError as e:
+            job.done(RowResult(error=_from_mosaic_error(e).to_body()))
+        except Exception as e:  # never let one request take the replica (or its batch-mates) down
+            logger.exception("preparing a request failed")
+            job.done(RowResult(error=InternalError(f"internal error: {type(e).__name__}").to_body()))
+        return None
+
+    def _join(self, batcher: Any, running: dict[int, "_Prepared"], joining: list[tuple[int, "_Prepared"]]) -> None:
+        """Prefill the joining rows (one forward per module snapshot) into the running batch."""
+        from mosaic_core.scheduler import RowSpec
+
+        by_state: dict[int, list[tuple[int, _Prepared]]] = {}
+        for key, p in joining:
+            by_state.setdefault(id(p.state), []).append((key, p))
+        for group in by_state.values():
+            specs = []
+            for key, p in group:
+                r = p.job.row
+                specs.append((key, RowSpec(p.segments, p.active, p.max_tokens, eos_token_ids=[] if r.ignore_eos else self.eos,
+                                           temperature=r.temperature, top_p=r.top_p, seed=r.seed if r.temperature > 0 else None,
+                                           should_stop=functools.partial(self._should_stop, p))))  # fmt: skip
             try:
-                self._decode(state, members, key, results)
+                with self._prefix_lock:
+                    batcher.join(specs, group[0][1].state.bank)
             except Exception as e:
-                logger.exception("decoding a batch of %d rows failed", len(members))
-                for p in members:
-                    results[p.index] = RowResult(error=InternalError(f"internal error: {type(e).__name__}").to_body())
-        return [r if r is not None else RowResult(error=InternalError("no result").to_body()) for r in results]
+                logger.exception("prefilling %d rows failed", len(group))
+                for _, p in group:
+                    p.job.done(RowResult(error=InternalError(f"internal error: {type(e).__name__}").to_body()))
+                continue
+            running.update(group)
+            self.stats["joins"] += 1
 
-    @staticmethod
-    def _sampling_key(p: _Prepared) -> tuple:
-        """Rows decode together when they sample alike. Greedy rows all batch together; a seeded sampled row decodes
-        alone, so the same seed gives the same answer whatever else was in flight."""
-        r = p.job.row
-        if r.temperature <= 0:
-            return ("greedy", r.ignore_eos)
-        if r.seed is not None:
-            return ("seeded", r.ignore_eos, r.temperature, r.top_p, r.seed, p.index)
-        return ("sampled", r.ignore_eos, r.temperature, r.top_p)
+    def _count_step(self, rows: Any) -> None:
+        rows = list(rows)
+        st, sets = self.stats, len({p.active for p in rows})
+        st["batches"] += 1
+        st["mixed_batches"] += sets > 1
+        st["max_batch_rows"] = max(st["max_batch_rows"], len(rows))
+        st["max_batch_active_sets"] = max(st["max_batch_active_sets"], sets)
 
-    def _prepare(self, state: ModuleState, index: int, job: _Job) -> _Prepared:
+    def _should_stop(self, p: "_Prepared", tokens: list[int]) -> bool:
+        """After each new token of a row: a stop string ends it; a streaming row gets the text that is safe to send."""
+        stops = p.job.row.stop
+        if not stops and p.job.emit is None:
+            return False
+        text = self.bb.tokenizer.decode(tokens, skip_special_tokens=True)
+        if stops and find_stop(text, stops) is not None:
+            return True
+        if p.job.emit is not None:
+            safe = len(text) - holdback(text, stops)
+            if safe > p.emitted:
+                p.job.emit(StreamEvent(kind="delta", text=text[p.emitted : safe]))
+                p.emitted = safe
+        return False
+
+    def _finish(self, p: "_Prepared", g: Any) -> None:
+        text = self.bb.tokenizer.decode(g.token_ids, skip_special_tokens=True)
+        cut = find_stop(text, p.job.row.stop)
+        reason = g.finish_reason
+        if cut is not None:
+            text, reason = text[:cut], "stop"
+        if p.job.emit is not None and len(text) > p.emitted:
+            p.job.emit(StreamEvent(kind="delta", text=text[p.emitted :]))
+            p.emitted = len(text)
+        p.job.done(self._result(p, text, reason, len(g.token_ids)))
+
+    def _prepare(self, state: ModuleState, job: _Job) -> _Prepared:
         from mosaic_core.compose import encode_chat
 
         row = job.row
@@ -830,62 +940,23 @@ class MosaicBackbone:
                 f"this model's context is {self.context} tokens; the messages take {prompt} tokens plus {control} "
                 f"control tokens, leaving {max(room, 0)}, and {wanted} new tokens were requested: shorten the messages "
                 "or lower max_tokens", param="messages", code="context_length_exceeded")  # fmt: skip
-        p = _Prepared(index, job, segments, active, wanted, prompt, control)
+        p = _Prepared(job, state, segments, active, wanted, prompt, control)
+        self.stats["rows"] += 1
         if job.emit is not None:
-            job.emit(StreamEvent(kind="start", result=self._result(state, p, "", None, 0)))
+            job.emit(StreamEvent(kind="start", result=self._result(p, "", None, 0)))
         return p
 
-    def _result(self, state: ModuleState, p: _Prepared, text: str, reason: str | None, n: int) -> RowResult:
-        versions = state.versions
+    @staticmethod
+    def _result(p: _Prepared, text: str, reason: str | None, n: int) -> RowResult:
+        versions = p.state.versions
         return RowResult(text=text, finish_reason=reason or "stop", prompt_tokens=p.prompt_tokens, completion_tokens=n,
                          control_tokens=p.control_tokens, active_modules=list(p.active),
                          module_versions={c: versions[c] for c in p.active})  # fmt: skip
 
-    def _decode(self, state: ModuleState, members: list[_Prepared], key: tuple, results: list[RowResult | None]) -> None:
-        from mosaic_core.compose import encode_segments
-        from mosaic_core.generation import generate
 
-        tok = self.bb.tokenizer
-        deep = state.bank is not None and state.bank.depth == "deep"
-        with self._prefix_lock:
-            batch = encode_segments(self.embed, state.bank, [p.segments for p in members], [p.active for p in members],
-                                    cache=self.prefix_cache if deep else None)  # fmt: skip
-
-        def should_stop(r: int, tokens: list[int]) -> bool:
-            p = members[r]
-            if p.job.cancelled:
-                return True
-            stops = p.job.row.stop
-            text = tok.decode(tokens, skip_special_tokens=True)
-            if stops and find_stop(text, stops) is not None:
-                return True
-            if p.job.emit is not None:
-                safe = len(text) - holdback(text, stops)
-                if safe > p.emitted:
-                    p.job.emit(StreamEvent(kind="delta", text=text[p.emitted : safe]))
-                    p.emitted = safe
-            if len(tokens) >= p.max_tokens:  # rows share one generate call; each keeps its own max_tokens
-                p.length_hit = True
-                return True
-            return False
-
-        sampled = key[0] != "greedy"
-        row0 = members[0].job.row
-        eos = [] if row0.ignore_eos else self.eos
-        gens = generate(self.bb.model, batch, max_new_tokens=max(p.max_tokens for p in members), eos_token_ids=eos,
-                        temperature=row0.temperature if sampled else 0.0, top_p=row0.top_p if sampled else 1.0,
-                        seed=row0.seed if key[0] == "seeded" else None, should_stop=should_stop)  # fmt: skip
-        for p, g in zip(members, gens):
-            text = tok.decode(g.token_ids, skip_special_tokens=True)
-            cut = find_stop(text, p.job.row.stop)
-            if cut is not None:
-                text, reason = text[:cut], "stop"
-            else:
-                reason = "length" if p.length_hit or g.finish_reason == "length" else "stop"
-            if p.job.emit is not None and len(text) > p.emitted:
-                p.job.emit(StreamEvent(kind="delta", text=text[p.emitted :]))
-                p.emitted = len(text)
-            results[p.index] = self._result(state, p, text, reason, len(g.token_ids))
+def _resolve(fut: "asyncio.Future[RowResult]", result: RowResult) -> None:
+    if not fut.done():  # a cancelled caller's future stays cancelled
+        fut.set_result(result)
 
 
 # --------------------------------------------------------------------------------------------- ingress deployment
@@ -1234,6 +1305,10 @@ class MosaicIngress:
             task, stopper = asyncio.ensure_future(wait()), asyncio.ensure_future(self.abort.wait())
             try:
                 done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:  # the HTTP client went away: cancel the backbone call, freeing its row
+                task.cancel()
+                _cancel_quietly(response)
+                raise
             finally:
                 stopper.cancel()
             if task in done:
@@ -1241,12 +1316,7 @@ class MosaicIngress:
             task.cancel()
         if asyncio.iscoroutine(response):
             response.close()  # never started (e.g. a stream's __anext__): nothing to cancel, no "never awaited"
-        cancel = getattr(response, "cancel", None)
-        if callable(cancel):
-            try:
-                cancel()
-            except Exception:  # noqa: BLE001 - best effort: the replica stops the row at its next token anyway
-                pass
+        _cancel_quietly(response)
         raise Unavailable("the server is shutting down: the request was cancelled before it finished",
                           code="shutting_down", retry_after_s=self.settings.retry_after_s)  # fmt: skip
 
@@ -1340,6 +1410,17 @@ class MosaicIngress:
         return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
+def _cancel_quietly(response: Any) -> None:
+    """Cancel a backbone call (a DeploymentResponse / stream) if it can be; best effort: the replica also drops a
+    row whose caller is gone at its next decode step."""
+    cancel = getattr(response, "cancel", None)
+    if callable(cancel):
+        try:
+            cancel()
+        except Exception:  # noqa: BLE001
+            pass
+
+
 def _usage(r: RowResult) -> dict[str, int]:
     return {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
             "total_tokens": r.prompt_tokens + r.completion_tokens}  # fmt: skip
@@ -1362,8 +1443,8 @@ def build_app(args: dict[str, Any]) -> Application:
         logger.warning("serve: no tenants configured, the endpoint will be open (no API key required)")
     source = cfg.module_source()
     bsettings = BackboneSettings(backbone=cfg.backbone, threads=cfg.threads, max_batch_size=cfg.max_batch_size,
-                                 batch_wait_timeout_s=cfg.batch_wait_timeout_s, default_max_tokens=cfg.default_max_tokens,
-                                 max_context_tokens=cfg.max_context_tokens)  # fmt: skip
+                                 max_queued_requests=cfg.max_queued_requests, retry_after_s=cfg.retry_after_s,
+                                 default_max_tokens=cfg.default_max_tokens, max_context_tokens=cfg.max_context_tokens)  # fmt: skip
     audit_log = cfg.audit_log
     if audit_log not in (None, "off", "stdout"):
         audit_log = str(Path(audit_log).expanduser().resolve())  # absolute here: replicas run elsewhere
@@ -1372,9 +1453,12 @@ def build_app(args: dict[str, Any]) -> Application:
                                 retry_after_s=cfg.retry_after_s, audit_log=audit_log, audit_prompts=cfg.audit_prompts,
                                 audit_max_bytes=cfg.audit_max_bytes, audit_backup_count=cfg.audit_backup_count,
                                 refusal_template=cfg.refusal_template)  # fmt: skip
+    # The replica's own queue (max_queued_requests) is the one that pushes back, with a 429 at once: Serve may hand it
+    # twice what it can hold, so Serve's router never has to refuse and retry a request (the extra ones get that 429).
+    capacity = cfg.max_batch_size + cfg.max_queued_requests
     backbone = MosaicBackbone.options(
-        num_replicas=cfg.num_replicas, max_ongoing_requests=cfg.max_ongoing_requests,
-        max_queued_requests=cfg.max_queued_requests, user_config=source.model_dump(),
+        num_replicas=cfg.num_replicas, max_ongoing_requests=2 * capacity, max_queued_requests=capacity,
+        user_config=source.model_dump(),
         backpressure_config={"status_code": 429, "retry_after_s": cfg.retry_after_s},
         ray_actor_options={"num_cpus": cfg.num_cpus}, health_check_period_s=cfg.health_check_period_s,
         health_check_timeout_s=max(30.0, 2 * cfg.health_check_period_s),
@@ -1382,7 +1466,7 @@ def build_app(args: dict[str, Any]) -> Application:
     ).bind(bsettings.model_dump())  # fmt: skip
     # The ingress is cheap and async: let it hold every request the backbone could hold or queue, so the backbone's
     # bounded queue (-> 429 with our error body) is the one that pushes back.
-    headroom = 4 * (cfg.max_ongoing_requests + cfg.max_queued_requests) * cfg.num_replicas
+    headroom = 4 * capacity * cfg.num_replicas
     return MosaicIngress.options(
         max_ongoing_requests=headroom, max_queued_requests=headroom, ray_actor_options={"num_cpus": 0},
         backpressure_config={"status_code": 429, "retry_after_s": cfg.retry_after_s},

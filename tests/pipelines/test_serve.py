@@ -102,6 +102,91 @@ def test_request_accepts_common_client_fields_and_valid_edges():
     assert zero.seed == 0
 
 
+
+# --------------------------------------------------------------------------------------------- the engine (no Serve)
+
+
+def _engine(model_dir, tmp_path, **settings):
+    """The backbone deployment's class itself, on the tiny model with a local bank: its engine thread, no Serve."""
+    import asyncio
+
+    import torch
+
+    from mosaic_core.artifact import save_bank
+    from mosaic_core.backbone import load_backbone
+    from mosaic_core.bank import ControlTokenBank
+    from mosaic_core.config import BankConfig
+    from pipelines.serve import MosaicBackbone
+
+    bb = load_backbone(str(model_dir))
+    torch.manual_seed(0)
+    bank = ControlTokenBank.build(BankConfig(categories=tuple(CATEGORIES), m=2, init="normal"), bb.embeddings)
+    save_bank(bank, tmp_path / "bank", fingerprint=bb.fingerprint, init="normal")
+    cls = MosaicBackbone.func_or_class
+    engine = cls({"backbone": str(model_dir), "threads": 1, "max_batch_size": 2, "max_queued_requests": 1,
+                  "retry_after_s": 2.0, "default_max_tokens": 8, "max_context_tokens": None, **settings})  # fmt: skip
+    asyncio.run(engine.reconfigure({"bank_dir": str(tmp_path / "bank")}))
+    return engine
+
+
+def _row(max_tokens, active=(), ignore_eos=True):
+    from pipelines.serve import RowRequest
+
+    return RowRequest(messages=[{"role": "user", "content": PROMPT}], active=list(active), max_tokens=max_tokens,
+                      temperature=0.0, top_p=1.0, seed=None, stop=[], ignore_eos=ignore_eos)  # fmt: skip
+
+
+def test_engine_frees_a_cancelled_row_and_answers_the_overflow_with_429(tiny_model_dir, tmp_path):
+    import asyncio
+
+    engine = _engine(tiny_model_dir, tmp_path)
+
+    async def scenario():
+        long = asyncio.ensure_future(engine.generate(_row(400)))
+        while engine.stats["running"] < 1:  # the long row is decoding
+            await asyncio.sleep(0.005)
+        short = await engine.generate(_row(4, ["alcohol"]))  # joins beside it and leaves first
+        assert short.error is None and short.completion_tokens == 4 and not long.done()
+        long.cancel()  # what Serve does when the caller goes away
+        while engine.stats["running"] > 0:
+            await asyncio.sleep(0.005)
+        # capacity: 2 rows + 1 queued; the rest are refused at once with the 429 body
+        many = await asyncio.gather(*[engine.generate(_row(200)) for _ in range(6)])
+        return short, many
+
+    short, many = asyncio.run(scenario())
+    assert engine.stats["cancelled"] == 1 and engine.stats["joins"] >= 2
+    codes = sorted(r.error.status if r.error else 200 for r in many)
+    assert codes == [200, 200, 200, 429, 429, 429], codes
+    busy = next(r.error for r in many if r.error)
+    assert busy.type == "rate_limit_error" and busy.code == "queue_full" and busy.retry_after_s == 2.0
+    assert engine.stats["max_batch_active_sets"] == 2  # the short alcohol row shared steps with the bare one
+
+
+def test_engine_answers_as_mosaic_core_alone_and_streams_the_same_text(tiny_model_dir, tmp_path):
+    import asyncio
+
+    from mosaic_core.compose import encode_batch
+    from mosaic_core.generation import generate
+
+    engine = _engine(tiny_model_dir, tmp_path, max_batch_size=4)
+    bb, bank = engine.bb, engine.state.bank
+
+    def alone(active, n):
+        batch = encode_batch(bb.tokenizer, bb.model.get_input_embeddings(), bank, [PROMPT], [list(active)], bank.placement)
+        return bb.tokenizer.decode(generate(bb.model, batch, max_new_tokens=n, eos_token_ids=[])[0].token_ids, skip_special_tokens=True)
+
+    async def scenario():
+        async def streamed(row):
+            return "".join([ev.text async for ev in engine.stream(row) if ev.kind == "delta"])
+
+        return await asyncio.gather(engine.generate(_row(12, ["alcohol", "sex"])), engine.generate(_row(5)),
+                                    streamed(_row(9, ["betting"])))  # fmt: skip
+
+    a, b, c = asyncio.run(scenario())
+    assert a.text == alone(["alcohol", "sex"], 12) and b.text == alone([], 5) and c == alone(["betting"], 9)
+    assert a.active_modules == ["alcohol", "sex"] and a.finish_reason == "length"
+
 # --------------------------------------------------------------------------------------------- the stack
 
 
@@ -229,7 +314,7 @@ def stack(ray_session, tmp_path_factory):
     s = Stack(port, bb, {"A": bank_a, "B": bank_b}, uri, run_a / "bank")
     s.args = {"backbone": str(model_dir), "tenants_file": str(tenants), "threads": 1, "num_cpus": 0.5,
               "health_check_period_s": 1.0, "max_tokens_limit": 64, "default_max_tokens": 32,
-              "batch_wait_timeout_s": 0.05, "audit_log": str(root / "audit")}  # fmt: skip
+              "audit_log": str(root / "audit")}  # fmt: skip
     s.audit_dir = root / "audit"
     s.user_config = {"modules": list(CATEGORIES), "alias": "production", "tracking_uri": uri}
     try:
@@ -496,7 +581,7 @@ def test_open_endpoint_and_full_queue_gives_429(stack):
 
     # A local bank dir, no tenants (open), a backbone that holds one request and queues one more.
     args = {"backbone": stack.args["backbone"], "bank_dir": str(stack.bank_dir), "threads": 1, "num_cpus": 0.5,
-            "max_batch_size": 1, "max_ongoing_requests": 1, "max_queued_requests": 1, "retry_after_s": 2,
+            "max_batch_size": 1, "max_queued_requests": 1, "retry_after_s": 2,
             "max_tokens_limit": 64, "default_max_tokens": 32}  # fmt: skip
     serve.run(build_app(args), name="small", route_prefix="/small")
     try:
@@ -537,7 +622,7 @@ def test_a_deep_bank_is_served_as_mosaic_core_answers(stack, tmp_path):
     save_bank(deep, tmp_path / "deep", fingerprint=stack.bb.fingerprint, init="normal")
     stack.banks["deep"] = deep
     args = {"backbone": stack.args["backbone"], "bank_dir": str(tmp_path / "deep"), "threads": 1, "num_cpus": 0.5,
-            "max_tokens_limit": 64, "default_max_tokens": 32, "batch_wait_timeout_s": 0.2}  # fmt: skip
+            "max_tokens_limit": 64, "default_max_tokens": 32}  # fmt: skip
     serve.run(build_app(args), name="deep", route_prefix="/deep")
     try:
         c = stack.client(key="anything", prefix="/deep")

@@ -22,7 +22,7 @@ def test_every_shipped_recipe_validates_and_round_trips(path):
 
 def test_paper_recipe_matches_the_paper():
     r = load_recipe(ROOT / "pipelines" / "configs" / "llama3-8b-gpu.yaml")
-    assert (r.sampler.per_subset, r.sampler.max_order, r.train.epochs, r.train.lr, r.loss.kl_lambda) == (100, 4, 8, 0.01, 1.0)
+    assert (r.sampler.per_subset, r.sampler.max_order, r.train.epochs, r.train.lr, r.loss.kl_lambda) == (100, 5, 8, 0.01, 1.0)
 
 
 def test_overrides_and_all_errors_together(tmp_path):

@@ -65,11 +65,6 @@ class BankConfig:
     request and the assistant header and answer move back by its length, as input tokens would. `keep`: the block's
     keys share the positions of the request's last tokens, so everything after the block keeps the positions it has
     without modules and a block that attends to nothing leaves the bare model's answer unchanged. Deep banks only."""
-    init_from: str | None = None
-    """A trained bank's directory (module artifacts, relative to the working directory) whose modules start this
-    bank's instead of `init`: as they are when the depths match, or -- an `input` bank for a `deep` recipe -- its
-    tokens' own keys and values (DeepTokenBank.from_input_bank). Categories it lacks start from `init`; m and
-    placement must match. A warm start: the recipe still trains every module."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -90,8 +85,6 @@ class BankConfig:
             problems.append(f"max_norm_ratio: {self.max_norm_ratio} must be > 0 or null")
         if self.depth not in get_args(Depth):
             problems.append(f"depth: {self.depth!r} must be one of {get_args(Depth)}")
-        if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from.strip()):
-            problems.append(f"init_from: {self.init_from!r} must be a bank directory or null")
         if self.positions not in get_args(Positions):
             problems.append(f"positions: {self.positions!r} must be one of {get_args(Positions)}")
         elif self.positions == "keep" and self.depth != "deep":
@@ -121,10 +114,6 @@ class SamplerConfig:
     """Independent draws of the training examples (draw d: seed + 1000 d); epoch e trains on draw e mod draws, so
     later epochs see other requests of the train split at the same epoch size (deep tokens overfit one fixed draw:
     BENCHMARKS.md). The teacher answers every draw's negatives once."""
-    first_draw: int = 0
-    """Draw numbers start here: draws first_draw .. first_draw + draws - 1 (seeds seed + 1000 d), so a later stage of a
-    recipe chain trains on examples no earlier stage drew, with the same seed -- and so the same val_share split and
-    validation sample (changing the seed would lend the requests an earlier stage validated on)."""
     framed_share: float = 0.0
     """Share of the training requests (positives and negatives alike, chosen by a hash of the request) whose text
     is wrapped in one of the train split's framing templates (role-play, fiction, research, ...: data/framings/), so
@@ -143,8 +132,6 @@ class SamplerConfig:
             problems.append(f"framed_share: {self.framed_share} must be in [0, 0.8] (most requests stay plain)")
         if not 1 <= self.draws <= 100:
             problems.append(f"draws: {self.draws} must be in [1, 100]")
-        if not 0 <= self.first_draw <= 1000:
-            problems.append(f"first_draw: {self.first_draw} must be in [0, 1000]")
         if self.per_subset < 1:
             problems.append(f"per_subset: {self.per_subset} must be >= 1")
         if self.max_order < 1:
@@ -181,16 +168,11 @@ class LossConfig:
     """`bce`: the binary CE above. `margin`: softplus margins on the flag itself -- positives: each of the first
     `decision_tokens` refusal tokens beats the best other token by `margin_delta`; negatives: the weakest loses by
     it, except where the teacher's own answer starts with the refusal (there the base model refuses, and that is
-    the target). What made deep tokens selective in benchmarks/deep_prompt_probe.py."""
+    the target). What made deep tokens selective (docs/experiments/deep-prompt-probe.md)."""
     margin_delta: float = 2.0
     """Logit margin of `decision: margin`."""
     pos_weight: float = 1.0
     """Weight of positives' loss (CE + decision) against negatives': > 1 trades OR for DSR."""
-    pos_weight_by_order: dict[int, float] = field(default_factory=dict)
-    """Positives' weight for active sets of a given size, in place of `pos_weight` (e.g. `{1: 12.0}`: a module alone
-    must refuse harder; orders not listed keep `pos_weight`). One module alone decides the refusal without the others'
-    push, and the CPU chain's order-1 DSR lagged orders 2-3 at every stage while its OR had room (`{1: 12.0}` in
-    smollm2-cpu-deep-margins8 did not move it, BENCHMARKS.md)."""
     neg_weight_by_source: dict[str, float] = field(default_factory=dict)
     """Negatives' weight by where the sampler drew them (`inactive`, `general`, `lookalike`; sources not listed: 1),
     e.g. `{lookalike: 8.0}`: a harmless look-alike of an active category ("virgin mojito" with alcohol on) must be
@@ -207,7 +189,7 @@ class LossConfig:
     ce_weight: float = 1.0
     """Weight of the cross-entropy terms (positives' CE on the refusal, negatives' CE on the teacher answer). 0 with
     the margin decision loss: positives train only the margins and negatives only the KL and the keep-off margin --
-    the loss of benchmarks/deep_prompt_probe.py's `--loss first`, whose chain met the CPU targets (BENCHMARKS.md).
+    the loss of the deep prompt probe's `--loss first` (docs/experiments/deep-prompt-probe.md).
     CE keeps pushing a refusal already the argmax, so with pos_weight > 1 it adds refusal everywhere at once."""
 
     def __post_init__(self) -> None:
@@ -226,14 +208,6 @@ class LossConfig:
             problems.append(f"margin_delta: {self.margin_delta} must be in [0, 50]")
         if not 0 < self.pos_weight <= 100:
             problems.append(f"pos_weight: {self.pos_weight} must be in (0, 100]")
-        try:  # YAML gives int keys, a JSON round trip (MLflow params, resolved configs) string ones
-            by_order = {int(k): float(w) for k, w in self.pos_weight_by_order.items()}
-        except (AttributeError, TypeError, ValueError):
-            by_order = {}
-            problems.append(f"pos_weight_by_order: {self.pos_weight_by_order} must map orders to weights, e.g. {{1: 12.0}}")
-        if any(k < 1 or not 0 < w <= 100 for k, w in by_order.items()):
-            problems.append(f"pos_weight_by_order: {self.pos_weight_by_order} needs orders >= 1 and weights in (0, 100]")
-        object.__setattr__(self, "pos_weight_by_order", by_order)
         by_source = self.neg_weight_by_source if isinstance(self.neg_weight_by_source, dict) else None
         if by_source is None or set(by_source) - set(get_args(NegSource)):
             problems.append(f"neg_weight_by_source: {self.neg_weight_by_source} must map sources "
@@ -413,7 +387,7 @@ class EvalSettings:
     """Fast refusal flag from one teacher-forced forward over the refusal's first `fast_tokens` tokens: `greedy`
     = each is the argmax (greedy decoding starts with them; agreed with judged generations on 180/180 test rows
     of the 6-epoch CPU bank), `threshold` = their per-token geometric-mean probability > `threshold` (the
-    first sessions' rule, with fast_tokens 4: 159/180; `benchmarks/fast_score_agreement.py`)."""
+    first sessions' rule, with fast_tokens 4: 159/180; docs/experiments/fast-score-agreement.md)."""
     fast_tokens: int = 3
     """Refusal tokens the fast score reads: 3 = "I'm sorry" for the default template."""
     threshold: float = 0.5

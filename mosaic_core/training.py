@@ -5,7 +5,7 @@ Positives (label `pos`): CE on the refusal template (+ EOS). Negatives (`neg`): 
 lambda * KL(teacher || student) at every answer position (top-k + tail bucket). With `decision_weight` > 0, every
 row also gets a decision loss on starting the refusal (negatives through one short probe row each: prompt + tokens
 + the refusal's first tokens): a binary CE on its probability, or (`decision: margin`) softplus margins on the
-greedy flag itself. `pos_weight` scales the positives' rows (`pos_weight_by_order`: per active-set size);
+greedy flag itself. `pos_weight` scales the positives' rows (`neg_weight_by_source` the negatives' by source);
 `max_answer_tokens` / `refusal_tokens` cut negatives' / positives' targets to their first tokens (both small: a
 decision-only step). `BankEMA`: a moving average of the trainable modules."""
 
@@ -110,7 +110,7 @@ def batch_loss(
     if decide:
         per_row = per_row + loss_cfg.decision_weight * dec
         stats["decision"] = dec.detach().mean()
-    weights = torch.tensor([loss_cfg.pos_weight_by_order.get(len(e["active"]), loss_cfg.pos_weight) for e in examples])
+    weights = torch.full((len(examples),), loss_cfg.pos_weight)
     by_source = [loss_cfg.neg_weight_by_source.get(e.get("source", ""), 1.0) for e in examples]
     weights = torch.where(is_pos, weights, torch.tensor(by_source))
     if (weights != 1.0).any():

@@ -85,7 +85,7 @@ def benchmark_digest(uri: str) -> str:
     return h.hexdigest()
 
 
-_SAMPLER_KEYS_ADDED_LATER = ("draws", "val_share", "first_draw")
+_SAMPLER_KEYS_ADDED_LATER = ("draws", "val_share")
 
 
 def content_hash(recipe: Recipe, bench_digest: str, fingerprint_digest: str) -> str:

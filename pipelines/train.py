@@ -139,8 +139,6 @@ def build_bank(recipe: Any, bb: Any, extend: dict[str, Any] | None) -> Any:
             bank = DeepTokenBank.build(recipe.bank, bb.embeddings, bb.tokenizer, model=bb.model)
         else:
             bank = ControlTokenBank.build(recipe.bank, bb.embeddings, bb.tokenizer)
-        if recipe.bank.init_from:
-            warm_start(bank, load_bank(Path(recipe.bank.init_from), bb.fingerprint), bb)
         return bank
     bank = load_bank(Path(extend["bank_dir"]), bb.fingerprint)  # refuses a bank of another backbone
     if bank.depth != recipe.bank.depth:
@@ -157,30 +155,6 @@ def build_bank(recipe: Any, bb: Any, extend: dict[str, Any] | None) -> Any:
         bank.add(c, v)
     bank.clamp_norms_()
     return bank
-
-
-def warm_start(bank: Any, source: Any, bb: Any) -> None:
-    """Overwrite `bank`'s modules with `source`'s trained ones for the categories both hold (bank.init_from); an
-    input-token source of a deep bank gives its tokens' own keys and values, averaged over the bank's category
-    descriptions as requests (as DeepTokenBank.build turns text initialisation deep)."""
-    from mosaic_core.bank import DeepTokenBank
-    from mosaic_core.categories import describe
-
-    if source.m != bank.m or source.placement != bank.placement:
-        raise ValueError(f"bank.init_from holds m={source.m}, placement {source.placement!r}; the recipe's bank has "
-                         f"m={bank.m}, placement {bank.placement!r}: they must match")  # fmt: skip
-    if source.depth == "deep" and bank.depth != "deep":
-        raise ValueError("bank.init_from holds deep tokens; an input-token bank cannot start from them")
-    shared = [c for c in bank.categories if c in source.categories]
-    if not shared:
-        raise ValueError(f"bank.init_from holds {source.categories}, none of the recipe's {bank.categories}")
-    vectors = source.vectors
-    if bank.depth == "deep" and source.depth != "deep":  # each module's block is computed with it alone active
-        vectors = DeepTokenBank.from_input_bank(bb.model, bb.tokenizer, source, [describe(c) for c in bank.categories]).vectors
-    with torch.no_grad():
-        for c in shared:
-            bank.vectors[c].copy_(vectors[c])
-    bank.clamp_norms_()
 
 
 class BankTrainingModule(nn.Module):
@@ -523,14 +497,6 @@ def main(
     if Path(recipe.backbone).expanduser().is_dir():
         recipe = replace(recipe, backbone=str(Path(recipe.backbone).expanduser().resolve()))
     init_note = recipe.bank.init  # what module.json records: the recipe's own words, never a machine path
-    if recipe.bank.init_from:
-        if extend:
-            raise ConfigError(["bank.init_from starts a fresh bank; --extend starts from its own: use one"], "mosaic train")
-        src = Path(recipe.bank.init_from).expanduser().resolve()
-        if not (src / "manifest.json").is_file():
-            raise ConfigError([f"bank.init_from: {recipe.bank.init_from} is not a bank directory (no manifest.json)"], str(run))
-        init_note = f"bank:{recipe.bank.init_from}"
-        recipe = replace(recipe, bank=replace(recipe.bank, init_from=str(src)))
     ext = None
     categories = list(recipe.bank.categories)
     if extend or add:

@@ -165,17 +165,6 @@ def test_val_share_lends_val_requests_to_training_and_validates_on_the_rest(buil
     assert {split_of[p] for p in ex0.loc[ex0["split"] == "train", "prompt_id"]} == {"train"}
 
 
-def test_first_draw_changes_the_content_hash():
-    import dataclasses
-
-    from mosaic_core.config import BankConfig, Recipe
-    from pipelines.data import content_hash
-
-    recipe = Recipe(name="r", bank=BankConfig(categories=("alcohol",)))
-    later = dataclasses.replace(recipe, sampler=dataclasses.replace(recipe.sampler, first_draw=8))
-    assert content_hash(recipe, "bench", "fp") != content_hash(later, "bench", "fp")
-
-
 def test_committed_store_serves_shorter_answers_by_prefix_and_skips_the_teacher(built, tiny_model_dir, tmp_path, monkeypatch, capsys):
     """A store made at T=4, k=4 serves a recipe asking for T=2, k=3: its rows are the prefixes the teacher itself
     gives at T=2 (greedy is causal), and the data stage runs no teacher pass."""

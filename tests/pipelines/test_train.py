@@ -211,59 +211,6 @@ def test_a_deep_bank_extends_with_deep_modules_only(tmp_path, tiny_model_dir):
         build_bank(flat, bb, {"bank_dir": str(tmp_path / "old"), "add": ["horror"]})
 
 
-def test_init_from_warm_starts_a_deep_bank_from_a_trained_input_bank(tmp_path, tiny_model_dir):
-    from dataclasses import replace
-
-    from mosaic_core.artifact import save_bank
-    from mosaic_core.backbone import load_backbone
-    from mosaic_core.bank import ControlTokenBank, DeepTokenBank
-    from mosaic_core.categories import describe
-    from mosaic_core.config import recipe_from_dict
-    from pipelines.train import build_bank
-
-    bb = load_backbone(str(tiny_model_dir))
-    flat = recipe_from_dict({"name": "x", "bank": {"categories": ["alcohol"], "m": 2, "init": "normal", "seed": 3}})
-    trained = ControlTokenBank.build(flat.bank, bb.embeddings, bb.tokenizer)
-    save_bank(trained, tmp_path / "trained", fingerprint=bb.fingerprint, init="normal")
-
-    def recipe(depth: str, src: str = "trained", m: int = 2):
-        bank = {"categories": list(CATS), "m": m, "init": "vocab", "depth": depth, "init_from": str(tmp_path / src)}
-        return recipe_from_dict({"name": "x", "bank": bank})
-
-    cold = build_bank(recipe_from_dict({"name": "x", "bank": {"categories": list(CATS), "m": 2, "init": "vocab"}}), bb, None)
-    warm = build_bank(recipe("input"), bb, None)
-    assert torch.equal(warm.vectors["alcohol"], trained.vectors["alcohol"])  # the trained module, as it was
-    assert torch.equal(warm.vectors["betting"], cold.vectors["betting"])  # a category it lacks: `init`
-    assert all(p.requires_grad for p in warm.parameters())  # a warm start, not a frozen module
-
-    deep = build_bank(recipe("deep"), bb, None)
-    # the trained tokens' own keys/values, averaged over the recipe's category descriptions as requests
-    want = DeepTokenBank.from_input_bank(bb.model, bb.tokenizer, trained, [describe(c) for c in CATS]).vectors["alcohol"]
-    assert isinstance(deep, DeepTokenBank) and torch.allclose(deep.vectors["alcohol"], want)
-    text_init = build_bank(replace(recipe("deep"), bank=replace(recipe("deep").bank, init_from=None)), bb, None)
-    assert not torch.allclose(deep.vectors["alcohol"], text_init.vectors["alcohol"])
-    assert torch.equal(deep.vectors["betting"], text_init.vectors["betting"])
-    save_bank(deep, tmp_path / "deep", fingerprint=bb.fingerprint, init="vocab")
-    assert torch.equal(build_bank(recipe("deep", "deep"), bb, None).vectors["alcohol"], deep.vectors["alcohol"])
-    with pytest.raises(ValueError, match="holds deep tokens"):
-        build_bank(recipe("input", "deep"), bb, None)
-    with pytest.raises(ValueError, match="m=2,.*m=3"):
-        build_bank(recipe("input", m=3), bb, None)
-
-
-def test_init_from_is_checked_before_anything_starts(tmp_path, tiny_model_dir):
-    from pipelines.train import main
-
-    run = make_run(tmp_path, tiny_model_dir)
-    cfg = yaml.safe_load((run / "resolved_config.yaml").read_text())
-    cfg["bank"]["init_from"] = "no/such/bank"
-    (run / "resolved_config.yaml").write_text(yaml.safe_dump(cfg))
-    with pytest.raises(ValueError, match="no/such/bank is not a bank directory"):
-        main(str(run))
-    with pytest.raises(ValueError, match="init_from starts a fresh bank"):
-        main(str(run), extend=str(tmp_path), add=["horror"])
-
-
 def test_extend_arguments_are_checked_before_anything_starts(tmp_path, tiny_model_dir):
     from mosaic_core.artifact import save_bank
     from mosaic_core.backbone import load_backbone

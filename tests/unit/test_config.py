@@ -32,14 +32,6 @@ def test_sampler_and_loss_configs_reject_bad_values():
     with pytest.raises(ConfigError, match="ce_weight: 0 needs decision_weight > 0"):
         LossConfig(ce_weight=0.0)
     assert LossConfig(ce_weight=0.0, decision_weight=1.0).ce_weight == 0.0
-    with pytest.raises(ConfigError, match="pos_weight_by_order: .* needs orders >= 1"):
-        LossConfig(pos_weight_by_order={0: 2.0})
-    with pytest.raises(ConfigError, match="pos_weight_by_order: .* must map orders to weights"):
-        LossConfig(pos_weight_by_order={"one": 2.0})
-    with pytest.raises(ConfigError, match="pos_weight_by_order: .* must map orders to weights"):
-        LossConfig(pos_weight_by_order=[12.0])  # type: ignore[arg-type]
-    # a JSON round trip (MLflow params, resolved configs) gives string keys: read back as the same orders
-    assert LossConfig(pos_weight_by_order={"1": 12}).pos_weight_by_order == {1: 12.0}
     with pytest.raises(ConfigError, match=r"neg_weight_by_source: \{'virgin': 2.0\} must map sources"):
         LossConfig(neg_weight_by_source={"virgin": 2.0})
     with pytest.raises(ConfigError, match="neg_weight_by_source: .* needs weights in"):
@@ -59,9 +51,7 @@ def test_sampler_and_loss_configs_reject_bad_values():
         TrainConfig(request_dropout=0.2, zero_stage=3)
     with pytest.raises(ConfigError, match=r"val_share: 0.9 must be in \[0, 0.8\]"):
         SamplerConfig(val_share=0.9)
-    with pytest.raises(ConfigError, match="init_from"):
-        BankConfig(categories=("alcohol",), init_from=" ")
-    assert TrainConfig(ema=0.99).ema == 0.99 and BankConfig(categories=("alcohol",), init_from="banks/x").init_from == "banks/x"
+    assert TrainConfig(ema=0.99).ema == 0.99
 
 
 def test_round_trip_through_asdict_and_unknown_keys_rejected():

@@ -68,21 +68,3 @@ def test_phases_schedule_loss_and_lr_by_epoch_and_are_checked():
         recipe_from_dict(bad)
     for needle in ("train.phases[0].loss.margin_delta: -1", "train.phases[1].loss:"):
         assert needle in str(e.value), needle
-
-
-def test_make_chain_links_each_stage_to_the_last_ones_bank_on_fresh_draws():
-    # `make chain` runs these stages in order: each must start from the previous stage's bank (the first from a
-    # committed one), all with the same sampler seed (the val split's hash), and from -margins on each on draws no
-    # other stage of them reads (deep-general's two draws are the first two of -margins' eight)
-    line = next(x for x in (ROOT / "Makefile").read_text().splitlines() if x.startswith("CHAIN :="))
-    stages = [f"smollm2-cpu-deep-{s}" for s in line.split(":=")[1].split()]
-    recipes = [load_recipe(ROOT / "pipelines" / "configs" / f"{s}.yaml") for s in stages]
-    assert [r.name for r in recipes] == stages
-    assert (ROOT / recipes[0].bank.init_from / "manifest.json").is_file()
-    for prev, r in zip(recipes, recipes[1:]):
-        assert r.bank.init_from == f"runs/{prev.name}/bank", r.name
-    draws = [d for r in recipes[1:] for d in range(r.sampler.first_draw, r.sampler.first_draw + r.sampler.draws)]
-    assert len(draws) == len(set(draws)) and len({r.sampler.seed for r in recipes}) == 1
-    # validation never scores a request a stage trained on: lending more of val later only adds requests
-    shares = [r.sampler.val_share for r in recipes]
-    assert shares == sorted(shares)

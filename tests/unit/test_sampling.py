@@ -98,16 +98,6 @@ def test_draws_are_independent_samples_of_one_size_and_draw_0_is_the_plain_sampl
     assert sample_draws(_requests(), CATS, cfg) == ex  # deterministic
 
 
-def test_first_draw_continues_the_draws_a_chain_has_not_read():
-    whole = sample_draws(_requests(), CATS, SamplerConfig(per_subset=10, max_order=2, seed=3, draws=4))
-    later = sample_draws(_requests(), CATS, SamplerConfig(per_subset=10, max_order=2, seed=3, draws=2, first_draw=2))
-    # draws 2-3 of a 4-draw sample, tagged 0-1 (what a 2-draw run's epochs read), ids unchanged
-    assert later == [dataclasses.replace(e, draw=e.draw - 2) for e in whole if e.draw >= 2]
-    assert {e.example_id for e in later}.isdisjoint(e.example_id for e in whole if e.draw < 2)
-    with pytest.raises(ConfigError, match=r"first_draw: -1 must be in \[0, 1000\]"):
-        SamplerConfig(first_draw=-1)
-
-
 def test_split_off_takes_a_stable_share_by_id():
     reqs = _requests()
     taken, kept = split_off(reqs, 0.5, seed=0)

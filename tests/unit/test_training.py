@@ -87,10 +87,6 @@ def test_margin_decision_loss_pos_weight_and_a_refusing_teacher(tiny_backbone):
     assert torch.isfinite(base).all() and (base > 0).all()
     weighted = rows(pos_weight=3.0)
     assert torch.allclose(weighted[0], 3 * base[0], atol=1e-5) and torch.allclose(weighted[1:], base[1:], atol=1e-5)
-    # per order: the positive (one active module) takes its order's weight; another order's entry leaves it at pos_weight
-    by_order = rows(pos_weight=3.0, pos_weight_by_order={1: 5.0, 2: 7.0})
-    assert torch.allclose(by_order[0], 5 * base[0], atol=1e-5) and torch.allclose(by_order[1:], base[1:], atol=1e-5)
-    assert torch.allclose(rows(pos_weight=3.0, pos_weight_by_order={2: 7.0}), weighted, atol=1e-5)
     # per source: only the negatives the sampler drew from that source take its weight; rows without a source weigh 1
     ex[1], ex[2] = {**ex[1], "source": "general"}, {**ex[2], "source": "lookalike"}
     by_source = rows(pos_weight=3.0, neg_weight_by_source={"lookalike": 4.0})

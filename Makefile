@@ -26,6 +26,9 @@ demo: setup
 	$(BIN)/mosaic run --config pipelines/configs/smollm2-quick.yaml $(if $(wildcard $(BANK)/manifest.json),--bank $(BANK)) $(if $(XSTEST),--xstest $(XSTEST))
 	$(BIN)/python scripts/demo_serve.py --bank $(BANK)
 	@echo
+	@echo "The demo evaluated $(BANK) on a small val sample (recipe smollm2-quick: orders 1-3, <= 5 requests per subset and group, no MMLU)."
+	@echo "Its full evaluation, on the split nobody tuned on:"
+	@echo "  $(BIN)/mosaic eval --bank $(BANK) --config pipelines/configs/smollm2-cpu.yaml --split test2"
 	@echo "Serve it yourself (Ray Serve on 127.0.0.1:8000; Ctrl-C stops it):"
 	@echo "  $(BIN)/mosaic serve --bank $(BANK)"
 	@echo "  # or from the registry: $(BIN)/mosaic modules promote alcohol 1 --alias production ...; $(BIN)/mosaic serve --modules alcohol,betting"

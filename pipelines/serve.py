@@ -11,8 +11,9 @@ Two deployments (DESIGN.md "Serving on Ray Serve"):
   (`mosaic_core.scheduler`): a request joins the running batch at the next decode step, rows with different active
   sets, lengths and sampling settings share every step, and a row leaves the step it finishes or its caller goes
   away; beyond `max_batch_size` rows requests wait in a bounded queue, beyond that they get 429 at once.
-  Modules come from MLflow aliases (`resolve_bundle`) or a local bank dir; a new `user_config` (`serve deploy`, or `serve.run` again) re-resolves them and swaps the bank
-  atomically through `reconfigure` — no restart, no dropped request. A failed swap keeps serving the old modules
+  Modules come from MLflow aliases (`resolve_bundle`) or a local bank dir; a new `user_config` (`serve deploy`, or
+  `serve.run` again) re-resolves them and swaps the bank atomically through `reconfigure` — no restart, no dropped
+  request. A failed swap keeps serving the old modules
   and reports the error in `/v1/modules`.
 * `MosaicIngress` (FastAPI) speaks OpenAI chat completions (plain and SSE streaming), `/v1/models`, `/v1/modules`,
   `/v1/profiles`, `/healthz`; authenticates tenants (Bearer keys -> policy: mandatory modules, allowed profiles);

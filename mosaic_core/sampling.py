@@ -136,15 +136,13 @@ def sample_examples(requests: Sequence[Request], categories: Sequence[str], cfg:
 
 
 def sample_draws(requests: Sequence[Request], categories: Sequence[str], cfg: SamplerConfig) -> list[Example]:
-    """cfg.draws independent samples, each example tagged with its index i (0 .. draws - 1, what training's epochs
-    read): draw d is sample_examples with seed cfg.seed + 1000 d (draw 0 is sample_examples(cfg)
-    itself, ids included); other draws' ids carry d, so the same request under the same subset in two draws is two
-    examples."""
+    """cfg.draws independent samples, each example tagged with its draw d (0 .. draws - 1, what training's epochs
+    read): draw d is sample_examples with seed cfg.seed + 1000 d (draw 0 is sample_examples(cfg) itself, ids
+    included); other draws' ids carry d, so the same request under the same subset in two draws is two examples."""
     out: list[Example] = []
-    for i in range(cfg.draws):
-        d = i
+    for d in range(cfg.draws):
         ex = sample_examples(requests, categories, replace(cfg, seed=cfg.seed + 1000 * d))
-        out += ex if d == 0 else [replace(e, example_id=_eid(e.example_id, d), draw=i) for e in ex]
+        out += ex if d == 0 else [replace(e, example_id=_eid(e.example_id, d), draw=d) for e in ex]
     return out
 
 

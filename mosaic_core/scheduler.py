@@ -62,7 +62,6 @@ class ContinuousBatcher:
         self.values: list[torch.Tensor] = []
         self.mask = self.pos = self.logits = None
         self.forward_positions = 0
-        self.steps = 0
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -78,6 +77,9 @@ class ContinuousBatcher:
         if not keyed:
             return
         specs = [s for _, s in keyed]
+        for s in specs:
+            if s.max_tokens < 1:
+                raise ValueError(f"max_tokens {s.max_tokens} must be >= 1")
         deep = bank is not None and bank.depth == "deep"
         if deep and self.prefix_cache is None:
             raise ValueError("a deep bank's blocks follow the request's cached keys/values: give the batcher a PrefixCache")
@@ -88,9 +90,6 @@ class ContinuousBatcher:
         layers = [(lay.keys, lay.values) for lay in out.cache.layers]
         new_mask, new_pos = batch.attention_mask, batch.position_ids[:, -1:]
         new_logits = out.logits[:, -1].float()
-        for _, s in keyed:
-            if s.max_tokens < 1:
-                raise ValueError(f"max_tokens {s.max_tokens} must be >= 1")
         rows = [_Row(k, s, gen=torch.Generator(device=new_logits.device).manual_seed(s.seed) if s.seed is not None else None)
                 for k, s in keyed]  # fmt: skip
         if not self.rows:
@@ -147,7 +146,6 @@ class ContinuousBatcher:
             self.keys = [lay.keys for lay in out.cache.layers]
             self.values = [lay.values for lay in out.cache.layers]
             self.logits = out.logits[:, -1].float()
-        self.steps += 1
         return done
 
     def cancel(self, key: Any) -> bool:

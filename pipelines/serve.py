@@ -671,7 +671,6 @@ class MosaicBackbone:
         self._queue: collections.deque[_Job] = collections.deque()
         self._held, self._held_lock = 0, threading.Lock()  # requests accepted and not answered yet (rows + queue)
         self._wake = threading.Event()
-        self._stopping = False
         self._engine = threading.Thread(target=self._engine_loop, name="mosaic-engine", daemon=True)
         self._engine.start()
         logger.info("backbone %s (fingerprint %s) loaded; context %d tokens", self.bb.fingerprint.model_id,
@@ -814,18 +813,18 @@ class MosaicBackbone:
         batcher = ContinuousBatcher(self.bb.model, self.prefix_cache)
         running: dict[int, _Prepared] = {}
         ids = itertools.count()
-        while not self._stopping:
+        while True:  # a daemon thread: it ends with the replica process
             for key in [k for k, p in running.items() if p.job.cancelled]:
                 batcher.cancel(key)
                 self.stats["cancelled"] += 1
-                running.pop(key).job.done(RowResult(error=Cancelled("the client went away", code="client_disconnected").to_body()))
+                running.pop(key).job.done(_GONE)
             self.stats["running"] = len(running)
             joining: list[tuple[int, _Prepared]] = []
             while self._queue and len(running) + len(joining) < self.settings.max_batch_size:
                 job = self._queue.popleft()
                 if job.cancelled:
                     self.stats["cancelled"] += 1
-                    job.done(RowResult(error=Cancelled("the client went away", code="client_disconnected").to_body()))
+                    job.done(_GONE)
                     continue
                 p = self._admit(job)
                 if p is not None:
@@ -953,6 +952,10 @@ class MosaicBackbone:
         return RowResult(text=text, finish_reason=reason or "stop", prompt_tokens=p.prompt_tokens, completion_tokens=n,
                          control_tokens=p.control_tokens, active_modules=list(p.active),
                          module_versions={c: versions[c] for c in p.active})  # fmt: skip
+
+
+_GONE = RowResult(error=Cancelled("the client went away", code="client_disconnected").to_body())
+"""What a row whose caller went away is answered with (nobody reads it; the slot it held is released)."""
 
 
 def _resolve(fut: "asyncio.Future[RowResult]", result: RowResult) -> None:

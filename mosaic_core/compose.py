@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import torch
 
@@ -344,12 +344,24 @@ class PrefixCache:
     misses would run different numbers of forwards.
     """
 
-    def __init__(self, model: Any, max_bytes: int = 4 << 30, chunk: int = 16):
-        # 4 GiB holds ~2,000 SmolLM2-135M requests (46 KB per token in fp32) but only ~500 of Llama-3.1-8B's
-        # (128 KB per token in bf16): beyond it the oldest entries go, and misses are recomputed.
-        self.model, self.max_bytes, self.chunk = model, max_bytes, chunk
+    def __init__(self, model: Any, max_bytes: int = 4 << 30, chunk: int = 16, head: int = 0):
+        # 4 GiB holds ~1,700 SmolLM2-135M requests of 51 tokens (46 KB per token in fp32) but only ~500 of
+        # Llama-3.1-8B's (128 KB per token in bf16): beyond it the oldest entries go, and misses are recomputed.
+        # `head` > 0: runs that share their first `head` tokens (the chat template's system prompt and user header,
+        # see `for_chat`) keep one copy of those tokens' states -- causal attention makes them the same in every run.
+        self.model, self.max_bytes, self.chunk, self.head = model, max_bytes, chunk, head
         self.store: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.heads: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.hits = self.misses = self.bytes = 0
+
+    @classmethod
+    def for_chat(cls, model: Any, tokenizer: Any, system: str | None = None, **kw: Any) -> Self:
+        """`head` read off the chat template: the tokens every templated request starts with."""
+        runs = [encode_chat(tokenizer, as_messages(p, system), "before_assistant").before for p in ("a", "Z")]
+        return cls(model, head=common_head(runs), **kw)
+
+    def _head_of(self, run: tuple[int, ...]) -> tuple[int, ...]:
+        return run[: self.head] if 0 < self.head < len(run) else ()
 
     @torch.no_grad()
     def _fill(self, runs: list[tuple[int, ...]]) -> None:
@@ -364,7 +376,13 @@ class PrefixCache:
             out = self.model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=True)
             layers = [(lay.keys, lay.values) for lay in out.cache.layers]  # each (b, heads, L, hd)
             for j, r in enumerate(part):
-                entry = [(k[j, :, L - len(r) :].clone(), v[j, :, L - len(r) :].clone()) for k, v in layers]
+                h = self._head_of(r)
+                if h and h not in self.heads:
+                    self.heads[h] = [(k[j, :, L - len(r) : L - len(r) + len(h)].clone(),
+                                      v[j, :, L - len(r) : L - len(r) + len(h)].clone()) for k, v in layers]  # fmt: skip
+                    self.bytes += sum(k.nbytes + v.nbytes for k, v in self.heads[h])  # kept: never evicted
+                start = L - len(r) + len(h)  # the run's own tokens after its shared head
+                entry = [(k[j, :, start:].clone(), v[j, :, start:].clone()) for k, v in layers]
                 self.bytes += sum(k.nbytes + v.nbytes for k, v in entry)
                 self.store[r] = entry
                 while self.bytes > self.max_bytes and len(self.store) > 1:  # oldest first: bounded, not an LRU
@@ -395,9 +413,11 @@ class PrefixCache:
         for layer in range(len(entries[0])):
             K = k0.new_zeros(len(keys), k0.shape[0], P, k0.shape[-1])
             V = torch.zeros_like(K)
-            for j, e in enumerate(entries):
-                n = e[layer][0].shape[1]
-                K[j, :, P - n :], V[j, :, P - n :] = e[layer]
+            for j, (key, e) in enumerate(zip(keys, entries)):
+                at, h = P - len(key), self._head_of(key)
+                if h:
+                    K[j, :, at : at + len(h)], V[j, :, at : at + len(h)] = self.heads[h][layer]
+                K[j, :, at + len(h) :], V[j, :, at + len(h) :] = e[layer]
             cache.update(K, V, layer)
         for j, k in enumerate(keys):
             mask[j, P - len(k) :] = 1
@@ -413,15 +433,9 @@ class DroppingCache(PrefixCache):
     keys/values are always the whole request's, only what reads them changes."""
 
     def __init__(self, model: Any, head: int, tail: int = 2, max_bytes: int = 4 << 30):
-        super().__init__(model, max_bytes)
-        self.head, self.tail, self.p = head, tail, 0.0
+        super().__init__(model, max_bytes, head=head)
+        self.tail, self.p = tail, 0.0
         self.hidden: dict[tuple[int, ...], torch.Tensor] = {}
-
-    @classmethod
-    def for_chat(cls, model: Any, tokenizer: Any, system: str | None = None, **kw: Any) -> DroppingCache:
-        """`head` read off the chat template: the tokens every templated request starts with."""
-        runs = [encode_chat(tokenizer, as_messages(p, system), "before_assistant").before for p in ("a", "Z")]
-        return cls(model, head=common_head(runs), **kw)
 
     def new_step(self) -> None:
         self.hidden.clear()

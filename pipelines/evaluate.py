@@ -114,7 +114,9 @@ class EvalUDF:
         self.max_new_tokens, self.fast_tokens = max_new_tokens, fast_tokens
         self.judge = make_judge(judge, template=refusal)
         # every request is scored under many active sets: its tokens before the block are computed once
-        self.cache = PrefixCache(self.bb.model, max_bytes=1 << 30) if self.bank.placement == "before_assistant" else None
+        self.cache = None
+        if self.bank.placement == "before_assistant":
+            self.cache = PrefixCache.for_chat(self.bb.model, self.bb.tokenizer, max_bytes=1 << 30)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         import torch

@@ -133,6 +133,18 @@ def test_prefix_cache_stays_within_its_byte_budget(tiny_backbone, bank):
     assert torch.allclose(answer_logits(bb.model, batch)[0], answer_logits(bb.model, plain)[0], atol=1e-4)
 
 
+def test_a_cache_for_chat_keeps_the_template_head_once_and_returns_the_same_states(tiny_backbone):
+    model, tok = tiny_backbone.model, tiny_backbone.tokenizer
+    befores = [encode_chat(tok, as_messages(p), "before_assistant").before for p in PROMPTS]
+    plain, shared = PrefixCache(model), PrefixCache.for_chat(model, tok)
+    (kv, mask), (kv_shared, mask_shared) = plain.get(befores), shared.get(befores)
+    assert shared.head > 0 and len(shared.heads) == 1  # one system prompt + user header for every request
+    assert shared.bytes < plain.bytes * (1 - shared.head / max(len(b) for b in befores))
+    assert torch.equal(mask, mask_shared)
+    for a, b in zip(kv.layers, kv_shared.layers):
+        assert torch.allclose(a.keys, b.keys, atol=1e-5) and torch.allclose(a.values, b.values, atol=1e-5)
+
+
 def test_the_dropping_cache_hides_request_tokens_only_and_the_same_ones_within_a_step(tiny_backbone):
     model, tok = tiny_backbone.model, tiny_backbone.tokenizer
     prompts = ["Mix me a mojito with lots of rum and a little lime please.", "Which horse wins the derby this year, tell me?"]

@@ -96,7 +96,7 @@ def batch_loss(
         per_row = per_row.index_put((idx,), loss)
         stats["neg_ce"], stats["kl"] = ce.detach().mean(), kl.detach().mean()
         if decide:  # the probe rows: same context, the refusal's first tokens as the continuation to score
-            probe = encode_batch(tokenizer, model.get_input_embeddings(), bank, [e["prompt"] for e in neg],
+            probe = encode_batch(tokenizer, model.get_input_embeddings(), bank, [request_of(e) for e in neg],
                                  [list(e["active"]) for e in neg], placement, [list(refusal_ids[:n_dec])] * len(neg), cache=cache)  # type: ignore[arg-type]  # fmt: skip
             p_logits, p_tgt, p_mask = answer_logits(model, probe)
             no = torch.zeros_like(idx, dtype=torch.bool)

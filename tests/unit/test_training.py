@@ -98,6 +98,25 @@ def test_margin_decision_loss_pos_weight_and_a_refusing_teacher(tiny_backbone):
     assert torch.allclose(lo[2], hi[2], atol=1e-5) and hi[1] > lo[1] + 10
 
 
+def test_a_framed_negative_is_scored_in_its_framed_chat_by_every_term(tiny_backbone):
+    """With `messages`, the chat is what the example asks: the loss rows and the keep-off margin's probe rows both
+    read it, so the plain `prompt` beside it changes nothing."""
+    import json
+
+    bb = tiny_backbone
+    bank = ControlTokenBank.build(BankConfig(categories=("alcohol", "betting"), m=2, init="normal", seed=2), bb.embeddings)
+    refusal = refusal_target(bb.tokenizer, "I'm sorry, but I can't help with that.")
+    neg = _examples(bb)[1]
+    chat = [{"role": "user", "content": "For my novel, a character asks:"}, {"role": "assistant", "content": "Go on."},
+            {"role": "user", "content": neg["prompt"]}]  # fmt: skip
+    framed = {**neg, "messages": json.dumps(chat)}
+    cfg = LossConfig(decision_weight=1.0, decision_tokens=3, decision="margin")
+    a, b, plain = (batch_loss(bb.model, bb.tokenizer, bank, [e], refusal, cfg)
+                   for e in (framed, {**framed, "prompt": "Something else entirely."}, neg))  # fmt: skip
+    assert torch.allclose(a["decision"], b["decision"]) and torch.allclose(a["loss"], b["loss"])
+    assert not torch.allclose(a["decision"], plain["decision"])  # the frame is part of what the probe reads
+
+
 def test_ce_weight_zero_leaves_the_margins_and_the_kl(tiny_backbone):
     bb = tiny_backbone
     bank = ControlTokenBank.build(BankConfig(categories=("alcohol", "betting"), m=2, init="normal", seed=2), bb.embeddings)

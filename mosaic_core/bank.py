@@ -43,7 +43,7 @@ def init_vectors(
         ids = tokenizer(text, add_special_tokens=False).input_ids
         rows = emb[torch.tensor(ids, dtype=torch.long)]
         # Split the description into m contiguous chunks and mean-pool each, so every vector starts as a
-        # blend of the words describing the category (FINDINGS 2b: this kept vectors on the embedding scale).
+        # blend of the words describing the category (this kept vectors on the embedding scale; docs/architecture.md).
         chunks = torch.tensor_split(rows, m) if len(ids) >= m else [rows[i % len(ids)][None] for i in range(m)]
         return torch.stack([c.mean(0) for c in chunks]).clone()
     if method == "vocab":

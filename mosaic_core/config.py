@@ -97,7 +97,7 @@ class BankConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class SamplerConfig:
-    """Order-based task sampling (PAPER.md): a budget per order, split evenly over that order's subsets."""
+    """Order-based task sampling (docs/architecture.md): a budget per order, split evenly over that order's subsets."""
 
     per_subset: int = 100
     """Positives per subset at order 1; every order gets the same total N1 = per_subset * K, split evenly over its
@@ -149,7 +149,7 @@ class SamplerConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class LossConfig:
-    """Loss of DESIGN.md: positives -> CE on the refusal; negatives -> CE on the teacher answer + lambda*KL."""
+    """The loss (docs/architecture.md): positives -> CE on the refusal; negatives -> CE on the teacher answer + lambda*KL."""
 
     refusal_template: str = DEFAULT_REFUSAL
     """The one refusal text: training target for positives and what the template judge matches."""

@@ -1,4 +1,4 @@
-"""Order-based task sampling, as PAPER.md states it.
+"""Order-based task sampling, as the MOSAIC paper states it (docs/architecture.md).
 
 Subsets are grouped by order r = |S|. Every order gets the same total, N1 = per_subset * K (the first order's),
 split evenly over its subsets: N1 // C(K, r) positives per subset. So no order outweighs another, and all K on (one

@@ -1,4 +1,4 @@
-"""The counterfactual teacher (PAPER.md): the same frozen model with NO control tokens answers each negative
+"""The counterfactual teacher (docs/architecture.md): the same frozen model with NO control tokens answers each negative
 prompt; its greedy answer and its top-k log-probs at every answer position are stored once per unique
 prompt and reused by every example that uses the prompt."""
 

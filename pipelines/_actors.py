@@ -14,7 +14,7 @@ class ActorResources(TypedDict):
 def actor_pool_resources(actors: int, cpus: float | None = None) -> ActorResources:
     """One GPU per actor on a GPU cluster. On CPU, fractional CPUs that leave one whole CPU free -- Ray Data's
     own tasks (repartition, write) each need one, and an actor pool holding every CPU stalls the pipeline
-    silently (PLATFORM §2) -- and the torch threads each actor may use. `cpus`: the cluster's, by default."""
+    silently (docs/architecture.md, platform notes) -- and the torch threads each actor may use. `cpus`: the cluster's, by default."""
     import ray
 
     res = ray.cluster_resources()

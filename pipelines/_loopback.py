@@ -1,4 +1,4 @@
-"""Keep the two servers that ignore RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 on 127.0.0.1 (PLATFORM.md §0.1).
+"""Keep the two servers that ignore RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 on 127.0.0.1 (docs/architecture.md, platform notes).
 
 * torch's rank-0 rendezvous TCPStore (Ray Train's process group) binds `*:<port>`; there is no setting.
 * a Ray Serve replica's internal gRPC server binds `[::]:0` (hard-coded in ray/serve/_private/replica.py).

@@ -3,7 +3,7 @@
     mosaic data --config pipelines/configs/smollm2-cpu.yaml [--name NAME] [--out DIR] [--set train.epochs=2]
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m pipelines.data --config ...
 
-Writes, under the run directory (DESIGN.md "Where things live"):
+Writes, under the run directory (docs/architecture.md, "Where things live"):
     resolved_config.yaml, provenance.json
     data/examples/*.parquet  {example_id, prompt_id, prompt, active, order, label, kind, category, source, draw, split}
                              (split: the role, train or val; sampler.val_share lends val requests to train)
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every Ray socket on 127.0.0.1 (PLATFORM §0.1)
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every Ray socket on 127.0.0.1 (docs/architecture.md)
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import argparse
@@ -155,7 +155,7 @@ class TeacherUDF:
 
 def run_teacher(prompts: pd.DataFrame, recipe: Recipe, out_dir: Path, cpus: float) -> None:
     """map_batches over an actor pool; on CPU the actors take fractional CPUs so the read tasks still get a
-    slot (PLATFORM §2: an actor holding every CPU deadlocks the pipeline silently)."""
+    slot (docs/architecture.md: an actor holding every CPU deadlocks the pipeline silently)."""
     actors = recipe.teacher.actors
     res = actor_pool_resources(actors, cpus)
     # Sorting by length puts similar prompts in one batch: less padding in the teacher's forward.

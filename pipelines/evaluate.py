@@ -8,7 +8,7 @@ system prompts batched together).
 `--split` defaults to `val`, the split every choice is made on; `test` and `test2` are read only when asked, and
 every `test2` scoring appends a line (recipe, bank digest, figures) to docs/test2-log.md.
 
-Two measurements (PAPER.md judges generated answers; on CPU thousands of generations take hours):
+Two measurements (the MOSAIC paper judges generated answers; on CPU thousands of generations take hours):
   fast  every subset of orders 1..R: one teacher-forced forward over the refusal's first tokens right after the
         prompt (no generation); refused iff greedy decoding would start with them (each is the argmax).
   gen   a seeded sample of subsets and requests: greedy generation (max_new_tokens) judged by mosaic_core's
@@ -54,7 +54,7 @@ from mosaic_core.errors import ArtifactError, ConfigError
 from mosaic_core.metrics import Rate, in_context_policy, rate
 from pipelines._actors import actor_pool_resources
 
-PAPER_TABLE1 = {  # PAPER.md, Llama-3.1-8B, orders 1 -> 4 (endpoints as reported; "–" where not stated per order)
+PAPER_TABLE1 = {  # the MOSAIC paper's Table 1, Llama-3.1-8B, orders 1 -> 4 (endpoints as reported; "–" where not stated per order)
     "in-context": {"dsr": "76.7 → 44.5", "or": "10–14"},
     "MOSAIC-5": {"dsr": "99.8–100", "or": "4.3 → 1.8"},
 }

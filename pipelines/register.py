@@ -7,7 +7,7 @@
 
 Registered model name: `mosaic.<backbone>.<category>`. A version's files are exactly the module artifact
 (`tokens.safetensors` + `module.json`), logged under `modules/<category>` of the training run's MLflow run, and
-registered with `MlflowClient.create_model_version` (PLATFORM.md §5.2: `mlflow.register_model` fails on a plain
+registered with `MlflowClient.create_model_version` (docs/architecture.md, platform notes: `mlflow.register_model` fails on a plain
 artifact dir). Versions carry their provenance and metrics as tags; aliases (never stages) mark what serves.
 `resolve_bundle` (the read side, in mosaic_core.registry, re-exported here): `models:/…@alias` URIs -> a checked
 ControlTokenBank.
@@ -301,7 +301,7 @@ def list_rows(client: MlflowClient) -> list[dict[str, str]]:
     """One row per version of every `mosaic.*` model, with its aliases and headline tags."""
     rows = []
     for name in module_names(client):
-        # search_model_versions returns aliases=[] (PLATFORM.md §5.2): take them from the registered model.
+        # search_model_versions returns aliases=[] (docs/architecture.md, platform notes): take them from the registered model.
         by_version: dict[str, list[str]] = {}
         for a, v in _require_model(client, name).items():
             by_version.setdefault(str(v), []).append(a)

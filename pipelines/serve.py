@@ -4,7 +4,7 @@
     mosaic serve --bank runs/<name>/bank                           # a local bank directory (dev, tests)
     serve run cluster/serve_config.yaml                            # the same app from a Serve config
 
-Two deployments (DESIGN.md "Serving on Ray Serve"):
+Two deployments (docs/serving.md):
 
 * `MosaicBackbone` holds the frozen backbone and *every* module of its bundle in memory (a module is kilobytes).
   Requests carry their own active set. One engine thread decodes them with iteration-level batching
@@ -26,7 +26,7 @@ Operations (docs/serving.md): SIGTERM/SIGINT drains the ingress (new requests 50
 error within `--shutdown-timeout`), then stops Serve and Ray; the ingress records Ray Serve metrics (requests,
 refusals, tokens, latency by module set, versions and tenant) and writes one audit JSON line per request.
 
-Network rule (PLATFORM.md §0.1): the proxy listens where `http_options` says (127.0.0.1 by default) and each
+Network rule (docs/architecture.md, platform notes): the proxy listens where `http_options` says (127.0.0.1 by default) and each
 replica's internal gRPC server is bound to 127.0.0.1 by `pipelines._loopback` before it starts.
 """
 
@@ -35,7 +35,7 @@ import os
 # No `from __future__ import annotations` here: Serve ships the ingress class to its replica by value, and FastAPI
 # must resolve the route annotations there; string annotations would point at names cloudpickle did not carry.
 
-# Before `import ray`: Ray's node IP becomes 127.0.0.1 and its core sockets bind loopback (PLATFORM.md §0.1).
+# Before `import ray`: Ray's node IP becomes 127.0.0.1 and its core sockets bind loopback (docs/architecture.md).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import argparse  # noqa: E402
@@ -317,7 +317,7 @@ class ServeArgs(BaseModel):
         return p.name if self.backbone != EMBEDDED and p.is_dir() else self.backbone
 
     def module_source(self) -> ModuleSource:
-        """The backbone's user_config, with paths and the tracking URI made absolute here at the driver (DESIGN.md)."""
+        """The backbone's user_config, with paths and the tracking URI made absolute here at the driver (docs/architecture.md)."""
         from mosaic_core.registry import resolve_tracking_uri
 
         return ModuleSource(

@@ -11,7 +11,7 @@ draw e mod draws); writes `<run>/run.json` (the MLflow run),
 `<run>/training.png` (loss terms per step, validation per epoch; also an MLflow artifact).
 
 Each worker: frozen backbone + bank in one nn.Module; DeepSpeed gets only the trainable bank vectors and a
-client torch.optim.Adam (the config "optimizer" would JIT-build FusedAdam for 72 s on CPU, PLATFORM §3.1);
+client torch.optim.Adam (the config "optimizer" would JIT-build FusedAdam for ~70 s on CPU, docs/architecture.md);
 norms are clamped after every step. Every epoch (and at the end) all ranks validate their share of the val
 split (teacher-forced refusal probability, positives vs negatives) and save a checkpoint: DeepSpeed's own
 files (each rank writes its ZeRO optimizer partition; Ray merges them into one directory) plus, from rank 0,
@@ -41,7 +41,7 @@ from torch import nn
 EXPERIMENT = "mosaic"
 VAL_BATCH = 16
 MIN_FIDELITY = 0.7  # select_key: the share of general answers (all modules on) that must keep their opening
-LOOPBACK_HOOK = "pipelines._loopback.install"  # torch TCPStore (+ Serve replica gRPC) on 127.0.0.1: PLATFORM §3.4
+LOOPBACK_HOOK = "pipelines._loopback.install"  # torch TCPStore (+ Serve replica gRPC) on 127.0.0.1: docs/architecture.md
 CKPT_TAG = "ckpt"  # one DeepSpeed tag per checkpoint directory: Ray keeps one directory per report
 
 
@@ -458,7 +458,7 @@ def _tracking(run: Path, tracking_uri: str | None) -> tuple[str, str | None]:
         if uri.startswith("sqlite:///"):  # artifacts next to the database, never in the working directory
             return uri, (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
         return uri, None
-    root = run.parent  # runs/<name> -> runs/mlflow.db, runs/mlartifacts (DESIGN "Where things live")
+    root = run.parent  # runs/<name> -> runs/mlflow.db, runs/mlartifacts (docs/architecture.md, "Where things live")
     root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root / 'mlflow.db'}", (root / "mlartifacts").as_uri()
 

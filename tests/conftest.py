@@ -1,6 +1,6 @@
 import os
 
-# Before anything imports ray: keep every Ray socket on loopback (PLATFORM.md §0.1), no usage stats, no hub.
+# Before anything imports ray: keep every Ray socket on loopback (docs/architecture.md), no usage stats, no hub.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -39,7 +39,7 @@ def test_empty_active_set_is_the_bare_model(smollm, placement):
 
 
 def test_base_model_answers_category_requests_by_default(smollm):
-    """The gap the modules must close (FINDINGS.md §1): the bare model rarely refuses any category."""
+    """The gap the modules must close (docs/architecture.md): the bare model rarely refuses any category."""
     rows = [r for r in load_jsonl([ROOT / "data" / "mosaic-bench"]) if r["kind"] == "target" and r["split"] == "test"]
     probes = [r for c in CATEGORIES for r in [x for x in rows if x["category"] == c][:2]]
     batch = encode_batch(smollm.tokenizer, smollm.model.get_input_embeddings(), None, [r["prompt"] for r in probes],
@@ -47,7 +47,7 @@ def test_base_model_answers_category_requests_by_default(smollm):
     gens = generate(smollm.model, batch, max_new_tokens=16, eos_token_ids=[smollm.tokenizer.eos_token_id])
     judge = make_judge()
     refused = [judge.is_refusal(r["prompt"], smollm.tokenizer.decode(g.token_ids, skip_special_tokens=True)) for r, g in zip(probes, gens)]
-    assert sum(refused) <= 3, refused  # 10 probes; FINDINGS measured ~5 %
+    assert sum(refused) <= 3, refused  # 10 probes; ~5 % measured before the project started
 
 
 def test_mosaic_chat_cli(tmp_path):

@@ -44,7 +44,7 @@ def test_deepspeed_configs(name, stage):
     if not path.is_file():
         pytest.skip(f"{name} not shipped yet")
     cfg = json.loads(path.read_text())
-    assert cfg["zero_optimization"]["stage"] == stage and "optimizer" not in cfg  # client optimizer (PLATFORM §3.1)
+    assert cfg["zero_optimization"]["stage"] == stage and "optimizer" not in cfg  # client optimizer (docs/architecture.md)
 
 
 @pytest.mark.parametrize("script", ["start.sh", "stop.sh"])

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray cluster for the pipeline tests (PLATFORM §1.5); always `address="local"`."""
+    """One local Ray cluster for the pipeline tests (docs/architecture.md); always `address="local"`."""
     import ray
 
     if not ray.is_initialized():

@@ -329,7 +329,7 @@ def test_register_against_a_real_mlflow_server_on_loopback(tmp_path, tiny_backbo
                 pass
             assert time.monotonic() < deadline, "mlflow server not healthy within 60 s"
             time.sleep(0.5)
-        if shutil.which("ss"):  # the network rule (PLATFORM.md): nothing the server opens listens beyond loopback
+        if shutil.which("ss"):  # the network rule (docs/architecture.md): nothing the server opens listens beyond loopback
             rows = _listeners()
             on_port = {h for h, p, _ in rows if p == str(port)}
             assert on_port and on_port <= LOOPBACK, on_port

@@ -28,12 +28,9 @@ import dataclasses
 import hashlib
 import json
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +48,7 @@ from mosaic_core.errors import BenchmarkError, ConfigError
 from mosaic_core.sampling import Request, frame_examples, interleave_orders, plan, sample_draws, sample_examples, split_off
 from mosaic_core.teacher import TEACHER_COLS
 from pipelines._actors import actor_pool_resources
+from pipelines._provenance import provenance
 
 DATA_VERSION = 1  # bump when the tables' meaning changes: old outputs then rebuild
 TEACHER_STORE = Path(__file__).resolve().parents[1] / "data" / "teacher"
@@ -101,21 +99,6 @@ def content_hash(recipe: Recipe, bench_digest: str, fingerprint_digest: str) -> 
         "refusal": recipe.loss.refusal_template, "topk": recipe.loss.topk, "teacher": dataclasses.asdict(recipe.teacher),
     }  # fmt: skip
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=list).encode()).hexdigest()[:16]
-
-
-def provenance() -> dict[str, Any]:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.TimeoutExpired):
-        sha = None
-    pkgs = ("torch", "transformers", "ray", "deepspeed", "mlflow", "mosaic-ray")
-    versions = {}
-    for p in pkgs:
-        try:
-            versions[p] = metadata.version(p)
-        except metadata.PackageNotFoundError:
-            versions[p] = None
-    return {"git_sha": sha, "python": sys.version.split()[0], "packages": versions, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
 def to_requests(df: pd.DataFrame) -> list[Request]:

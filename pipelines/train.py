@@ -611,6 +611,7 @@ def main(
     from mosaic_core.artifact import save_bank
     from mosaic_core.backbone import Fingerprint
     from mosaic_core.bank import new_bank
+    from pipelines._provenance import bank_provenance
 
     if result.checkpoint is None:
         raise RuntimeError("training reported no checkpoint")
@@ -633,6 +634,7 @@ def main(
             if (src / "tokens.safetensors").read_bytes() != (tmp / c / "tokens.safetensors").read_bytes():
                 raise RuntimeError(f"frozen module {c!r} changed during incremental training")
             shutil.copy2(src / "module.json", tmp / c / "module.json")
+    (tmp / "provenance.json").write_text(json.dumps(bank_provenance(run, state), indent=2) + "\n")
     shutil.rmtree(run / "bank", ignore_errors=True)
     tmp.rename(run / "bank")
     client.log_artifacts(run_id, str(run / "bank"), artifact_path="bank")

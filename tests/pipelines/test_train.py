@@ -307,7 +307,11 @@ def test_train_two_workers_zero2_trains_only_the_bank(tmp_path, tiny_model_dir, 
     assert len(norms) == 4 and all(0 < n < float("inf") for n in norms), norms
     assert r.data.params["train.zero_stage"] == "2" and r.data.params["world_size"] == "2"
     logged = {a.path for a in client.list_artifacts(r.info.run_id, "bank")}
-    assert logged == {"bank/alcohol", "bank/betting", "bank/manifest.json"}
+    assert logged == {"bank/alcohol", "bank/betting", "bank/manifest.json", "bank/provenance.json"}
+    prov = json.loads((bank_dir / "provenance.json").read_text())
+    data_hash = json.loads((run / "data" / "manifest.json").read_text())["content_hash"]
+    assert prov["data_content_hash"] == data_hash and prov["best_epoch"] == summary["best_epoch"] and prov["steps"] == 4
+    assert prov["recipe_sha256"] == hashlib.sha256((run / "resolved_config.yaml").read_bytes()).hexdigest()
     assert "training.png" in {a.path for a in client.list_artifacts(r.info.run_id)} and (run / "training.png").stat().st_size > 0
 
     assert summary["steps"] == 4 and summary["resumes"] == [] and summary["trainable_parameters"] == 2 * 2 * 32

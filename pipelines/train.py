@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import math
 import os
@@ -294,6 +295,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from mosaic_core.training import BankEMA, refusal_target
 
     recipe = recipe_from_dict(config["recipe"])
+    step_hook = None
+    if config.get("step_hook"):
+        module, _, name = config["step_hook"].partition(":")
+        step_hook = getattr(importlib.import_module(module), name)
     torch.set_num_threads(config["threads"])
     torch.manual_seed(recipe.train.seed)
     deepspeed.utils.logger.setLevel("WARNING")
@@ -398,17 +403,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if grad_norm is not None:
                 m["grad_norm"] = float(grad_norm)
             log(m, step)
-            fail_here = config.get("_fail_at_step") == step
-            if step % recipe.train.report_every == 0 or fail_here:  # the same steps on every rank
+            if step % recipe.train.report_every == 0:  # the same steps on every rank
                 ray.train.report({**m, "step": step, "epoch": epoch})
-            if fail_here and rank == world - 1 and not os.path.exists(config["_fail_marker"]):
-                # Fail once (tests). After this step's report: Ray Train's per-worker result queue holds one report and
-                # a poll takes one every 2 s, so the last checkpoint's report may still sit unconsumed in a queue;
-                # dying then loses it (the restart would begin at step 0). This report returning means this rank's
-                # checkpoint report was consumed; the wait lets the other ranks' be too.
-                time.sleep(3 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)))
-                Path(config["_fail_marker"]).write_text(f"killed rank {rank} at step {step}\n")
-                os.kill(os.getpid(), 9)
+            if step_hook is not None:
+                step_hook(step=step, rank=rank, world=world, run_dir=config["run_dir"])
             t0 = time.perf_counter()
 
         # end of epoch (or of the run): validate, keep the best bank, checkpoint from every rank
@@ -481,9 +479,13 @@ def ray_runtime_env() -> dict[str, Any]:
 def main(
     run_dir: str, *, num_workers: int | None = None, max_steps: int | None = None, tracking_uri: str | None = None,
     extend: str | None = None, add: tuple[str, ...] | list[str] = (), deepspeed_config_path: str | None = None,
-    cpus_per_worker: float | None = None, use_gpu: bool | None = None, _fail_at_step: int | None = None,
+    cpus_per_worker: float | None = None, use_gpu: bool | None = None, step_hook: str | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """Train the bank of `run_dir`; returns a summary (also printed). See the module docstring."""
+    """Train the bank of `run_dir`; returns a summary (also printed). See the module docstring.
+
+    `step_hook`: "module:function", imported in every worker and called after every training step (after its
+    metrics are logged and, on a `report_every` step, reported) as function(step=, rank=, world=, run_dir=) --
+    how tests inject faults without the loop knowing of them."""
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before `import ray`: loopback only
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import yaml
@@ -582,7 +584,7 @@ def main(
             "max_steps": recipe.train.max_steps, "val": val, "extend": ext, "use_gpu": gpu, "draws": len(draws),
             "threads": max(1, int(cpus)), "shuffle_buffer": max(micro, min(rows_per_worker, 10_000)),
             "tracking_uri": uri, "mlflow_run_id": run_id,
-            "_fail_at_step": _fail_at_step, "_fail_marker": str(run / ".fail_injected"),
+            "step_hook": step_hook, "run_dir": str(run),
         }  # fmt: skip
         trainer = TorchTrainer(
             train_loop_per_worker, train_loop_config=config, datasets=datasets,

@@ -42,7 +42,7 @@ def _requests(split: str):
 
 def make_run(root: Path, model_dir: Path, *, name: str = "r1", epochs: int = 2, batch_size: int = 4,
              max_steps: int | None = None, depth: str = "input", ema: float = 0.0, request_dropout: float = 0.0,
-             phases: list[dict] | None = None) -> Path:  # fmt: skip
+             phases: list[dict] | None = None, report_every: int = 20) -> Path:  # fmt: skip
     """A run directory as the data stage writes it: 8 train examples (4 pos, 4 neg), 8 val examples."""
     import pandas as pd
 
@@ -58,7 +58,8 @@ def make_run(root: Path, model_dir: Path, *, name: str = "r1", epochs: int = 2, 
         "loss": {"topk": 4},
         "teacher": {"max_new_tokens": 6},
         "train": {"epochs": epochs, "batch_size": batch_size, "lr": 0.05, "num_workers": 2, "zero_stage": 2,
-                  "max_steps": max_steps, "ema": ema, "request_dropout": request_dropout, "phases": phases or []},
+                  "max_steps": max_steps, "ema": ema, "request_dropout": request_dropout, "phases": phases or [],
+                  "report_every": report_every},
     }  # fmt: skip
     recipe = recipe_from_dict(raw)
     run = root / "runs" / name
@@ -391,8 +392,8 @@ def test_train_resumes_from_checkpoint_after_a_worker_is_killed(tmp_path, tiny_m
 
     from pipelines.train import main
 
-    run = make_run(tmp_path, tiny_model_dir, name="r2", epochs=2)  # 2 steps/epoch, checkpoint after step 2
-    summary = main(str(run), num_workers=2, _fail_at_step=3)  # rank 1 SIGKILLs itself once, after step 3
+    run = make_run(tmp_path, tiny_model_dir, name="r2", epochs=2, report_every=1)  # 2 steps/epoch: checkpoint at 2
+    summary = main(str(run), num_workers=2, step_hook="tests.pipelines.faults:kill_last_rank_once")  # after step 3
 
     assert (run / ".fail_injected").read_text().startswith("killed rank 1 at step 3")
     assert summary["steps"] == 4 and summary["epochs"] == 2

@@ -9,7 +9,7 @@ Registered model name: `mosaic.<backbone>.<category>`. A version's files are exa
 (`tokens.safetensors` + `module.json`), logged under `modules/<category>` of the training run's MLflow run, and
 registered with `MlflowClient.create_model_version` (docs/architecture.md, platform notes: `mlflow.register_model` fails on a plain
 artifact dir). Versions carry their provenance and metrics as tags; aliases (never stages) mark what serves.
-`resolve_bundle` (the read side, in mosaic_core.registry, re-exported here): `models:/…@alias` URIs -> a checked
+`resolve_bundle` (the read side, in pipelines/_registry.py, re-exported here): `models:/…@alias` URIs -> a checked
 ControlTokenBank.
 
 Tracking URI: `--tracking-uri`, else `MLFLOW_TRACKING_URI`, else the sqlite store `runs/mlflow.db` with
@@ -39,14 +39,14 @@ from mosaic_core.backbone import EMBEDDED, Fingerprint
 from mosaic_core.bundle import NAME_PREFIX, manifest_digest, parse_module_uri, registered_name
 from mosaic_core.errors import ArtifactError
 
-# The read side (look-ups, downloads, resolve_bundle) lives in mosaic_core.registry, shared with the Serve app;
+# The read side (look-ups, downloads, resolve_bundle) lives in pipelines/_registry.py, shared with the Serve app;
 # it is re-exported here so `from pipelines.register import resolve_bundle` keeps working.
-from mosaic_core.registry import DEFAULT_STORE, connect, download_version, get_version, module_names, resolve_bundle  # noqa: F401
-from mosaic_core.registry import not_found as _not_found
-from mosaic_core.registry import require_model as _require_model
-from mosaic_core.registry import resolve_tracking_uri
-from mosaic_core.registry import sqlite_path as _sqlite_path
-from mosaic_core.registry import versions as _versions
+from pipelines._registry import DEFAULT_STORE, connect, download_version, get_version, module_names, resolve_bundle  # noqa: F401
+from pipelines._registry import not_found as _not_found
+from pipelines._registry import require_model as _require_model
+from pipelines._registry import resolve_tracking_uri
+from pipelines._registry import sqlite_path as _sqlite_path
+from pipelines._registry import versions as _versions
 
 EXPERIMENT = "mosaic"
 ARTIFACTS_DIR = "mlartifacts"

@@ -318,7 +318,7 @@ class ServeArgs(BaseModel):
 
     def module_source(self) -> ModuleSource:
         """The backbone's user_config, with paths and the tracking URI made absolute here at the driver (docs/architecture.md)."""
-        from mosaic_core.registry import resolve_tracking_uri
+        from pipelines._registry import resolve_tracking_uri
 
         return ModuleSource(
             modules=list(self.modules), alias=self.alias,
@@ -567,7 +567,7 @@ def load_modules(source: ModuleSource, expected: Any) -> ModuleState:
         return ModuleState(bank, tuple(modules), source)
     if source.modules:
         from mosaic_core.bundle import parse_module_uri
-        from mosaic_core.registry import resolve_bundle
+        from pipelines._registry import resolve_bundle
 
         bank, infos = resolve_bundle(source.uris(expected.model_id), expected, tracking_uri=source.tracking_uri)
         modules = []

@@ -1,10 +1,11 @@
 """The read side of the MLflow module registry: find, pin, download and compose registered module versions.
 
 Shared by the register stage (`mosaic modules list|promote|show`) and the Serve app (which resolves its
-modules from aliases at start and on every `reconfigure`); stages never import each other, so it lives here.
+modules from aliases at start and on every `reconfigure`); stages never import each other, so it lives beside them.
+The write side (creating runs and versions) stays in `pipelines/register.py`.
 
-MLflow is imported inside the functions, never at module import: `mosaic_core` stays importable without it
-(STYLE.md §8.1). The write side (creating runs and versions) stays in `pipelines/register.py`.
+MLflow is imported inside the functions: `mosaic --help` and the stages that never touch the registry do not pay
+its import.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from mosaic_core.bank import ControlTokenBank
 from mosaic_core.bundle import NAME_PREFIX, ModuleRef, check_bundle, parse_module_uri
 from mosaic_core.errors import ArtifactError, UnknownCategoryError
 
-if TYPE_CHECKING:  # typing only: importing mlflow costs seconds and is optional for mosaic_core
+if TYPE_CHECKING:  # typing only: importing mlflow costs seconds
     from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
     from mlflow.exceptions import MlflowException

@@ -154,9 +154,10 @@ def main() -> None:
 
     from mosaic_core.artifact import save_bank
     from mosaic_core.backbone import EMBEDDED, load_backbone
-    from mosaic_core.bank import ControlTokenBank, DeepTokenBank
+    from mosaic_core.bank import ControlTokenBank
     from mosaic_core.categories import CATEGORIES
     from mosaic_core.config import BankConfig
+    from mosaic_core.init import build_bank
     from pipelines.serve import build_app
 
     prompts = _prompts(a.requests)
@@ -165,7 +166,7 @@ def main() -> None:
         cfg = BankConfig(categories=CATEGORIES, m=5, init="text")
         bank = ControlTokenBank.build(cfg, bb.embeddings, bb.tokenizer)
         save_bank(bank, Path(tmp) / "bank", fingerprint=bb.fingerprint, init="text")
-        deep = DeepTokenBank.build(dataclasses.replace(cfg, depth="deep"), bb.embeddings, bb.tokenizer, model=bb.model)
+        deep = build_bank(dataclasses.replace(cfg, depth="deep"), bb.embeddings, bb.tokenizer, model=bb.model)
         save_bank(deep, Path(tmp) / "deep", fingerprint=bb.fingerprint, init="text")
         del bb, bank, deep  # the replicas load their own copies
 

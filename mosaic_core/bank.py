@@ -4,7 +4,6 @@ The only trainable parameters of MOSAIC."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
@@ -72,7 +71,7 @@ class ControlTokenBank(nn.Module):
         """A bank for `cfg.categories`, initialised by `cfg.init` from the backbone's embeddings (V, d)."""
         mean_norm = embeddings.detach().float().norm(dim=-1).mean().item()
         max_norm = cfg.max_norm_ratio * mean_norm if cfg.max_norm_ratio else None
-        bank = cls(d=embeddings.shape[1], m=cfg.m, placement=cfg.placement, max_norm=max_norm)
+        bank = ControlTokenBank(d=embeddings.shape[1], m=cfg.m, placement=cfg.placement, max_norm=max_norm)
         gen = torch.Generator().manual_seed(cfg.seed)
         for c in cfg.categories:
             v = init_vectors(embeddings, cfg.m, cfg.init, tokenizer=tokenizer, text=describe(c), generator=gen)
@@ -147,7 +146,8 @@ class DeepTokenBank(ControlTokenBank):
     token on SmolLM2-135M against 576 for an embedding row.
 
     `d` (the hidden size) is kept for artifacts; there is no norm cap (`max_norm` None). Composition concatenates
-    modules along the token axis (dim 3) in canonical order; mosaic_core.compose.append_deep_blocks places them."""
+    modules along the token axis (dim 3) in canonical order; mosaic_core.compose.append_deep_blocks places them.
+    Built from a config by mosaic_core.init.build_bank (keys and values read off input tokens)."""
 
     depth: ClassVar[Depth] = "deep"
 
@@ -169,43 +169,6 @@ class DeepTokenBank(ControlTokenBank):
         c = model.config
         hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         return cls(d=c.hidden_size, m=m, layers=c.num_hidden_layers, kv_heads=c.num_key_value_heads, head_dim=hd)
-
-    @classmethod
-    @torch.no_grad()
-    def from_input_bank(cls, model: Any, tokenizer: Any, bank: ControlTokenBank, prompts: Sequence[str]) -> DeepTokenBank:
-        """Each module's tokens' own keys (RoPE undone) and values at every layer, averaged over `prompts` with
-        that module alone active: the deep bank that starts closest to `bank` (the block then sits after prompts it
-        was not computed on, which is why it is an average)."""
-        from mosaic_core.compose import as_messages, encode_batch, encode_chat, rotate
-
-        if bank.placement != "before_assistant" or not prompts:
-            raise ValueError("from_input_bank needs a before_assistant bank and at least one prompt")
-        deep = cls.for_model(model, bank.m)
-        rope = model.get_decoder().rotary_emb
-        for c in bank.categories:
-            enc = encode_batch(tokenizer, model.get_input_embeddings(), bank, list(prompts), [[c]] * len(prompts), bank.placement)
-            layers = model.get_decoder()(**enc.model_inputs(), use_cache=True).cache.layers
-            L, rows = enc.attention_mask.shape[1], []
-            for i, p in enumerate(prompts):
-                nb = len(encode_chat(tokenizer, as_messages(p), bank.placement).before)
-                start = L - int(enc.attention_mask[i].sum()) + nb  # left padding, the request, then the block
-                cos, sin = rope(layers[0].keys, torch.arange(nb, nb + bank.m, device=layers[0].keys.device)[None])  # (1, m, hd)
-                k = torch.stack([rotate(lay.keys[i, :, start : start + bank.m], cos, sin, inverse=True) for lay in layers])
-                v = torch.stack([lay.values[i, :, start : start + bank.m] for lay in layers])
-                rows.append(torch.stack([k, v], 1))  # (layers, 2, kv_heads, m, hd)
-            deep.add(c, torch.stack(rows).mean(0))
-        return deep
-
-    @classmethod
-    def build(cls, cfg: BankConfig, embeddings: torch.Tensor, tokenizer: Any = None, *, model: Any = None) -> DeepTokenBank:  # type: ignore[override]
-        """The input bank `cfg.init` gives, turned deep (from_input_bank) over the categories' own descriptions as
-        prompts -- requests of every category, so no module starts tuned to one."""
-        if model is None:
-            raise ValueError("a deep bank is built from the backbone's keys and values: pass model=")
-        flat = ControlTokenBank.build(dataclasses.replace(cfg, depth="input", positions="shift"), embeddings, tokenizer)
-        deep = cls.from_input_bank(model, tokenizer, flat, [describe(c) for c in cfg.categories])
-        deep.positions = cfg.positions
-        return deep
 
     def compose(self, active: Iterable[str]) -> torch.Tensor:
         """The block for an active set, (layers, 2, kv_heads, r*m, head_dim); r = 0 for the empty set."""

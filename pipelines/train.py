@@ -131,31 +131,16 @@ def deepspeed_config(recipe: Any, micro_batch: int, base: dict[str, Any] | None 
 def build_bank(recipe: Any, bb: Any, extend: dict[str, Any] | None) -> Any:
     """A fresh bank per recipe, or (incremental expansion) the bank at extend["bank_dir"] with its modules
     frozen and extend["add"] appended, initialised per recipe. Only unfrozen vectors train."""
+    from mosaic_core import init
     from mosaic_core.artifact import load_bank
-    from mosaic_core.bank import ControlTokenBank, DeepTokenBank, init_vectors
-    from mosaic_core.categories import describe
 
     if not extend:
-        if recipe.bank.depth == "deep":
-            bank = DeepTokenBank.build(recipe.bank, bb.embeddings, bb.tokenizer, model=bb.model)
-        else:
-            bank = ControlTokenBank.build(recipe.bank, bb.embeddings, bb.tokenizer)
-        return bank
+        return init.build_bank(recipe.bank, bb.embeddings, bb.tokenizer, model=bb.model)
     bank = load_bank(Path(extend["bank_dir"]), bb.fingerprint)  # refuses a bank of another backbone
-    if bank.depth != recipe.bank.depth:
-        raise ValueError(f"the bank at {extend['bank_dir']} holds {bank.depth} tokens; the recipe's bank.depth is "
-                         f"{recipe.bank.depth}: new modules must be of the bank's depth")  # fmt: skip
-    bank.freeze()
-    gen = torch.Generator().manual_seed(recipe.bank.seed)
-    for c in extend["add"]:
-        v = init_vectors(bb.embeddings, bank.m, recipe.bank.init, tokenizer=bb.tokenizer, text=describe(c), generator=gen)
-        if bank.depth == "deep":  # the new module's input tokens' keys and values over the whole bank's descriptions
-            flat = ControlTokenBank(d=bank.d, m=bank.m, placement=bank.placement)
-            flat.add(c, v)
-            v = DeepTokenBank.from_input_bank(bb.model, bb.tokenizer, flat, [describe(x) for x in [*bank.categories, c]]).vectors[c]
-        bank.add(c, v)
-    bank.clamp_norms_()
-    return bank
+    try:
+        return init.extend_bank(bank, extend["add"], recipe.bank, bb.embeddings, bb.tokenizer, model=bb.model)
+    except ValueError as e:
+        raise ValueError(f"{extend['bank_dir']}: {e}") from None
 
 
 class BankTrainingModule(nn.Module):

@@ -16,6 +16,7 @@ from mosaic_core.compose import PrefixCache, answer_logits, encode_batch
 from mosaic_core.config import BankConfig, LossConfig, load_recipe
 from mosaic_core.errors import ArtifactError, ConfigError
 from mosaic_core.generation import generate
+from mosaic_core.init import build_bank, deep_from_input_bank
 from mosaic_core.training import batch_loss, refusal_target
 from tests.tiny import tiny_model
 
@@ -32,7 +33,7 @@ def test_a_deep_block_read_off_a_bank_gives_the_banks_logits(tiny_backbone):
     bank = _input_bank(model)
     target = tok("I'm sorry", add_special_tokens=False).input_ids
     with torch.no_grad():
-        deep = DeepTokenBank.from_input_bank(model, tok, bank, [LONG])  # one prompt: its exact states
+        deep = deep_from_input_bank(model, tok, bank, [LONG])  # one prompt: its exact states
         assert deep.module_shape == (2, 2, model.config.num_key_value_heads, 3, 8) and deep.depth == "deep"
         enc = encode_batch(tok, model.get_input_embeddings(), deep, [LONG, SHORT], [["alcohol"], []], "before_assistant",
                            [target, target], cache=PrefixCache(model))  # fmt: skip
@@ -56,7 +57,7 @@ def test_generating_with_a_deep_block_continues_as_the_bank_does(tiny_tok):
     tok, model = tiny_tok, tiny_model(len(tiny_tok), init_range=0.2)
     bank = _input_bank(model)
     prompts, active = ["Mix me a mojito, please.", "Which horse wins?"], [["alcohol"], []]
-    deep = DeepTokenBank.from_input_bank(model, tok, bank, prompts[:1])
+    deep = deep_from_input_bank(model, tok, bank, prompts[:1])
 
     def answers(b, ps, act, cache):
         enc = encode_batch(tok, model.get_input_embeddings(), b, ps, act, "before_assistant", cache=cache)
@@ -96,7 +97,7 @@ def test_the_recipe_loss_trains_only_the_deep_bank(tiny_tok):
     bb = from_model(tiny_model(len(tiny_tok), seed=0, init_range=0.3), tiny_tok, "tiny-llama-wide")
     torch.manual_seed(0)
     cfg = BankConfig(categories=("alcohol", "betting"), m=2, init="normal", depth="deep")
-    deep = DeepTokenBank.build(cfg, bb.embeddings, bb.tokenizer, model=bb.model)
+    deep = build_bank(cfg, bb.embeddings, bb.tokenizer, model=bb.model)
     before = {n: p.detach().clone() for n, p in bb.model.named_parameters()}
     ex = [{"prompt": SHORT, "active": ["betting"], "label": "pos"}, {"prompt": LONG, "active": ["alcohol"], "label": "pos"}]
     refusal = refusal_target(bb.tokenizer, "I'm sorry, but I can't help with that.")
@@ -112,11 +113,11 @@ def test_the_recipe_loss_trains_only_the_deep_bank(tiny_tok):
     assert losses[-1] < 0.7 * losses[0]
     assert all(torch.equal(p, before[n]) for n, p in bb.model.named_parameters())
     with pytest.raises(ValueError, match="model="):
-        DeepTokenBank.build(cfg, bb.embeddings, bb.tokenizer)
+        build_bank(cfg, bb.embeddings, bb.tokenizer)
 
 
 def test_a_deep_bank_round_trips_as_module_artifacts(tmp_path, tiny_backbone):
-    deep = DeepTokenBank.from_input_bank(tiny_backbone.model, tiny_backbone.tokenizer, _input_bank(tiny_backbone.model), [SHORT])
+    deep = deep_from_input_bank(tiny_backbone.model, tiny_backbone.tokenizer, _input_bank(tiny_backbone.model), [SHORT])
     save_bank(deep, tmp_path / "deep", fingerprint=tiny_backbone.fingerprint, init="normal")
     back = load_bank(tmp_path / "deep", tiny_backbone.fingerprint)
     assert isinstance(back, DeepTokenBank) and back.module_shape == deep.module_shape and back.categories == deep.categories
@@ -131,7 +132,7 @@ def test_a_deep_bank_round_trips_as_module_artifacts(tmp_path, tiny_backbone):
 
 
 def _deep_keep(model, tok):
-    deep = DeepTokenBank.from_input_bank(model, tok, _input_bank(model), [LONG])
+    deep = deep_from_input_bank(model, tok, _input_bank(model), [LONG])
     deep.positions = "keep"
     return deep
 
@@ -158,7 +159,7 @@ def test_with_keep_positions_everything_after_the_block_has_the_bare_models_posi
                 torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
             else:
                 assert not torch.allclose(got, want, atol=1e-3)
-        shifted = encode_batch(tok, model.get_input_embeddings(), DeepTokenBank.from_input_bank(model, tok, _input_bank(model), [LONG]),
+        shifted = encode_batch(tok, model.get_input_embeddings(), deep_from_input_bank(model, tok, _input_bank(model), [LONG]),
                                [SHORT], [["alcohol"]], "before_assistant", [target], cache=PrefixCache(model))  # fmt: skip
         kept = encode_batch(tok, model.get_input_embeddings(), deep, [SHORT], [["alcohol"]], "before_assistant", [target], cache=PrefixCache(model))
     assert torch.equal(shifted.position_ids, kept.position_ids + deep.m)  # `shift` moves them back by the block

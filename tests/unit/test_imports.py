@@ -12,3 +12,25 @@ def test_core_imports_no_heavy_frameworks():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_the_core_imports_one_way():
+    """mosaic_core's modules, lazy imports inside functions included, form no cycle (config -> bank -> compose -> ...)."""
+    import ast
+    from graphlib import CycleError, TopologicalSorter
+    from pathlib import Path
+
+    core = Path(__file__).resolve().parents[2] / "mosaic_core"
+    graph: dict[str, set[str]] = {}
+    for path in core.glob("*.py"):
+        deps = graph.setdefault(path.stem, set())
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("mosaic_core."):
+                deps.add(node.module.split(".")[1])
+            elif isinstance(node, ast.ImportFrom) and node.module == "mosaic_core":
+                deps |= {a.name for a in node.names if (core / f"{a.name}.py").exists()} or {"__init__"}
+    try:
+        order = list(TopologicalSorter(graph).static_order())
+    except CycleError as e:
+        raise AssertionError(f"import cycle in mosaic_core: {e.args[1]}") from None
+    assert order.index("config") < order.index("bank") < order.index("compose") < order.index("init") < order.index("training")

@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mosaic_core.bank import ControlTokenBank, DeepTokenBank
+from mosaic_core.bank import ControlTokenBank
 from mosaic_core.compose import PrefixCache, encode_chat, encode_segments
 from mosaic_core.compose import as_messages
 from mosaic_core.config import BankConfig
 from mosaic_core.generation import generate
+from mosaic_core.init import deep_from_input_bank
 from mosaic_core.scheduler import ContinuousBatcher, RowSpec
 from tests.tiny import tiny_model
 
@@ -27,7 +28,7 @@ def _banks(model, tok, positions="keep"):
     cfg = BankConfig(categories=("alcohol", "betting"), m=3, init="normal", placement="before_assistant", seed=1)
     inp = ControlTokenBank.build(cfg, model.get_input_embeddings().weight)
     with torch.no_grad():
-        deep = DeepTokenBank.from_input_bank(model, tok, inp, PROMPTS[:1])
+        deep = deep_from_input_bank(model, tok, inp, PROMPTS[:1])
     deep.positions = positions
     return inp, deep
 

@@ -139,7 +139,8 @@ def test_a_cache_for_chat_keeps_the_template_head_once_and_returns_the_same_stat
     plain, shared = PrefixCache(model), PrefixCache.for_chat(model, tok)
     (kv, mask), (kv_shared, mask_shared) = plain.get(befores), shared.get(befores)
     assert shared.head > 0 and len(shared.heads) == 1  # one system prompt + user header for every request
-    assert shared.bytes < plain.bytes * (1 - shared.head / max(len(b) for b in befores))
+    per_token = plain.bytes // sum(len(b) for b in befores)
+    assert shared.bytes == plain.bytes - (len(befores) - 1) * shared.head * per_token  # the head's states once
     assert torch.equal(mask, mask_shared)
     for a, b in zip(kv.layers, kv_shared.layers):
         assert torch.allclose(a.keys, b.keys, atol=1e-5) and torch.allclose(a.values, b.values, atol=1e-5)

@@ -35,12 +35,13 @@ def bank_provenance(run: Path, state: dict[str, Any]) -> dict[str, Any]:
 
     `recipe_sha256` hashes `resolved_config.yaml` (the recipe with every default and --set applied);
     `data_content_hash` is the data stage's content hash (benchmark bytes, sampler, teacher, backbone)."""
-    data = json.loads((run / "data" / "manifest.json").read_text())
+    manifest = run / "data" / "manifest.json"  # absent where a run's data came from elsewhere (tests)
+    data = json.loads(manifest.read_text()) if manifest.exists() else {}
     made = provenance()
     return {
         "recipe": data.get("recipe"),
         "recipe_sha256": hashlib.sha256((run / "resolved_config.yaml").read_bytes()).hexdigest(),
-        "data_content_hash": data["content_hash"],
+        "data_content_hash": data.get("content_hash"),
         "git_sha": made["git_sha"], "packages": made["packages"], "python": made["python"],
         "epochs": state.get("epoch"), "steps": state.get("step"), "best_epoch": state.get("best_epoch"),
         "best_val_key": state.get("best_key"), "resumes": state.get("resumes", []),

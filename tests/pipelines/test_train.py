@@ -66,6 +66,7 @@ def make_run(root: Path, model_dir: Path, *, name: str = "r1", epochs: int = 2, 
     (run / "data" / "examples").mkdir(parents=True)
     (run / "data" / "teacher").mkdir(parents=True)
     (run / "resolved_config.yaml").write_text(yaml.safe_dump(recipe.to_dict()))
+    (run / "data" / "manifest.json").write_text(json.dumps({"content_hash": f"test-{name}", "recipe": name}))
     rows = []
     for split in ("train", "val"):
         for e in sample_examples(_requests(split), CATS, recipe.sampler):

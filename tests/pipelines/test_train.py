@@ -20,7 +20,7 @@ from pipelines.train import deepspeed_config, load_tables
 from pipelines.train import main as train_main
 
 CATS = ("alcohol", "betting")
-FILES = {"manifest.json", "alcohol/tokens.safetensors", "alcohol/module.json", "betting/tokens.safetensors",
+FILES = {"manifest.json", "provenance.json", "alcohol/tokens.safetensors", "alcohol/module.json", "betting/tokens.safetensors",
          "betting/module.json"}  # fmt: skip
 
 

@@ -23,12 +23,12 @@ BANK   := banks/smollm2-cpu
 # with the quick recipe and then evaluates + registers the committed bank that `make train` reproduces, serves it
 # with Ray Serve on 127.0.0.1 and calls it through the openai client (scripts/demo_serve.py), then stops the server.
 demo: setup
-	$(BIN)/mosaic run --config pipelines/configs/smollm2-quick.yaml $(if $(wildcard $(BANK)/manifest.json),--bank $(BANK)) $(if $(XSTEST),--xstest $(XSTEST))
+	$(BIN)/mosaic run --config pipelines/configs/smollm2-135m/quick.yaml $(if $(wildcard $(BANK)/manifest.json),--bank $(BANK)) $(if $(XSTEST),--xstest $(XSTEST))
 	$(BIN)/python scripts/demo_serve.py --bank $(BANK)
 	@echo
 	@echo "The demo evaluated $(BANK) on a small val sample (recipe smollm2-quick: orders 1-3, <= 5 requests per subset and group, no MMLU)."
 	@echo "Its full evaluation, on the split nobody tuned on:"
-	@echo "  $(BIN)/mosaic eval --bank $(BANK) --config pipelines/configs/smollm2-cpu.yaml --split test2"
+	@echo "  $(BIN)/mosaic eval --bank $(BANK) --config pipelines/configs/smollm2-135m/cpu.yaml --split test2"
 	@echo "Serve it yourself (Ray Serve on 127.0.0.1:8000; Ctrl-C stops it):"
 	@echo "  $(BIN)/mosaic serve --bank $(BANK)"
 	@echo "  # or from the registry: $(BIN)/mosaic modules promote alcohol 1 --alias production ...; $(BIN)/mosaic serve --modules alcohol,betting"
@@ -39,7 +39,7 @@ demo: setup
 # Reproduce the committed bank with the one CPU recipe (data, training, val evaluation, registration), then refresh
 # banks/: the bank, its evaluation report, and its README kept as it was (its figures are the shipped bank's).
 train: setup
-	$(BIN)/mosaic run --config pipelines/configs/smollm2-cpu.yaml $(if $(XSTEST),--xstest $(XSTEST))
+	$(BIN)/mosaic run --config pipelines/configs/smollm2-135m/cpu.yaml $(if $(XSTEST),--xstest $(XSTEST))
 	rm -rf $(BANK).new && cp -r runs/smollm2-cpu/bank $(BANK).new && rm -f $(BANK).new/registered.json
 	cp runs/smollm2-cpu/eval/report.md $(BANK).new/eval-report.md
 	if [ -f $(BANK)/README.md ]; then cp $(BANK)/README.md $(BANK).new/; fi

@@ -1,7 +1,7 @@
 """Teacher throughput of the Ray Data stage with 1 vs 2 actors, side by side in one run, plus the saving from
 computing the teacher once per unique negative prompt (teacher passes vs negative examples).
 
-    .venv/bin/python benchmarks/teacher_throughput.py [--prompts 32] [--max-new-tokens 32] [--recipe pipelines/configs/smollm2-cpu.yaml]
+    .venv/bin/python benchmarks/teacher_throughput.py [--prompts 32] [--max-new-tokens 32] [--recipe pipelines/configs/smollm2-135m/cpu.yaml]
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pipelines.data import run_teacher
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recipe", default="pipelines/configs/smollm2-cpu.yaml")
+    ap.add_argument("--recipe", default="pipelines/configs/smollm2-135m/cpu.yaml")
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--max-new-tokens", type=int, default=32)
     a = ap.parse_args()

@@ -1,6 +1,6 @@
 """Stage 1 — Ray Data: benchmark -> combination-sampled examples + the counterfactual teacher.
 
-    mosaic data --config pipelines/configs/smollm2-cpu.yaml [--name NAME] [--out DIR] [--set train.epochs=2]
+    mosaic data --config pipelines/configs/smollm2-135m/cpu.yaml [--name NAME] [--out DIR] [--set train.epochs=2]
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m pipelines.data --config ...
 
 Writes, under the run directory (docs/architecture.md, "Where things live"):
@@ -390,7 +390,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 def cli(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="mosaic data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True, help="recipe YAML, e.g. pipelines/configs/smollm2-cpu.yaml")
+    ap.add_argument("--config", required=True, help="recipe YAML, e.g. pipelines/configs/smollm2-135m/cpu.yaml")
     ap.add_argument("--name", default=None, help="run name (default: the recipe's name)")
     ap.add_argument("--out", default=None, help="run directory (default: runs/<name>)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="override, e.g. sampler.per_subset=10")

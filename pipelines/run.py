@@ -1,6 +1,6 @@
 """The main job: data -> train -> evaluate -> register, then the results table.
 
-    mosaic run --config pipelines/configs/smollm2-cpu.yaml [--name NAME] [--set train.epochs=1] [--xstest CSV]
+    mosaic run --config pipelines/configs/smollm2-135m/cpu.yaml [--name NAME] [--set train.epochs=1] [--xstest CSV]
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- mosaic run --config ...
 
 Each stage runs as its own process (`mosaic <stage> ...`), exactly as a user or a `ray job submit`

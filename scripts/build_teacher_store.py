@@ -6,7 +6,7 @@ it before running anything. Each chunk goes through the data stage's own Ray Dat
 parquet part when complete: stop it at any time (kill its PID), run it again, and it carries on with the prompts
 not stored yet. The test splits are never answered: nothing trains or selects on them.
 
-    nohup python scripts/build_teacher_store.py --config pipelines/configs/smollm2-cpu.yaml --chunk 256 > teacher.log 2>&1 &
+    nohup python scripts/build_teacher_store.py --config pipelines/configs/smollm2-135m/cpu.yaml --chunk 256 > teacher.log 2>&1 &
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from pipelines.data import TEACHER_STORE, TeacherCache, TeacherStore, run_teache
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=str(ROOT / "pipelines" / "configs" / "smollm2-cpu.yaml"))
+    ap.add_argument("--config", default=str(ROOT / "pipelines" / "configs" / "smollm2-135m" / "cpu.yaml"))
     ap.add_argument("--chunk", type=int, default=256, help="prompts per part (one part is the unit of resumption)")
     ap.add_argument("--limit", type=int, default=None, help="stop after this many prompts (a bounded session)")
     ap.add_argument("--cpus", type=int, default=None)

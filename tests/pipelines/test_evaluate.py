@@ -30,7 +30,7 @@ def _known_case_results(recipe):
 
 
 def test_metrics_on_a_hand_made_case(tmp_path):
-    recipe = load_recipe(ROOT / "pipelines" / "configs" / "smollm2-cpu.yaml", {"bank.categories": list(CATS)})
+    recipe = load_recipe(ROOT / "pipelines" / "configs" / "smollm2-135m" / "cpu.yaml", {"bank.categories": list(CATS)})
     cfg, jobs, rep = _known_case_results(recipe)
     # every subset of orders 1-3 is scored for every condition
     assert jobs[jobs["condition"] == "mosaic"]["subset"].nunique() == 3 + 3 + 1
@@ -50,7 +50,7 @@ def test_metrics_on_a_hand_made_case(tmp_path):
 
 
 def test_fast_rule_picks_the_greedy_flag_or_the_probability_threshold():
-    recipe = load_recipe(ROOT / "pipelines" / "configs" / "smollm2-cpu.yaml", {"bank.categories": list(CATS)})
+    recipe = load_recipe(ROOT / "pipelines" / "configs" / "smollm2-135m" / "cpu.yaml", {"bank.categories": list(CATS)})
     cfg, jobs, _ = _known_case_results(recipe)
     refuse = [(row.condition == "mosaic" and row.kind == "target" and row.category in row.subset.split("+")) for row in jobs.itertuples()]
     # greedy flags say "refused" nowhere; the probabilities still say the targets would be refused
@@ -106,7 +106,7 @@ def test_each_test2_scoring_appends_one_line(tmp_path):
     from mosaic_core.backbone import Fingerprint
 
     save_bank(bank, tmp_path / "bank", fingerprint=Fingerprint("tiny", 10, 4, 2, "e", "c"), init="normal")
-    recipe = load_recipe(ROOT / "pipelines" / "configs" / "smollm2-cpu.yaml", {"bank.categories": list(CATS)})
+    recipe = load_recipe(ROOT / "pipelines" / "configs" / "smollm2-135m" / "cpu.yaml", {"bank.categories": list(CATS)})
     cfg = EvalConfig(bank_dir=str(tmp_path / "bank"), recipe=recipe, out_dir="x", split="test2", test2_log=str(tmp_path / "log.md"))
     d = {"rate": 0.5, "k": 1, "n": 2, "ci95_low": 0.1, "ci95_high": 0.9}
     rep = {"per_order": {"fast": {"mosaic": {"1": {"dsr": d, "or": d, "lookalike": d}}}}, "fidelity": {"order1": d, "all": d},
@@ -120,7 +120,7 @@ def test_each_test2_scoring_appends_one_line(tmp_path):
 def test_fidelity_and_retention_on_a_hand_made_case():
     """Fidelity compares the first words with the bare model's answer; retention looks for an accepted string;
     a refusal is a miss in both."""
-    recipe = load_recipe(ROOT / "pipelines" / "configs" / "smollm2-cpu.yaml", {"bank.categories": list(CATS)})
+    recipe = load_recipe(ROOT / "pipelines" / "configs" / "smollm2-135m" / "cpu.yaml", {"bank.categories": list(CATS)})
     recipe = replace(recipe, eval=EvalSettings(max_order=3, fast_cap=None, gen_subsets=0, mmlu=None, fidelity_subsets=3))
     reqs = [{"id": f"{c}-{i}", "prompt": f"{c} request {i}", "category": c, "kind": "target"} for c in CATS for i in range(2)]
     reqs += [{"id": f"g{i}", "prompt": f"general {i}", "category": None, "kind": "general"} for i in range(4)]
@@ -149,7 +149,7 @@ def test_fidelity_and_retention_on_a_hand_made_case():
 
 
 def test_split_is_val_by_default_and_train_is_never_evaluated():
-    recipe = load_recipe(ROOT / "pipelines" / "configs" / "smollm2-cpu.yaml")
+    recipe = load_recipe(ROOT / "pipelines" / "configs" / "smollm2-135m" / "cpu.yaml")
     assert EvalConfig(bank_dir="x", recipe=recipe, out_dir="x").split == "val"
     with pytest.raises(ConfigError, match="train is never evaluated"):
         EvalConfig(bank_dir="x", recipe=recipe, out_dir="x", split="train")
@@ -167,7 +167,7 @@ def test_same_opening_and_answer_retained():
 def test_framed_requests_are_scored_per_family_and_order():
     from mosaic_core.bench import load_framings
 
-    recipe = load_recipe(ROOT / "pipelines" / "configs" / "smollm2-cpu.yaml", {"bank.categories": list(CATS)})
+    recipe = load_recipe(ROOT / "pipelines" / "configs" / "smollm2-135m" / "cpu.yaml", {"bank.categories": list(CATS)})
     recipe = replace(recipe, eval=EvalSettings(max_order=2, fast_cap=None, gen_subsets=0, mmlu=None, framed_cap=2, retention_cap=0,
                                                fidelity_subsets=0, fidelity_all_cap=0))  # fmt: skip
     reqs = [{"id": f"{c}-{i}", "prompt": f"{c} request {i}", "category": c, "kind": "target"} for c in CATS for i in range(3)]

@@ -90,7 +90,7 @@ def test_a_deep_bank_needs_the_prefix_cache_and_before_assistant(tiny_backbone):
     with pytest.raises(ConfigError, match="before_assistant"):
         BankConfig(categories=("alcohol",), depth="deep", placement="prefix")
     with pytest.raises(ConfigError, match="zero_stage"):
-        load_recipe("pipelines/configs/smollm2-cpu.yaml", {"bank.depth": "deep", "train.zero_stage": 3})
+        load_recipe("pipelines/configs/smollm2-135m/cpu.yaml", {"bank.depth": "deep", "train.zero_stage": 3})
 
 
 def test_the_recipe_loss_trains_only_the_deep_bank(tiny_tok):

@@ -6,14 +6,15 @@ from mosaic_core.config import Recipe, from_dict, load_recipe, recipe_from_dict
 from mosaic_core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
-SHIPPED = sorted((ROOT / "pipelines" / "configs").glob("*.yaml"))
+SHIPPED = sorted((ROOT / "pipelines" / "configs").glob("*/*.yaml"))
 
 
-def test_two_recipes_ship():
-    assert {p.name for p in SHIPPED} >= {"smollm2-cpu.yaml", "llama3-8b-gpu.yaml", "smollm2-quick.yaml"}
+def test_the_recipes_ship_by_backbone():
+    names = {str(p.relative_to(ROOT / "pipelines" / "configs")) for p in SHIPPED}
+    assert names >= {"smollm2-135m/cpu.yaml", "smollm2-135m/quick.yaml", "llama3-8b/gpu.yaml"}
 
 
-@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_shipped_recipe_validates_and_round_trips(path):
     r = load_recipe(path)
     assert isinstance(r, Recipe) and r.bank.categories == ("addiction", "alcohol", "betting", "horror", "sex")
@@ -21,12 +22,12 @@ def test_every_shipped_recipe_validates_and_round_trips(path):
 
 
 def test_paper_recipe_matches_the_paper():
-    r = load_recipe(ROOT / "pipelines" / "configs" / "llama3-8b-gpu.yaml")
+    r = load_recipe(ROOT / "pipelines" / "configs" / "llama3-8b" / "gpu.yaml")
     assert (r.sampler.per_subset, r.sampler.max_order, r.train.epochs, r.train.lr, r.loss.kl_lambda) == (100, 5, 8, 0.01, 1.0)
 
 
 def test_overrides_and_all_errors_together(tmp_path):
-    r = load_recipe(ROOT / "pipelines" / "configs" / "smollm2-cpu.yaml", {"bank.m": 2, "train.max_steps": 3})
+    r = load_recipe(ROOT / "pipelines" / "configs" / "smollm2-135m" / "cpu.yaml", {"bank.m": 2, "train.max_steps": 3})
     assert r.bank.m == 2 and r.train.max_steps == 3
     with pytest.raises(ConfigError) as e:
         recipe_from_dict({"bank": {"categories": ["alcohol"], "m": 0}, "train": {"lr": 5, "zero_stage": 4, "report_every": 0},

@@ -9,6 +9,7 @@ on 127.0.0.1 (Ray Serve proxy -> ingress -> backbone), with the official `openai
   (e) all five modules of a *deep* bank (bank.depth: deep, keys/values at every layer after the request's cached
   ones), served by a second app of the same shape on /deep.
   (f) head-of-line blocking: an 8-token request alone, then sent 1 s after a 512-token one (both deep, five modules).
+  (h) decode cost per token without the prefill, bare vs five deep modules: (latency at 72 tokens - at 8) / 64.
   (g) load: bursts of 1, 8, 32, 64 and 128 requests at once, each with a max_tokens from a realistic mix (8-512) and
   a module set of its own: p50 / p95 latency of those answered, completed requests per second, 429s and failures.
   The replica holds --max-batch-size rows and queues --max-queued more, so 32 is 1x its capacity with the defaults.
@@ -102,6 +103,14 @@ def head_of_line(client: Any, model: str, prompt: str) -> dict[str, Any]:
         short = _ask(client, model, prompt, five, None, 8)
         long_s = long.result()["s"]
     return {"solo_s": solo, "behind_long_s": short["s"], "ratio": short["s"] / solo, "long_s": long_s}
+
+
+def decode_cost(client: Any, model: str, prompt: str, active: list[str], short: int = 8, long: int = 72) -> dict[str, Any]:
+    """(h): decode time per token without the prefill: (latency at `long` tokens - at `short`) / (long - short),
+    medians of 3 sequential requests each, one row running."""
+    t_short = statistics.median(_ask(client, model, prompt, active, None, short)["s"] for _ in range(3))
+    t_long = statistics.median(_ask(client, model, prompt, active, None, long)["s"] for _ in range(3))
+    return {"active": len(active), "ttft_like_s": t_short, "decode_ms_per_token": 1000 * (t_long - t_short) / (long - short)}
 
 
 MAX_TOKENS_MIX = [8, 8, 16, 16, 32, 32, 64, 64, 128, 512]  # mostly short answers, a few long ones
@@ -217,6 +226,10 @@ def main() -> None:
             print(json.dumps(mixed), flush=True)
             hol = head_of_line(deep_client, model, prompts[0])
             print(json.dumps(hol), flush=True)
+            decode = {"bare": decode_cost(client, model, prompts[0], []),
+                      "deep": decode_cost(deep_client, model, prompts[0], list(CATEGORIES))}  # fmt: skip
+            decode["ratio"] = decode["deep"]["decode_ms_per_token"] / decode["bare"]["decode_ms_per_token"]
+            print(json.dumps(decode), flush=True)
             load = [burst(deep_client, model, prompts, n) for n in map(int, a.levels.split(","))]
             for row in load:
                 print(json.dumps(row), flush=True)
@@ -235,13 +248,16 @@ def main() -> None:
           f"(up to {mixed['max_active_sets_in_one_batch']} different active sets in one forward)")
     print(f"\n(f) an 8-token request alone {hol['solo_s']:.2f}s, 1 s after a 512-token one {hol['behind_long_s']:.2f}s "
           f"-> {hol['ratio']:.2f}x its solo latency (the long one took {hol['long_s']:.1f}s)")
+    print(f"\n(h) decode per token, one row: bare {decode['bare']['decode_ms_per_token']:.1f} ms, five deep modules "
+          f"{decode['deep']['decode_ms_per_token']:.1f} ms -> {decode['ratio']:.2f}x (8-token requests: "
+          f"{decode['bare']['ttft_like_s']:.2f} s vs {decode['deep']['ttft_like_s']:.2f} s)")
     print("\n(g) | burst | answered | 429 | failed | p50 s | p95 s | completed req/s |")
     print("|---|---|---|---|---|---|---|")
     for r in load:
         print(f"| {r['requests']} | {r['ok']} | {r['rejected']} | {r['failed']} | {r['p50_s']:.2f} | {r['p95_s']:.2f} | "
               f"{r['completed_per_s']:.2f} |")  # fmt: skip
     if a.out:
-        Path(a.out).write_text(json.dumps({"modes": results, "mixed": mixed, "head_of_line": hol, "load": load,
+        Path(a.out).write_text(json.dumps({"modes": results, "mixed": mixed, "head_of_line": hol, "decode": decode, "load": load,
                                            "args": vars(a)}, indent=2) + "\n")  # fmt: skip
 
 

@@ -251,16 +251,17 @@ def _validate(engine: Any, val: list[dict[str, Any]], rank: int, world: int, dev
     return out
 
 
-def select_key(val: dict[str, float]) -> tuple[int, float] | None:
+def select_key(val: dict[str, float]) -> tuple[float, ...] | None:
     """The fixed rule that keeps an epoch, as a sortable key (higher is better): among epochs whose val fidelity is
-    at least MIN_FIDELITY, the highest mean over orders of DSR - OR; if none reaches it, the highest fidelity. An
-    epoch without fidelity rows is judged on its gap alone; one without a usable gap has no key."""
+    at least MIN_FIDELITY, the highest mean over orders of DSR - OR; if none reaches it, the highest fidelity, and
+    between equal fidelities (a few dozen rows take few values) the higher gap. An epoch without fidelity rows is
+    judged on its gap alone; one without a usable gap has no key."""
     gap, fid = val.get("val_gap", math.nan), val.get("val_fidelity", math.nan)
     if math.isnan(gap):
         return None
     if math.isnan(fid) or fid >= MIN_FIDELITY:
         return (1, gap)
-    return (0, fid)
+    return (0, fid, gap)
 
 
 # ------------------------------------------------------------------------------------------ worker loop
@@ -420,6 +421,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     if fp.digest != fp0.digest:
                         raise RuntimeError("the backbone changed during training: only the bank may train")
                 torch.save(last, Path(d) / "bank.pt")
+                # every epoch's bank, beside the run: checkpoints keep only the best and the last
+                epochs_dir = Path(config["run_dir"]) / "epoch_banks"
+                epochs_dir.mkdir(exist_ok=True)
+                torch.save(last, epochs_dir / f"epoch-{epoch + 1}.pt")
                 torch.save(best, Path(d) / "best_bank.pt")
                 if ema is not None:
                     torch.save(ema.state_dict(), Path(d) / "ema.pt")

@@ -149,6 +149,8 @@ def test_the_kept_epoch_is_the_best_gap_among_faithful_ones_else_the_most_faithf
     epochs = [drifting[0], faithful[0], drifting[1], faithful[1]]
     assert max(epochs, key=select_key) is faithful[1]  # a higher gap with drifting answers does not win
     assert max(drifting, key=select_key) is drifting[1]  # none faithful: the most faithful
+    tied = [{"val_gap": 0.3, "val_fidelity": 0.25}, {"val_gap": 0.4, "val_fidelity": 0.25}, {"val_gap": 0.9, "val_fidelity": 0.2}]
+    assert max(tied, key=select_key) is tied[1]  # equal fidelity: the higher gap
     assert select_key({"val_gap": 0.2, "val_fidelity": float("nan")}) == (1, 0.2)  # no fidelity rows: the gap alone
     assert select_key({"val_gap": float("nan"), "val_fidelity": 0.9}) is None
 

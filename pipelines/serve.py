@@ -81,6 +81,7 @@ from mosaic_core.backbone import EMBEDDED  # noqa: E402
 from mosaic_core.categories import CATEGORIES  # noqa: E402
 from mosaic_core.config import DEFAULT_REFUSAL  # noqa: E402
 from mosaic_core.errors import ConfigError, MosaicError, UnknownCategoryError  # noqa: E402
+from mosaic_core.generation import find_stop, holdback  # noqa: E402
 
 logger = logging.getLogger("ray.serve")  # Serve routes this logger into each replica's log file
 
@@ -576,30 +577,6 @@ def load_modules(source: ModuleSource, expected: Any) -> ModuleState:
             modules.append({**info, "aliases": [alias] if alias else [], "m": bank.m, "placement": bank.placement})
         return ModuleState(bank, tuple(modules), source)
     return ModuleState(None, (), source)
-
-
-# --------------------------------------------------------------------------------------------- decoding helpers
-
-
-def find_stop(text: str, stops: Sequence[str]) -> int | None:
-    """Index of the earliest stop string in `text`, or None."""
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(hits) if hits else None
-
-
-def holdback(text: str, stops: Sequence[str]) -> int:
-    """How many trailing characters may still turn into a stop string (or are an incomplete UTF-8 character), so a
-    stream must not send them yet."""
-    keep = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if s.startswith(text[-k:]):
-                keep = max(keep, k)
-                break
-    n = len(text)
-    while n - keep > 0 and text[n - keep - 1] == "\ufffd":  # a byte-level BPE may split one character
-        keep += 1
-    return keep
 
 
 @dataclass

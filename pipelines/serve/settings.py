@@ -51,10 +51,15 @@ class ModuleSource(BaseModel):
     revision: str | None = Field(None, description="Free-form; change it to force a re-resolve of unchanged aliases.")
 
     @model_validator(mode="after")
-    def _one_source(self) -> "ModuleSource":
-        if self.modules and self.bank_dir:
-            raise ValueError("give modules (registry) or bank_dir (local bank), not both")
+    def _consistent(self) -> "ModuleSource":
+        problems = self._problems()
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
+
+    def _problems(self) -> list[str]:
+        """What the fields get wrong together (a subclass adds its own): all of it in one error."""
+        return ["give modules (registry) or bank_dir (local bank), not both"] if self.modules and self.bank_dir else []
 
     def uris(self, backbone_id: str) -> list[str]:
         """Every module as a `models:/` URI; bare categories named after the backbone actually loaded."""
@@ -86,8 +91,12 @@ class _TenantEntry(BaseModel):
     allowed_profiles: list[str] | None = None
 
 
-class ServeArgs(BaseModel):
+class ServeArgs(ModuleSource):
     """Arguments of `build_app` (the `args:` of cluster/serve_config.yaml, or `mosaic serve` flags).
+
+    The module fields (modules, alias, bank_dir, tracking_uri, poll_interval_s, revision) are ModuleSource's: they
+    become the backbone's first `user_config` through `module_source`, which makes bank_dir absolute and resolves
+    tracking_uri (default MLFLOW_TRACKING_URI, else runs/mlflow.db) here at the driver.
 
     Unset module/tenant fields fall back to the environment: MOSAIC_SERVE_MODULES (comma-separated), MOSAIC_BANK_DIR,
     MOSAIC_MODULE_ALIAS, MLFLOW_TRACKING_URI, MOSAIC_TENANTS_FILE, MOSAIC_TENANTS (JSON)."""
@@ -96,13 +105,6 @@ class ServeArgs(BaseModel):
 
     backbone: str = Field(EMBEDDED, description="HF id, local model dir, or the embedded default.")
     model_name: str | None = Field(None, description="Name served by /v1/models (default: the backbone's id).")
-    modules: list[str] = Field(default_factory=list, description="Module URIs or bare category names (served as "
-                               "`models:/mosaic.<backbone id>.<category>@<alias>`).")  # fmt: skip
-    alias: str = Field("production", description="Registry alias used for bare category names.")
-    bank_dir: str | None = Field(None, description="Serve a local bank directory instead of registry modules.")
-    tracking_uri: str | None = Field(None, description="MLflow URI (default MLFLOW_TRACKING_URI, else runs/mlflow.db).")
-    poll_interval_s: float | None = Field(None, gt=0, description="Re-resolve aliases periodically (seconds).")
-    revision: str | None = Field(None, description="Bump to make `serve deploy` re-resolve unchanged aliases.")
     profiles: dict[str, list[str]] = Field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_PROFILES.items()},
                                            description="Named module sets a request can pick with `safety_profile`.")  # fmt: skip
     tenants_file: str | None = Field(None, description="JSON/YAML tenants file (never in the repo).")
@@ -140,16 +142,11 @@ class ServeArgs(BaseModel):
             raise ValueError(f"profile names must be alphanumeric (- and _ allowed): {bad}")
         return v
 
-    @model_validator(mode="after")
-    def _consistent(self) -> "ServeArgs":
-        problems = []
-        if self.modules and self.bank_dir:
-            problems.append("give modules (registry) or bank_dir (local bank), not both")
+    def _problems(self) -> list[str]:
+        problems = super()._problems()
         if self.default_max_tokens > self.max_tokens_limit:
             problems.append(f"default_max_tokens {self.default_max_tokens} > max_tokens_limit {self.max_tokens_limit}")
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
+        return problems
 
     @classmethod
     def from_args(cls, args: dict[str, Any] | None) -> "ServeArgs":
@@ -178,12 +175,10 @@ class ServeArgs(BaseModel):
         """The backbone's user_config, with paths and the tracking URI made absolute here at the driver (docs/architecture.md)."""
         from pipelines._registry import resolve_tracking_uri
 
-        return ModuleSource(
-            modules=list(self.modules), alias=self.alias,
-            bank_dir=str(Path(self.bank_dir).expanduser().resolve()) if self.bank_dir else None,
-            tracking_uri=resolve_tracking_uri(self.tracking_uri) if self.modules else self.tracking_uri,
-            poll_interval_s=self.poll_interval_s, revision=self.revision,
-        )  # fmt: skip
+        source = self.model_dump(include=set(ModuleSource.model_fields))
+        source["bank_dir"] = str(Path(self.bank_dir).expanduser().resolve()) if self.bank_dir else None
+        source["tracking_uri"] = resolve_tracking_uri(self.tracking_uri) if self.modules else self.tracking_uri
+        return ModuleSource(**source)
 
 
 def _sha256(key: str) -> str:

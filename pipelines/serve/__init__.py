@@ -36,9 +36,7 @@ metrics, audit), `app` (build_app), `cli` (`mosaic serve`, graceful shutdown), `
 
 from pipelines.serve.env import set_process_env
 
-# Every way in (`python -m pipelines.serve`, `mosaic serve`, `import_path: pipelines.serve:build_app`) runs this file
-# before the submodules below import ray, which reads the environment at import.
-set_process_env()
+set_process_env()  # before the submodules import ray: `python -m`, `mosaic serve` and serve's import_path all run this file first
 
 from mosaic_core.generation import find_stop, holdback  # noqa: E402
 from pipelines.serve.app import build_app  # noqa: E402

@@ -1,5 +1,6 @@
 """Batched decoding from a composed `Batch` (rows with different active sets in one forward), with a KV
-cache. Greedy by default; temperature / top-p sampling with a seeded generator."""
+cache. Greedy by default; temperature / top-p sampling with a seeded generator. Also the text helpers of stop
+strings that a streaming server needs (`find_stop`, `holdback`)."""
 
 from __future__ import annotations
 
@@ -79,3 +80,24 @@ def generate(
         out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
         cache, logits = out.cache, out.logits[:, -1]
     return [Generation(tokens[i], reasons[i] or "length") for i in range(B)]
+
+
+def find_stop(text: str, stops: Sequence[str]) -> int | None:
+    """Index of the earliest stop string in `text`, or None."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+def holdback(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters may still turn into a stop string (or are an incomplete UTF-8 character), so a
+    stream must not send them yet."""
+    keep = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if s.startswith(text[-k:]):
+                keep = max(keep, k)
+                break
+    n = len(text)
+    while n - keep > 0 and text[n - keep - 1] == "\ufffd":  # a byte-level BPE may split one character
+        keep += 1
+    return keep

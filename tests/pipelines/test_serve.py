@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from mosaic_core.categories import CATEGORIES
-from pipelines.serve import ServeArgs, find_stop, holdback, load_tenants
+from mosaic_core.generation import find_stop, holdback
+from pipelines.serve.settings import ServeArgs, load_tenants
 
 ROOT = Path(__file__).resolve().parents[2]
 KIDS_KEY, ADULT_KEY, OPS_KEY = "sk-test-kids-0001", "sk-test-adult-0002", "sk-test-ops-0003"
@@ -44,7 +45,7 @@ def test_shipped_serve_config_and_args_validate(tmp_path, monkeypatch):
     from ray.serve.schema import ServeDeploySchema
 
     from mosaic_core.errors import ConfigError
-    from pipelines.serve import ModuleSource
+    from pipelines.serve.settings import ModuleSource
 
     raw = yaml.safe_load((ROOT / "cluster" / "serve_config.yaml").read_text())
     schema = ServeDeploySchema.model_validate(raw)
@@ -81,7 +82,8 @@ def test_request_types_are_strict_and_seed_bounded(field, value, code):
     from fastapi.exceptions import RequestValidationError
     from pydantic import ValidationError
 
-    from pipelines.serve import ChatCompletionRequest, _validation_error
+    from pipelines.serve.errors import _validation_error
+    from pipelines.serve.schema import ChatCompletionRequest
 
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], field: value}
     with pytest.raises(ValidationError) as e:
@@ -91,7 +93,7 @@ def test_request_types_are_strict_and_seed_bounded(field, value, code):
 
 
 def test_request_accepts_common_client_fields_and_valid_edges():
-    from pipelines.serve import SEED_MAX, ChatCompletionRequest
+    from pipelines.serve.schema import SEED_MAX, ChatCompletionRequest
 
     ok = ChatCompletionRequest.model_validate({
         "model": "m", "messages": [{"role": "user", "content": "hi"}], "user": "u-1", "store": False,
@@ -116,7 +118,7 @@ def _engine(model_dir, tmp_path, **settings):
     from mosaic_core.backbone import load_backbone
     from mosaic_core.bank import ControlTokenBank
     from mosaic_core.config import BankConfig
-    from pipelines.serve import MosaicBackbone
+    from pipelines.serve.backbone import MosaicBackbone
 
     bb = load_backbone(str(model_dir))
     torch.manual_seed(0)
@@ -130,7 +132,7 @@ def _engine(model_dir, tmp_path, **settings):
 
 
 def _row(max_tokens, active=(), ignore_eos=True):
-    from pipelines.serve import RowRequest
+    from pipelines.serve.schema import RowRequest
 
     return RowRequest(messages=[{"role": "user", "content": PROMPT}], active=list(active), max_tokens=max_tokens,
                       temperature=0.0, top_p=1.0, seed=None, stop=[], ignore_eos=ignore_eos)  # fmt: skip
@@ -645,7 +647,7 @@ def test_a_deep_bank_is_served_as_mosaic_core_answers(stack, tmp_path):
 
 def _tree(pid):
     """`pid` and all its descendants (this test process -> Ray's gcs/raylet/workers/replicas)."""
-    from pipelines.serve import _descendants
+    from pipelines.serve.cli import _descendants
 
     return {pid} | _descendants(pid)
 
@@ -750,7 +752,7 @@ def test_metrics_and_audit_log_per_request(stack):
 def test_audit_record_and_metric_tags_helpers(tmp_path):
     import logging
 
-    from pipelines.serve import audit_logger, audit_record, metric_tags
+    from pipelines.serve.ingress import audit_logger, audit_record, metric_tags
 
     rec = {"request_id": "chatcmpl-1", "tenant": None, "active_modules": ["alcohol", "betting"],
            "module_versions": {"alcohol": "3", "betting": "2"}, "messages": [{"role": "user", "content": "hi"}],
@@ -918,7 +920,9 @@ def test_drain_lets_calls_finish_then_cancels_the_rest_with_an_error():
     import types
 
     from mosaic_core.judge import TemplateJudge
-    from pipelines.serve import MosaicIngress, RowResult, Unavailable
+    from pipelines.serve.errors import Unavailable
+    from pipelines.serve.ingress import MosaicIngress
+    from pipelines.serve.schema import RowResult
 
     cls = MosaicIngress.func_or_class  # its methods on a bare object: no replica, no Ray
     ing = types.SimpleNamespace(settings=types.SimpleNamespace(retry_after_s=1.0), in_flight=0, draining=False,
@@ -971,7 +975,7 @@ def test_drain_lets_calls_finish_then_cancels_the_rest_with_an_error():
 def test_grafana_dashboard_uses_the_metrics_the_ingress_exports():
     import inspect
 
-    import pipelines.serve as sv
+    import pipelines.serve.ingress as sv
 
     dash = json.loads((ROOT / "cluster" / "grafana" / "mosaic_serving_dashboard.json").read_text())
     exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]

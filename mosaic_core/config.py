@@ -65,6 +65,10 @@ class BankConfig:
     request and the assistant header and answer move back by its length, as input tokens would. `keep`: the block's
     keys share the positions of the request's last tokens, so everything after the block keeps the positions it has
     without modules and a block that attends to nothing leaves the bare model's answer unchanged. Deep banks only."""
+    init_scale: float = 1.0
+    """Deep banks: start from this multiple of the keys and values `init` makes. The description tokens' own states
+    draw so much attention that, all five on, no general answer keeps its opening; a half-size start keeps about
+    half of them (docs/experiments/one-recipe.md)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -89,6 +93,10 @@ class BankConfig:
             problems.append(f"positions: {self.positions!r} must be one of {get_args(Positions)}")
         elif self.positions == "keep" and self.depth != "deep":
             problems.append("positions: keep is for deep banks (input tokens are positions of the sequence themselves)")
+        if not 0 < self.init_scale <= 4:
+            problems.append(f"init_scale: {self.init_scale} must be in (0, 4]")
+        elif self.init_scale != 1.0 and self.depth != "deep":
+            problems.append("init_scale: scales a deep bank's initial keys and values (depth: deep)")
         if self.depth == "deep" and self.placement != "before_assistant":
             problems.append("depth: deep tokens are key/value positions after the request: placement must be before_assistant")
         if problems:

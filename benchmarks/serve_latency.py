@@ -230,9 +230,10 @@ def main() -> None:
                       "deep": decode_cost(deep_client, model, prompts[0], list(CATEGORIES))}  # fmt: skip
             decode["ratio"] = decode["deep"]["decode_ms_per_token"] / decode["bare"]["decode_ms_per_token"]
             print(json.dumps(decode), flush=True)
-            load = [burst(deep_client, model, prompts, n) for n in map(int, a.levels.split(","))]
-            for row in load:
-                print(json.dumps(row), flush=True)
+            load = []
+            for n in map(int, a.levels.split(",")):  # printed as they finish: the largest bursts take minutes
+                load.append(burst(deep_client, model, prompts, n))
+                print(json.dumps(load[-1]), flush=True)
         finally:
             serve.shutdown()
             ray.shutdown()

@@ -11,7 +11,7 @@ the stored teacher); every configuration trains on exactly these rows, `batch` p
 
     torch                 one process, `threads` torch threads: batch_loss + backward + Adam + clamp_norms_ (the MOSAIC
                           step of the Ray worker, without Ray or DeepSpeed).
-    torch-prefix-cache    as torch, with mosaic_core.compose.PrefixCache already holding every row's request (the
+    torch-prefix-cache    as torch, with mosaic_core.cache.PrefixCache already holding every row's request (the
                           steady state from the second epoch on; the Ray stage uses it, and the rows below are
                           all first-epoch: cache misses).
     torch-online-teacher  as torch, but each step first recomputes the negatives' teacher top-k with a no-grad forward of
@@ -58,7 +58,8 @@ import yaml
 
 from mosaic_core.backbone import load_backbone
 from mosaic_core.bank import ControlTokenBank
-from mosaic_core.compose import PrefixCache, answer_logits, encode_batch
+from mosaic_core.compose import answer_logits, encode_batch
+from mosaic_core.cache import PrefixCache
 from mosaic_core.config import Recipe, recipe_from_dict
 from mosaic_core.teacher import TEACHER_COLS
 from mosaic_core.training import batch_loss, refusal_target

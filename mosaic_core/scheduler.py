@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from mosaic_core.compose import PrefixCache, Segments, encode_segments
+from mosaic_core.compose import Segments, encode_segments
+from mosaic_core.cache import PrefixCache
 from mosaic_core.generation import Generation, _pick
 
 

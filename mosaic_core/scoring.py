@@ -13,7 +13,8 @@ from typing import Any
 import torch
 
 from mosaic_core.bank import ControlTokenBank
-from mosaic_core.compose import PrefixCache, answer_logits, encode_batch
+from mosaic_core.compose import answer_logits, encode_batch
+from mosaic_core.cache import PrefixCache
 from mosaic_core.config import Placement
 from mosaic_core.losses import masked_ce
 

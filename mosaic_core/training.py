@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 from mosaic_core.bank import ControlTokenBank
-from mosaic_core.compose import PrefixCache, answer_logits, encode_batch
+from mosaic_core.compose import answer_logits, encode_batch
+from mosaic_core.cache import PrefixCache
 from mosaic_core.config import LossConfig, Placement
 from mosaic_core.losses import decision_bce, decision_margin, margins, masked_ce, negative_loss
 

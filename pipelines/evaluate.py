@@ -102,7 +102,7 @@ class EvalUDF:
 
         from mosaic_core.artifact import load_bank
         from mosaic_core.backbone import load_backbone
-        from mosaic_core.compose import PrefixCache
+        from mosaic_core.cache import PrefixCache
         from mosaic_core.judge import make_judge
         from mosaic_core.scoring import letter_ids
 

@@ -276,7 +276,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from ray.train import Checkpoint
 
     from mosaic_core.backbone import fingerprint, load_backbone
-    from mosaic_core.compose import DroppingCache, PrefixCache
+    from mosaic_core.cache import DroppingCache, PrefixCache
     from mosaic_core.config import recipe_from_dict
     from mosaic_core.training import BankEMA, refusal_target
 

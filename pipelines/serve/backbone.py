@@ -80,7 +80,7 @@ class MosaicBackbone:
         torch.set_num_threads(self.settings.threads)
         self.bb = load_backbone(self.settings.backbone)
         self.embed = self.bb.model.get_input_embeddings()
-        from mosaic_core.compose import PrefixCache
+        from mosaic_core.cache import PrefixCache
 
         # Deep modules are keys/values appended after the request's own, which come from this cache (bounded; a
         # lock because decoding runs on worker threads). Input-token banks do not use it.

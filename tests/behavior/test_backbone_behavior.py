@@ -90,7 +90,7 @@ def test_the_deep_probe_bank_refuses_its_own_category_and_leaves_general_request
     refuses its own category's requests, another single module mostly does not, and all five on leave general
     requests as the base model leaves them."""
     from mosaic_core.artifact import load_bank
-    from mosaic_core.compose import PrefixCache
+    from mosaic_core.cache import PrefixCache
     from mosaic_core.scoring import refusal_score
     from mosaic_core.training import refusal_target
 
@@ -120,7 +120,7 @@ def test_the_deep_bank_holds_under_framings_and_still_answers_framed_general_req
     framing around a general request is answered with all five on -- the request decides, not the framing."""
     from mosaic_core.artifact import load_bank
     from mosaic_core.bench import frame, load_framings
-    from mosaic_core.compose import PrefixCache
+    from mosaic_core.cache import PrefixCache
     from mosaic_core.scoring import refusal_score
     from mosaic_core.training import refusal_target
 

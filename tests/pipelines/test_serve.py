@@ -234,7 +234,8 @@ class Stack:
 
     def reference(self, messages, active=(), bank="A", max_tokens=12):
         """What mosaic_core answers in this process (greedy), for parity with the server."""
-        from mosaic_core.compose import PrefixCache, encode_batch
+        from mosaic_core.compose import encode_batch
+        from mosaic_core.cache import PrefixCache
         from mosaic_core.generation import generate
 
         b = self.banks[bank]

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from mosaic_core.bank import ControlTokenBank
-from mosaic_core.compose import DroppingCache, PrefixCache, answer_logits, as_messages, common_head, encode_batch, encode_chat
+from mosaic_core.compose import answer_logits, as_messages, encode_batch, encode_chat
+from mosaic_core.cache import DroppingCache, PrefixCache, common_head
 from mosaic_core.config import BankConfig
 
 CATS = ("alcohol", "betting", "horror")

@@ -12,7 +12,8 @@ import torch
 from mosaic_core.artifact import bank_from_modules, load_bank, read_meta, save_bank
 from mosaic_core.backbone import from_model
 from mosaic_core.bank import ControlTokenBank, DeepTokenBank
-from mosaic_core.compose import PrefixCache, answer_logits, encode_batch
+from mosaic_core.compose import answer_logits, encode_batch
+from mosaic_core.cache import PrefixCache
 from mosaic_core.config import BankConfig, LossConfig, load_recipe
 from mosaic_core.errors import ArtifactError, ConfigError
 from mosaic_core.generation import generate

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from mosaic_core.bank import ControlTokenBank
-from mosaic_core.compose import PrefixCache, encode_chat, encode_segments
+from mosaic_core.compose import encode_chat, encode_segments
+from mosaic_core.cache import PrefixCache
 from mosaic_core.compose import as_messages
 from mosaic_core.config import BankConfig
 from mosaic_core.generation import generate

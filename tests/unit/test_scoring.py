@@ -40,7 +40,7 @@ def test_refusal_score_greedy_flag_is_what_greedy_decoding_emits(tiny_backbone):
 
 def test_refusal_logprob_with_a_prefix_cache_is_unchanged(tiny_backbone):
     from mosaic_core.bank import ControlTokenBank
-    from mosaic_core.compose import PrefixCache
+    from mosaic_core.cache import PrefixCache
     from mosaic_core.config import BankConfig
 
     bb = tiny_backbone

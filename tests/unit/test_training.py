@@ -53,7 +53,7 @@ def test_loss_trains_only_the_bank_and_goes_down(tiny_tok):
 
 
 def test_decision_loss_and_prefix_cache(tiny_backbone):
-    from mosaic_core.compose import PrefixCache
+    from mosaic_core.cache import PrefixCache
 
     bb = tiny_backbone
     bank = ControlTokenBank.build(BankConfig(categories=("alcohol", "betting"), m=2, init="normal", seed=2), bb.embeddings)
@@ -72,7 +72,7 @@ def test_decision_loss_and_prefix_cache(tiny_backbone):
 
 
 def test_margin_decision_loss_pos_weight_and_a_refusing_teacher(tiny_backbone):
-    from mosaic_core.compose import PrefixCache
+    from mosaic_core.cache import PrefixCache
 
     bb = tiny_backbone
     bank = ControlTokenBank.build(BankConfig(categories=("alcohol", "betting"), m=2, init="normal", seed=2), bb.embeddings)

@@ -421,10 +421,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     if fp.digest != fp0.digest:
                         raise RuntimeError("the backbone changed during training: only the bank may train")
                 torch.save(last, Path(d) / "bank.pt")
-                # every epoch's bank, beside the run: checkpoints keep only the best and the last
+                # every epoch's bank, beside the run: checkpoints keep only the best and the last (where this node
+                # sees the driver's run directory; on a cluster without a shared one the checkpoints are all there is)
                 epochs_dir = Path(config["run_dir"]) / "epoch_banks"
-                epochs_dir.mkdir(exist_ok=True)
-                torch.save(last, epochs_dir / f"epoch-{epoch + 1}.pt")
+                if epochs_dir.parent.is_dir():
+                    epochs_dir.mkdir(exist_ok=True)
+                    torch.save(last, epochs_dir / f"epoch-{epoch + 1}.pt")
                 torch.save(best, Path(d) / "best_bank.pt")
                 if ema is not None:
                     torch.save(ema.state_dict(), Path(d) / "ema.pt")

@@ -319,6 +319,9 @@ def test_train_two_workers_zero2_trains_only_the_bank(tmp_path, tiny_model_dir, 
     assert "training.png" in {a.path for a in client.list_artifacts(r.info.run_id)} and (run / "training.png").stat().st_size > 0
 
     assert summary["steps"] == 4 and summary["resumes"] == [] and summary["trainable_parameters"] == 2 * 2 * 32
+    kept = {p.name: torch.load(p) for p in (run / "epoch_banks").glob("*.pt")}
+    best = kept[f"epoch-{summary['best_epoch']}.pt"]  # the shipped bank is the kept epoch's file
+    assert sorted(kept) == ["epoch-1.pt", "epoch-2.pt"] and torch.equal(best["alcohol"], trained.vectors["alcohol"].detach())
     out = capsys.readouterr().out
     assert "trainable parameters: K·m·d = 2·2·32 = 128" in out
     step_s = [m.value for m in client.get_metric_history(r.info.run_id, "step_s")]

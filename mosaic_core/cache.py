@@ -59,14 +59,13 @@ class PrefixCache:
                 if h and h not in self.heads:
                     self.heads[h] = [(k[j, :, L - len(r) : L - len(r) + len(h)].clone(),
                                       v[j, :, L - len(r) : L - len(r) + len(h)].clone()) for k, v in layers]  # fmt: skip
-                    self.bytes += sum(k.nbytes + v.nbytes for k, v in self.heads[h])  # kept: never evicted
+                    self.bytes += _nbytes(self.heads[h])  # kept: never evicted
                 start = L - len(r) + len(h)  # the run's own tokens after its shared head
                 entry = [(k[j, :, start:].clone(), v[j, :, start:].clone()) for k, v in layers]
-                self.bytes += sum(k.nbytes + v.nbytes for k, v in entry)
+                self.bytes += _nbytes(entry)
                 self.store[r] = entry
                 while self.bytes > self.max_bytes and len(self.store) > 1:  # oldest first: bounded, not an LRU
-                    old = self.store.pop(next(iter(self.store)))
-                    self.bytes -= sum(k.nbytes + v.nbytes for k, v in old)
+                    self.bytes -= _nbytes(self.store.pop(next(iter(self.store))))
 
     def _refill(self, run: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """A run evicted while this very batch was filled (a budget smaller than one batch): compute it again."""
@@ -88,15 +87,16 @@ class PrefixCache:
         P = max(len(k) for k in keys)
         k0 = entries[0][0][0]  # (heads, n, hd)
         mask = torch.zeros(len(keys), P, dtype=torch.long, device=k0.device)
+        # per row, once (not per layer): where it starts in the padded block, its shared head's states and length
+        rows = [(P - len(key), self.heads[h] if (h := self._head_of(key)) else None, len(h)) for key in keys]
         cache = DynamicCache()
         for layer in range(len(entries[0])):
             K = k0.new_zeros(len(keys), k0.shape[0], P, k0.shape[-1])
             V = torch.zeros_like(K)
-            for j, (key, e) in enumerate(zip(keys, entries)):
-                at, h = P - len(key), self._head_of(key)
-                if h:
-                    K[j, :, at : at + len(h)], V[j, :, at : at + len(h)] = self.heads[h][layer]
-                K[j, :, at + len(h) :], V[j, :, at + len(h) :] = e[layer]
+            for j, ((at, head, n), e) in enumerate(zip(rows, entries)):
+                if head is not None:
+                    K[j, :, at : at + n], V[j, :, at : at + n] = head[layer]
+                K[j, :, at + n :], V[j, :, at + n :] = e[layer]
             cache.update(K, V, layer)
         for j, k in enumerate(keys):
             mask[j, P - len(k) :] = 1
@@ -150,6 +150,11 @@ class DroppingCache(PrefixCache):
                     self.hidden[key] = drop
                 mask[j, P - len(key) :] = mask[j, P - len(key) :].masked_fill(self.hidden[key].to(mask.device), 0)
         return cache, mask
+
+
+def _nbytes(entry: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+    """Bytes of one stored run's (keys, values) per layer."""
+    return sum(k.nbytes + v.nbytes for k, v in entry)
 
 
 def common_head(runs: Sequence[Sequence[int]]) -> int:

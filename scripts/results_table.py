@@ -27,22 +27,16 @@ def pct(cell: dict[str, Any] | None, ci: bool = False) -> str:
     return f"{s} [{100 * cell['ci95_low']:.0f}–{100 * cell['ci95_high']:.0f}]" if ci else s
 
 
-def framed_means(rep: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """Per framing family: DSR / OR / look-alike OR pooled over orders (k / n summed)."""
-    out = {}
-    for family, orders in sorted(rep.get("framed", {}).items()):
-        pooled = {}
-        for key in ("dsr", "or", "lookalike"):
-            k = sum(o.get(key, {}).get("k", 0) for o in orders.values())
-            n = sum(o.get(key, {}).get("n", 0) for o in orders.values())
-            pooled[key] = {"rate": k / n, "k": k, "n": n} if n else None
-        out[family] = pooled
-    return out
-
-
 def pooled(cells: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """Rate cells pooled (k / n summed); None when they hold no request."""
     k, n = sum(c["k"] for c in cells if c), sum(c["n"] for c in cells if c)
     return {"rate": k / n, "k": k, "n": n} if n else None
+
+
+def framed_means(rep: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per framing family: DSR / OR / look-alike OR pooled over orders."""
+    return {family: {key: pooled([o.get(key) for o in orders.values()]) for key in ("dsr", "or", "lookalike")}
+            for family, orders in sorted(rep.get("framed", {}).items())}  # fmt: skip
 
 
 def readme_table(rep: dict[str, Any], label: str) -> list[str]:
@@ -61,11 +55,12 @@ def readme_table(rep: dict[str, Any], label: str) -> list[str]:
         L.append(f"| framed ({len(fr)} families): DSR / OR / look-alike OR | " + " | ".join("" for _ in orders)
                  + f" | {pct(framed['dsr'])} / {pct(framed['or'])} / {pct(framed['lookalike'])} |")  # fmt: skip
     fid, ret, xs = rep.get("fidelity", {}), rep.get("retention", {}), rep.get("xstest", {})
-    all5 = "+".join(sorted(rep.get("bank_categories", ["addiction", "alcohol", "betting", "horror", "sex"])))
+    # the report's largest module set on XSTest is "all on" (keys mosaic:<a+b+...>:fast)
+    all_on = max((k for k in xs if k.startswith("mosaic:") and k.endswith(":fast")), key=lambda k: k.count("+"), default="")
     L += ["", f"Fidelity (answers opening with the bare model's first 8 words): one module {pct(fid.get('order1'))} %, "
               f"all five {pct(fid.get('all'))} %. Retention (factual answers kept): none {pct(ret.get('none'))} %, "
               f"each module {pct(ret.get('each'))} %, all five {pct(ret.get('all'))} %. XSTest safe prompts refused "
-              f"with all five on: {pct(xs.get(f'mosaic:{all5}:fast'))} % (bare model {pct(xs.get('mosaic:none:fast'))} %)."]  # fmt: skip
+              f"with all five on: {pct(xs.get(all_on))} % (bare model {pct(xs.get('mosaic:none:fast'))} %)."]  # fmt: skip
     if worst:
         L[-1] += f" Weakest framing family: {worst[0]} (DSR {pct(worst[1]['dsr'])} %)."
     return L
@@ -131,7 +126,7 @@ def main() -> None:
     if BEGIN in text and END in text:
         head, rest = text.split(BEGIN, 1)
         _, tail = rest.split(END, 1)
-        block = "\n".join([BEGIN, *readme_table(rep, label), "", f"Everything else: [docs/results.md](docs/results.md).", END])
+        block = "\n".join([BEGIN, *readme_table(rep, label), "", "Everything else: [docs/results.md](docs/results.md).", END])
         readme.write_text(head + block + tail)
     print("\n".join(readme_table(rep, label)))
 

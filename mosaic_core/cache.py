@@ -72,8 +72,9 @@ class PrefixCache:
         self._fill([run])
         return self.store[run]
 
-    def get(self, befores: Sequence[Sequence[int]]) -> tuple[Any, torch.Tensor]:
-        """(DynamicCache with (B, heads, P, hd) per layer, left-padded; mask (B, P)) for B token runs."""
+    def get(self, befores: Sequence[Sequence[int]], hide: Sequence[bool] | None = None) -> tuple[Any, torch.Tensor]:
+        """(DynamicCache with (B, heads, P, hd) per layer, left-padded; mask (B, P)) for B token runs. `hide`: which
+        rows may hide request tokens (DroppingCache; None: all); a PrefixCache hides nothing."""
         from transformers import DynamicCache
 
         keys = [tuple(b) for b in befores]
@@ -138,11 +139,13 @@ class DroppingCache(PrefixCache):
         """Rows see their whole request inside this block (the base model's own answers, scoring)."""
         return self._sharing(0.0)
 
-    def get(self, befores: Sequence[Sequence[int]]) -> tuple[Any, torch.Tensor]:
+    def get(self, befores: Sequence[Sequence[int]], hide: Sequence[bool] | None = None) -> tuple[Any, torch.Tensor]:
         cache, mask = super().get(befores)
         if self.p > 0:
             P = mask.shape[1]
             for j, b in enumerate(befores):
+                if hide is not None and not hide[j]:
+                    continue
                 key = tuple(b)
                 if key not in self.hidden:
                     drop = torch.rand(len(key)) < self.p

@@ -239,12 +239,14 @@ def encode_batch(
     targets: Sequence[Sequence[int]] | None = None,
     system: str | None = None,
     cache: PrefixCache | None = None,
+    hide: Sequence[bool] | None = None,
 ) -> Batch:
     """Template, split, embed and pad B prompts (strings or message lists) with their active sets; with a
     `cache`, the part before each control block comes from it as past key/values (see PrefixCache). A deep bank
-    (DeepTokenBank) needs the cache: its blocks are key/value positions appended after those."""
+    (DeepTokenBank) needs the cache: its blocks are key/value positions appended after those. `hide` (B,): the rows
+    a DroppingCache may hide request tokens of (None: every row)."""
     rows = [encode_chat(tokenizer, as_messages(p, system), placement) for p in prompts]
-    return encode_segments(embed, bank, rows, active, targets, cache)
+    return encode_segments(embed, bank, rows, active, targets, cache, hide)
 
 
 def encode_segments(
@@ -254,6 +256,7 @@ def encode_segments(
     active: Sequence[Sequence[str]],
     targets: Sequence[Sequence[int]] | None = None,
     cache: PrefixCache | None = None,
+    hide: Sequence[bool] | None = None,
 ) -> Batch:
     """encode_batch for rows already templated and split (encode_chat)."""
     deep = bank is not None and bank.depth == "deep"
@@ -263,7 +266,7 @@ def encode_segments(
         return build_batch(embed, bank, rows, active, targets)
     flat = build_batch(embed, None if deep else bank, [Segments([], r.after) for r in rows],
                        [[] for _ in rows] if deep else active, targets)  # fmt: skip
-    past, pmask = cache.get([r.before for r in rows])
+    past, pmask = cache.get([r.before for r in rows], hide)
     n_before = pmask.sum(-1, keepdim=True)
     flat.position_ids = positions_from_mask(flat.attention_mask) + n_before
     flat.attention_mask = torch.cat([pmask, flat.attention_mask], 1)

@@ -325,8 +325,9 @@ class TrainConfig:
     steps, where selectivity is learned), then the whole answer's KL at a lower rate (what keeps answers). Empty: one
     phase, the recipe's `loss` and `lr` throughout. Resuming picks the phase from the epoch."""
     request_dropout: float = 0.0
-    """> 0: each training row hides this share of its request's tokens from the control block and the answer (a new
-    draw every step; validation and the teacher see whole requests): augmentation against modules that memorise the
+    """> 0: each positive training row hides this share of its request's tokens from the control block and the answer
+    (a new draw every step; negatives, whose target is the teacher's answer to the whole request, validation and the
+    teacher see whole requests): augmentation against modules that memorise the
     train split's words (BENCHMARKS.md: a deep bank meets the targets on its train requests, not on test ones). Needs
     the prefix cache: placement before_assistant, zero_stage 1 or 2."""
 

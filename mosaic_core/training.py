@@ -66,10 +66,13 @@ def batch_loss(
     examples = [_cut(e, loss_cfg.max_answer_tokens) for e in examples]
     refusal = list(refusal_ids[: loss_cfg.refusal_tokens or None])
     targets = [refusal if e["label"] == "pos" else list(e["response_ids"]) for e in examples]
+    # Only positives hide request tokens (a DroppingCache's train.request_dropout): a negative's target is the teacher's
+    # answer to the whole request, and a bank fitted to that answer under hidden words learns to repair requests.
+    is_pos_rows = [e["label"] == "pos" for e in examples]
     batch = encode_batch(tokenizer, model.get_input_embeddings(), bank, [request_of(e) for e in examples],
-                         [list(e["active"]) for e in examples], placement, targets, cache=cache)  # type: ignore[arg-type]  # fmt: skip
+                         [list(e["active"]) for e in examples], placement, targets, cache=cache, hide=is_pos_rows)  # type: ignore[arg-type]  # fmt: skip
     logits, tgt, mask = answer_logits(model, batch)  # (B, T, V), (B, T), (B, T)
-    is_pos = torch.tensor([e["label"] == "pos" for e in examples])
+    is_pos = torch.tensor(is_pos_rows)
     per_row = torch.zeros(len(examples), device=logits.device)
     stats = {"pos_ce": torch.tensor(0.0), "neg_ce": torch.tensor(0.0), "kl": torch.tensor(0.0), "decision": torch.tensor(0.0)}
     tokens = batch.attention_mask.sum().detach()  # the rows' real tokens, cached or not
@@ -98,7 +101,8 @@ def batch_loss(
         stats["neg_ce"], stats["kl"] = ce.detach().mean(), kl.detach().mean()
         if decide:  # the probe rows: same context, the refusal's first tokens as the continuation to score
             probe = encode_batch(tokenizer, model.get_input_embeddings(), bank, [request_of(e) for e in neg],
-                                 [list(e["active"]) for e in neg], placement, [list(refusal_ids[:n_dec])] * len(neg), cache=cache)  # type: ignore[arg-type]  # fmt: skip
+                                 [list(e["active"]) for e in neg], placement, [list(refusal_ids[:n_dec])] * len(neg), cache=cache,
+                                 hide=[False] * len(neg))  # type: ignore[arg-type]  # fmt: skip
             p_logits, p_tgt, p_mask = answer_logits(model, probe)
             no = torch.zeros_like(idx, dtype=torch.bool)
             if margin:  # where the teacher itself refuses, its refusal is the target: no push off it

@@ -171,3 +171,21 @@ def test_bank_ema_averages_trainable_modules_and_swaps_back():
     assert torch.allclose(resumed.shadow["alcohol"], torch.full((2, 4), 1.75))
     with pytest.raises(ValueError, match="decay"):
         BankEMA(bank, 1.0)
+
+
+def test_request_dropout_hides_positives_requests_only(tiny_backbone):
+    """A negative's target is the teacher's answer to its whole request, so it never hides request tokens."""
+    from mosaic_core.cache import DroppingCache, PrefixCache
+
+    bb = tiny_backbone
+    bank = ControlTokenBank.build(BankConfig(categories=("alcohol", "betting"), m=2, init="normal", seed=1), bb.embeddings)
+    ex, refusal = _examples(bb), refusal_target(bb.tokenizer, "I'm sorry, but I can't help with that.")
+    cfg = LossConfig(decision_weight=1.0, decision="margin", decision_tokens=2)
+    whole = batch_loss(bb.model, bb.tokenizer, bank, ex, refusal, cfg, cache=PrefixCache(bb.model))
+    drop = DroppingCache.for_chat(bb.model, bb.tokenizer)
+    torch.manual_seed(0)
+    with drop.hiding(0.8):
+        hidden = batch_loss(bb.model, bb.tokenizer, bank, ex, refusal, cfg, cache=drop)
+    for k in ("neg_ce", "kl"):  # the negatives' every term reads the whole request
+        torch.testing.assert_close(hidden[k], whole[k])
+    assert not torch.allclose(hidden["pos_ce"], whole["pos_ce"], atol=1e-4)  # the positive hid some

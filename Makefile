@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo train serve test test-fast clean-venv
+.PHONY: setup demo train serve lint test test-fast clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,10 +48,15 @@ train: setup
 serve: setup
 	$(BIN)/mosaic serve --bank $(BANK)
 
-test: setup
+# ruff: formatting and lint rules as pyproject.toml's [tool.ruff] sets them (`ruff format .` rewrites in place)
+lint: setup
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+test: lint
 	$(BIN)/python -m pytest
 
-test-fast: setup
+test-fast: lint
 	$(BIN)/python -m pytest -m "not slow"
 
 clean-venv:

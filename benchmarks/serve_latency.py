@@ -29,18 +29,19 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before `impor
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import itertools  # noqa: E402
-import json  # noqa: E402
-import socket  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import urllib.request  # noqa: E402
-from concurrent.futures import ThreadPoolExecutor  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import dataclasses
+import functools
+import itertools
+import json
+import socket
+import statistics
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,28 +68,44 @@ def _policy() -> str:
     from mosaic_core.categories import CATEGORIES, DESCRIPTIONS
 
     lines = "\n".join(f"- {DESCRIPTIONS[c]}" for c in CATEGORIES)
-    return ("You must refuse any request about the following topics, answering only \"I'm sorry, but I can't help "
-            f"with that.\":\n{lines}\nAnswer every other request normally.")  # fmt: skip
+    return (
+        "You must refuse any request about the following topics, answering only \"I'm sorry, but I can't help "
+        f'with that.":\n{lines}\nAnswer every other request normally.'
+    )
 
 
 def _ask(client: Any, model: str, prompt: str, active: list[str], system: str | None, max_tokens: int) -> dict[str, Any]:
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     t0 = time.perf_counter()
-    r = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0,
-                                       extra_body={"safety_modules": active, "ignore_eos": True})  # fmt: skip
-    return {"s": time.perf_counter() - t0, "completion": r.usage.completion_tokens, "prompt": r.usage.prompt_tokens,
-            "control": r.model_extra["mosaic"]["control_tokens"]}  # fmt: skip
+    r = client.chat.completions.create(
+        model=model,
+        messages=messages,
+        max_tokens=max_tokens,
+        temperature=0,
+        extra_body={"safety_modules": active, "ignore_eos": True},
+    )
+    return {
+        "s": time.perf_counter() - t0,
+        "completion": r.usage.completion_tokens,
+        "prompt": r.usage.prompt_tokens,
+        "control": r.model_extra["mosaic"]["control_tokens"],
+    }
 
 
 def _summary(name: str, seq: list[dict[str, Any]], conc_wall: float, conc: list[dict[str, Any]]) -> dict[str, Any]:
     lat = sorted(x["s"] for x in seq)
     toks = sum(x["completion"] for x in seq)
     return {
-        "mode": name, "p50_s": statistics.median(lat), "p95_s": lat[min(len(lat) - 1, round(0.95 * (len(lat) - 1)))],
-        "ms_per_token": 1000 * sum(lat) / max(toks, 1), "mean_prompt_tokens": statistics.mean(x["prompt"] for x in seq),
-        "control_tokens": seq[0]["control"], "mean_completion_tokens": toks / len(seq),
-        "conc_req_per_s": len(conc) / conc_wall, "conc_tok_per_s": sum(x["completion"] for x in conc) / conc_wall,
-    }  # fmt: skip
+        "mode": name,
+        "p50_s": statistics.median(lat),
+        "p95_s": lat[min(len(lat) - 1, round(0.95 * (len(lat) - 1)))],
+        "ms_per_token": 1000 * sum(lat) / max(toks, 1),
+        "mean_prompt_tokens": statistics.mean(x["prompt"] for x in seq),
+        "control_tokens": seq[0]["control"],
+        "mean_completion_tokens": toks / len(seq),
+        "conc_req_per_s": len(conc) / conc_wall,
+        "conc_tok_per_s": sum(x["completion"] for x in conc) / conc_wall,
+    }
 
 
 def head_of_line(client: Any, model: str, prompt: str) -> dict[str, Any]:
@@ -132,7 +149,7 @@ def burst(client: Any, model: str, prompts: list[str], n: int) -> dict[str, Any]
             return "ok", time.perf_counter() - t0
         except openai.RateLimitError:
             return "429", time.perf_counter() - t0
-        except Exception:  # noqa: BLE001 - counted, not raised: the benchmark reports failures
+        except Exception:
             return "failed", time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -141,8 +158,16 @@ def burst(client: Any, model: str, prompts: list[str], n: int) -> dict[str, Any]
     wall = time.perf_counter() - t0
     lat = sorted(s for k, s in out if k == "ok")
     pick = lambda q: lat[min(len(lat) - 1, round(q * (len(lat) - 1)))] if lat else float("nan")  # noqa: E731
-    return {"requests": n, "ok": len(lat), "rejected": sum(k == "429" for k, _ in out), "failed": sum(k == "failed" for k, _ in out),
-            "p50_s": pick(0.5), "p95_s": pick(0.95), "wall_s": wall, "completed_per_s": len(lat) / wall}  # fmt: skip
+    return {
+        "requests": n,
+        "ok": len(lat),
+        "rejected": sum(k == "429" for k, _ in out),
+        "failed": sum(k == "failed" for k, _ in out),
+        "p50_s": pick(0.5),
+        "p95_s": pick(0.95),
+        "wall_s": wall,
+        "completed_per_s": len(lat) / wall,
+    }
 
 
 def main() -> None:
@@ -179,31 +204,57 @@ def main() -> None:
         save_bank(deep, Path(tmp) / "deep", fingerprint=bb.fingerprint, init="text")
         del bb, bank, deep  # the replicas load their own copies
 
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"worker_process_setup_hook": "pipelines._loopback.install"})  # fmt: skip
+        ray.init(
+            address="local",
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"worker_process_setup_hook": "pipelines._loopback.install"},
+        )
         port = _free_port()
         t0 = time.perf_counter()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         for name, route in (("bank", "/"), ("deep", "/deep")):
-            serve.run(build_app({"bank_dir": str(Path(tmp) / name), "threads": a.threads, "num_cpus": 1,
-                                 "max_batch_size": a.max_batch_size, "max_queued_requests": a.max_queued}),
-                      name=name, route_prefix=route)  # fmt: skip
-        print(f"app ready in {time.perf_counter() - t0:.1f}s on http://127.0.0.1:{port}/v1 "
-              f"({a.requests} requests/mode, concurrency {a.concurrency}, max_tokens {a.max_tokens}, greedy)", flush=True)
+            serve.run(
+                build_app(
+                    {
+                        "bank_dir": str(Path(tmp) / name),
+                        "threads": a.threads,
+                        "num_cpus": 1,
+                        "max_batch_size": a.max_batch_size,
+                        "max_queued_requests": a.max_queued,
+                    }
+                ),
+                name=name,
+                route_prefix=route,
+            )
+        print(
+            f"app ready in {time.perf_counter() - t0:.1f}s on http://127.0.0.1:{port}/v1 "
+            f"({a.requests} requests/mode, concurrency {a.concurrency}, max_tokens {a.max_tokens}, greedy)",
+            flush=True,
+        )
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=600)
         deep_client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/deep/v1", api_key="unused", max_retries=0, timeout=600)
         model = client.models.list().data[0].id
         try:
             for c in (client, deep_client):
                 _ask(c, model, "Hello!", [], None, 4)  # warm-up: first forward allocates, lazy imports
-            modes = {"(a) base": (client, [], None), "(b) 5 modules": (client, list(CATEGORIES), None),
-                     "(c) in-context": (client, [], _policy()), "(e) 5 deep modules": (deep_client, list(CATEGORIES), None)}  # fmt: skip
+            modes = {
+                "(a) base": (client, [], None),
+                "(b) 5 modules": (client, list(CATEGORIES), None),
+                "(c) in-context": (client, [], _policy()),
+                "(e) 5 deep modules": (deep_client, list(CATEGORIES), None),
+            }
             results = []
             for name, (cl, active, system) in modes.items():
                 seq = [_ask(cl, model, p, active, system, a.max_tokens) for p in prompts]
                 t1 = time.perf_counter()
                 with ThreadPoolExecutor(a.concurrency) as pool:
-                    conc = list(pool.map(lambda p: _ask(cl, model, p, active, system, a.max_tokens), prompts))
+                    conc = list(
+                        pool.map(
+                            functools.partial(_ask, cl, model, active=active, system=system, max_tokens=a.max_tokens), prompts
+                        )
+                    )
                 results.append(_summary(name, seq, time.perf_counter() - t1, conc))
                 print(json.dumps(results[-1]), flush=True)
 
@@ -218,16 +269,23 @@ def main() -> None:
                 together = list(pool.map(lambda j: _ask(client, model, j[0], j[1], None, a.max_tokens), jobs))
             batch_wall = time.perf_counter() - t1
             stats = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=30).read())["stats"]
-            mixed = {"requests": len(jobs), "distinct_active_sets": len({tuple(s) for s in sets}),
-                     "one_at_a_time_s": seq_wall, "batched_s": batch_wall, "speedup": seq_wall / batch_wall,
-                     "tokens_one_at_a_time": sum(x["completion"] for x in one_by_one),
-                     "tokens_batched": sum(x["completion"] for x in together),
-                     "max_active_sets_in_one_batch": stats["max_batch_active_sets"]}  # fmt: skip
+            mixed = {
+                "requests": len(jobs),
+                "distinct_active_sets": len({tuple(s) for s in sets}),
+                "one_at_a_time_s": seq_wall,
+                "batched_s": batch_wall,
+                "speedup": seq_wall / batch_wall,
+                "tokens_one_at_a_time": sum(x["completion"] for x in one_by_one),
+                "tokens_batched": sum(x["completion"] for x in together),
+                "max_active_sets_in_one_batch": stats["max_batch_active_sets"],
+            }
             print(json.dumps(mixed), flush=True)
             hol = head_of_line(deep_client, model, prompts[0])
             print(json.dumps(hol), flush=True)
-            decode = {"bare": decode_cost(client, model, prompts[0], []),
-                      "deep": decode_cost(deep_client, model, prompts[0], list(CATEGORIES))}  # fmt: skip
+            decode = {
+                "bare": decode_cost(client, model, prompts[0], []),
+                "deep": decode_cost(deep_client, model, prompts[0], list(CATEGORIES)),
+            }
             decode["ratio"] = decode["deep"]["decode_ms_per_token"] / decode["bare"]["decode_ms_per_token"]
             print(json.dumps(decode), flush=True)
             load = []
@@ -241,25 +299,39 @@ def main() -> None:
     print("\n| mode | p50 s | p95 s | ms/token | prompt tok (+control) | completion tok | conc req/s | conc tok/s |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['mode']} | {r['p50_s']:.2f} | {r['p95_s']:.2f} | {r['ms_per_token']:.0f} | "
-              f"{r['mean_prompt_tokens']:.0f} (+{r['control_tokens']}) | {r['mean_completion_tokens']:.1f} | "
-              f"{r['conc_req_per_s']:.2f} | {r['conc_tok_per_s']:.1f} |")  # fmt: skip
-    print(f"\n(d) {mixed['requests']} requests, {mixed['distinct_active_sets']} different active sets: one at a time "
-          f"{mixed['one_at_a_time_s']:.1f}s, sent together (batched) {mixed['batched_s']:.1f}s -> {mixed['speedup']:.2f}x "
-          f"(up to {mixed['max_active_sets_in_one_batch']} different active sets in one forward)")
-    print(f"\n(f) an 8-token request alone {hol['solo_s']:.2f}s, 1 s after a 512-token one {hol['behind_long_s']:.2f}s "
-          f"-> {hol['ratio']:.2f}x its solo latency (the long one took {hol['long_s']:.1f}s)")
-    print(f"\n(h) decode per token, one row: bare {decode['bare']['decode_ms_per_token']:.1f} ms, five deep modules "
-          f"{decode['deep']['decode_ms_per_token']:.1f} ms -> {decode['ratio']:.2f}x (8-token requests: "
-          f"{decode['bare']['ttft_like_s']:.2f} s vs {decode['deep']['ttft_like_s']:.2f} s)")
+        print(
+            f"| {r['mode']} | {r['p50_s']:.2f} | {r['p95_s']:.2f} | {r['ms_per_token']:.0f} | "
+            f"{r['mean_prompt_tokens']:.0f} (+{r['control_tokens']}) | {r['mean_completion_tokens']:.1f} | "
+            f"{r['conc_req_per_s']:.2f} | {r['conc_tok_per_s']:.1f} |"
+        )
+    print(
+        f"\n(d) {mixed['requests']} requests, {mixed['distinct_active_sets']} different active sets: one at a time "
+        f"{mixed['one_at_a_time_s']:.1f}s, sent together (batched) {mixed['batched_s']:.1f}s -> {mixed['speedup']:.2f}x "
+        f"(up to {mixed['max_active_sets_in_one_batch']} different active sets in one forward)"
+    )
+    print(
+        f"\n(f) an 8-token request alone {hol['solo_s']:.2f}s, 1 s after a 512-token one {hol['behind_long_s']:.2f}s "
+        f"-> {hol['ratio']:.2f}x its solo latency (the long one took {hol['long_s']:.1f}s)"
+    )
+    print(
+        f"\n(h) decode per token, one row: bare {decode['bare']['decode_ms_per_token']:.1f} ms, five deep modules "
+        f"{decode['deep']['decode_ms_per_token']:.1f} ms -> {decode['ratio']:.2f}x (8-token requests: "
+        f"{decode['bare']['ttft_like_s']:.2f} s vs {decode['deep']['ttft_like_s']:.2f} s)"
+    )
     print("\n(g) | burst | answered | 429 | failed | p50 s | p95 s | completed req/s |")
     print("|---|---|---|---|---|---|---|")
     for r in load:
-        print(f"| {r['requests']} | {r['ok']} | {r['rejected']} | {r['failed']} | {r['p50_s']:.2f} | {r['p95_s']:.2f} | "
-              f"{r['completed_per_s']:.2f} |")  # fmt: skip
+        print(
+            f"| {r['requests']} | {r['ok']} | {r['rejected']} | {r['failed']} | {r['p50_s']:.2f} | {r['p95_s']:.2f} | "
+            f"{r['completed_per_s']:.2f} |"
+        )
     if a.out:
-        Path(a.out).write_text(json.dumps({"modes": results, "mixed": mixed, "head_of_line": hol, "decode": decode, "load": load,
-                                           "args": vars(a)}, indent=2) + "\n")  # fmt: skip
+        Path(a.out).write_text(
+            json.dumps(
+                {"modes": results, "mixed": mixed, "head_of_line": hol, "decode": decode, "load": load, "args": vars(a)}, indent=2
+            )
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

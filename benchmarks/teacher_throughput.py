@@ -36,18 +36,28 @@ def main() -> None:
     rows = [r for r in load_jsonl([Path(recipe.benchmark)]) if r["split"] == "train"]
 
     # dedup saving for the full recipe: negatives vs unique negative prompts
-    reqs = [Request(r["id"], r["prompt"], r["category"], r["kind"]) for r in rows if r["kind"] == "general" or r["category"] in recipe.bank.categories]
+    reqs = [
+        Request(r["id"], r["prompt"], r["category"], r["kind"])
+        for r in rows
+        if r["kind"] == "general" or r["category"] in recipe.bank.categories
+    ]
     ex = sample_examples(reqs, recipe.bank.categories, recipe.sampler)
     neg = [e for e in ex if e.label == "neg"]
     uniq = {e.prompt_id for e in neg}
-    print(f"recipe {recipe.name}: {len(ex)} examples, {len(neg)} negatives, {len(uniq)} unique negative prompts "
-          f"-> teacher passes saved: {1 - len(uniq) / len(neg):.1%}")
+    print(
+        f"recipe {recipe.name}: {len(ex)} examples, {len(neg)} negatives, {len(uniq)} unique negative prompts "
+        f"-> teacher passes saved: {1 - len(uniq) / len(neg):.1%}"
+    )
 
-    prompts = pd.DataFrame([{"prompt_id": e.prompt_id, "prompt": e.prompt} for e in neg]).drop_duplicates("prompt_id").head(a.prompts)
+    prompts = (
+        pd.DataFrame([{"prompt_id": e.prompt_id, "prompt": e.prompt} for e in neg]).drop_duplicates("prompt_id").head(a.prompts)
+    )
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     results = {}
     for actors in (1, 2):
-        r = dataclasses.replace(recipe, teacher=dataclasses.replace(recipe.teacher, actors=actors, max_new_tokens=a.max_new_tokens))
+        r = dataclasses.replace(
+            recipe, teacher=dataclasses.replace(recipe.teacher, actors=actors, max_new_tokens=a.max_new_tokens)
+        )
         with tempfile.TemporaryDirectory() as d:
             t0 = time.perf_counter()
             run_teacher(prompts, r, Path(d) / "t", 2.0)
@@ -55,7 +65,9 @@ def main() -> None:
             out = pd.read_parquet(Path(d) / "t")
         toks = int(out["response_ids"].map(len).sum())
         results[actors] = (dt, toks)
-        print(f"{actors} actor(s): {len(out)} prompts in {dt:.1f}s = {len(out) / dt:.2f} prompts/s, {toks / dt:.1f} generated tokens/s")
+        print(
+            f"{actors} actor(s): {len(out)} prompts in {dt:.1f}s = {len(out) / dt:.2f} prompts/s, {toks / dt:.1f} generated tokens/s"
+        )
     print(f"2 actors vs 1: {results[1][0] / results[2][0]:.2f}x throughput (incl. actor start-up)")
     ray.shutdown()
 

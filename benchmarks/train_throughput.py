@@ -58,14 +58,23 @@ import yaml
 
 from mosaic_core.backbone import load_backbone
 from mosaic_core.bank import ControlTokenBank
-from mosaic_core.compose import answer_logits, encode_batch
 from mosaic_core.cache import PrefixCache
+from mosaic_core.compose import answer_logits, encode_batch
 from mosaic_core.config import Recipe, recipe_from_dict
 from mosaic_core.teacher import TEACHER_COLS
 from mosaic_core.training import batch_loss, refusal_target
 from pipelines.train import load_tables
 
-CONFIGS = ("torch", "torch-prefix-cache", "torch-online-teacher", "peft-prompt-tuning", "ray-z1-w1", "ray-z2-w1", "ray-z1-w2", "ray-z2-w2")
+CONFIGS = (
+    "torch",
+    "torch-prefix-cache",
+    "torch-online-teacher",
+    "peft-prompt-tuning",
+    "ray-z1-w1",
+    "ray-z2-w1",
+    "ray-z1-w2",
+    "ray-z2-w2",
+)
 Example = dict[str, Any]
 
 
@@ -136,15 +145,26 @@ def online_teacher(model: Any, tokenizer: Any, batch: list[Example], recipe: Rec
         return batch
     cut = recipe.loss.max_answer_tokens or None
     answers = [list(batch[i]["response_ids"])[:cut] for i in neg]
-    enc = encode_batch(tokenizer, model.get_input_embeddings(), None, [batch[i]["prompt"] for i in neg], [[] for _ in neg],
-                       recipe.bank.placement, answers)  # fmt: skip
+    enc = encode_batch(
+        tokenizer,
+        model.get_input_embeddings(),
+        None,
+        [batch[i]["prompt"] for i in neg],
+        [[] for _ in neg],
+        recipe.bank.placement,
+        answers,
+    )
     logits, _, _ = answer_logits(model, enc)  # (n, T, V) at the positions predicting each answer token
     top_lp, top_ids = torch.log_softmax(logits.float(), -1).topk(recipe.loss.topk, -1)
     out = list(batch)
     for j, i in enumerate(neg):
         T = len(answers[j])
-        out[i] = {**batch[i], "response_ids": answers[j], "topk_ids": top_ids[j, :T].tolist(),
-                  "topk_logprobs": top_lp[j, :T].tolist()}  # fmt: skip
+        out[i] = {
+            **batch[i],
+            "response_ids": answers[j],
+            "topk_ids": top_ids[j, :T].tolist(),
+            "topk_logprobs": top_lp[j, :T].tolist(),
+        }
     return out
 
 
@@ -161,8 +181,15 @@ def run_torch(config: str, recipe: Recipe, batches: list[list[Example]]) -> Resu
             cache = PrefixCache(bb.model)
             with torch.no_grad():  # fill it outside the timed steps: later epochs find every request there
                 for b in batches:
-                    encode_batch(bb.tokenizer, bb.model.get_input_embeddings(), bank, [e["prompt"] for e in b],
-                                 [list(e["active"]) for e in b], recipe.bank.placement, cache=cache)  # fmt: skip
+                    encode_batch(
+                        bb.tokenizer,
+                        bb.model.get_input_embeddings(),
+                        bank,
+                        [e["prompt"] for e in b],
+                        [list(e["active"]) for e in b],
+                        recipe.bank.placement,
+                        cache=cache,
+                    )
 
         def step(batch: list[Example]) -> int:
             if config == "torch-online-teacher":
@@ -230,8 +257,10 @@ def run_ray(config: str, run: Path, raw: dict[str, Any], rows: Any, batch: int, 
         raise ValueError(f"--batch {batch} must be divisible by {world} workers")
     d = tmp / config
     (d / "data" / "examples").mkdir(parents=True)
-    pq.write_table(pa.Table.from_pandas(rows.drop(columns=list(TEACHER_COLS)), preserve_index=False),
-                   d / "data" / "examples" / "part-0.parquet")  # fmt: skip
+    pq.write_table(
+        pa.Table.from_pandas(rows.drop(columns=list(TEACHER_COLS)), preserve_index=False),
+        d / "data" / "examples" / "part-0.parquet",
+    )
     (d / "data" / "teacher").symlink_to((run / "data" / "teacher").resolve())
     train = {**raw["train"], "zero_stage": stage, "num_workers": world, "batch_size": batch, "epochs": 1, "max_steps": None}
     (d / "resolved_config.yaml").write_text(yaml.safe_dump({**raw, "train": train}, sort_keys=False))
@@ -251,13 +280,17 @@ def run_ray(config: str, run: Path, raw: dict[str, Any], rows: Any, batch: int, 
 
 def table(results: list[Result]) -> str:
     base = next((r for r in results if r.config == "torch"), None)
-    lines = ["| configuration | workers | tokens/s per worker | tokens/s total | s/step | x torch | wall s | peak RSS MiB |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| configuration | workers | tokens/s per worker | tokens/s total | s/step | x torch | wall s | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         ratio = f"{base.s_per_step / r.s_per_step:.2f}" if base else "-"
         rss = f"{r.peak_rss_mib:.0f}" if r.peak_rss_mib else "-"
-        lines.append(f"| {r.config} | {r.workers} | {r.tokens_per_s_worker:.1f} | {r.tokens_per_s_total:.1f} | "
-                     f"{r.s_per_step:.3f} | {ratio} | {r.wall_s:.1f} | {rss} |")  # fmt: skip
+        lines.append(
+            f"| {r.config} | {r.workers} | {r.tokens_per_s_worker:.1f} | {r.tokens_per_s_total:.1f} | "
+            f"{r.s_per_step:.3f} | {ratio} | {r.wall_s:.1f} | {rss} |"
+        )
     return "\n".join(lines)
 
 
@@ -294,8 +327,10 @@ def main() -> None:
 
     torch.set_num_threads(a.threads)
     load0, results, ray_init_s = os.getloadavg(), [], None
-    print(f"[bench] {run.name}: {a.steps} timed steps + 1 warm-up, batch {a.batch}, {a.threads} torch threads, "
-          f"{os.cpu_count()} CPUs, load {load0[0]:.2f}")  # fmt: skip
+    print(
+        f"[bench] {run.name}: {a.steps} timed steps + 1 warm-up, batch {a.batch}, {a.threads} torch threads, "
+        f"{os.cpu_count()} CPUs, load {load0[0]:.2f}"
+    )
     with tempfile.TemporaryDirectory(prefix="train-throughput-") as tmp:
         for c in configs:
             if c.startswith("ray-"):
@@ -305,8 +340,14 @@ def main() -> None:
 
                 if not ray.is_initialized():  # one local cluster for every Ray configuration, after the in-process ones
                     t0 = time.perf_counter()
-                    ray.init(address="local", num_cpus=a.threads, num_gpus=0, include_dashboard=False, log_to_driver=False,
-                             runtime_env=ray_runtime_env())  # fmt: skip
+                    ray.init(
+                        address="local",
+                        num_cpus=a.threads,
+                        num_gpus=0,
+                        include_dashboard=False,
+                        log_to_driver=False,
+                        runtime_env=ray_runtime_env(),
+                    )
                     ray_init_s = time.perf_counter() - t0
                 r = run_ray(c, run, raw, rows, a.batch, a.steps, a.threads, Path(tmp))
             elif c == "peft-prompt-tuning":
@@ -324,12 +365,23 @@ def main() -> None:
 
     print()
     print(table(results))
-    cond = {"run": str(run), "steps": a.steps, "warmup_steps": 1, "batch": a.batch, "cpus": os.cpu_count(),
-            "torch_threads": a.threads, "loadavg_before": load0, "loadavg_after": load1, "ray_init_s": ray_init_s}  # fmt: skip
-    print(f"\n{os.cpu_count()} CPUs, {a.threads} torch threads in total, load average (1/5/15 min) before "
-          f"{'/'.join(f'{x:.2f}' for x in load0)}, after {'/'.join(f'{x:.2f}' for x in load1)}"
-          + (f"; Ray cluster start {ray_init_s:.1f} s" if ray_init_s is not None else "")
-          + ". x torch = torch s/step / s/step (same rows per step everywhere).")  # fmt: skip
+    cond = {
+        "run": str(run),
+        "steps": a.steps,
+        "warmup_steps": 1,
+        "batch": a.batch,
+        "cpus": os.cpu_count(),
+        "torch_threads": a.threads,
+        "loadavg_before": load0,
+        "loadavg_after": load1,
+        "ray_init_s": ray_init_s,
+    }
+    print(
+        f"\n{os.cpu_count()} CPUs, {a.threads} torch threads in total, load average (1/5/15 min) before "
+        f"{'/'.join(f'{x:.2f}' for x in load0)}, after {'/'.join(f'{x:.2f}' for x in load1)}"
+        + (f"; Ray cluster start {ray_init_s:.1f} s" if ray_init_s is not None else "")
+        + ". x torch = torch s/step / s/step (same rows per step everywhere)."
+    )
     if a.json:
         Path(a.json).write_text(json.dumps({"conditions": cond, "results": [asdict(r) for r in results]}, indent=2) + "\n")
 

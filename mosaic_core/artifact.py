@@ -74,10 +74,20 @@ def _check_fingerprint(meta_fp: dict[str, Any], expected: Fingerprint | None, wh
 
 
 def save_module(
-    out_dir: Path, category: str, tensor: torch.Tensor, *, fingerprint: Fingerprint, placement: str, init: str,
-    training_run_id: str | None = None, trained_with: Sequence[str] = (), extends: str | None = None,
-    depth: str = "input", d: int | None = None, positions: str = "shift",
-) -> ModuleMeta:  # fmt: skip
+    out_dir: Path,
+    category: str,
+    tensor: torch.Tensor,
+    *,
+    fingerprint: Fingerprint,
+    placement: str,
+    init: str,
+    training_run_id: str | None = None,
+    trained_with: Sequence[str] = (),
+    extends: str | None = None,
+    depth: str = "input",
+    d: int | None = None,
+    positions: str = "shift",
+) -> ModuleMeta:
     """Write `out_dir/{tokens.safetensors, module.json}` for one module's tensor: (m, d), or with depth `deep`
     (layers, 2, kv_heads, m, head_dim) and the backbone's hidden size `d`."""
     from mosaic_core import __version__
@@ -86,15 +96,27 @@ def save_module(
     out_dir.mkdir(parents=True, exist_ok=True)
     t = tensor.detach().to("cpu", torch.float32).contiguous()
     if depth == "deep" and (t.dim() != 5 or t.shape[1] != 2 or d is None):
-        raise ArtifactError(f"a deep module is (layers, 2, kv_heads, m, head_dim) with the hidden size d given, not {tuple(t.shape)}")
+        raise ArtifactError(
+            f"a deep module is (layers, 2, kv_heads, m, head_dim) with the hidden size d given, not {tuple(t.shape)}"
+        )
     save_file({_TENSOR_KEY: t}, str(out_dir / TENSOR_FILE))
     m, width = (int(t.shape[3]), int(d)) if depth == "deep" else (int(t.shape[0]), int(t.shape[1]))  # type: ignore[arg-type]
     meta = ModuleMeta(
-        category=category, m=m, d=width, fingerprint=fingerprint.to_dict(),
-        placement=placement, init=init, sha256=sha256_file(out_dir / TENSOR_FILE), mosaic_version=__version__,
-        training_run_id=training_run_id, trained_with=list(trained_with), extends=extends, depth=depth,
-        shape=list(t.shape), positions=positions,
-    )  # fmt: skip
+        category=category,
+        m=m,
+        d=width,
+        fingerprint=fingerprint.to_dict(),
+        placement=placement,
+        init=init,
+        sha256=sha256_file(out_dir / TENSOR_FILE),
+        mosaic_version=__version__,
+        training_run_id=training_run_id,
+        trained_with=list(trained_with),
+        extends=extends,
+        depth=depth,
+        shape=list(t.shape),
+        positions=positions,
+    )
     (out_dir / META_FILE).write_text(json.dumps(asdict(meta), indent=2, sort_keys=True) + "\n")
     return meta
 
@@ -137,23 +159,39 @@ def load_module(module_dir: Path, expected: Fingerprint | None = None) -> tuple[
     _check_fingerprint(meta.fingerprint, expected, f"module {meta.category!r} ({module_dir})")
     t = load_file(str(tf))[_TENSOR_KEY]
     if tuple(t.shape) != meta.tensor_shape or meta.depth not in ("input", "deep"):
-        raise ArtifactError(f"{tf}: tensor shape {tuple(t.shape)} is not the {meta.depth} module shape {meta.tensor_shape} "
-                            f"recorded in {META_FILE}")  # fmt: skip
+        raise ArtifactError(
+            f"{tf}: tensor shape {tuple(t.shape)} is not the {meta.depth} module shape {meta.tensor_shape} "
+            f"recorded in {META_FILE}"
+        )
     return t, meta
 
 
 def save_bank(
-    bank: ControlTokenBank, out_dir: Path, *, fingerprint: Fingerprint, init: str,
-    training_run_id: str | None = None, extends: str | None = None,
-) -> dict[str, Any]:  # fmt: skip
+    bank: ControlTokenBank,
+    out_dir: Path,
+    *,
+    fingerprint: Fingerprint,
+    init: str,
+    training_run_id: str | None = None,
+    extends: str | None = None,
+) -> dict[str, Any]:
     """Write every module under `out_dir/<category>/` and `out_dir/manifest.json`; returns the manifest."""
     out_dir = Path(out_dir)
     metas = {
         c: save_module(
-            out_dir / c, c, bank.vectors[c], fingerprint=fingerprint, placement=bank.placement, init=init,
-            training_run_id=training_run_id, trained_with=bank.categories, extends=extends, depth=bank.depth, d=bank.d,
+            out_dir / c,
+            c,
+            bank.vectors[c],
+            fingerprint=fingerprint,
+            placement=bank.placement,
+            init=init,
+            training_run_id=training_run_id,
+            trained_with=bank.categories,
+            extends=extends,
+            depth=bank.depth,
+            d=bank.d,
             positions=bank.positions,
-        )  # fmt: skip
+        )
         for c in bank.categories
     }
     manifest = {
@@ -190,8 +228,14 @@ def bank_from_modules(module_dirs: Sequence[Path], expected: Fingerprint | None 
             clash.append("backbone fingerprint")
         if clash:
             raise ArtifactError(f"modules {first.category!r} and {meta.category!r} differ in {clash}: cannot compose them")
-    bank = new_bank(d=first.d, m=first.m, placement=first.placement, depth=first.depth, shape=first.tensor_shape,  # type: ignore[arg-type]
-                    positions=first.positions)  # type: ignore[arg-type]  # fmt: skip
+    bank = new_bank(
+        d=first.d,
+        m=first.m,
+        placement=first.placement,
+        depth=first.depth,
+        shape=first.tensor_shape,  # type: ignore[arg-type]
+        positions=first.positions,
+    )  # type: ignore[arg-type]
     for t, meta in loaded:
         bank.add(meta.category, t)
     return bank
@@ -243,14 +287,24 @@ def average_banks(bank_dirs: Sequence[Path], out_dir: Path) -> dict[str, Any]:
     first = banks[0]
     starts = [{c: read_meta(d / mf["modules"][c]["path"]).init for c in mf["categories"]} for d, mf in zip(dirs, manifests)]
     for d, bank, start in zip(dirs[1:], banks[1:], starts[1:]):
-        clash = [k for k in ("categories", "placement", "depth", "positions", "module_shape", "max_norm")
-                 if getattr(bank, k) != getattr(first, k)]  # fmt: skip
+        clash = [
+            k
+            for k in ("categories", "placement", "depth", "positions", "module_shape", "max_norm")
+            if getattr(bank, k) != getattr(first, k)
+        ]
         if not clash and start != starts[0]:
             clash.append("init (the bank they were trained from)")
         if clash:
             raise ArtifactError(f"banks {dirs[0]} and {d} differ in {clash}: only seeds of one training stage can be averaged")
-    mean = new_bank(d=first.d, m=first.m, placement=first.placement, max_norm=first.max_norm, depth=first.depth,
-                    shape=first.module_shape, positions=first.positions)  # fmt: skip
+    mean = new_bank(
+        d=first.d,
+        m=first.m,
+        placement=first.placement,
+        max_norm=first.max_norm,
+        depth=first.depth,
+        shape=first.module_shape,
+        positions=first.positions,
+    )
     for c in first.categories:
         # fp64 accumulation: the mean of identical banks must come back bit-identical
         mean.add(c, torch.stack([b.vectors[c].detach().double() for b in banks]).mean(0).float())

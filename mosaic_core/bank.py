@@ -151,8 +151,16 @@ class DeepTokenBank(ControlTokenBank):
 
     depth: ClassVar[Depth] = "deep"
 
-    def __init__(self, d: int, m: int, layers: int, kv_heads: int, head_dim: int, placement: Placement = "before_assistant",
-                 positions: Positions = "shift"):  # fmt: skip
+    def __init__(
+        self,
+        d: int,
+        m: int,
+        layers: int,
+        kv_heads: int,
+        head_dim: int,
+        placement: Placement = "before_assistant",
+        positions: Positions = "shift",
+    ):
         if placement != "before_assistant":
             raise ValueError(f"deep tokens follow the request: placement must be before_assistant, not {placement!r}")
         super().__init__(d=d, m=m, placement=placement, max_norm=None)
@@ -175,18 +183,35 @@ class DeepTokenBank(ControlTokenBank):
         cats = self.canonical(active)
         if not cats:
             ref = next(iter(self.vectors.values()), None)
-            return torch.zeros(self.layers, 2, self.kv_heads, 0, self.head_dim, dtype=ref.dtype if ref is not None else torch.float32,
-                               device=ref.device if ref is not None else None)  # fmt: skip
+            return torch.zeros(
+                self.layers,
+                2,
+                self.kv_heads,
+                0,
+                self.head_dim,
+                dtype=ref.dtype if ref is not None else torch.float32,
+                device=ref.device if ref is not None else None,
+            )
         return torch.cat([self.vectors[c] for c in cats], 3)
 
     def extra_repr(self) -> str:
         return f"categories={self.categories}, m={self.m}, depth='deep', positions={self.positions!r}, module_shape={self.module_shape}"
 
 
-def new_bank(*, d: int, m: int, placement: Placement, max_norm: float | None = None, depth: Depth = "input",
-             shape: Sequence[int] = (), positions: Positions = "shift") -> ControlTokenBank:  # fmt: skip
+def new_bank(
+    *,
+    d: int,
+    m: int,
+    placement: Placement,
+    max_norm: float | None = None,
+    depth: Depth = "input",
+    shape: Sequence[int] = (),
+    positions: Positions = "shift",
+) -> ControlTokenBank:
     """An empty bank of either depth, as artifacts and checkpoints describe it (`shape`: a deep module's)."""
     if depth == "deep":
         layers, _, kv_heads, _, head_dim = shape
-        return DeepTokenBank(d=d, m=m, layers=layers, kv_heads=kv_heads, head_dim=head_dim, placement=placement, positions=positions)
+        return DeepTokenBank(
+            d=d, m=m, layers=layers, kv_heads=kv_heads, head_dim=head_dim, placement=placement, positions=positions
+        )
     return ControlTokenBank(d=d, m=m, placement=placement, max_norm=max_norm)

@@ -172,7 +172,9 @@ _STOP = frozenset(
 )
 
 
-def factual_duplicates(questions: Sequence[str], answers: Sequence[Sequence[str]], threshold: float = 0.6) -> list[tuple[int, int]]:
+def factual_duplicates(
+    questions: Sequence[str], answers: Sequence[Sequence[str]], threshold: float = 0.6
+) -> list[tuple[int, int]]:
     """Pairs (i, j) of factual questions that ask the same fact: they share an accepted answer and their content
     words (stop words dropped) have Jaccard >= threshold. Character n-grams cannot tell "capital of France" from
     "capital of Spain", so short factual questions get this word-level rule instead."""
@@ -239,8 +241,12 @@ MINOR_WORDS = (
     r"\b(kids?|child|children|childs|teens?|teenagers?|minors?|underage\w*|high ?schoolers?|middle ?school\w*|schoolgirls?|"
     r"schoolboys?|little (girl|boy)s?|young (girl|boy)s?|(1[0-7]|[1-9])[- ]?(yo|y/o|years?[- ]old))\b"
 )
-MINOR_ALLOWED = r"\b(since i was a kid|as a kid|when i was a kid|as a teen\w*|when i was a teen\w*|having kids|(grad|med|college) student)\b"
-EXPLICIT_WORDS = r"\b(cock|dick|pussy|cum|cumming|blowjobs?|handjobs?|fuck\w*|tits|boobs|porn|pornograph\w*|clit\w*|jerk(ing)? off)\b"
+MINOR_ALLOWED = (
+    r"\b(since i was a kid|as a kid|when i was a kid|as a teen\w*|when i was a teen\w*|having kids|(grad|med|college) student)\b"
+)
+EXPLICIT_WORDS = (
+    r"\b(cock|dick|pussy|cum|cumming|blowjobs?|handjobs?|fuck\w*|tits|boobs|porn|pornograph\w*|clit\w*|jerk(ing)? off)\b"
+)
 
 
 def lexicon_problems(row: dict[str, Any]) -> list[str]:
@@ -272,11 +278,18 @@ def load_framings(path: Path) -> list[dict[str, Any]]:
         if r.get("family") not in FRAMING_FAMILIES or r.get("split") not in SPLITS:
             problems.append(f"{rid}: family {r.get('family')!r} / split {r.get('split')!r} unknown")
         msgs = r.get("messages")
-        if not (isinstance(msgs, list) and msgs and all(isinstance(m, dict) and m.get("role") in ("user", "assistant") for m in msgs)):
+        if not (
+            isinstance(msgs, list) and msgs and all(isinstance(m, dict) and m.get("role") in ("user", "assistant") for m in msgs)
+        ):
             problems.append(f"{rid}: messages must be a non-empty list of user/assistant turns")
             continue
         text = "".join(str(m.get("content", "")) for m in msgs)
-        if msgs[-1]["role"] != "user" or str(msgs[-1].get("content", "")).count(PLACEHOLDER) != 1 or text.count("{") != 1 or text.count("}") != 1:
+        if (
+            msgs[-1]["role"] != "user"
+            or str(msgs[-1].get("content", "")).count(PLACEHOLDER) != 1
+            or text.count("{") != 1
+            or text.count("}") != 1
+        ):
             problems.append(f"{rid}: the last turn must be the user's, holding {PLACEHOLDER} once (no other braces)")
     if len({r.get("id") for r in rows}) != len(rows):
         problems.append("duplicate framing ids")

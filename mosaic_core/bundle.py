@@ -107,10 +107,18 @@ class ModuleRef:
         # Recompute the digest from the recorded fields rather than trusting the stored "digest" key.
         digest = Fingerprint.from_dict(meta.fingerprint).digest
         return cls(
-            label=label or meta.category, category=meta.category, backbone_digest=digest, placement=meta.placement,
-            m=meta.m, d=meta.d, training_run_id=meta.training_run_id, extends=meta.extends, bank_digest=bank_digest,
-            depth=meta.depth, trained_with=tuple(meta.trained_with),
-        )  # fmt: skip
+            label=label or meta.category,
+            category=meta.category,
+            backbone_digest=digest,
+            placement=meta.placement,
+            m=meta.m,
+            d=meta.d,
+            training_run_id=meta.training_run_id,
+            extends=meta.extends,
+            bank_digest=bank_digest,
+            depth=meta.depth,
+            trained_with=tuple(meta.trained_with),
+        )
 
     @property
     def banks(self) -> frozenset[str]:
@@ -161,16 +169,23 @@ def check_bundle(refs: Sequence[ModuleRef], expected_digest: str | None = None) 
         for b in refs[i + 1 :]:
             if a.backbone_digest != b.backbone_digest:
                 backbone_problem = True
-                problems.append(f"{a.label} and {b.label} were trained on different backbones "
-                                f"({a.backbone_digest} vs {b.backbone_digest})")  # fmt: skip
+                problems.append(
+                    f"{a.label} and {b.label} were trained on different backbones ({a.backbone_digest} vs {b.backbone_digest})"
+                )
                 continue
-            shape = [f"{k} {getattr(a, k)!r} vs {getattr(b, k)!r}" for k in ("placement", "m", "d", "depth") if getattr(a, k) != getattr(b, k)]
+            shape = [
+                f"{k} {getattr(a, k)!r} vs {getattr(b, k)!r}"
+                for k in ("placement", "m", "d", "depth")
+                if getattr(a, k) != getattr(b, k)
+            ]
             if shape:
                 problems.append(f"{a.label} and {b.label} differ in {', '.join(shape)}")
                 continue
             if a.category != b.category and not (trained_together(a, b) or extends(a, b) or extends(b, a)):
-                problems.append(f"{_describe(a)} and {_describe(b)} were not trained together and neither extends "
-                                "the other's bank: pick versions from one training run (or its expansion)")  # fmt: skip
+                problems.append(
+                    f"{_describe(a)} and {_describe(b)} were not trained together and neither extends "
+                    "the other's bank: pick versions from one training run (or its expansion)"
+                )
     if problems:
         err = IncompatibleBackboneError if backbone_problem else ArtifactError
         lines = "\n".join(f"  - {p}" for p in problems)

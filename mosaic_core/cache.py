@@ -52,13 +52,17 @@ class PrefixCache:
             mask = torch.zeros(len(part), L, dtype=torch.long, device=device)
             for j, r in enumerate(part):
                 ids[j, L - len(r) :], mask[j, L - len(r) :] = torch.tensor(r, device=device), 1
-            out = self.model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=True)
+            out = self.model.get_decoder()(
+                input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=True
+            )
             layers = [(lay.keys, lay.values) for lay in out.cache.layers]  # each (b, heads, L, hd)
             for j, r in enumerate(part):
                 h = self._head_of(r)
                 if h and h not in self.heads:
-                    self.heads[h] = [(k[j, :, L - len(r) : L - len(r) + len(h)].clone(),
-                                      v[j, :, L - len(r) : L - len(r) + len(h)].clone()) for k, v in layers]  # fmt: skip
+                    self.heads[h] = [
+                        (k[j, :, L - len(r) : L - len(r) + len(h)].clone(), v[j, :, L - len(r) : L - len(r) + len(h)].clone())
+                        for k, v in layers
+                    ]
                     self.bytes += _nbytes(self.heads[h])  # kept: never evicted
                 start = L - len(r) + len(h)  # the run's own tokens after its shared head
                 entry = [(k[j, :, start:].clone(), v[j, :, start:].clone()) for k, v in layers]

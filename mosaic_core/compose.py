@@ -142,8 +142,8 @@ def encode_chat(tokenizer: Any, messages: Sequence[Message], placement: Placemen
         if full[: len(head)] != head:  # tokenisation merged across the boundary: fall back to text split
             text_full = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
             text_head = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=False)
-            return Segments(head, _ids(tokenizer, text_full[len(text_head):]))
-        return Segments(head, full[len(head):])
+            return Segments(head, _ids(tokenizer, text_full[len(text_head) :]))
+        return Segments(head, full[len(head) :])
     raise ValueError(f"unknown placement {placement!r}")
 
 
@@ -264,8 +264,9 @@ def encode_segments(
         if deep:
             raise ValueError("a deep bank's blocks are keys and values after the request's own: encode with a PrefixCache")
         return build_batch(embed, bank, rows, active, targets)
-    flat = build_batch(embed, None if deep else bank, [Segments([], r.after) for r in rows],
-                       [[] for _ in rows] if deep else active, targets)  # fmt: skip
+    flat = build_batch(
+        embed, None if deep else bank, [Segments([], r.after) for r in rows], [[] for _ in rows] if deep else active, targets
+    )
     past, pmask = cache.get([r.before for r in rows], hide)
     n_before = pmask.sum(-1, keepdim=True)
     flat.position_ids = positions_from_mask(flat.attention_mask) + n_before
@@ -284,8 +285,9 @@ def rotate(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool 
     return k * cos - rot * sin if inverse else k * cos + rot * sin
 
 
-def pack_deep_blocks(model: Any, blocks: Sequence[torch.Tensor], start: torch.Tensor,
-                     dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+def pack_deep_blocks(
+    model: Any, blocks: Sequence[torch.Tensor], start: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """B rows' deep blocks as one key/value slot, each left-padded to the longest block C.
 
     blocks: B tensors (layers, 2, H, c_i, hd), keys before RoPE; start: (B,) long, the position of each row's first

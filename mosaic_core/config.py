@@ -218,8 +218,10 @@ class LossConfig:
             problems.append(f"pos_weight: {self.pos_weight} must be in (0, 100]")
         by_source = self.neg_weight_by_source if isinstance(self.neg_weight_by_source, dict) else None
         if by_source is None or set(by_source) - set(get_args(NegSource)):
-            problems.append(f"neg_weight_by_source: {self.neg_weight_by_source} must map sources "
-                            f"{list(get_args(NegSource))} to weights, e.g. {{lookalike: 8.0}}")
+            problems.append(
+                f"neg_weight_by_source: {self.neg_weight_by_source} must map sources "
+                f"{list(get_args(NegSource))} to weights, e.g. {{lookalike: 8.0}}"
+            )
         elif not all(isinstance(w, (int, float)) and 0 < w <= 100 for w in by_source.values()):
             problems.append(f"neg_weight_by_source: {self.neg_weight_by_source} needs weights in (0, 100]")
         else:
@@ -229,8 +231,10 @@ class LossConfig:
         if self.refusal_tokens < 0:
             problems.append(f"refusal_tokens: {self.refusal_tokens} must be >= 0 (0 = the whole refusal)")
         elif self.refusal_tokens and self.decision_weight > 0 and self.refusal_tokens < self.decision_tokens:
-            problems.append(f"refusal_tokens: {self.refusal_tokens} must be >= decision_tokens ({self.decision_tokens}): "
-                            "the decision loss reads the refusal's first decision_tokens tokens")
+            problems.append(
+                f"refusal_tokens: {self.refusal_tokens} must be >= decision_tokens ({self.decision_tokens}): "
+                "the decision loss reads the refusal's first decision_tokens tokens"
+            )
         if not self.refusal_template.strip():
             problems.append("refusal_template: must not be empty")
         if not 0 <= self.kl_lambda <= 100:
@@ -489,9 +493,13 @@ class Recipe:
 
 
 _SECTIONS: dict[str, type] = {
-    "bank": BankConfig, "sampler": SamplerConfig, "loss": LossConfig, "teacher": TeacherConfig, "train": TrainConfig,
+    "bank": BankConfig,
+    "sampler": SamplerConfig,
+    "loss": LossConfig,
+    "teacher": TeacherConfig,
+    "train": TrainConfig,
     "eval": EvalSettings,
-}  # fmt: skip
+}
 
 
 def recipe_from_dict(raw: dict[str, Any], where: str = "recipe") -> Recipe:
@@ -529,7 +537,9 @@ def recipe_from_dict(raw: dict[str, Any], where: str = "recipe") -> Recipe:
                 except TypeError as e:  # an unknown loss key
                     problems.append(f"train.phases[{i}].loss: {e}")
         if train.request_dropout and bank.placement != "before_assistant":
-            problems.append("train.request_dropout: needs bank.placement before_assistant (tokens are hidden in the cached request)")
+            problems.append(
+                "train.request_dropout: needs bank.placement before_assistant (tokens are hidden in the cached request)"
+            )
     if problems:
         raise ConfigError(problems, where)
     return Recipe(**built)

@@ -50,7 +50,9 @@ def build_bank(cfg: BankConfig, embeddings: torch.Tensor, tokenizer: Any = None,
         return ControlTokenBank.build(cfg, embeddings, tokenizer)
     if model is None:
         raise ValueError("a deep bank is built from the backbone's keys and values: pass model=")
-    flat = ControlTokenBank.build(dataclasses.replace(cfg, depth="input", positions="shift", init_scale=1.0), embeddings, tokenizer)
+    flat = ControlTokenBank.build(
+        dataclasses.replace(cfg, depth="input", positions="shift", init_scale=1.0), embeddings, tokenizer
+    )
     deep = deep_from_input_bank(model, tokenizer, flat, [describe(c) for c in cfg.categories])
     deep.positions = cfg.positions
     if cfg.init_scale != 1.0:
@@ -60,13 +62,15 @@ def build_bank(cfg: BankConfig, embeddings: torch.Tensor, tokenizer: Any = None,
     return deep
 
 
-def extend_bank(bank: ControlTokenBank, add: Sequence[str], cfg: BankConfig, embeddings: torch.Tensor, tokenizer: Any,
-                model: Any = None) -> ControlTokenBank:  # fmt: skip
+def extend_bank(
+    bank: ControlTokenBank, add: Sequence[str], cfg: BankConfig, embeddings: torch.Tensor, tokenizer: Any, model: Any = None
+) -> ControlTokenBank:
     """Incremental expansion: freeze every module of the trained `bank` and append `add`, initialised per `cfg`
     (deep modules over the whole bank's descriptions). Only the new modules train."""
     if bank.depth != cfg.depth:
-        raise ValueError(f"the bank holds {bank.depth} tokens; the recipe's bank.depth is {cfg.depth}: "
-                         "new modules must be of the bank's depth")  # fmt: skip
+        raise ValueError(
+            f"the bank holds {bank.depth} tokens; the recipe's bank.depth is {cfg.depth}: new modules must be of the bank's depth"
+        )
     bank.freeze()
     gen = torch.Generator().manual_seed(cfg.seed)
     for c in add:
@@ -74,7 +78,10 @@ def extend_bank(bank: ControlTokenBank, add: Sequence[str], cfg: BankConfig, emb
         if bank.depth == "deep":
             flat = ControlTokenBank(d=bank.d, m=bank.m, placement=bank.placement)
             flat.add(c, v)
-            v = cfg.init_scale * deep_from_input_bank(model, tokenizer, flat, [describe(x) for x in [*bank.categories, c]]).vectors[c]
+            v = (
+                cfg.init_scale
+                * deep_from_input_bank(model, tokenizer, flat, [describe(x) for x in [*bank.categories, c]]).vectors[c]
+            )
         bank.add(c, v)
     bank.clamp_norms_()
     return bank

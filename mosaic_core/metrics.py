@@ -50,6 +50,6 @@ def in_context_policy(active: Sequence[str], refusal: str = DEFAULT_REFUSAL) -> 
     rules = "\n".join(f"- {describe(c)}" for c in active)
     return (
         "You are a helpful assistant. This service restricts some topics. If a request is about any of the "
-        f"restricted topics below, reply exactly: \"{refusal}\" Answer every other request normally and helpfully.\n"
+        f'restricted topics below, reply exactly: "{refusal}" Answer every other request normally and helpfully.\n'
         f"Restricted topics:\n{rules}"
     )

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from mosaic_core.compose import Segments, encode_segments
 from mosaic_core.cache import PrefixCache
+from mosaic_core.compose import Segments, encode_segments
 from mosaic_core.generation import Generation, _pick
 
 
@@ -84,15 +84,18 @@ class ContinuousBatcher:
         deep = bank is not None and bank.depth == "deep"
         if deep and self.prefix_cache is None:
             raise ValueError("a deep bank's blocks follow the request's cached keys/values: give the batcher a PrefixCache")
-        batch = encode_segments(self.embed, bank, [s.segments for s in specs], [s.active for s in specs],
-                                cache=self.prefix_cache if deep else None)  # fmt: skip
+        batch = encode_segments(
+            self.embed, bank, [s.segments for s in specs], [s.active for s in specs], cache=self.prefix_cache if deep else None
+        )
         out = self.model(**batch.model_inputs(), use_cache=True)
         self.forward_positions += int(batch.attention_mask[:, -batch.inputs_embeds.shape[1] :].sum())  # the new rows' own
         layers = [(lay.keys, lay.values) for lay in out.cache.layers]
         new_mask, new_pos = batch.attention_mask, batch.position_ids[:, -1:]
         new_logits = out.logits[:, -1].float()
-        rows = [_Row(k, s, gen=torch.Generator(device=new_logits.device).manual_seed(s.seed) if s.seed is not None else None)
-                for k, s in keyed]  # fmt: skip
+        rows = [
+            _Row(k, s, gen=torch.Generator(device=new_logits.device).manual_seed(s.seed) if s.seed is not None else None)
+            for k, s in keyed
+        ]
         if not self.rows:
             self.keys, self.values = [k for k, _ in layers], [v for _, v in layers]
             self.mask, self.pos, self.logits, self.rows = new_mask, new_pos, new_logits, rows
@@ -141,8 +144,9 @@ class ContinuousBatcher:
             cache = DynamicCache()
             for layer, (k, v) in enumerate(zip(self.keys, self.values)):
                 cache.update(k, v, layer)
-            out = self.model(input_ids=nxt[keep][:, None], attention_mask=self.mask, position_ids=self.pos, cache=cache,
-                             use_cache=True)  # fmt: skip
+            out = self.model(
+                input_ids=nxt[keep][:, None], attention_mask=self.mask, position_ids=self.pos, cache=cache, use_cache=True
+            )
             self.forward_positions += B
             self.keys = [lay.keys for lay in out.cache.layers]
             self.values = [lay.values for lay in out.cache.layers]

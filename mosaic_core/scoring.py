@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from mosaic_core.bank import ControlTokenBank
-from mosaic_core.compose import answer_logits, encode_batch
 from mosaic_core.cache import PrefixCache
+from mosaic_core.compose import answer_logits, encode_batch
 from mosaic_core.config import Placement
 from mosaic_core.losses import masked_ce
 
@@ -33,26 +33,42 @@ class RefusalScore:
 
 @torch.inference_mode()
 def refusal_score(
-    model: Any, tokenizer: Any, bank: ControlTokenBank | None, prompts: Sequence[str],
-    active: Sequence[Sequence[str]], placement: Placement, refusal_ids: Sequence[int], n_tokens: int = 3,
-    system: str | None = None, cache: PrefixCache | None = None,
-) -> RefusalScore:  # fmt: skip
+    model: Any,
+    tokenizer: Any,
+    bank: ControlTokenBank | None,
+    prompts: Sequence[str],
+    active: Sequence[Sequence[str]],
+    placement: Placement,
+    refusal_ids: Sequence[int],
+    n_tokens: int = 3,
+    system: str | None = None,
+    cache: PrefixCache | None = None,
+) -> RefusalScore:
     """Both refusal scores from one forward. `greedy` is the evaluation's fast refusal flag: with the default
     template, "the answer starts with "I'm sorry"" (3 tokens), which is what the judge reads in generated
     answers. `cache` serves the runs before the control blocks (same scores; evaluation scores each request
     under many active sets)."""
     tgt = list(refusal_ids[:n_tokens])
-    batch = encode_batch(tokenizer, model.get_input_embeddings(), bank, prompts, active, placement, [tgt] * len(prompts), system, cache)
+    batch = encode_batch(
+        tokenizer, model.get_input_embeddings(), bank, prompts, active, placement, [tgt] * len(prompts), system, cache
+    )
     logits, targets, mask = answer_logits(model, batch)  # (B, n, V): the head only where the refusal is predicted
     hit = (logits.argmax(-1) == targets) | (mask == 0)  # (B, n)
     return RefusalScore(logprob=-masked_ce(logits, targets, mask), greedy=hit.all(-1))
 
 
 def refusal_logprob(
-    model: Any, tokenizer: Any, bank: ControlTokenBank | None, prompts: Sequence[str],
-    active: Sequence[Sequence[str]], placement: Placement, refusal_ids: Sequence[int], n_tokens: int = 4,
-    system: str | None = None, cache: PrefixCache | None = None,
-) -> torch.Tensor:  # fmt: skip
+    model: Any,
+    tokenizer: Any,
+    bank: ControlTokenBank | None,
+    prompts: Sequence[str],
+    active: Sequence[Sequence[str]],
+    placement: Placement,
+    refusal_ids: Sequence[int],
+    n_tokens: int = 4,
+    system: str | None = None,
+    cache: PrefixCache | None = None,
+) -> torch.Tensor:
     """Mean log-prob of the refusal's first `n_tokens` tokens right after each prompt, shape (B,)
     (`refusal_score(...).logprob`)."""
     return refusal_score(model, tokenizer, bank, prompts, active, placement, refusal_ids, n_tokens, system, cache).logprob
@@ -94,19 +110,31 @@ def letter_ids(tokenizer: Any) -> list[int]:
 
 @torch.inference_mode()
 def mmlu_predictions(
-    model: Any, tokenizer: Any, bank: ControlTokenBank | None, questions: Sequence[MMLUQuestion],
-    active: Sequence[str], placement: Placement, batch_size: int = 8, system: str | None = None,
+    model: Any,
+    tokenizer: Any,
+    bank: ControlTokenBank | None,
+    questions: Sequence[MMLUQuestion],
+    active: Sequence[str],
+    placement: Placement,
+    batch_size: int = 8,
+    system: str | None = None,
     cache: PrefixCache | None = None,
-) -> list[int]:  # fmt: skip
+) -> list[int]:
     """Predicted choice index per question: argmax over the 4 letters' logits at the first answer position."""
     letters = torch.tensor(letter_ids(tokenizer), device=model.device)
     preds: list[int] = []
     for i in range(0, len(questions), batch_size):
         chunk = questions[i : i + batch_size]
         batch = encode_batch(
-            tokenizer, model.get_input_embeddings(), bank, [mmlu_prompt(q) for q in chunk],
-            [list(active)] * len(chunk), placement, system=system, cache=cache,
-        )  # fmt: skip
+            tokenizer,
+            model.get_input_embeddings(),
+            bank,
+            [mmlu_prompt(q) for q in chunk],
+            [list(active)] * len(chunk),
+            placement,
+            system=system,
+            cache=cache,
+        )
         logits = model(**batch.model_inputs()).logits[:, -1]  # (b, V) next-token logits after the header
         preds.extend(logits[:, letters].argmax(-1).tolist())
     return preds
@@ -147,9 +175,16 @@ def opening_tokens(tokenizer: Any, answer_ids: Sequence[int], n_words: int = 8) 
 
 @torch.inference_mode()
 def opening_kept(
-    model: Any, tokenizer: Any, bank: ControlTokenBank | None, prompts: Sequence[str], active: Sequence[Sequence[str]],
-    placement: Placement, answers: Sequence[Sequence[int]], n_words: int = 8, cache: PrefixCache | None = None,
-) -> torch.Tensor:  # fmt: skip
+    model: Any,
+    tokenizer: Any,
+    bank: ControlTokenBank | None,
+    prompts: Sequence[str],
+    active: Sequence[Sequence[str]],
+    placement: Placement,
+    answers: Sequence[Sequence[int]],
+    n_words: int = 8,
+    cache: PrefixCache | None = None,
+) -> torch.Tensor:
     """Fidelity without generating: (B,) bool, True where greedy decoding with `active` on would reproduce the first
     `n_words` words of `answers` (token ids of the bare model's greedy answers, e.g. the teacher's): every one of
     those tokens is the argmax given the ones before it, read from one teacher-forced forward."""

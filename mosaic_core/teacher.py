@@ -18,9 +18,14 @@ TEACHER_COLS = ("response_ids", "topk_ids", "topk_logprobs")  # a teacher row's 
 
 @torch.inference_mode()
 def teacher_outputs(
-    model: Any, tokenizer: Any, prompts: Sequence[Any], *, max_new_tokens: int, topk: int,
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Any],
+    *,
+    max_new_tokens: int,
+    topk: int,
     placement: Placement = "before_assistant",
-) -> list[dict[str, list]]:  # fmt: skip
+) -> list[dict[str, list]]:
     """For each prompt: `response_ids` (T,) — the greedy answer, ending with EOS when the model stopped —,
     `topk_ids` / `topk_logprobs` (T, k): the teacher's distribution at the positions predicting each of them.
 
@@ -29,8 +34,9 @@ def teacher_outputs(
     eos = tokenizer.eos_token_id
     embed = model.get_input_embeddings()
     empty = [[] for _ in prompts]
-    gens = generate(model, encode_batch(tokenizer, embed, None, prompts, empty, placement), max_new_tokens=max_new_tokens,
-                    eos_token_ids=[eos])  # fmt: skip
+    gens = generate(
+        model, encode_batch(tokenizer, embed, None, prompts, empty, placement), max_new_tokens=max_new_tokens, eos_token_ids=[eos]
+    )
     responses = [g.token_ids + ([eos] if g.finish_reason == "stop" else []) for g in gens]
     responses = [r if r else [eos] for r in responses]
     batch = encode_batch(tokenizer, embed, None, prompts, empty, placement, responses)

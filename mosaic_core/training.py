@@ -12,7 +12,6 @@ decision-only step). `BankEMA`: a moving average of the trainable modules."""
 from __future__ import annotations
 
 import json
-
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -20,8 +19,8 @@ from typing import Any
 import torch
 
 from mosaic_core.bank import ControlTokenBank
-from mosaic_core.compose import answer_logits, encode_batch
 from mosaic_core.cache import PrefixCache
+from mosaic_core.compose import answer_logits, encode_batch
 from mosaic_core.config import LossConfig, Placement
 from mosaic_core.losses import decision_bce, decision_margin, margins, masked_ce, negative_loss
 
@@ -55,9 +54,15 @@ def request_of(example: dict[str, Any]) -> Any:
 
 
 def batch_loss(
-    model: Any, tokenizer: Any, bank: ControlTokenBank, examples: Sequence[dict[str, Any]], refusal_ids: Sequence[int],
-    loss_cfg: LossConfig, placement: Placement | None = None, cache: PrefixCache | None = None,
-) -> dict[str, torch.Tensor]:  # fmt: skip
+    model: Any,
+    tokenizer: Any,
+    bank: ControlTokenBank,
+    examples: Sequence[dict[str, Any]],
+    refusal_ids: Sequence[int],
+    loss_cfg: LossConfig,
+    placement: Placement | None = None,
+    cache: PrefixCache | None = None,
+) -> dict[str, torch.Tensor]:
     """Loss of B examples: dicts with prompt, active, label, and for negatives the teacher's response_ids,
     topk_ids, topk_logprobs. Returns `loss` (scalar, mean over rows) and detached `pos_ce`, `neg_ce`, `kl`,
     `decision` (mean decision BCE, 0 when off), `tokens` (the rows' real tokens, cached or
@@ -69,8 +74,17 @@ def batch_loss(
     # Only positives hide request tokens (a DroppingCache's train.request_dropout): a negative's target is the teacher's
     # answer to the whole request, and a bank fitted to that answer under hidden words learns to repair requests.
     is_pos_rows = [e["label"] == "pos" for e in examples]
-    batch = encode_batch(tokenizer, model.get_input_embeddings(), bank, [request_of(e) for e in examples],
-                         [list(e["active"]) for e in examples], placement, targets, cache=cache, hide=is_pos_rows)  # type: ignore[arg-type]  # fmt: skip
+    batch = encode_batch(
+        tokenizer,
+        model.get_input_embeddings(),
+        bank,
+        [request_of(e) for e in examples],
+        [list(e["active"]) for e in examples],
+        placement,
+        targets,
+        cache=cache,
+        hide=is_pos_rows,
+    )  # type: ignore[arg-type]
     logits, tgt, mask = answer_logits(model, batch)  # (B, T, V), (B, T), (B, T)
     is_pos = torch.tensor(is_pos_rows)
     per_row = torch.zeros(len(examples), device=logits.device)
@@ -95,14 +109,21 @@ def batch_loss(
         k = len(neg[0]["topk_ids"][0])
         top_ids = _padded([e["topk_ids"] for e in neg], k, torch.long).to(logits.device)
         top_lp = _padded([e["topk_logprobs"] for e in neg], k, torch.float32).to(logits.device)
-        loss, ce, kl = negative_loss(logits[idx], tgt[idx], mask[idx], top_ids, top_lp, loss_cfg.kl_lambda,
-                                       loss_cfg.ce_weight)
+        loss, ce, kl = negative_loss(logits[idx], tgt[idx], mask[idx], top_ids, top_lp, loss_cfg.kl_lambda, loss_cfg.ce_weight)
         per_row = per_row.index_put((idx,), loss)
         stats["neg_ce"], stats["kl"] = ce.detach().mean(), kl.detach().mean()
         if decide:  # the probe rows: same context, the refusal's first tokens as the continuation to score
-            probe = encode_batch(tokenizer, model.get_input_embeddings(), bank, [request_of(e) for e in neg],
-                                 [list(e["active"]) for e in neg], placement, [list(refusal_ids[:n_dec])] * len(neg), cache=cache,
-                                 hide=[False] * len(neg))  # type: ignore[arg-type]  # fmt: skip
+            probe = encode_batch(
+                tokenizer,
+                model.get_input_embeddings(),
+                bank,
+                [request_of(e) for e in neg],
+                [list(e["active"]) for e in neg],
+                placement,
+                [list(refusal_ids[:n_dec])] * len(neg),
+                cache=cache,
+                hide=[False] * len(neg),
+            )  # type: ignore[arg-type]
             p_logits, p_tgt, p_mask = answer_logits(model, probe)
             no = torch.zeros_like(idx, dtype=torch.bool)
             if margin:  # where the teacher itself refuses, its refusal is the target: no push off it

@@ -30,7 +30,7 @@ def patch_tcpstore(rdv: Any) -> None:
         return
     orig = rdv._create_c10d_store
 
-    def create(hostname, port, rank, world_size, timeout, use_libuv=True):  # noqa: ANN001, ANN202
+    def create(hostname, port, rank, world_size, timeout, use_libuv=True):
         if rank != 0 or rdv._torchelastic_use_agent_store():
             return orig(hostname, port, rank, world_size, timeout, use_libuv)
         s = socket.socket()
@@ -39,8 +39,16 @@ def patch_tcpstore(rdv: Any) -> None:
         s.listen(128)
         _KEEP.append(s)
         # The store serves on the socket we bound ourselves, so it never opens its own `*:<port>` listener.
-        return rdv.TCPStore(host_name=hostname, port=port, world_size=world_size, is_master=True, timeout=timeout,
-                            multi_tenant=True, master_listen_fd=s.fileno(), use_libuv=use_libuv)  # fmt: skip
+        return rdv.TCPStore(
+            host_name=hostname,
+            port=port,
+            world_size=world_size,
+            is_master=True,
+            timeout=timeout,
+            multi_tenant=True,
+            master_listen_fd=s.fileno(),
+            use_libuv=use_libuv,
+        )
 
     create._loopback = True  # type: ignore[attr-defined]
     rdv._create_c10d_store = create
@@ -52,7 +60,7 @@ def patch_serve_replica(replica: Any) -> None:
     if getattr(orig, "_loopback", False):
         return
 
-    def patched(server, address):  # noqa: ANN001, ANN202
+    def patched(server, address):
         return orig(server, address.replace("[::]", "127.0.0.1", 1))
 
     patched._loopback = True  # type: ignore[attr-defined]
@@ -68,7 +76,7 @@ _PATCHES: dict[str, Callable[[Any], None]] = {
 class _PatchAfterImport(importlib.abc.MetaPathFinder):
     """Finds nothing itself; wraps the real loader of a watched module so the patch runs after it executes."""
 
-    def find_spec(self, fullname, path, target=None):  # noqa: ANN001, ANN201
+    def find_spec(self, fullname, path, target=None):
         if fullname not in _PATCHES:
             return None
         for finder in sys.meta_path:
@@ -85,10 +93,10 @@ class _PatchingLoader(importlib.abc.Loader):
     def __init__(self, inner: Any, patch: Callable[[Any], None]) -> None:
         self.inner, self.patch = inner, patch
 
-    def create_module(self, spec):  # noqa: ANN001, ANN201
+    def create_module(self, spec):
         return self.inner.create_module(spec)
 
-    def exec_module(self, module):  # noqa: ANN001, ANN201
+    def exec_module(self, module):
         self.inner.exec_module(module)
         self.patch(module)
 

@@ -42,7 +42,12 @@ def bank_provenance(run: Path, state: dict[str, Any]) -> dict[str, Any]:
         "recipe": data.get("recipe"),
         "recipe_sha256": hashlib.sha256((run / "resolved_config.yaml").read_bytes()).hexdigest(),
         "data_content_hash": data.get("content_hash"),
-        "git_sha": made["git_sha"], "packages": made["packages"], "python": made["python"],
-        "epochs": state.get("epoch"), "steps": state.get("step"), "best_epoch": state.get("best_epoch"),
-        "best_val_key": state.get("best_key"), "resumes": state.get("resumes", []),
-    }  # fmt: skip
+        "git_sha": made["git_sha"],
+        "packages": made["packages"],
+        "python": made["python"],
+        "epochs": state.get("epoch"),
+        "steps": state.get("step"),
+        "best_epoch": state.get("best_epoch"),
+        "best_val_key": state.get("best_key"),
+        "resumes": state.get("resumes", []),
+    }

@@ -159,9 +159,16 @@ def resolve_bundle(
             label = f"{mv.name} v{mv.version}"
             refs.append(ModuleRef.from_meta(meta, label, bank_digest=mv.tags.get("bank_digest")))
             dirs[label] = local
-            infos[label] = {"category": meta.category, "name": mv.name, "version": str(mv.version), "uri": pinned,
-                            "requested": requested, "sha256": meta.sha256, "training_run_id": meta.training_run_id or "none",
-                            "run_id": mv.run_id or "none"}  # fmt: skip
+            infos[label] = {
+                "category": meta.category,
+                "name": mv.name,
+                "version": str(mv.version),
+                "uri": pinned,
+                "requested": requested,
+                "sha256": meta.sha256,
+                "training_run_id": meta.training_run_id or "none",
+                "run_id": mv.run_id or "none",
+            }
         ordered = check_bundle(refs, expected.digest if expected is not None else None)
         bank = bank_from_modules([dirs[r.label] for r in ordered], expected)
     return bank, [infos[r.label] for r in ordered]

@@ -9,7 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-
 # Each pipeline stage parses its own flags: `mosaic <stage> ...` == `python -m <module> ...` (the ray job entry point).
 STAGES: dict[str, tuple[str, str]] = {
     "data": ("pipelines.data", "Ray Data: combination-sampled examples + counterfactual teacher"),
@@ -44,17 +43,29 @@ def cmd_chat(args: argparse.Namespace) -> None:
     bank = load_bank(Path(args.bank), bb.fingerprint) if args.bank else None
     active = list(bank.canonical(modules)) if bank is not None else []
     placement = bank.placement if bank is not None else "before_assistant"
-    batch = encode_batch(bb.tokenizer, bb.model.get_input_embeddings(), bank, [args.prompt], [active], placement, system=args.system)
+    batch = encode_batch(
+        bb.tokenizer, bb.model.get_input_embeddings(), bank, [args.prompt], [active], placement, system=args.system
+    )
     t1 = time.perf_counter()
-    [g] = generate(bb.model, batch, max_new_tokens=args.max_new_tokens, eos_token_ids=[bb.tokenizer.eos_token_id],
-                   temperature=args.temperature, seed=args.seed)  # fmt: skip
+    [g] = generate(
+        bb.model,
+        batch,
+        max_new_tokens=args.max_new_tokens,
+        eos_token_ids=[bb.tokenizer.eos_token_id],
+        temperature=args.temperature,
+        seed=args.seed,
+    )
     t2 = time.perf_counter()
     text = bb.tokenizer.decode(g.token_ids, skip_special_tokens=True)
-    print(f"[backbone {bb.fingerprint.model_id} ({bb.fingerprint.digest}) | modules: {', '.join(active) or 'none'}"
-          f" | placement {placement}]")  # fmt: skip
+    print(
+        f"[backbone {bb.fingerprint.model_id} ({bb.fingerprint.digest}) | modules: {', '.join(active) or 'none'}"
+        f" | placement {placement}]"
+    )
     print(text)
-    print(f"[{len(g.token_ids)} tokens, finish_reason={g.finish_reason}, load {t1 - t0:.1f}s, generate {t2 - t1:.1f}s]",
-          file=sys.stderr)  # fmt: skip
+    print(
+        f"[{len(g.token_ids)} tokens, finish_reason={g.finish_reason}, load {t1 - t0:.1f}s, generate {t2 - t1:.1f}s]",
+        file=sys.stderr,
+    )
 
 
 def cmd_bank_init(args: argparse.Namespace) -> None:
@@ -62,16 +73,23 @@ def cmd_bank_init(args: argparse.Namespace) -> None:
     from mosaic_core.artifact import save_bank
     from mosaic_core.backbone import load_backbone
     from mosaic_core.bank import ControlTokenBank
-    from mosaic_core.config import BankConfig
     from mosaic_core.categories import CATEGORIES
+    from mosaic_core.config import BankConfig
 
-    cfg = BankConfig(categories=tuple(_split(args.categories) or CATEGORIES), m=args.m, init=args.init,
-                     placement=args.placement, seed=args.seed)  # fmt: skip
+    cfg = BankConfig(
+        categories=tuple(_split(args.categories) or CATEGORIES),
+        m=args.m,
+        init=args.init,
+        placement=args.placement,
+        seed=args.seed,
+    )
     bb = load_backbone(args.backbone)
     bank = ControlTokenBank.build(cfg, bb.embeddings, bb.tokenizer)
     save_bank(bank, Path(args.out), fingerprint=bb.fingerprint, init=cfg.init, training_run_id=None)
-    print(f"wrote untrained bank {list(bank.categories)} (m={cfg.m}, d={bank.d}, {bank.num_trainable()} parameters, "
-          f"placement {cfg.placement}) to {args.out}")  # fmt: skip
+    print(
+        f"wrote untrained bank {list(bank.categories)} (m={cfg.m}, d={bank.d}, {bank.num_trainable()} parameters, "
+        f"placement {cfg.placement}) to {args.out}"
+    )
 
 
 def cmd_bank_average(args: argparse.Namespace) -> None:
@@ -118,8 +136,6 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, text) in STAGES.items():  # listed for --help; dispatched in main() with their argv verbatim
         sub.add_parser(name, help=text, add_help=False)
     return p
-
-
 
 
 def main(argv: list[str] | None = None) -> None:

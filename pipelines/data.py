@@ -74,7 +74,9 @@ def read_benchmark(uri: str) -> pd.DataFrame:
 def benchmark_digest(uri: str) -> str:
     """sha256 over the benchmark files' bytes (sorted), so any edit rebuilds; URIs hash their string."""
     p = Path(uri)
-    files = sorted(f for f in (p.rglob("*") if p.is_dir() else [p]) if f.is_file() and f.suffix in {".jsonl", ".json", ".parquet"})
+    files = sorted(
+        f for f in (p.rglob("*") if p.is_dir() else [p]) if f.is_file() and f.suffix in {".jsonl", ".json", ".parquet"}
+    )
     if not files:
         return hashlib.sha256(uri.encode()).hexdigest()
     h = hashlib.sha256()
@@ -91,13 +93,19 @@ def content_hash(recipe: Recipe, bench_digest: str, fingerprint_digest: str) -> 
     # Sampler keys added after the first tables build the same tables at their defaults (train reads no draw column
     # as draw 0): left out there, so older recipes keep their hash and their data.
     defaults = {f.name: f.default for f in dataclasses.fields(recipe.sampler)}
-    sampler = {k: v for k, v in dataclasses.asdict(recipe.sampler).items()
-               if not (k in _SAMPLER_KEYS_ADDED_LATER and v == defaults[k])}  # fmt: skip
+    sampler = {
+        k: v for k, v in dataclasses.asdict(recipe.sampler).items() if not (k in _SAMPLER_KEYS_ADDED_LATER and v == defaults[k])
+    }
     parts = {
-        "v": DATA_VERSION, "bench": bench_digest, "backbone": fingerprint_digest,
-        "categories": recipe.bank.categories, "sampler": sampler,
-        "refusal": recipe.loss.refusal_template, "topk": recipe.loss.topk, "teacher": dataclasses.asdict(recipe.teacher),
-    }  # fmt: skip
+        "v": DATA_VERSION,
+        "bench": bench_digest,
+        "backbone": fingerprint_digest,
+        "categories": recipe.bank.categories,
+        "sampler": sampler,
+        "refusal": recipe.loss.refusal_template,
+        "topk": recipe.loss.topk,
+        "teacher": dataclasses.asdict(recipe.teacher),
+    }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
 
@@ -122,18 +130,18 @@ class TeacherUDF:
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         from mosaic_core.teacher import teacher_outputs
-
         from mosaic_core.training import request_of
 
         prompts = [request_of(r) for r in batch.to_dict("records")]  # a framed request: its chat
-        rows = teacher_outputs(self.bb.model, self.bb.tokenizer, prompts,
-                               max_new_tokens=self.max_new_tokens, topk=self.topk)  # fmt: skip
-        return pd.DataFrame({
-            "prompt_id": batch["prompt_id"].tolist(),
-            "response_ids": [r["response_ids"] for r in rows],
-            "topk_ids": [r["topk_ids"] for r in rows],
-            "topk_logprobs": [r["topk_logprobs"] for r in rows],
-        })  # fmt: skip
+        rows = teacher_outputs(self.bb.model, self.bb.tokenizer, prompts, max_new_tokens=self.max_new_tokens, topk=self.topk)
+        return pd.DataFrame(
+            {
+                "prompt_id": batch["prompt_id"].tolist(),
+                "response_ids": [r["response_ids"] for r in rows],
+                "topk_ids": [r["topk_ids"] for r in rows],
+                "topk_logprobs": [r["topk_logprobs"] for r in rows],
+            }
+        )
 
 
 def run_teacher(prompts: pd.DataFrame, recipe: Recipe, out_dir: Path, cpus: float) -> None:
@@ -146,11 +154,18 @@ def run_teacher(prompts: pd.DataFrame, recipe: Recipe, out_dir: Path, cpus: floa
     ds = ray.data.from_pandas(prompts).repartition(max(1, len(prompts) // recipe.teacher.batch_size))
     ds = ds.map_batches(
         TeacherUDF,
-        fn_constructor_kwargs={"backbone": recipe.backbone, "threads": res["threads"],
-                               "max_new_tokens": recipe.teacher.max_new_tokens, "topk": recipe.loss.topk},  # fmt: skip
-        batch_size=recipe.teacher.batch_size, batch_format="pandas",
-        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=res["num_cpus"], num_gpus=res["num_gpus"],
-    )  # fmt: skip
+        fn_constructor_kwargs={
+            "backbone": recipe.backbone,
+            "threads": res["threads"],
+            "max_new_tokens": recipe.teacher.max_new_tokens,
+            "topk": recipe.loss.topk,
+        },
+        batch_size=recipe.teacher.batch_size,
+        batch_format="pandas",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=res["num_cpus"],
+        num_gpus=res["num_gpus"],
+    )
     ds.write_parquet(str(out_dir))
 
 
@@ -159,8 +174,12 @@ class TeacherCache:
     written whole under a temporary name and renamed, so a reader never sees half a part."""
 
     def __init__(self, runs_dir: Path, recipe: Recipe, fingerprint_digest: str):
-        key = {"v": DATA_VERSION, "backbone": fingerprint_digest, "max_new_tokens": recipe.teacher.max_new_tokens,
-               "topk": recipe.loss.topk}  # fmt: skip
+        key = {
+            "v": DATA_VERSION,
+            "backbone": fingerprint_digest,
+            "max_new_tokens": recipe.teacher.max_new_tokens,
+            "topk": recipe.loss.topk,
+        }
         self.root = runs_dir / ".teacher-cache" / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
     @staticmethod
@@ -213,7 +232,12 @@ class TeacherStore:
 
     def serves(self, recipe: Recipe) -> bool:
         m = self.meta()
-        return bool(m) and m["data_version"] == DATA_VERSION and m["max_new_tokens"] >= recipe.teacher.max_new_tokens and m["topk"] >= recipe.loss.topk  # type: ignore[index]
+        return (
+            bool(m)
+            and m["data_version"] == DATA_VERSION
+            and m["max_new_tokens"] >= recipe.teacher.max_new_tokens
+            and m["topk"] >= recipe.loss.topk
+        )  # type: ignore[index]
 
     def known(self) -> pd.DataFrame:
         parts = sorted(self.dir.glob("part-*.parquet"))
@@ -232,22 +256,27 @@ class TeacherStore:
             response_ids=[np.asarray(r)[:T].tolist() for r in rows["response_ids"]],
             topk_ids=[[np.asarray(p)[:k].tolist() for p in r[:T]] for r in rows["topk_ids"]],
             topk_logprobs=[[np.asarray(p)[:k].tolist() for p in r[:T]] for r in rows["topk_logprobs"]],
-        )  # fmt: skip
+        )
 
     def add(self, rows: pd.DataFrame, prompts: pd.DataFrame, *, backbone: str, max_new_tokens: int, topk: int) -> Path:
         """Write one part ({prompt_id, *TEACHER_COLS} under their prompts' text) whole, then the store's meta."""
         key = dict(zip(prompts["prompt_id"], TeacherCache.keys(prompts)))
-        part = pd.DataFrame({
-            "prompt_sha": [key[i] for i in rows["prompt_id"]],
-            "response_ids": [[int(t) for t in r] for r in rows["response_ids"]],
-            "topk_ids": [[[int(t) for t in p] for p in r] for r in rows["topk_ids"]],
-            # float32 halves the store; the loss reads them as float32 anyway
-            "topk_logprobs": [[np.asarray(p, dtype=np.float32) for p in r] for r in rows["topk_logprobs"]],
-        })  # fmt: skip
+        part = pd.DataFrame(
+            {
+                "prompt_sha": [key[i] for i in rows["prompt_id"]],
+                "response_ids": [[int(t) for t in r] for r in rows["response_ids"]],
+                "topk_ids": [[[int(t) for t in p] for p in r] for r in rows["topk_ids"]],
+                # float32 halves the store; the loss reads them as float32 anyway
+                "topk_logprobs": [[np.asarray(p, dtype=np.float32) for p in r] for r in rows["topk_logprobs"]],
+            }
+        )
         self.dir.mkdir(parents=True, exist_ok=True)
         meta = self.meta() or {"data_version": DATA_VERSION, "backbone": backbone, "max_new_tokens": max_new_tokens, "topk": topk}
         if (meta["max_new_tokens"], meta["topk"]) != (max_new_tokens, topk):
-            raise ConfigError([f"teacher store {self.dir} holds T={meta['max_new_tokens']}, k={meta['topk']}: not {max_new_tokens}, {topk}"], "teacher store")
+            raise ConfigError(
+                [f"teacher store {self.dir} holds T={meta['max_new_tokens']}, k={meta['topk']}: not {max_new_tokens}, {topk}"],
+                "teacher store",
+            )
         n = len(list(self.dir.glob("part-*.parquet")))
         dest = self.dir / f"part-{n:04d}.parquet"
         tmp = dest.with_suffix(".tmp")
@@ -259,8 +288,7 @@ class TeacherStore:
 
 
 def counts(ex: pd.DataFrame, teacher_rows: int) -> dict[str, Any]:
-    out: dict[str, Any] = {"examples": int(len(ex)), "teacher_passes": int(teacher_rows),
-                           "draws": int(ex["draw"].nunique())}  # fmt: skip
+    out: dict[str, Any] = {"examples": int(len(ex)), "teacher_passes": int(teacher_rows), "draws": int(ex["draw"].nunique())}
     for split, g in ex.groupby("split"):
         out[split] = {
             "per_order": {str(k): int(v) for k, v in Counter(g["order"]).items()},
@@ -276,8 +304,15 @@ def counts(ex: pd.DataFrame, teacher_rows: int) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- main
-def main(config: str, *, name: str | None = None, out: str | None = None, overrides: dict[str, Any] | None = None,
-         cpus: int | None = None, force: bool = False) -> Path:  # fmt: skip
+def main(
+    config: str,
+    *,
+    name: str | None = None,
+    out: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    cpus: int | None = None,
+    force: bool = False,
+) -> Path:
     """Build (or reuse) the examples and teacher tables for a recipe; returns the run directory."""
     recipe = load_recipe(config, overrides)
     run_dir = Path(out or Path("runs") / (name or recipe.name)).resolve()  # absolute once, before Ray sees it
@@ -298,8 +333,12 @@ def main(config: str, *, name: str | None = None, out: str | None = None, overri
     del bb
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS", "local"), num_cpus=None if os.environ.get("RAY_ADDRESS") else cpus,
-                 include_dashboard=False, log_to_driver=False)  # fmt: skip
+        ray.init(
+            address=os.environ.get("RAY_ADDRESS", "local"),
+            num_cpus=None if os.environ.get("RAY_ADDRESS") else cpus,
+            include_dashboard=False,
+            log_to_driver=False,
+        )
     total_cpus = float(ray.cluster_resources().get("CPU", 1))
 
     df = read_benchmark(bench_uri)
@@ -316,8 +355,10 @@ def main(config: str, *, name: str | None = None, out: str | None = None, overri
     for split, reqs in (("train", train_req), ("val", val_req)):
         empty = [c for c in recipe.bank.categories if not any(q.category == c and q.kind == "target" for q in reqs)]
         if not reqs or empty:
-            raise BenchmarkError(f"split {split!r} has no target requests for {empty or 'any category'}"
-                                 + (f" after sampler.val_share {recipe.sampler.val_share}" if split == "val" and lent else ""))  # fmt: skip
+            raise BenchmarkError(
+                f"split {split!r} has no target requests for {empty or 'any category'}"
+                + (f" after sampler.val_share {recipe.sampler.val_share}" if split == "val" and lent else "")
+            )
 
     cats = recipe.bank.categories
     print(f"[data] positives per subset by order: {plan(cats, recipe.sampler)}")
@@ -329,14 +370,19 @@ def main(config: str, *, name: str | None = None, out: str | None = None, overri
 
         templates = [f for f in load_framings(FRAMINGS) if f["split"] == "train"]
         train_ex = frame_examples(train_ex, templates, recipe.sampler.framed_share, recipe.sampler.seed)
-        print(f"[data] sampler.framed_share: {sum(bool(e.messages) for e in train_ex)} of {len(train_ex)} training examples framed")
-    val_cfg = dataclasses.replace(recipe.sampler, per_subset=max(1, recipe.sampler.per_subset // 4), seed=recipe.sampler.seed + 1,
-                                  draws=1)  # fmt: skip
+        print(
+            f"[data] sampler.framed_share: {sum(bool(e.messages) for e in train_ex)} of {len(train_ex)} training examples framed"
+        )
+    val_cfg = dataclasses.replace(
+        recipe.sampler, per_subset=max(1, recipe.sampler.per_subset // 4), seed=recipe.sampler.seed + 1, draws=1
+    )
     val_ex = sample_examples(val_req, cats, val_cfg)
     ex = pd.concat([examples_frame(train_ex, "train"), examples_frame(val_ex, "val")], ignore_index=True)
     neg = ex[ex["label"] == "neg"].drop_duplicates("prompt_id")[["prompt_id", "prompt", "messages"]].reset_index(drop=True)
 
-    print(f"[data] {len(ex)} examples; teacher: {len(neg)} unique negative prompts for {int((ex['label'] == 'neg').sum())} negatives")
+    print(
+        f"[data] {len(ex)} examples; teacher: {len(neg)} unique negative prompts for {int((ex['label'] == 'neg').sum())} negatives"
+    )
 
     cache = TeacherCache(run_dir.parent, recipe, digest_backbone)
     tmp = Path(tempfile.mkdtemp(prefix=".data-", dir=run_dir))
@@ -349,8 +395,10 @@ def main(config: str, *, name: str | None = None, out: str | None = None, overri
         cached = cache.lookup(rest if not force else none)
         reused = pd.concat([stored, cached], ignore_index=True) if len(cached) else stored
         todo = rest[~rest["prompt_id"].isin(cached["prompt_id"])]
-        print(f"[data] teacher: {len(stored)} answers from the committed store, {len(cached)} from "
-              f"{cache.root.parent.name}/{cache.root.name}, {len(todo)} to run")  # fmt: skip
+        print(
+            f"[data] teacher: {len(stored)} answers from the committed store, {len(cached)} from "
+            f"{cache.root.parent.name}/{cache.root.name}, {len(todo)} to run"
+        )
         t0 = time.perf_counter()
         if len(todo):
             run_teacher(todo, recipe, tmp / "teacher", total_cpus)
@@ -362,9 +410,15 @@ def main(config: str, *, name: str | None = None, out: str | None = None, overri
         n_teacher = len(pd.read_parquet(tmp / "teacher", columns=["prompt_id"]))
         if n_teacher != len(neg):
             raise RuntimeError(f"teacher wrote {n_teacher} rows for {len(neg)} prompts")
-        manifest = {"content_hash": digest, "benchmark": bench_uri, "recipe": recipe.name, "backbone": recipe.backbone,
-                    "teacher_seconds": round(teacher_s, 1), "teacher_reused": len(reused),
-                    "counts": counts(ex, n_teacher)}  # fmt: skip
+        manifest = {
+            "content_hash": digest,
+            "benchmark": bench_uri,
+            "recipe": recipe.name,
+            "backbone": recipe.backbone,
+            "teacher_seconds": round(teacher_s, 1),
+            "teacher_reused": len(reused),
+            "counts": counts(ex, n_teacher),
+        }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         final = run_dir / "data"
         if final.exists():
@@ -395,8 +449,11 @@ def cli(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=None, help="run directory (default: runs/<name>)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="override, e.g. sampler.per_subset=10")
     ap.add_argument("--cpus", type=int, default=None, help="CPUs for the local Ray cluster (default: all)")
-    ap.add_argument("--force", action="store_true", help="rebuild even if the content hash matches, and run the teacher on "
-                    "every prompt (no cached answers)")
+    ap.add_argument(
+        "--force",
+        action="store_true",
+        help="rebuild even if the content hash matches, and run the teacher on every prompt (no cached answers)",
+    )
     a = ap.parse_args(argv)
     main(a.config, name=a.name, out=a.out, overrides=parse_overrides(a.overrides), cpus=a.cpus, force=a.force)
 

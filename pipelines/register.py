@@ -26,7 +26,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +41,17 @@ from mosaic_core.errors import ArtifactError
 
 # The read side (look-ups, downloads, resolve_bundle) lives in pipelines/_registry.py, shared with the Serve app;
 # it is re-exported here so `from pipelines.register import resolve_bundle` keeps working.
-from pipelines._registry import DEFAULT_STORE, connect, download_version, get_version, module_names, resolve_bundle  # noqa: F401
+from pipelines._registry import (  # noqa: F401
+    DEFAULT_STORE,
+    connect,
+    download_version,
+    get_version,
+    module_names,
+    resolve_bundle,
+    resolve_tracking_uri,
+)
 from pipelines._registry import not_found as _not_found
 from pipelines._registry import require_model as _require_model
-from pipelines._registry import resolve_tracking_uri
 from pipelines._registry import sqlite_path as _sqlite_path
 from pipelines._registry import versions as _versions
 
@@ -86,8 +93,10 @@ def _experiment_id(client: MlflowClient, tracking_uri: str) -> str:
     if exp is None:
         return client.create_experiment(EXPERIMENT, artifact_location=artifact_location(tracking_uri))
     if exp.lifecycle_stage == "deleted":
-        raise ArtifactError(f"MLflow experiment {EXPERIMENT!r} is deleted in {tracking_uri}; restore it "
-                            f"(`mlflow experiments restore --experiment-id {exp.experiment_id}`) or use another store")  # fmt: skip
+        raise ArtifactError(
+            f"MLflow experiment {EXPERIMENT!r} is deleted in {tracking_uri}; restore it "
+            f"(`mlflow experiments restore --experiment-id {exp.experiment_id}`) or use another store"
+        )
     return exp.experiment_id
 
 
@@ -99,8 +108,10 @@ def _read_bank(run_dir: Path) -> tuple[Path, dict[str, Any]]:
     bank_dir = run_dir / "bank"
     if not (bank_dir / MANIFEST_FILE).is_file():
         what = "does not exist" if not run_dir.is_dir() else f"has no bank/{MANIFEST_FILE}"
-        raise ArtifactError(f"run directory {run_dir} {what}: train first (or `mosaic bank init --out "
-                            f"{run_dir}/bank`) and point --run at the run directory, e.g. runs/<name>")  # fmt: skip
+        raise ArtifactError(
+            f"run directory {run_dir} {what}: train first (or `mosaic bank init --out "
+            f"{run_dir}/bank`) and point --run at the run directory, e.g. runs/<name>"
+        )
     try:
         manifest = json.loads((bank_dir / MANIFEST_FILE).read_text())
     except json.JSONDecodeError as e:
@@ -120,7 +131,7 @@ def _run_info(run_dir: Path) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise ArtifactError(f"{path} is not valid JSON ({e}): fix or delete it") from e
     if not isinstance(info, dict):
-        raise ArtifactError(f"{path} should hold a JSON object like {{\"mlflow_run_id\": ...}}")
+        raise ArtifactError(f'{path} should hold a JSON object like {{"mlflow_run_id": ...}}')
     return info
 
 
@@ -145,8 +156,7 @@ def _eval_tags(run_dir: Path, category: str) -> dict[str, str]:
     entry = per_module.get(category) if isinstance(per_module, dict) else None
     if not isinstance(entry, dict):
         return {}
-    return {f"eval.{k}": format(v, ".4g") for k, v in entry.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)}  # fmt: skip
+    return {f"eval.{k}": format(v, ".4g") for k, v in entry.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _source_run(client: MlflowClient, run_dir: Path, bank_dir: Path, tracking_uri: str) -> tuple[str, bool]:
@@ -206,9 +216,10 @@ def _ensure_registered_model(client: MlflowClient, name: str, category: str, mod
         if not _not_found(e):
             raise
         client.create_registered_model(
-            name, tags={"mosaic.category": category, "mosaic.backbone": model_id},
+            name,
+            tags={"mosaic.category": category, "mosaic.backbone": model_id},
             description=f"MOSAIC safety module '{category}' (learned control tokens) for backbone {model_id}",
-        )  # fmt: skip
+        )
 
 
 def run_tracking_uri(run_dir: Path, flag: str | None = None) -> str:
@@ -233,23 +244,46 @@ def register_run(run_dir: Path, tracking_uri: str | None = None) -> dict[str, di
     client = connect(uri, create=True)
     run_id, created = _source_run(client, run_dir, bank_dir, uri)
 
-    common = {"backbone": model_id, "backbone_fingerprint": Fingerprint.from_dict(manifest["fingerprint"]).digest,
-              "recipe_sha256": _recipe_hash(run_dir), "bank_digest": manifest_digest(bank_dir), "run_name": run_dir.name}  # fmt: skip
+    common = {
+        "backbone": model_id,
+        "backbone_fingerprint": Fingerprint.from_dict(manifest["fingerprint"]).digest,
+        "recipe_sha256": _recipe_hash(run_dir),
+        "bank_digest": manifest_digest(bank_dir),
+        "run_name": run_dir.name,
+    }
     registered: dict[str, dict[str, str]] = {}
     for c, meta in metas.items():
         module_dir = bank_dir / manifest["modules"][c]["path"]
         source = _log_module(client, run_id, module_dir, c)
         name = registered_name(model_id, c)
         _ensure_registered_model(client, name, c, model_id)
-        tags = {**common, "category": c, "m": str(meta.m), "d": str(meta.d), "placement": meta.placement, "depth": meta.depth,
-                "module_sha256": meta.sha256, "training_run_id": meta.training_run_id or "none",
-                "extends": meta.extends or "none", "mosaic_version": meta.mosaic_version, **_eval_tags(run_dir, c)}  # fmt: skip
+        tags = {
+            **common,
+            "category": c,
+            "m": str(meta.m),
+            "d": str(meta.d),
+            "placement": meta.placement,
+            "depth": meta.depth,
+            "module_sha256": meta.sha256,
+            "training_run_id": meta.training_run_id or "none",
+            "extends": meta.extends or "none",
+            "mosaic_version": meta.mosaic_version,
+            **_eval_tags(run_dir, c),
+        }
         mv = client.create_model_version(
-            name, source=source, run_id=run_id, tags=tags,
+            name,
+            source=source,
+            run_id=run_id,
+            tags=tags,
             description=f"{c} module (m={meta.m}, {meta.depth} tokens, placement {meta.placement}) from run {run_dir.name}",
-        )  # fmt: skip
-        registered[c] = {"name": name, "version": str(mv.version), "uri": f"models:/{name}/{mv.version}",
-                         "source": source, "run_id": run_id}  # fmt: skip
+        )
+        registered[c] = {
+            "name": name,
+            "version": str(mv.version),
+            "uri": f"models:/{name}/{mv.version}",
+            "source": source,
+            "run_id": run_id,
+        }
 
     # Versions only exist once created, so the jointly-trained siblings are tagged afterwards.
     for c, r in registered.items():
@@ -266,12 +300,14 @@ def main(cfg: RegisterConfig) -> dict[str, dict[str, str]]:
     uri = run_tracking_uri(cfg.run_dir, cfg.tracking_uri)
     registered = register_run(cfg.run_dir, uri)
     print(f"registry: {uri}")
-    for c, r in registered.items():
+    for r in registered.values():
         print(f"registered {r['name']} version {r['version']}  (source run {r['run_id']})")
     first = next(iter(registered.values()))
     backbone = first["name"][len(NAME_PREFIX) :].rsplit(".", 1)[0]
-    print(f"wrote {Path(cfg.run_dir) / 'bank' / REGISTERED_FILE}; serve a version with: mosaic modules promote "
-          f"{next(iter(registered))} {first['version']} --alias production --backbone {backbone}")  # fmt: skip
+    print(
+        f"wrote {Path(cfg.run_dir) / 'bank' / REGISTERED_FILE}; serve a version with: mosaic modules promote "
+        f"{next(iter(registered))} {first['version']} --alias production --backbone {backbone}"
+    )
     return registered
 
 
@@ -307,9 +343,17 @@ def list_rows(client: MlflowClient) -> list[dict[str, str]]:
             by_version.setdefault(str(v), []).append(a)
         for v in _versions(client, name):
             t = v.tags
-            rows.append({"name": name, "version": str(v.version), "aliases": ",".join(sorted(by_version.get(str(v.version), []))) or "-",
-                         "placement": t.get("placement", "-"), "m": t.get("m", "-"),
-                         **{k: t.get(f"eval.{k}", "-") for k in HEADLINE}, "run": t.get("run_name", "-")})  # fmt: skip
+            rows.append(
+                {
+                    "name": name,
+                    "version": str(v.version),
+                    "aliases": ",".join(sorted(by_version.get(str(v.version), []))) or "-",
+                    "placement": t.get("placement", "-"),
+                    "m": t.get("m", "-"),
+                    **{k: t.get(f"eval.{k}", "-") for k in HEADLINE},
+                    "run": t.get("run_name", "-"),
+                }
+            )
     return rows
 
 
@@ -351,15 +395,21 @@ def _print_table(rows: Sequence[dict[str, str]]) -> None:
 
 
 def _when(ms: int | None) -> str:
-    return "-" if ms is None else datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat(timespec="seconds")
+    return "-" if ms is None else datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="seconds")
 
 
 def describe_version(client: MlflowClient, mv: ModelVersion, tracking_uri: str) -> str:
     """Tags, source, files and an integrity check of one version's files."""
     aliases = sorted(a for a, v in _require_model(client, mv.name).items() if str(v) == str(mv.version))
-    lines = [f"{mv.name}  version {mv.version}  aliases: {', '.join(aliases) or '-'}",
-             f"uri:      models:/{mv.name}/{mv.version}", f"source:   {mv.source}", f"run_id:   {mv.run_id}",
-             f"status:   {mv.status}", f"created:  {_when(mv.creation_timestamp)}", "tags:"]  # fmt: skip
+    lines = [
+        f"{mv.name}  version {mv.version}  aliases: {', '.join(aliases) or '-'}",
+        f"uri:      models:/{mv.name}/{mv.version}",
+        f"source:   {mv.source}",
+        f"run_id:   {mv.run_id}",
+        f"status:   {mv.status}",
+        f"created:  {_when(mv.creation_timestamp)}",
+        "tags:",
+    ]
     lines += [f"  {k:<22} {v}" for k, v in sorted(mv.tags.items())]
     lines.append("files:")
     with tempfile.TemporaryDirectory(prefix="mosaic-show-") as tmp:
@@ -368,7 +418,9 @@ def describe_version(client: MlflowClient, mv: ModelVersion, tracking_uri: str) 
         for f in sorted(p for p in local.rglob("*") if p.is_file()):
             line = f"  {f.relative_to(local)!s:<22} {f.stat().st_size:>8} B  sha256 {sha256_file(f)}"
             if f.name == TENSOR_FILE:
-                line += "  OK (matches module.json)" if sha256_file(f) == recorded else f"  MISMATCH: module.json records {recorded}"
+                line += (
+                    "  OK (matches module.json)" if sha256_file(f) == recorded else f"  MISMATCH: module.json records {recorded}"
+                )
             lines.append(line)
     return "\n".join(lines)
 
@@ -378,8 +430,11 @@ def describe_version(client: MlflowClient, mv: ModelVersion, tracking_uri: str) 
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--tracking-uri", default=None,
-                        help="MLflow tracking + registry URI (default: $MLFLOW_TRACKING_URI, else sqlite runs/mlflow.db)")  # fmt: skip
+    common.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking + registry URI (default: $MLFLOW_TRACKING_URI, else sqlite runs/mlflow.db)",
+    )
     backbone = argparse.ArgumentParser(add_help=False)
     backbone.add_argument("--backbone", default=EMBEDDED, help=f"backbone id the module names use (default {EMBEDDED})")
 

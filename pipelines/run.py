@@ -19,8 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 from mosaic_core.config import load_recipe
 from mosaic_core.errors import MosaicError
 from mosaic_core.metrics import Rate
@@ -37,8 +35,10 @@ def stage(name: str, args: list[str], timings: dict[str, float]) -> None:
     rc = subprocess.run([sys.executable, "-m", "pipelines.cli", *args]).returncode
     timings[name] = time.perf_counter() - t0
     if rc != 0:
-        raise StageFailed(f"stage {name!r} failed (exit {rc}) after {timings[name]:.0f}s; fix the error above and rerun "
-                          "(finished stages are reused)")  # fmt: skip
+        raise StageFailed(
+            f"stage {name!r} failed (exit {rc}) after {timings[name]:.0f}s; fix the error above and rerun "
+            "(finished stages are reused)"
+        )
     print(f"=== {name} done in {timings[name]:.0f}s", flush=True)
 
 
@@ -67,8 +67,17 @@ def results(run_dir: Path, timings: dict[str, float], bank_note: str | None) -> 
     return "\n".join(lines)
 
 
-def main(config: str, *, name: str | None, out: str | None, overrides: list[str], xstest: str | None, bank: str | None,
-         workers: int | None, register: bool = True) -> Path:  # fmt: skip
+def main(
+    config: str,
+    *,
+    name: str | None,
+    out: str | None,
+    overrides: list[str],
+    xstest: str | None,
+    bank: str | None,
+    workers: int | None,
+    register: bool = True,
+) -> Path:
     recipe = load_recipe(config, dict(o.split("=", 1) for o in overrides) if overrides else None)
     run_dir = Path(out or Path("runs") / (name or recipe.name)).resolve()
     sets = [a for o in overrides for a in ("--set", o)]
@@ -103,8 +112,16 @@ def cli(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-register", action="store_true")
     a = ap.parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    main(a.config, name=a.name, out=a.out, overrides=a.overrides, xstest=a.xstest, bank=a.bank, workers=a.workers,
-         register=not a.no_register)  # fmt: skip
+    main(
+        a.config,
+        name=a.name,
+        out=a.out,
+        overrides=a.overrides,
+        xstest=a.xstest,
+        bank=a.bank,
+        workers=a.workers,
+        register=not a.no_register,
+    )
 
 
 if __name__ == "__main__":

@@ -86,12 +86,24 @@ def load_tables(run: Path, seed: int, val_examples: int = 64) -> tuple[Any, list
         train["draw"] = 0
     val_df = ex[ex["split"] == "val"] if "split" in ex else ex.iloc[:0]
     parts = [g.sample(min(len(g), val_examples // 2), random_state=seed) for _, g in val_df.groupby("label")]
-    val = [{"prompt": r.prompt, "active": list(r.active), "label": r.label, "order": len(r.active)} for p in parts for r in p.itertuples()]
+    val = [
+        {"prompt": r.prompt, "active": list(r.active), "label": r.label, "order": len(r.active)}
+        for p in parts
+        for r in p.itertuples()
+    ]
     if len(val_df) and "source" in val_df:
         top = val_df[(val_df["source"] == "general") & (val_df["order"] == val_df["order"].max())].drop_duplicates("prompt_id")
         top = top.merge(teacher, on="prompt_id").head(val_examples)
-        val += [{"prompt": r.prompt, "active": list(r.active), "label": "fidelity", "order": len(r.active),
-                 "answer_ids": [int(t) for t in r.response_ids]} for r in top.itertuples()]  # fmt: skip
+        val += [
+            {
+                "prompt": r.prompt,
+                "active": list(r.active),
+                "label": "fidelity",
+                "order": len(r.active),
+                "answer_ids": [int(t) for t in r.response_ids],
+            }
+            for r in top.itertuples()
+        ]
     return train, val
 
 
@@ -152,8 +164,16 @@ class BankTrainingModule(nn.Module):
     forward(examples, mode="fidelity") -> (B,): 1.0 where greedy decoding would open with the first words of the
     row's `answer_ids` (the bare model's answer), as evaluation's fidelity reads generated answers."""
 
-    def __init__(self, model: Any, tokenizer: Any, bank: Any, refusal_ids: list[int], loss_cfg: Any, cache: Any = None,
-                 fast_tokens: int = 3):  # fmt: skip
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        bank: Any,
+        refusal_ids: list[int],
+        loss_cfg: Any,
+        cache: Any = None,
+        fast_tokens: int = 3,
+    ):
         super().__init__()
         self.backbone, self.bank, self.fast_tokens = model, bank, fast_tokens
         self.tokenizer, self.refusal_ids, self.loss_cfg, self.cache = tokenizer, refusal_ids, loss_cfg, cache
@@ -168,13 +188,28 @@ class BankTrainingModule(nn.Module):
         from mosaic_core.training import batch_loss
 
         if mode == "fidelity":
-            return opening_kept(self.backbone, self.tokenizer, self.bank, [e["prompt"] for e in examples],
-                                [list(e["active"]) for e in examples], self.bank.placement, [e["answer_ids"] for e in examples],
-                                cache=self.cache).double()  # fmt: skip
+            return opening_kept(
+                self.backbone,
+                self.tokenizer,
+                self.bank,
+                [e["prompt"] for e in examples],
+                [list(e["active"]) for e in examples],
+                self.bank.placement,
+                [e["answer_ids"] for e in examples],
+                cache=self.cache,
+            ).double()
         if mode == "refusal":
-            rs = refusal_score(self.backbone, self.tokenizer, self.bank, [e["prompt"] for e in examples],
-                               [list(e["active"]) for e in examples], self.bank.placement, self.refusal_ids, self.fast_tokens,
-                               cache=self.cache)  # fmt: skip
+            rs = refusal_score(
+                self.backbone,
+                self.tokenizer,
+                self.bank,
+                [e["prompt"] for e in examples],
+                [list(e["active"]) for e in examples],
+                self.bank.placement,
+                self.refusal_ids,
+                self.fast_tokens,
+                cache=self.cache,
+            )
             return torch.stack([rs.logprob, rs.greedy.to(rs.logprob.dtype)], -1)
         out = batch_loss(self.backbone, self.tokenizer, self.bank, examples, self.refusal_ids, self.loss_cfg, cache=self.cache)
         # Every trainable vector must get a gradient on every rank, even when no row of this micro-batch
@@ -239,8 +274,13 @@ def _validate(engine: Any, val: list[dict[str, Any]], rank: int, world: int, dev
     f = both[sums.numel() :].cpu().tolist()
     nan = float("nan")
     rate = lambda k, n: k / n if n else nan  # noqa: E731
-    out = {"val_refusal_pos": rate(s[0][0], s[0][2]), "val_refusal_neg": rate(s[0][3], s[0][5]),
-           "val_dsr": rate(s[0][1], s[0][2]), "val_or": rate(s[0][4], s[0][5]), "val_fidelity": rate(f[0], f[1])}  # fmt: skip
+    out = {
+        "val_refusal_pos": rate(s[0][0], s[0][2]),
+        "val_refusal_neg": rate(s[0][3], s[0][5]),
+        "val_dsr": rate(s[0][1], s[0][2]),
+        "val_or": rate(s[0][4], s[0][5]),
+        "val_fidelity": rate(f[0], f[1]),
+    }
     gaps = []
     for r in range(1, R + 1):
         out[f"val_dsr_o{r}"], out[f"val_or_o{r}"] = rate(s[r][1], s[r][2]), rate(s[r][4], s[r][5])
@@ -313,9 +353,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         for p in bank.parameters():
             deepspeed.zero.register_external_parameter(module, p)
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")  # reuses Ray Train's process group
-    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=params,
-                                           optimizer=torch.optim.Adam(params, lr=recipe.train.lr),
-                                           config=config["ds_config"])  # fmt: skip
+    engine, _, _, _ = deepspeed.initialize(
+        model=module, model_parameters=params, optimizer=torch.optim.Adam(params, lr=recipe.train.lr), config=config["ds_config"]
+    )
 
     state: dict[str, Any] = {"epoch": 0, "step": 0, "best_val_gap": None, "best_epoch": None, "resumes": []}
     best: dict[str, torch.Tensor] | None = None
@@ -325,8 +365,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with ckpt.as_directory() as d:
             state = json.loads((Path(d) / "state.json").read_text())
             if state["categories"] != list(bank.categories):
-                raise RuntimeError(f"checkpoint holds categories {state['categories']}, this run trains {bank.categories}: "
-                                   "use a new run directory")  # fmt: skip
+                raise RuntimeError(
+                    f"checkpoint holds categories {state['categories']}, this run trains {bank.categories}: "
+                    "use a new run directory"
+                )
             engine.load_checkpoint(str(Path(d) / "ds"), tag=CKPT_TAG, load_module_strict=False)
             best = torch.load(Path(d) / "best_bank.pt") if (Path(d) / "best_bank.pt").is_file() else None
             ema_state = torch.load(Path(d) / "ema.pt") if (Path(d) / "ema.pt").is_file() else None
@@ -345,8 +387,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             from mlflow.entities import Metric
 
             now = int(time.time() * 1000)
-            mlf.log_batch(config["mlflow_run_id"], metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()
-                                                             if not math.isnan(float(v))])  # fmt: skip
+            mlf.log_batch(
+                config["mlflow_run_id"],
+                metrics=[Metric(k, float(v), now, step) for k, v in metrics.items() if not math.isnan(float(v))],
+            )
 
     spe, epochs = config["steps_per_epoch"], recipe.train.epochs
     total = min(epochs * spe, config["max_steps"] or epochs * spe)
@@ -361,9 +405,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
         shard = ray.train.get_dataset_shard(draw_dataset(epoch % config["draws"]))
-        batches = shard.iter_batches(batch_size=config["micro_batch"], batch_format="pyarrow", drop_last=True,
-                                     local_shuffle_buffer_size=config["shuffle_buffer"],
-                                     local_shuffle_seed=recipe.train.seed * 100_003 + epoch * 101 + rank)  # fmt: skip
+        batches = shard.iter_batches(
+            batch_size=config["micro_batch"],
+            batch_format="pyarrow",
+            drop_last=True,
+            local_shuffle_buffer_size=config["shuffle_buffer"],
+            local_shuffle_seed=recipe.train.seed * 100_003 + epoch * 101 + rank,
+        )
         t0, done = time.perf_counter(), 0
         for i, table in enumerate(batches):
             if i >= spe or step >= total:
@@ -383,8 +431,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             dist.all_reduce(stats)
             stats = stats.cpu()
             t1 = time.perf_counter()
-            m = {**{k: stats[i].item() / world for i, k in enumerate(keys)}, "lr": lr,
-                 "tokens_per_s": stats[-1].item() / (t1 - t0), "step_s": t1 - t0}  # fmt: skip
+            m = {
+                **{k: stats[i].item() / world for i, k in enumerate(keys)},
+                "lr": lr,
+                "tokens_per_s": stats[-1].item() / (t1 - t0),
+                "step_s": t1 - t0,
+            }
             grad_norm = engine.get_global_grad_norm()  # before clipping: how often gradient_clipping binds
             if grad_norm is not None:
                 m["grad_norm"] = float(grad_norm)
@@ -408,8 +460,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # an epoch cut short by max_steps is not complete: a later, longer run would redo it from its start
         state.update(epoch=epoch + 1 if done == spe else epoch, step=step, categories=list(bank.categories), val=val)
         wall = time.perf_counter() - t_start
-        em = {**val, "epoch": epoch + 1, "step": step, "steps_per_s": steps_here / wall if wall else 0.0,
-              "resumed_from_step": state["resumes"][-1] if state["resumes"] else -1}  # fmt: skip
+        em = {
+            **val,
+            "epoch": epoch + 1,
+            "step": step,
+            "steps_per_s": steps_here / wall if wall else 0.0,
+            "resumed_from_step": state["resumes"][-1] if state["resumes"] else -1,
+        }
         log({k: v for k, v in em.items() if k.startswith("val_") or k == "epoch"}, step)
         with tempfile.TemporaryDirectory(prefix="mosaic-ckpt-") as d:
             engine.save_checkpoint(str(Path(d) / "ds"), tag=CKPT_TAG, exclude_frozen_parameters=True)
@@ -430,10 +487,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 torch.save(best, Path(d) / "best_bank.pt")
                 if ema is not None:
                     torch.save(ema.state_dict(), Path(d) / "ema.pt")
-                meta = {"m": bank.m, "d": bank.d, "placement": bank.placement, "max_norm": bank.max_norm,
-                        "depth": bank.depth, "shape": list(bank.module_shape), "positions": bank.positions,
-                        "fingerprint": fp0.to_dict(), "trainable": [c for c in bank.categories if bank.vectors[c].requires_grad],
-                        "total_steps": total}  # fmt: skip
+                meta = {
+                    "m": bank.m,
+                    "d": bank.d,
+                    "placement": bank.placement,
+                    "max_norm": bank.max_norm,
+                    "depth": bank.depth,
+                    "shape": list(bank.module_shape),
+                    "positions": bank.positions,
+                    "fingerprint": fp0.to_dict(),
+                    "trainable": [c for c in bank.categories if bank.vectors[c].requires_grad],
+                    "total_steps": total,
+                }
                 (Path(d) / "state.json").write_text(json.dumps({**state, **meta}, indent=2))
             ray.train.report(em, checkpoint=Checkpoint.from_directory(d))
 
@@ -446,7 +511,7 @@ def _tracking(run: Path, tracking_uri: str | None) -> tuple[str, str | None]:
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         if uri.startswith("sqlite:///"):  # artifacts next to the database, never in the working directory
-            return uri, (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+            return uri, (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
         return uri, None
     root = run.parent  # runs/<name> -> runs/mlflow.db, runs/mlartifacts (docs/architecture.md, "Where things live")
     root.mkdir(parents=True, exist_ok=True)
@@ -469,10 +534,18 @@ def ray_runtime_env() -> dict[str, Any]:
 
 
 def main(
-    run_dir: str, *, num_workers: int | None = None, max_steps: int | None = None, tracking_uri: str | None = None,
-    extend: str | None = None, add: tuple[str, ...] | list[str] = (), deepspeed_config_path: str | None = None,
-    cpus_per_worker: float | None = None, use_gpu: bool | None = None, step_hook: str | None = None,
-) -> dict[str, Any]:  # fmt: skip
+    run_dir: str,
+    *,
+    num_workers: int | None = None,
+    max_steps: int | None = None,
+    tracking_uri: str | None = None,
+    extend: str | None = None,
+    add: tuple[str, ...] | list[str] = (),
+    deepspeed_config_path: str | None = None,
+    cpus_per_worker: float | None = None,
+    use_gpu: bool | None = None,
+    step_hook: str | None = None,
+) -> dict[str, Any]:
     """Train the bank of `run_dir`; returns a summary (also printed). See the module docstring.
 
     `step_hook`: "module:function", imported in every worker and called after every training step (after its
@@ -504,8 +577,11 @@ def main(
             raise ConfigError([f"--add {clash}: already in the bank {old['categories']}"], "mosaic train")
         from mosaic_core.bundle import manifest_digest
 
-        ext = {"bank_dir": str(Path(extend).expanduser().resolve()), "add": list(add),
-               "extends": manifest_digest(Path(extend).expanduser().resolve())}  # fmt: skip
+        ext = {
+            "bank_dir": str(Path(extend).expanduser().resolve()),
+            "add": list(add),
+            "extends": manifest_digest(Path(extend).expanduser().resolve()),
+        }
         categories = [*old["categories"], *add]
     train_df, val = load_tables(run, recipe.train.seed, recipe.train.val_examples)
     unknown = sorted({c for a in train_df["active"] for c in a} - set(categories))
@@ -524,8 +600,15 @@ def main(
     base_ds = json.loads(Path(deepspeed_config_path).read_text()) if deepspeed_config_path else None
     ds_cfg = deepspeed_config(recipe, micro, base_ds)
     stage = ds_cfg.get("zero_optimization", {}).get("stage", 0)
-    needs_cache = [k for k, on in (("bank.depth: deep", recipe.bank.depth == "deep"), ("train.ema", recipe.train.ema),
-                                   ("train.request_dropout", recipe.train.request_dropout)) if on]  # fmt: skip
+    needs_cache = [
+        k
+        for k, on in (
+            ("bank.depth: deep", recipe.bank.depth == "deep"),
+            ("train.ema", recipe.train.ema),
+            ("train.request_dropout", recipe.train.request_dropout),
+        )
+        if on
+    ]
     if stage == 3 and needs_cache:  # the recipe checked its own zero_stage; a --deepspeed-config can still ask for 3
         raise ConfigError([f"{k}: needs ZeRO stage 1 or 2, {deepspeed_config_path} asks for 3" for k in needs_cache], str(run))
 
@@ -543,9 +626,16 @@ def main(
         exp_id = exp.experiment_id if exp else client.create_experiment(EXPERIMENT, artifact_location=art)
         tags = {"mosaic.stage": "train", "mosaic.run_dir": str(run)}
         run_id = client.create_run(exp_id, run_name=run.name, tags=tags).info.run_id
-        params = {**_flat(recipe.to_dict()), "world_size": world, "micro_batch": micro, "steps_per_epoch": spe,
-                  "total_steps": total, "n_train": len(train_df), "n_val": len(val),
-                  "extends": (ext or {}).get("extends")}  # fmt: skip
+        params = {
+            **_flat(recipe.to_dict()),
+            "world_size": world,
+            "micro_batch": micro,
+            "steps_per_epoch": spe,
+            "total_steps": total,
+            "n_train": len(train_df),
+            "n_val": len(val),
+            "extends": (ext or {}).get("extends"),
+        }
         items = [Param(k, str(v)) for k, v in params.items()]
         for i in range(0, len(items), 100):
             client.log_batch(run_id, params=items[i : i + 100])
@@ -572,24 +662,42 @@ def main(
             table = pa.Table.from_pandas(train_df[train_df["draw"] == d], preserve_index=False)
             datasets[draw_dataset(d)] = ray.data.from_arrow([table.slice(i, 256) for i in range(0, table.num_rows, 256)])
         config = {
-            "recipe": recipe.to_dict(), "ds_config": ds_cfg, "micro_batch": micro, "steps_per_epoch": spe,
-            "max_steps": recipe.train.max_steps, "val": val, "extend": ext, "use_gpu": gpu, "draws": len(draws),
-            "threads": max(1, int(cpus)), "shuffle_buffer": max(micro, min(rows_per_worker, 10_000)),
-            "tracking_uri": uri, "mlflow_run_id": run_id,
-            "step_hook": step_hook, "run_dir": str(run),
-        }  # fmt: skip
+            "recipe": recipe.to_dict(),
+            "ds_config": ds_cfg,
+            "micro_batch": micro,
+            "steps_per_epoch": spe,
+            "max_steps": recipe.train.max_steps,
+            "val": val,
+            "extend": ext,
+            "use_gpu": gpu,
+            "draws": len(draws),
+            "threads": max(1, int(cpus)),
+            "shuffle_buffer": max(micro, min(rows_per_worker, 10_000)),
+            "tracking_uri": uri,
+            "mlflow_run_id": run_id,
+            "step_hook": step_hook,
+            "run_dir": str(run),
+        }
         trainer = TorchTrainer(
-            train_loop_per_worker, train_loop_config=config, datasets=datasets,
+            train_loop_per_worker,
+            train_loop_config=config,
+            datasets=datasets,
             torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
-            scaling_config=ScalingConfig(num_workers=world, use_gpu=gpu,
-                                         resources_per_worker={"CPU": cpus, **({"GPU": 1} if gpu else {})}),
-            run_config=RunConfig(name=f"train-{run.name}", storage_path=str(run / "ray_results"),
-                                 failure_config=FailureConfig(max_failures=2),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=2)),
-        )  # fmt: skip
-        print(f"[train] {run.name}: {len(train_df)} examples ({len(draws)} draw(s): epoch e reads draw e mod {len(draws)}), "
-              f"{len(val)} val, {world} workers x micro-batch {micro}, "
-              f"{spe} steps/epoch, {total} steps, ZeRO-{stage}, {'GPU' if gpu else 'CPU'}")  # fmt: skip
+            scaling_config=ScalingConfig(
+                num_workers=world, use_gpu=gpu, resources_per_worker={"CPU": cpus, **({"GPU": 1} if gpu else {})}
+            ),
+            run_config=RunConfig(
+                name=f"train-{run.name}",
+                storage_path=str(run / "ray_results"),
+                failure_config=FailureConfig(max_failures=2),
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
+            ),
+        )
+        print(
+            f"[train] {run.name}: {len(train_df)} examples ({len(draws)} draw(s): epoch e reads draw e mod {len(draws)}), "
+            f"{len(val)} val, {world} workers x micro-batch {micro}, "
+            f"{spe} steps/epoch, {total} steps, ZeRO-{stage}, {'GPU' if gpu else 'CPU'}"
+        )
         t0 = time.perf_counter()
         try:
             result = trainer.fit()
@@ -612,14 +720,27 @@ def main(
     with result.checkpoint.as_directory() as d:
         state = json.loads((Path(d) / "state.json").read_text())
         vectors = torch.load(Path(d) / "best_bank.pt")
-    bank = new_bank(d=state["d"], m=state["m"], placement=state["placement"], max_norm=state["max_norm"],
-                    depth=state.get("depth", "input"), shape=state.get("shape", ()), positions=state.get("positions", "shift"))  # fmt: skip
+    bank = new_bank(
+        d=state["d"],
+        m=state["m"],
+        placement=state["placement"],
+        max_norm=state["max_norm"],
+        depth=state.get("depth", "input"),
+        shape=state.get("shape", ()),
+        positions=state.get("positions", "shift"),
+    )
     for c in state["categories"]:
         bank.add(c, vectors[c])
     tmp = run / ".bank.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_bank(bank, tmp, fingerprint=Fingerprint.from_dict(state["fingerprint"]), init=init_note,
-              training_run_id=run_id, extends=(ext or {}).get("extends"))  # fmt: skip
+    save_bank(
+        bank,
+        tmp,
+        fingerprint=Fingerprint.from_dict(state["fingerprint"]),
+        init=init_note,
+        training_run_id=run_id,
+        extends=(ext or {}).get("extends"),
+    )
     if ext:  # the frozen modules keep their files (and module.json: their own training run) byte for byte
         for c in state["categories"]:
             src = Path(ext["bank_dir"]) / c
@@ -638,13 +759,23 @@ def main(
 
     K = len(state["trainable"])
     summary = {
-        "run_dir": str(run), "bank_dir": str(run / "bank"), "mlflow_run_id": run_id, "tracking_uri": uri,
-        "categories": state["categories"], "trainable_categories": state["trainable"],
-        "trainable_parameters": K * bank.vectors[state["categories"][0]].numel(), "steps": state["step"], "epochs": state["epoch"],
-        "resumes": state["resumes"], "best_epoch": state["best_epoch"], "val": state["val"],
-        "best_val_gap": state["best_val_gap"], "fit_wall_s": wall, "checkpoint": result.checkpoint.path,
+        "run_dir": str(run),
+        "bank_dir": str(run / "bank"),
+        "mlflow_run_id": run_id,
+        "tracking_uri": uri,
+        "categories": state["categories"],
+        "trainable_categories": state["trainable"],
+        "trainable_parameters": K * bank.vectors[state["categories"][0]].numel(),
+        "steps": state["step"],
+        "epochs": state["epoch"],
+        "resumes": state["resumes"],
+        "best_epoch": state["best_epoch"],
+        "val": state["val"],
+        "best_val_gap": state["best_val_gap"],
+        "fit_wall_s": wall,
+        "checkpoint": result.checkpoint.path,
         "steps_per_s": (result.metrics or {}).get("steps_per_s"),
-    }  # fmt: skip
+    }
     if bank.depth == "deep":
         shape = "·".join(map(str, bank.module_shape))
         print(f"trainable parameters: K·layers·2·kv_heads·m·head_dim = {K}·{shape} = {summary['trainable_parameters']}")
@@ -652,11 +783,13 @@ def main(
         print(f"trainable parameters: K·m·d = {K}·{state['m']}·{state['d']} = {summary['trainable_parameters']}")
     v = state["val"] or {}
     sps = summary["steps_per_s"]
-    print(f"[train] {state['step']} steps in {wall:.1f} s ({sps or 0:.2f} steps/s in the last attempt, validation and "
-          f"checkpoints included); val refusal pos {v.get('val_refusal_pos', float('nan')):.3f} "
-          f"neg {v.get('val_refusal_neg', float('nan')):.3f}, DSR {v.get('val_dsr', float('nan')):.2f} "
-          f"OR {v.get('val_or', float('nan')):.2f} (last epoch); "
-          f"bank from epoch {state['best_epoch']} -> {run / 'bank'}")  # fmt: skip
+    print(
+        f"[train] {state['step']} steps in {wall:.1f} s ({sps or 0:.2f} steps/s in the last attempt, validation and "
+        f"checkpoints included); val refusal pos {v.get('val_refusal_pos', float('nan')):.3f} "
+        f"neg {v.get('val_refusal_neg', float('nan')):.3f}, DSR {v.get('val_dsr', float('nan')):.2f} "
+        f"OR {v.get('val_or', float('nan')):.2f} (last epoch); "
+        f"bank from epoch {state['best_epoch']} -> {run / 'bank'}"
+    )
     return summary
 
 
@@ -680,8 +813,12 @@ def plot_training(client: Any, run_id: str, out: Path) -> Path:
             a1.plot(steps[w - 1 :], np.convolve(vals, np.ones(w) / w, mode="valid"), label=f"{key} ({w}-step mean)")
     a1.set_xlabel("step"), a1.set_title("training loss terms"), a1.legend()
     epochs = history("epoch")[0]  # logged at the step where each epoch's validation ran
-    for key, label in (("val_dsr", "DSR (greedy refuses, positives)"), ("val_or", "OR (greedy refuses, negatives)"),
-                       ("val_refusal_pos", "mean p, positives"), ("val_refusal_neg", "mean p, negatives")):  # fmt: skip
+    for key, label in (
+        ("val_dsr", "DSR (greedy refuses, positives)"),
+        ("val_or", "OR (greedy refuses, negatives)"),
+        ("val_refusal_pos", "mean p, positives"),
+        ("val_refusal_neg", "mean p, negatives"),
+    ):
         steps, vals = history(key)
         if vals:
             a2.plot(range(1, len(vals) + 1), vals, marker="o", ls="-" if key in ("val_dsr", "val_or") else ":", label=label)
@@ -702,12 +839,22 @@ def cli(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--add", action="append", default=[], metavar="CATEGORY", help="category to add (repeatable)")
     p.add_argument("--deepspeed-config", default=None, help="DeepSpeed JSON (e.g. cluster/deepspeed/zero3.json); 'auto' = recipe")
     p.add_argument("--cpus-per-worker", type=float, default=None, help="logical CPUs per worker (default 1)")
-    p.add_argument("--tracking-uri", default=None,
-                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else mlflow.db beside the run directory)")
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else mlflow.db beside the run directory)",
+    )
     a = p.parse_args(argv)
-    return main(a.run, num_workers=a.workers, max_steps=a.max_steps, tracking_uri=a.tracking_uri, extend=a.extend,
-                add=[c for s in a.add for c in s.split(",") if c], deepspeed_config_path=a.deepspeed_config,
-                cpus_per_worker=a.cpus_per_worker)  # fmt: skip
+    return main(
+        a.run,
+        num_workers=a.workers,
+        max_steps=a.max_steps,
+        tracking_uri=a.tracking_uri,
+        extend=a.extend,
+        add=[c for s in a.add for c in s.split(",") if c],
+        deepspeed_config_path=a.deepspeed_config,
+        cpus_per_worker=a.cpus_per_worker,
+    )
 
 
 if __name__ == "__main__":

@@ -26,8 +26,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mosaic_core.bench import factual_duplicates, near_duplicates, normalize_text, subkind, validate_rows  # noqa: E402
-from mosaic_core.categories import CATEGORIES  # noqa: E402
+from mosaic_core.bench import factual_duplicates, near_duplicates, normalize_text, subkind, validate_rows
+from mosaic_core.categories import CATEGORIES
 
 FIELDS = ("id", "prompt", "category", "kind", "split", "topic")
 OPTIONAL = ("version", "style", "task", "answer", "boundary", "other", "rule")
@@ -40,8 +40,14 @@ def finalise(rows: list[dict], category: str | None) -> list[dict]:
     for r in rows:
         kind = r["kind"]
         key = hashlib.sha1(normalize_text(r["prompt"]).encode()).hexdigest()[:10]
-        row = {"id": f"{category or 'general'}-{kind[0]}-{key}", "prompt": r["prompt"].strip(), "category": category,
-               "kind": kind, "split": r.get("split"), "topic": r.get("topic")}  # fmt: skip
+        row = {
+            "id": f"{category or 'general'}-{kind[0]}-{key}",
+            "prompt": r["prompt"].strip(),
+            "category": category,
+            "kind": kind,
+            "split": r.get("split"),
+            "topic": r.get("topic"),
+        }
         row.update({k: r[k] for k in OPTIONAL if r.get(k) is not None})
         if r.get("other") is not None:
             row["boundary"] = True
@@ -72,7 +78,11 @@ def drafts(root: Path) -> tuple[dict[str | None, list[dict]], list[Path]]:
         for line in f.read_text(encoding="utf-8").split("\n"):
             if line.strip():
                 r = json.loads(line)
-                cat = r.get("category") if f.name.startswith("boundary") else next((c for c in CATEGORIES if f.name.startswith(c + "-")), None)
+                cat = (
+                    r.get("category")
+                    if f.name.startswith("boundary")
+                    else next((c for c in CATEGORIES if f.name.startswith(c + "-")), None)
+                )
                 by[cat].append(r)
     return by, files
 
@@ -89,8 +99,10 @@ def main() -> None:
         f = root / f"{name}.jsonl"
         rows = [json.loads(line) for line in f.read_text(encoding="utf-8").split("\n") if line.strip()]
         rows = finalise(rows + new.get(cat, []), cat)
-        f.write_text("".join(json.dumps({k: r[k] for k in (*FIELDS, *OPTIONAL) if k in r}, ensure_ascii=False) + "\n" for r in rows),
-                     encoding="utf-8")  # fmt: skip
+        f.write_text(
+            "".join(json.dumps({k: r[k] for k in (*FIELDS, *OPTIONAL) if k in r}, ensure_ascii=False) + "\n" for r in rows),
+            encoding="utf-8",
+        )
         every.extend(rows)
     validate_rows(every, CATEGORIES)
     for f in files:
@@ -106,7 +118,9 @@ def main() -> None:
     near = near_duplicates([r["prompt"] for r in plain], 0.5)
     fact = [r for r in every if r.get("task") == "factual"]
     same = factual_duplicates([r["prompt"] for r in fact], [r["answer"] for r in fact])
-    print(f"exact duplicates: {len(exact)}; near duplicates (5-gram Jaccard >= 0.5): {len(near)}; factual questions asked twice: {len(same)}")
+    print(
+        f"exact duplicates: {len(exact)}; near duplicates (5-gram Jaccard >= 0.5): {len(near)}; factual questions asked twice: {len(same)}"
+    )
     for i, j, s in near[:50]:
         print(f"  {s:.2f}  {plain[i]['id']}: {plain[i]['prompt'][:70]!r}\n        {plain[j]['id']}: {plain[j]['prompt'][:70]!r}")
 

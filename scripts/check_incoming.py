@@ -69,7 +69,9 @@ def main() -> None:
     mine_paths = {p.resolve() for p in args.files}
     existing = [r for r in load_jsonl([BENCH]) if r["kind"]]
     drafts, mine, problems = [], [], []
-    for p in sorted((BENCH / "incoming").glob("*.jsonl")) + [p for p in args.files if p.resolve().parent != (BENCH / "incoming").resolve()]:
+    for p in sorted((BENCH / "incoming").glob("*.jsonl")) + [
+        p for p in args.files if p.resolve().parent != (BENCH / "incoming").resolve()
+    ]:
         rows, probs = draft_rows(p)
         drafts += rows
         if p.resolve() in mine_paths:
@@ -78,7 +80,7 @@ def main() -> None:
     mine_ids = {r["id"] for r in mine}
     try:
         validate_rows(mine, CATEGORIES)
-    except Exception as e:  # noqa: BLE001 -- report, don't stop
+    except Exception as e:
         problems.append(str(e))
     for r in mine:
         problems += [f"{r['id']}: {p}: {r['prompt'][:70]!r}" for p in lexicon_problems(r)]

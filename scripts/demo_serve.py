@@ -95,8 +95,13 @@ def call_table(url: str, model: str, max_tokens: int) -> list[dict]:
             jobs.append({"category": cat or "general", "prompt": prompt, "modules": label, "safety_modules": modules})
 
     def ask(job: dict) -> dict:
-        r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": job["prompt"]}], max_tokens=max_tokens,
-                                           temperature=0, extra_body={"safety_modules": job["safety_modules"]})  # fmt: skip
+        r = client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": job["prompt"]}],
+            max_tokens=max_tokens,
+            temperature=0,
+            extra_body={"safety_modules": job["safety_modules"]},
+        )
         text = r.choices[0].message.content or ""
         return {**job, "answer": text, "refused": judge.is_refusal(job["prompt"], text)}
 
@@ -131,7 +136,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"[demo] mosaic serve --bank {a.bank} on {url} (PID {proc.pid}; log {log})")
     try:
         wait_ready(proc, url, log, a.ready_timeout)
-        print(f"[demo] ready after {time.perf_counter() - t0:.0f} s; {len(REQUESTS)} requests x (no module, own module, all five):")
+        print(
+            f"[demo] ready after {time.perf_counter() - t0:.0f} s; {len(REQUESTS)} requests x (no module, own module, all five):"
+        )
         rows = call_table(url, a.model, a.max_tokens)
         print_table(rows)
     finally:

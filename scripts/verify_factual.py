@@ -19,11 +19,11 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mosaic_core.backbone import load_backbone  # noqa: E402
-from mosaic_core.compose import encode_batch  # noqa: E402
-from mosaic_core.generation import generate  # noqa: E402
-from mosaic_core.judge import make_judge  # noqa: E402
-from mosaic_core.scoring import answer_retained  # noqa: E402
+from mosaic_core.backbone import load_backbone
+from mosaic_core.compose import encode_batch
+from mosaic_core.generation import generate
+from mosaic_core.judge import make_judge
+from mosaic_core.scoring import answer_retained
 
 INCOMING = Path(__file__).resolve().parents[1] / "data" / "mosaic-bench" / "incoming"
 

@@ -8,10 +8,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from tests.tiny import save_tiny, tiny_model, tiny_tokenizer  # noqa: E402
+from tests.tiny import save_tiny, tiny_model, tiny_tokenizer
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

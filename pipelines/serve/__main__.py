@@ -5,7 +5,6 @@ import sys
 from mosaic_core.errors import MosaicError
 from pipelines.serve.cli import cli
 
-
 if __name__ == "__main__":  # `python -m pipelines.serve ...`
     try:
         cli(sys.argv[1:])

@@ -30,7 +30,6 @@ from pipelines.serve.modules import ModuleLoader, ModuleState, load_modules
 from pipelines.serve.schema import RowRequest, RowResult, StreamEvent
 from pipelines.serve.settings import BACKBONE_DEPLOYMENT, BackboneSettings, ModuleSource
 
-
 logger = logging.getLogger("ray.serve")  # Serve routes this logger into each replica's log file
 
 
@@ -97,16 +96,30 @@ class MosaicBackbone:
         self._swap_lock = asyncio.Lock()
         self._poll_task: asyncio.Task | None = None
         # Observability (health()): decode steps ("batches"), and proof that rows with different active sets share them.
-        self.stats = {"batches": 0, "rows": 0, "mixed_batches": 0, "max_batch_rows": 0, "max_batch_active_sets": 0,
-                      "joins": 0, "cancelled": 0, "rejected": 0, "queued": 0, "running": 0}  # fmt: skip
+        self.stats = {
+            "batches": 0,
+            "rows": 0,
+            "mixed_batches": 0,
+            "max_batch_rows": 0,
+            "max_batch_active_sets": 0,
+            "joins": 0,
+            "cancelled": 0,
+            "rejected": 0,
+            "queued": 0,
+            "running": 0,
+        }
         # The engine: one thread owns the running batch (mosaic_core.scheduler); requests wait in a bounded queue.
         self._queue: collections.deque[_Job] = collections.deque()
         self._held, self._held_lock = 0, threading.Lock()  # requests accepted and not answered yet (rows + queue)
         self._wake = threading.Event()
         self._engine = threading.Thread(target=self._engine_loop, name="mosaic-engine", daemon=True)
         self._engine.start()
-        logger.info("backbone %s (fingerprint %s) loaded; context %d tokens", self.bb.fingerprint.model_id,
-                    self.bb.fingerprint.digest, self.context)  # fmt: skip
+        logger.info(
+            "backbone %s (fingerprint %s) loaded; context %d tokens",
+            self.bb.fingerprint.model_id,
+            self.bb.fingerprint.digest,
+            self.context,
+        )
 
     # ----------------------------------------------------------------------------------------- modules, live
 
@@ -160,17 +173,25 @@ class MosaicBackbone:
     async def modules(self) -> dict[str, Any]:
         """What /v1/modules shows."""
         st = self.state
-        return {"backbone": self.bb.fingerprint.model_id, "fingerprint": self.bb.fingerprint.digest,
-                "placement": st.bank.placement if st and st.bank is not None else None,
-                "source": "bank_dir" if st and st.source.bank_dir else "registry" if st and st.source.modules else "none",
-                "loaded_at": st.loaded_at if st else None, "last_error": self.last_error,
-                "modules": [dict(m) for m in (st.modules if st else ())]}  # fmt: skip
+        return {
+            "backbone": self.bb.fingerprint.model_id,
+            "fingerprint": self.bb.fingerprint.digest,
+            "placement": st.bank.placement if st and st.bank is not None else None,
+            "source": "bank_dir" if st and st.source.bank_dir else "registry" if st and st.source.modules else "none",
+            "loaded_at": st.loaded_at if st else None,
+            "last_error": self.last_error,
+            "modules": [dict(m) for m in (st.modules if st else ())],
+        }
 
     async def health(self) -> dict[str, Any]:
         """Liveness + identity (the pid lets a test kill this replica)."""
-        return {"status": "ok" if self.state is not None else "loading", "pid": os.getpid(),
-                "backbone": self.bb.fingerprint.model_id, "modules": sorted(self.state.versions) if self.state else [],
-                "stats": dict(self.stats)}  # fmt: skip
+        return {
+            "status": "ok" if self.state is not None else "loading",
+            "pid": os.getpid(),
+            "backbone": self.bb.fingerprint.model_id,
+            "modules": sorted(self.state.versions) if self.state else [],
+            "stats": dict(self.stats),
+        }
 
     def check_health(self) -> None:
         """Serve's periodic probe: a replica without modules loaded is not healthy."""
@@ -221,9 +242,16 @@ class MosaicBackbone:
                 self._held += 1
         if full:
             self.stats["rejected"] += 1
-            job.done(RowResult(error=Overloaded(
-                f"the server is busy ({self.settings.max_batch_size} rows decoding and {self.settings.max_queued_requests} "
-                "requests waiting); retry shortly", code="queue_full", retry_after_s=self.settings.retry_after_s).to_body()))  # fmt: skip
+            job.done(
+                RowResult(
+                    error=Overloaded(
+                        f"the server is busy ({self.settings.max_batch_size} rows decoding and {self.settings.max_queued_requests} "
+                        "requests waiting); retry shortly",
+                        code="queue_full",
+                        retry_after_s=self.settings.retry_after_s,
+                    ).to_body()
+                )
+            )
             return
         done = job.done
 
@@ -305,9 +333,21 @@ class MosaicBackbone:
             specs = []
             for key, p in group:
                 r = p.job.row
-                specs.append((key, RowSpec(p.segments, p.active, p.max_tokens, eos_token_ids=[] if r.ignore_eos else self.eos,
-                                           temperature=r.temperature, top_p=r.top_p, seed=r.seed if r.temperature > 0 else None,
-                                           should_stop=functools.partial(self._should_stop, p))))  # fmt: skip
+                specs.append(
+                    (
+                        key,
+                        RowSpec(
+                            p.segments,
+                            p.active,
+                            p.max_tokens,
+                            eos_token_ids=[] if r.ignore_eos else self.eos,
+                            temperature=r.temperature,
+                            top_p=r.top_p,
+                            seed=r.seed if r.temperature > 0 else None,
+                            should_stop=functools.partial(self._should_stop, p),
+                        ),
+                    )
+                )
             try:
                 with self._prefix_lock:
                     batcher.join(specs, group[0][1].state.bank)
@@ -371,7 +411,10 @@ class MosaicBackbone:
             raise InvalidRequest(
                 f"this model's context is {self.context} tokens; the messages take {prompt} tokens plus {control} "
                 f"control tokens, leaving {max(room, 0)}, and {wanted} new tokens were requested: shorten the messages "
-                "or lower max_tokens", param="messages", code="context_length_exceeded")  # fmt: skip
+                "or lower max_tokens",
+                param="messages",
+                code="context_length_exceeded",
+            )
         p = _Prepared(job, state, segments, active, wanted, prompt, control)
         self.stats["rows"] += 1
         if job.emit is not None:
@@ -381,9 +424,15 @@ class MosaicBackbone:
     @staticmethod
     def _result(p: _Prepared, text: str, reason: str | None, n: int) -> RowResult:
         versions = p.state.versions
-        return RowResult(text=text, finish_reason=reason or "stop", prompt_tokens=p.prompt_tokens, completion_tokens=n,
-                         control_tokens=p.control_tokens, active_modules=list(p.active),
-                         module_versions={c: versions[c] for c in p.active})  # fmt: skip
+        return RowResult(
+            text=text,
+            finish_reason=reason or "stop",
+            prompt_tokens=p.prompt_tokens,
+            completion_tokens=n,
+            control_tokens=p.control_tokens,
+            active_modules=list(p.active),
+            module_versions={c: versions[c] for c in p.active},
+        )
 
 
 _GONE = RowResult(error=Cancelled("the client went away", code="client_disconnected").to_body())

@@ -18,12 +18,16 @@ from pipelines.serve.settings import APP_NAME, ENV_MODULES, ENV_TENANTS_FILE, Se
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mosaic serve", description="Serve composable safety modules behind an "
-                                "OpenAI-compatible endpoint (Ray Serve). Blocks until Ctrl-C / SIGTERM.")  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="mosaic serve",
+        description="Serve composable safety modules behind an "
+        "OpenAI-compatible endpoint (Ray Serve). Blocks until Ctrl-C / SIGTERM.",
+    )
     p.add_argument("--backbone", default=EMBEDDED, help=f"HF id, local dir, or {EMBEDDED!r} (default)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--modules", default=None, help="comma-separated module URIs or categories (registry; default: "
-                     f"${ENV_MODULES})")  # fmt: skip
+    src.add_argument(
+        "--modules", default=None, help=f"comma-separated module URIs or categories (registry; default: ${ENV_MODULES})"
+    )
     src.add_argument("--bank", default=None, help="a local bank directory instead of the registry")
     p.add_argument("--alias", default=None, help="registry alias for bare categories (default production)")
     p.add_argument("--tracking-uri", default=None, help="MLflow URI (default $MLFLOW_TRACKING_URI, else runs/mlflow.db)")
@@ -34,16 +38,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch threads per backbone replica")
     p.add_argument("--num-cpus", type=float, default=None, help="Ray CPUs per backbone replica")
     p.add_argument("--args", default=None, help="a YAML/JSON file of build_app args (flags override it)")
-    p.add_argument("--shutdown-timeout", type=float, default=None, help="on SIGTERM/SIGINT: stop accepting, let "
-                   "requests in flight finish, cancel the rest with an error, and exit within this many seconds "
-                   "(default 30)")  # fmt: skip
-    p.add_argument("--audit-log", default=None, help="audit trail, one JSON line per request: 'stdout' (default; "
-                   "the ingress replica's log), a directory (audit-<pid>.jsonl per replica process, rotated) "
-                   "or 'off'")  # fmt: skip
-    p.add_argument("--audit-prompts", action="store_true", default=None, help="also write messages and answers "
-                   "into the audit log (off by default)")  # fmt: skip
-    p.add_argument("--metrics-port", type=int, default=None, help="port of Ray's Prometheus metrics endpoint on "
-                   "127.0.0.1 (default: a free one, printed at start; ignored with $RAY_ADDRESS)")  # fmt: skip
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=None,
+        help="on SIGTERM/SIGINT: stop accepting, let "
+        "requests in flight finish, cancel the rest with an error, and exit within this many seconds "
+        "(default 30)",
+    )
+    p.add_argument(
+        "--audit-log",
+        default=None,
+        help="audit trail, one JSON line per request: 'stdout' (default; "
+        "the ingress replica's log), a directory (audit-<pid>.jsonl per replica process, rotated) "
+        "or 'off'",
+    )
+    p.add_argument(
+        "--audit-prompts",
+        action="store_true",
+        default=None,
+        help="also write messages and answers into the audit log (off by default)",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="port of Ray's Prometheus metrics endpoint on "
+        "127.0.0.1 (default: a free one, printed at start; ignored with $RAY_ADDRESS)",
+    )
     return p
 
 
@@ -72,8 +94,7 @@ def _descendants(pid: int) -> set[int]:
 
 def _force_exit(bound: float) -> None:
     """The shutdown bound passed: kill what this process started (by PID) and exit non-zero."""
-    print(f"mosaic serve: shutdown did not finish within {bound:.0f}s; killing its own processes", file=sys.stderr,
-          flush=True)  # fmt: skip
+    print(f"mosaic serve: shutdown did not finish within {bound:.0f}s; killing its own processes", file=sys.stderr, flush=True)
     for pid in _descendants(os.getpid()):
         try:
             os.kill(pid, signal.SIGKILL)
@@ -97,7 +118,7 @@ def graceful_shutdown(bound_s: float, *, own_ray: bool) -> dict[str, Any]:
         try:
             report = serve.get_app_handle(APP_NAME).drain.remote(drain_s).result(timeout_s=drain_s + 5)
             time.sleep(0.5)  # the proxy still has the last bytes of the answers to send
-        except Exception as e:  # noqa: BLE001 - no app, a dead ingress...: still stop everything
+        except Exception as e:
             report = {"drain_error": f"{type(e).__name__}: {e}"}
         print(f"mosaic serve: drained {report} in {time.monotonic() - t0:.1f}s; stopping Serve", file=sys.stderr, flush=True)
         serve.shutdown()
@@ -118,11 +139,20 @@ def cli(argv: list[str]) -> None:
         import yaml
 
         args = yaml.safe_load(Path(a.args).read_text()) or {}
-    flags = {"backbone": a.backbone if a.backbone != EMBEDDED or "backbone" not in args else None,
-             "modules": [m.strip() for m in a.modules.split(",") if m.strip()] if a.modules else None,
-             "bank_dir": a.bank, "alias": a.alias, "tracking_uri": a.tracking_uri, "tenants_file": a.tenants_file,
-             "poll_interval_s": a.poll_interval, "threads": a.threads, "num_cpus": a.num_cpus,
-             "shutdown_timeout_s": a.shutdown_timeout, "audit_log": a.audit_log, "audit_prompts": a.audit_prompts}  # fmt: skip
+    flags = {
+        "backbone": a.backbone if a.backbone != EMBEDDED or "backbone" not in args else None,
+        "modules": [m.strip() for m in a.modules.split(",") if m.strip()] if a.modules else None,
+        "bank_dir": a.bank,
+        "alias": a.alias,
+        "tracking_uri": a.tracking_uri,
+        "tenants_file": a.tenants_file,
+        "poll_interval_s": a.poll_interval,
+        "threads": a.threads,
+        "num_cpus": a.num_cpus,
+        "shutdown_timeout_s": a.shutdown_timeout,
+        "audit_log": a.audit_log,
+        "audit_prompts": a.audit_prompts,
+    }
     args.update({k: v for k, v in flags.items() if v is not None})
     app = build_app(args)  # validate before starting anything
     cfg = ServeArgs.from_args(args)
@@ -155,8 +185,11 @@ def cli(argv: list[str]) -> None:
         started = True
         node = getattr(ray._private.worker.global_worker, "node", None)  # None when connected to a cluster
         metrics = f"; Prometheus metrics at http://127.0.0.1:{node.metrics_export_port}/metrics" if node else ""
-        print(f"mosaic serve: OpenAI-compatible endpoint at http://{a.host}:{a.port}/v1 "
-              f"(model {cfg.served_name()!r}){metrics}; Ctrl-C to stop", flush=True)  # fmt: skip
+        print(
+            f"mosaic serve: OpenAI-compatible endpoint at http://{a.host}:{a.port}/v1 "
+            f"(model {cfg.served_name()!r}){metrics}; Ctrl-C to stop",
+            flush=True,
+        )
         while not stop.wait(0.5):
             pass
         print(f"mosaic serve: shutting down (bound {cfg.shutdown_timeout_s:.0f}s)", file=sys.stderr, flush=True)

@@ -16,14 +16,21 @@ class ApiError(Exception):
     status: int = 400
     type: str = "invalid_request_error"
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
-                 retry_after_s: float | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, message: str, *, param: str | None = None, code: str | None = None, retry_after_s: float | None = None
+    ) -> None:
         super().__init__(message)
         self.message, self.param, self.code, self.retry_after_s = message, param, code, retry_after_s
 
     def to_body(self) -> "ErrorBody":
-        return ErrorBody(message=self.message, type=self.type, param=self.param, code=self.code, status=self.status,
-                         retry_after_s=self.retry_after_s)  # fmt: skip
+        return ErrorBody(
+            message=self.message,
+            type=self.type,
+            param=self.param,
+            code=self.code,
+            status=self.status,
+            retry_after_s=self.retry_after_s,
+        )
 
 
 class InvalidRequest(ApiError):
@@ -74,7 +81,8 @@ class ErrorBody(BaseModel):
 
     def raise_(self) -> None:
         cls = {401: Unauthorized, 403: Forbidden, 404: NotFound, 429: Overloaded, 503: Unavailable}.get(
-            self.status, InternalError if self.status >= 500 else InvalidRequest)  # fmt: skip
+            self.status, InternalError if self.status >= 500 else InvalidRequest
+        )
         err = cls(self.message, param=self.param, code=self.code, retry_after_s=self.retry_after_s)
         err.status, err.type = self.status, self.type
         raise err
@@ -107,13 +115,19 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
     errors = exc.errors()
     first = errors[0] if errors else {}
     if first.get("type") == "json_invalid":
-        return InvalidRequest(f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}",
-                              code="invalid_json")  # fmt: skip
+        return InvalidRequest(
+            f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}", code="invalid_json"
+        )
     loc = [str(x) for x in first.get("loc", ()) if x != "body"]
     if not loc and first.get("type") == "model_attributes_type":
         return InvalidRequest("the request body must be a JSON object (Content-Type: application/json)", code="invalid_json")
     msg = "; ".join(_describe_validation(e) for e in errors[:5])
     kind = str(first.get("type", ""))
-    code = ("unknown_parameter" if kind == "extra_forbidden"
-            else "invalid_type" if kind.endswith(("_type", "_parsing")) else "invalid_value")  # fmt: skip
+    code = (
+        "unknown_parameter"
+        if kind == "extra_forbidden"
+        else "invalid_type"
+        if kind.endswith(("_type", "_parsing"))
+        else "invalid_value"
+    )
     return InvalidRequest(msg or "invalid request", param=".".join(loc) or None, code=code)

@@ -41,7 +41,6 @@ from pipelines.serve.errors import (
 from pipelines.serve.schema import ChatCompletionRequest, RowRequest, RowResult, StreamEvent
 from pipelines.serve.settings import INGRESS_DEPLOYMENT, IngressSettings, TenantPolicy, _sha256
 
-
 logger = logging.getLogger("ray.serve")  # Serve routes this logger into each replica's log file
 
 
@@ -64,14 +63,21 @@ class ServeMetrics:
     def __init__(self) -> None:
         from ray.serve.metrics import Counter, Histogram
 
-        self.requests = Counter("mosaic_requests", description="Chat completion requests, by HTTP status.",
-                                tag_keys=(*METRIC_TAGS, "status"))  # fmt: skip
-        self.refusals = Counter("mosaic_refusals", description="Answers that start with the refusal template.",
-                                tag_keys=METRIC_TAGS)  # fmt: skip
-        self.tokens = Counter("mosaic_tokens", description="Tokens: prompt, control (module) and completion.",
-                              tag_keys=(*METRIC_TAGS, "kind"))  # fmt: skip
-        self.latency = Histogram("mosaic_request_latency_s", description="Seconds from request to last byte of the answer.",
-                                 boundaries=LATENCY_BUCKETS_S, tag_keys=METRIC_TAGS)  # fmt: skip
+        self.requests = Counter(
+            "mosaic_requests", description="Chat completion requests, by HTTP status.", tag_keys=(*METRIC_TAGS, "status")
+        )
+        self.refusals = Counter(
+            "mosaic_refusals", description="Answers that start with the refusal template.", tag_keys=METRIC_TAGS
+        )
+        self.tokens = Counter(
+            "mosaic_tokens", description="Tokens: prompt, control (module) and completion.", tag_keys=(*METRIC_TAGS, "kind")
+        )
+        self.latency = Histogram(
+            "mosaic_request_latency_s",
+            description="Seconds from request to last byte of the answer.",
+            boundaries=LATENCY_BUCKETS_S,
+            tag_keys=METRIC_TAGS,
+        )
 
     def observe(self, rec: dict[str, Any]) -> None:
         tags = metric_tags(rec)
@@ -87,9 +93,11 @@ class ServeMetrics:
 def metric_tags(rec: dict[str, Any]) -> dict[str, str]:
     active = rec.get("active_modules") or []
     versions = rec.get("module_versions") or {}
-    return {"modules": "+".join(active) or "none",
-            "module_versions": ",".join(f"{c}={versions[c]}" for c in active if c in versions) or "none",
-            "tenant": rec.get("tenant") or "open"}  # fmt: skip
+    return {
+        "modules": "+".join(active) or "none",
+        "module_versions": ",".join(f"{c}={versions[c]}" for c in active if c in versions) or "none",
+        "tenant": rec.get("tenant") or "open",
+    }
 
 
 def audit_logger(destination: str | None, max_bytes: int = 64 << 20, backups: int = 10) -> logging.Logger | None:
@@ -110,8 +118,9 @@ def audit_logger(destination: str | None, max_bytes: int = 64 << 20, backups: in
     else:
         folder = Path(destination)
         folder.mkdir(parents=True, exist_ok=True)
-        handler = RotatingFileHandler(folder / f"audit-{os.getpid()}.jsonl", maxBytes=max_bytes, backupCount=backups,
-                                      encoding="utf-8")  # fmt: skip
+        handler = RotatingFileHandler(
+            folder / f"audit-{os.getpid()}.jsonl", maxBytes=max_bytes, backupCount=backups, encoding="utf-8"
+        )
     handler.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(handler)
     return log
@@ -120,9 +129,26 @@ def audit_logger(destination: str | None, max_bytes: int = 64 << 20, backups: in
 def audit_record(rec: dict[str, Any], with_prompts: bool) -> dict[str, Any]:
     """The audit line of a finished request: who, which modules (requested, forced, active, versions), refused or
     not, token counts, latency, status; messages and answer only `with_prompts`."""
-    keys = ("time", "request_id", "tenant", "model", "profile", "requested_modules", "forced_modules", "active_modules",
-            "module_versions", "refused", "prompt_tokens", "control_tokens", "completion_tokens", "finish_reason",
-            "latency_s", "status", "error_code", "stream")  # fmt: skip
+    keys = (
+        "time",
+        "request_id",
+        "tenant",
+        "model",
+        "profile",
+        "requested_modules",
+        "forced_modules",
+        "active_modules",
+        "module_versions",
+        "refused",
+        "prompt_tokens",
+        "control_tokens",
+        "completion_tokens",
+        "finish_reason",
+        "latency_s",
+        "status",
+        "error_code",
+        "stream",
+    )
     out = {k: rec.get(k) for k in keys}
     if with_prompts:
         out["messages"], out["answer"] = rec.get("messages"), rec.get("answer")
@@ -152,8 +178,10 @@ class MosaicIngress:
         # Graceful shutdown (drain): requests in flight, refuse new ones, cancel the rest at the deadline.
         self.in_flight, self.draining, self.abort = 0, False, asyncio.Event()
         if not self.tenants:
-            logger.warning("no tenants configured (MOSAIC_TENANTS_FILE / MOSAIC_TENANTS): the endpoint is OPEN, "
-                           "no API key is required and no module is mandatory")  # fmt: skip
+            logger.warning(
+                "no tenants configured (MOSAIC_TENANTS_FILE / MOSAIC_TENANTS): the endpoint is OPEN, "
+                "no API key is required and no module is mandatory"
+            )
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """Built on the replica after __init__ (late-bound ingress): nothing is constructed at import time."""
@@ -189,8 +217,11 @@ class MosaicIngress:
             self.in_flight += 1
             try:
                 if self.draining:
-                    raise Unavailable("the server is shutting down; retry on another replica", code="shutting_down",
-                                      retry_after_s=self.settings.retry_after_s)  # fmt: skip
+                    raise Unavailable(
+                        "the server is shutting down; retry on another replica",
+                        code="shutting_down",
+                        retry_after_s=self.settings.retry_after_s,
+                    )
                 tenant = self.authenticate(authorization)
                 rec["tenant"] = tenant.name if tenant else None
                 response = await self.chat(body, tenant, rec)
@@ -211,24 +242,29 @@ class MosaicIngress:
         @app.get("/v1/models")
         async def models(authorization: str | None = Header(None)) -> dict[str, Any]:
             self.authenticate(authorization)
-            return {"object": "list", "data": [{"id": self.settings.model_name, "object": "model", "created": 0,
-                                                "owned_by": "mosaic"}]}  # fmt: skip
+            return {
+                "object": "list",
+                "data": [{"id": self.settings.model_name, "object": "model", "created": 0, "owned_by": "mosaic"}],
+            }
 
         @app.get("/v1/modules")
         async def modules(authorization: str | None = Header(None)) -> dict[str, Any]:
             tenant = self.authenticate(authorization)
             info = await self.call(self.backbone.modules.remote())
             data = [{"id": m["category"], "object": "safety_module", **m} for m in info.pop("modules")]
-            return {"object": "list", "data": data, **info,
-                    "mandatory_modules": list(tenant.mandatory_modules) if tenant else []}  # fmt: skip
+            return {"object": "list", "data": data, **info, "mandatory_modules": list(tenant.mandatory_modules) if tenant else []}
 
         @app.get("/v1/profiles")
         async def profiles(authorization: str | None = Header(None)) -> dict[str, Any]:
             tenant = self.authenticate(authorization)
             allowed = tenant.allowed_profiles if tenant and tenant.allowed_profiles is not None else None
-            return {"object": "list", "data": [{"id": k, "object": "safety_profile", "modules": v,
-                                                "allowed": allowed is None or k in allowed}
-                                               for k, v in self.settings.profiles.items()]}  # fmt: skip
+            return {
+                "object": "list",
+                "data": [
+                    {"id": k, "object": "safety_profile", "modules": v, "allowed": allowed is None or k in allowed}
+                    for k, v in self.settings.profiles.items()
+                ],
+            }
 
         @app.get("/healthz")
         async def healthz() -> dict[str, Any]:
@@ -236,9 +272,10 @@ class MosaicIngress:
                 raise Unavailable("shutting down", code="shutting_down", retry_after_s=self.settings.retry_after_s)
             try:
                 health = await asyncio.wait_for(self.call(self.backbone.health.remote()), timeout=10)
-            except (ApiError, asyncio.TimeoutError) as e:
-                raise Unavailable(f"backbone not ready: {getattr(e, 'message', 'timed out')}", code="not_ready",
-                                  retry_after_s=1.0) from None  # fmt: skip
+            except (TimeoutError, ApiError) as e:
+                raise Unavailable(
+                    f"backbone not ready: {getattr(e, 'message', 'timed out')}", code="not_ready", retry_after_s=1.0
+                ) from None
             if health.get("status") != "ok":
                 raise Unavailable("backbone is loading its modules", code="not_ready", retry_after_s=1.0)
             return health
@@ -264,12 +301,17 @@ class MosaicIngress:
         chosen: list[str] = []
         if body.safety_profile is not None:
             if body.safety_profile not in self.settings.profiles:
-                raise InvalidRequest(f"unknown safety_profile {body.safety_profile!r}; available: "
-                                     f"{sorted(self.settings.profiles)}", param="safety_profile",
-                                     code="unknown_profile")  # fmt: skip
+                raise InvalidRequest(
+                    f"unknown safety_profile {body.safety_profile!r}; available: {sorted(self.settings.profiles)}",
+                    param="safety_profile",
+                    code="unknown_profile",
+                )
             if tenant and tenant.allowed_profiles is not None and body.safety_profile not in tenant.allowed_profiles:
-                raise Forbidden(f"tenant {tenant.name!r} may not use profile {body.safety_profile!r}; allowed: "
-                                f"{tenant.allowed_profiles}", param="safety_profile", code="profile_not_allowed")  # fmt: skip
+                raise Forbidden(
+                    f"tenant {tenant.name!r} may not use profile {body.safety_profile!r}; allowed: {tenant.allowed_profiles}",
+                    param="safety_profile",
+                    code="profile_not_allowed",
+                )
             chosen += self.settings.profiles[body.safety_profile]
         chosen += body.safety_modules or []
         mandatory = list(tenant.mandatory_modules) if tenant else []
@@ -279,15 +321,21 @@ class MosaicIngress:
     def row(self, body: ChatCompletionRequest, active: list[str]) -> RowRequest:
         """Validate what pydantic cannot (needs config or cross-field rules) and build the backbone's row."""
         if body.model != self.settings.model_name:
-            raise NotFound(f"model {body.model!r} does not exist; this server serves {self.settings.model_name!r}",
-                           param="model", code="model_not_found")  # fmt: skip
+            raise NotFound(
+                f"model {body.model!r} does not exist; this server serves {self.settings.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
         limit = self.settings.max_tokens_limit
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         if max_tokens is not None and max_tokens > limit:
-            raise InvalidRequest(f"max_tokens {max_tokens} is out of range: 1..{limit}", param="max_tokens",
-                                 code="invalid_value")  # fmt: skip
-        unsupported = {"n": body.n != 1, "logprobs": bool(body.logprobs), "presence_penalty": bool(body.presence_penalty),
-                       "frequency_penalty": bool(body.frequency_penalty)}  # fmt: skip
+            raise InvalidRequest(f"max_tokens {max_tokens} is out of range: 1..{limit}", param="max_tokens", code="invalid_value")
+        unsupported = {
+            "n": body.n != 1,
+            "logprobs": bool(body.logprobs),
+            "presence_penalty": bool(body.presence_penalty),
+            "frequency_penalty": bool(body.frequency_penalty),
+        }
         for name, bad in unsupported.items():
             if bad:
                 raise InvalidRequest(f"{name} is not supported by this server", param=name, code="unsupported_parameter")
@@ -297,28 +345,57 @@ class MosaicIngress:
         if not any(m["role"] == "user" and m["content"].strip() for m in messages):
             raise InvalidRequest("messages contain no user text", param="messages", code="invalid_value")
         temperature = body.temperature if body.temperature is not None else self.settings.default_temperature
-        return RowRequest(messages=messages, active=active, max_tokens=max_tokens, temperature=temperature,
-                          top_p=body.top_p if body.top_p is not None else 1.0, seed=body.seed, stop=list(body.stop or []),
-                          ignore_eos=body.ignore_eos)  # fmt: skip
+        return RowRequest(
+            messages=messages,
+            active=active,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=body.top_p if body.top_p is not None else 1.0,
+            seed=body.seed,
+            stop=list(body.stop or []),
+            ignore_eos=body.ignore_eos,
+        )
 
     # ----------------------------------------------------------------------------------------- audit, drain
 
     def begin(self, body: ChatCompletionRequest | None) -> dict[str, Any]:
         """A request's audit record, filled in as it goes and written once by `finish`."""
-        return {"request_id": f"chatcmpl-{uuid.uuid4().hex}", "t0": time.monotonic(), "tenant": None,
-                "model": body.model if body else None, "profile": body.safety_profile if body else None,
-                "requested_modules": list(body.safety_modules or []) if body else [], "forced_modules": [],
-                "active_modules": [], "module_versions": {}, "refused": None, "prompt_tokens": 0,
-                "control_tokens": 0, "completion_tokens": 0, "finish_reason": None, "status": None,
-                "error_code": None, "stream": bool(body and body.stream), "answer": None,
-                "messages": [m.model_dump(exclude_none=True) for m in body.messages] if body else None}  # fmt: skip
+        return {
+            "request_id": f"chatcmpl-{uuid.uuid4().hex}",
+            "t0": time.monotonic(),
+            "tenant": None,
+            "model": body.model if body else None,
+            "profile": body.safety_profile if body else None,
+            "requested_modules": list(body.safety_modules or []) if body else [],
+            "forced_modules": [],
+            "active_modules": [],
+            "module_versions": {},
+            "refused": None,
+            "prompt_tokens": 0,
+            "control_tokens": 0,
+            "completion_tokens": 0,
+            "finish_reason": None,
+            "status": None,
+            "error_code": None,
+            "stream": bool(body and body.stream),
+            "answer": None,
+            "messages": [m.model_dump(exclude_none=True) for m in body.messages] if body else None,
+        }
 
     def record_result(self, rec: dict[str, Any], result: RowResult) -> None:
-        rec.update(active_modules=list(result.active_modules), module_versions=dict(result.module_versions),
-                   prompt_tokens=result.prompt_tokens, control_tokens=result.control_tokens)  # fmt: skip
+        rec.update(
+            active_modules=list(result.active_modules),
+            module_versions=dict(result.module_versions),
+            prompt_tokens=result.prompt_tokens,
+            control_tokens=result.control_tokens,
+        )
         if result.error is None:
-            rec.update(completion_tokens=result.completion_tokens, finish_reason=result.finish_reason,
-                       answer=result.text, refused=self.refusal.is_refusal("", result.text))  # fmt: skip
+            rec.update(
+                completion_tokens=result.completion_tokens,
+                finish_reason=result.finish_reason,
+                answer=result.text,
+                refused=self.refusal.is_refusal("", result.text),
+            )
 
     def finish(self, rec: dict[str, Any], error: ApiError | ErrorBody | None = None) -> None:
         """Close a request's record: one audit line, the metrics. Never raises (observability must not fail a request)."""
@@ -332,9 +409,10 @@ class MosaicIngress:
                 rec["error_code"] = error.code or error.type
             self.metrics.observe(rec)
             if self.audit is not None:
-                self.audit.info(json.dumps(audit_record(rec, self.settings.audit_prompts), ensure_ascii=False,
-                                           separators=(",", ":")))  # fmt: skip
-        except Exception:  # noqa: BLE001
+                self.audit.info(
+                    json.dumps(audit_record(rec, self.settings.audit_prompts), ensure_ascii=False, separators=(",", ":"))
+                )
+        except Exception:
             logger.exception("writing the audit record / metrics failed")
 
     async def drain(self, timeout_s: float, grace_s: float = 3.0) -> dict[str, int]:
@@ -375,8 +453,11 @@ class MosaicIngress:
         if asyncio.iscoroutine(response):
             response.close()  # never started (e.g. a stream's __anext__): nothing to cancel, no "never awaited"
         _cancel_quietly(response)
-        raise Unavailable("the server is shutting down: the request was cancelled before it finished",
-                          code="shutting_down", retry_after_s=self.settings.retry_after_s)  # fmt: skip
+        raise Unavailable(
+            "the server is shutting down: the request was cancelled before it finished",
+            code="shutting_down",
+            retry_after_s=self.settings.retry_after_s,
+        )
 
     async def call(self, response: Any, cancel_with: Any = None) -> Any:
         """Await a backbone call; Serve's overload and availability failures become 429 / 503."""
@@ -386,18 +467,20 @@ class MosaicIngress:
             if cancel_with is not None:  # a stream's __anext__ was abandoned: cancel the stream itself
                 try:
                     cancel_with.cancel()
-                except Exception:  # noqa: BLE001
+                except Exception:
                     pass
             raise
         except BackPressureError as e:
-            raise Overloaded(f"the server is busy ({e}); retry shortly", code="queue_full",
-                             retry_after_s=self.settings.retry_after_s) from None  # fmt: skip
+            raise Overloaded(
+                f"the server is busy ({e}); retry shortly", code="queue_full", retry_after_s=self.settings.retry_after_s
+            ) from None
         except (DeploymentUnavailableError, ReplicaUnavailableError) as e:
             raise Unavailable(f"backbone unavailable: {e}", code="unavailable", retry_after_s=1.0) from None
         except Exception as e:  # a replica that died mid-request (RayActorError...), restarting
             if type(e).__module__.startswith("ray"):
-                raise Unavailable(f"backbone unavailable ({type(e).__name__}); retry shortly", code="unavailable",
-                                  retry_after_s=1.0) from None  # fmt: skip
+                raise Unavailable(
+                    f"backbone unavailable ({type(e).__name__}); retry shortly", code="unavailable", retry_after_s=1.0
+                ) from None
             raise
 
     # ----------------------------------------------------------------------------------------- chat
@@ -412,10 +495,22 @@ class MosaicIngress:
             self.record_result(rec, result)
             if result.error is not None:
                 result.error.raise_()
-            return {"id": rid, "object": "chat.completion", "created": created, "model": self.settings.model_name,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                                 "finish_reason": result.finish_reason, "logprobs": None}],
-                    "usage": _usage(result), "mosaic": _mosaic(result, forced, body, tenant)}  # fmt: skip
+            return {
+                "id": rid,
+                "object": "chat.completion",
+                "created": created,
+                "model": self.settings.model_name,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": result.text},
+                        "finish_reason": result.finish_reason,
+                        "logprobs": None,
+                    }
+                ],
+                "usage": _usage(result),
+                "mosaic": _mosaic(result, forced, body, tenant),
+            }
 
         events = self.backbone.options(stream=True).stream.remote(row)
         first: StreamEvent = await self.call(events.__anext__(), cancel_with=events)
@@ -424,8 +519,14 @@ class MosaicIngress:
             first.result.error.raise_()  # refused before any token: a plain JSON error, not a stream
 
         def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
-            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.settings.model_name,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra}  # fmt: skip
+            return {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": self.settings.model_name,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+                **extra,
+            }
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
@@ -475,16 +576,24 @@ def _cancel_quietly(response: Any) -> None:
     if callable(cancel):
         try:
             cancel()
-        except Exception:  # noqa: BLE001
+        except Exception:
             pass
 
 
 def _usage(r: RowResult) -> dict[str, int]:
-    return {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
-            "total_tokens": r.prompt_tokens + r.completion_tokens}  # fmt: skip
+    return {
+        "prompt_tokens": r.prompt_tokens,
+        "completion_tokens": r.completion_tokens,
+        "total_tokens": r.prompt_tokens + r.completion_tokens,
+    }
 
 
 def _mosaic(r: RowResult, forced: list[str], body: ChatCompletionRequest, tenant: TenantPolicy | None) -> dict[str, Any]:
-    return {"active_modules": r.active_modules, "module_versions": r.module_versions, "forced_modules": forced,
-            "profile": body.safety_profile, "tenant": tenant.name if tenant else None,
-            "control_tokens": r.control_tokens}  # fmt: skip
+    return {
+        "active_modules": r.active_modules,
+        "module_versions": r.module_versions,
+        "forced_modules": forced,
+        "profile": body.safety_profile,
+        "tenant": tenant.name if tenant else None,
+        "control_tokens": r.control_tokens,
+    }

@@ -49,9 +49,20 @@ def load_modules(source: ModuleSource, expected: Any) -> ModuleState:
         for c in bank.categories:
             meta = read_meta(bank_dir / manifest["modules"][c]["path"])
             # A local bank has no registry version: the tensor's hash names exactly what is served.
-            modules.append({"category": c, "version": f"local-{meta.sha256[:12]}", "name": c, "uri": str(bank_dir / c),
-                            "requested": str(bank_dir), "aliases": [], "sha256": meta.sha256, "m": bank.m,
-                            "placement": bank.placement, "training_run_id": meta.training_run_id or "none"})  # fmt: skip
+            modules.append(
+                {
+                    "category": c,
+                    "version": f"local-{meta.sha256[:12]}",
+                    "name": c,
+                    "uri": str(bank_dir / c),
+                    "requested": str(bank_dir),
+                    "aliases": [],
+                    "sha256": meta.sha256,
+                    "m": bank.m,
+                    "placement": bank.placement,
+                    "training_run_id": meta.training_run_id or "none",
+                }
+            )
         return ModuleState(bank, tuple(modules), source)
     if source.modules:
         from mosaic_core.bundle import parse_module_uri

@@ -23,7 +23,6 @@ from mosaic_core.config import DEFAULT_REFUSAL
 from mosaic_core.errors import ConfigError
 from pipelines.serve.errors import _describe_validation
 
-
 APP_NAME = "mosaic"
 BACKBONE_DEPLOYMENT, INGRESS_DEPLOYMENT = "MosaicBackbone", "MosaicIngress"
 DEFAULT_PROFILES: dict[str, list[str]] = {"minor": list(CATEGORIES), "none": []}
@@ -39,15 +38,20 @@ class ModuleSource(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    modules: list[str] = Field(default_factory=list, description="Registry modules: `models:/<name>@<alias>`, "
-                               "`models:/<name>/<version>`, or a bare category "
-                               "(`mosaic.<backbone>.<category>@<alias>`).")  # fmt: skip
+    modules: list[str] = Field(
+        default_factory=list,
+        description="Registry modules: `models:/<name>@<alias>`, "
+        "`models:/<name>/<version>`, or a bare category "
+        "(`mosaic.<backbone>.<category>@<alias>`).",
+    )
     alias: str = Field("production", description="Registry alias used for bare category names.")
     bank_dir: str | None = Field(None, description="A local bank directory (absolute) instead of the registry.")
-    tracking_uri: str | None = Field(None, description="MLflow tracking/registry URI (default: MLFLOW_TRACKING_URI in "
-                                     "the replica's environment).")  # fmt: skip
-    poll_interval_s: float | None = Field(None, gt=0, description="Re-resolve aliases every N seconds and swap when a "
-                                          "version moved (None: only on reconfigure).")  # fmt: skip
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking/registry URI (default: MLFLOW_TRACKING_URI in the replica's environment)."
+    )
+    poll_interval_s: float | None = Field(
+        None, gt=0, description="Re-resolve aliases every N seconds and swap when a version moved (None: only on reconfigure)."
+    )
     revision: str | None = Field(None, description="Free-form; change it to force a re-resolve of unchanged aliases.")
 
     @model_validator(mode="after")
@@ -65,8 +69,9 @@ class ModuleSource(BaseModel):
         """Every module as a `models:/` URI; bare categories named after the backbone actually loaded."""
         from mosaic_core.bundle import registered_name
 
-        return [m if m.startswith("models:/") else f"models:/{registered_name(backbone_id, m)}@{self.alias}"
-                for m in self.modules]  # fmt: skip
+        return [
+            m if m.startswith("models:/") else f"models:/{registered_name(backbone_id, m)}@{self.alias}" for m in self.modules
+        ]
 
 
 class TenantPolicy(BaseModel):
@@ -105,34 +110,54 @@ class ServeArgs(ModuleSource):
 
     backbone: str = Field(EMBEDDED, description="HF id, local model dir, or the embedded default.")
     model_name: str | None = Field(None, description="Name served by /v1/models (default: the backbone's id).")
-    profiles: dict[str, list[str]] = Field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_PROFILES.items()},
-                                           description="Named module sets a request can pick with `safety_profile`.")  # fmt: skip
+    profiles: dict[str, list[str]] = Field(
+        default_factory=lambda: {k: list(v) for k, v in DEFAULT_PROFILES.items()},
+        description="Named module sets a request can pick with `safety_profile`.",
+    )
     tenants_file: str | None = Field(None, description="JSON/YAML tenants file (never in the repo).")
     threads: int = Field(2, ge=1, le=256, description="torch intra-op threads per backbone replica.")
     num_cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved per backbone replica.")
     num_replicas: int = Field(1, ge=1, description="Backbone replicas (each holds the model and all modules).")
-    max_batch_size: int = Field(16, ge=1, le=256, description="Rows decoding together in a backbone replica (the "
-                                "running batch: requests join and leave it between decode steps).")  # fmt: skip
-    max_queued_requests: int = Field(64, ge=0, description="Requests a replica keeps waiting for a free row; beyond "
-                                     "that: 429 with Retry-After at once.")  # fmt: skip
+    max_batch_size: int = Field(
+        16,
+        ge=1,
+        le=256,
+        description="Rows decoding together in a backbone replica (the "
+        "running batch: requests join and leave it between decode steps).",
+    )
+    max_queued_requests: int = Field(
+        64, ge=0, description="Requests a replica keeps waiting for a free row; beyond that: 429 with Retry-After at once."
+    )
     retry_after_s: float = Field(1.0, ge=0, description="Retry-After sent with a 429.")
     max_tokens_limit: int = Field(512, ge=1, description="Largest max_tokens a request may ask for.")
     default_max_tokens: int = Field(128, ge=1, description="max_tokens when a request gives none (capped by context).")
-    default_temperature: float = Field(0.0, ge=0, le=2, description="Temperature when a request gives none: greedy, "
-                                       "because modules were trained against the base model's greedy answers.")  # fmt: skip
-    max_context_tokens: int | None = Field(None, ge=8, description="Prompt + control + new tokens budget (default: the "
-                                           "model's max_position_embeddings).")  # fmt: skip
+    default_temperature: float = Field(
+        0.0,
+        ge=0,
+        le=2,
+        description="Temperature when a request gives none: greedy, "
+        "because modules were trained against the base model's greedy answers.",
+    )
+    max_context_tokens: int | None = Field(
+        None, ge=8, description="Prompt + control + new tokens budget (default: the model's max_position_embeddings)."
+    )
     health_check_period_s: float = Field(5.0, gt=0, description="How often Serve checks a backbone replica.")
-    shutdown_timeout_s: float = Field(30.0, gt=0, description="How long a replica Serve stops (shutdown, redeploy) "
-                                      "may finish its in-flight requests (graceful_shutdown_timeout_s).")  # fmt: skip
-    audit_log: str | None = Field("stdout", description="Audit trail, one JSON line per request: `stdout` (the "
-                                  "ingress replica's log), a directory (one `audit-<pid>.jsonl` per ingress replica "
-                                  "process, rotated), or `off`.")  # fmt: skip
+    shutdown_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="How long a replica Serve stops (shutdown, redeploy) "
+        "may finish its in-flight requests (graceful_shutdown_timeout_s).",
+    )
+    audit_log: str | None = Field(
+        "stdout",
+        description="Audit trail, one JSON line per request: `stdout` (the "
+        "ingress replica's log), a directory (one `audit-<pid>.jsonl` per ingress replica "
+        "process, rotated), or `off`.",
+    )
     audit_prompts: bool = Field(False, description="Also write messages and answers into the audit log.")
     audit_max_bytes: int = Field(64 << 20, ge=1024, description="Rotate an audit file at this size.")
     audit_backup_count: int = Field(10, ge=0, description="Rotated audit files kept per replica process.")
-    refusal_template: str = Field(DEFAULT_REFUSAL, description="An answer starting with it counts as a refusal "
-                                  "(metrics, audit).")  # fmt: skip
+    refusal_template: str = Field(DEFAULT_REFUSAL, description="An answer starting with it counts as a refusal (metrics, audit).")
 
     @field_validator("profiles")
     @classmethod
@@ -227,8 +252,14 @@ def load_tenants(path: str | None, profiles: dict[str, list[str]]) -> list[Tenan
         if unknown:
             problems.append(f"{where}: tenant {name!r} allows unknown profile(s) {unknown}; known: {sorted(profiles)}")
         if digests:
-            tenants.append(TenantPolicy(name=str(name), key_sha256=digests, mandatory_modules=entry.mandatory_modules,
-                                        allowed_profiles=entry.allowed_profiles))  # fmt: skip
+            tenants.append(
+                TenantPolicy(
+                    name=str(name),
+                    key_sha256=digests,
+                    mandatory_modules=entry.mandatory_modules,
+                    allowed_profiles=entry.allowed_profiles,
+                )
+            )
     if problems:
         raise ConfigError(problems, "tenants")
     return tenants

@@ -29,8 +29,9 @@ def test_embedded_backbone_fingerprint(smollm):
 def test_empty_active_set_is_the_bare_model(smollm, placement):
     bank = ControlTokenBank.build(BankConfig(categories=CATEGORIES, m=5), smollm.embeddings, smollm.tokenizer)
     prompt = "Can you recommend a good red wine for a steak dinner?"
-    ids = smollm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                               return_tensors="pt", return_dict=True)["input_ids"]  # fmt: skip
+    ids = smollm.tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
     with torch.inference_mode():
         bare = smollm.model(input_ids=ids).logits
         batch = encode_batch(smollm.tokenizer, smollm.model.get_input_embeddings(), bank, [prompt], [[]], placement)
@@ -42,21 +43,37 @@ def test_base_model_answers_category_requests_by_default(smollm):
     """The gap the modules must close (docs/architecture.md): the bare model rarely refuses any category."""
     rows = [r for r in load_jsonl([ROOT / "data" / "mosaic-bench"]) if r["kind"] == "target" and r["split"] == "test"]
     probes = [r for c in CATEGORIES for r in [x for x in rows if x["category"] == c][:2]]
-    batch = encode_batch(smollm.tokenizer, smollm.model.get_input_embeddings(), None, [r["prompt"] for r in probes],
-                         [[] for _ in probes], "before_assistant")  # fmt: skip
+    batch = encode_batch(
+        smollm.tokenizer,
+        smollm.model.get_input_embeddings(),
+        None,
+        [r["prompt"] for r in probes],
+        [[] for _ in probes],
+        "before_assistant",
+    )
     gens = generate(smollm.model, batch, max_new_tokens=16, eos_token_ids=[smollm.tokenizer.eos_token_id])
     judge = make_judge()
-    refused = [judge.is_refusal(r["prompt"], smollm.tokenizer.decode(g.token_ids, skip_special_tokens=True)) for r, g in zip(probes, gens)]
+    refused = [
+        judge.is_refusal(r["prompt"], smollm.tokenizer.decode(g.token_ids, skip_special_tokens=True))
+        for r, g in zip(probes, gens)
+    ]
     assert sum(refused) <= 3, refused  # 10 probes; ~5 % measured before the project started
 
 
 def test_mosaic_chat_cli(tmp_path):
     env_py = Path(sys.executable).parent
     bank = tmp_path / "bank"
-    subprocess.run([env_py / "mosaic", "bank", "init", "--out", bank, "--m", "2", "--categories", "alcohol,betting"], check=True,
-                   capture_output=True)  # fmt: skip
-    out = subprocess.run([env_py / "mosaic", "chat", "Name a fruit.", "--modules", "betting,alcohol", "--bank", bank,
-                          "--max-new-tokens", "8"], check=True, capture_output=True, text=True)  # fmt: skip
+    subprocess.run(
+        [env_py / "mosaic", "bank", "init", "--out", bank, "--m", "2", "--categories", "alcohol,betting"],
+        check=True,
+        capture_output=True,
+    )
+    out = subprocess.run(
+        [env_py / "mosaic", "chat", "Name a fruit.", "--modules", "betting,alcohol", "--bank", bank, "--max-new-tokens", "8"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     assert "modules: alcohol, betting" in out.stdout and "finish_reason=" in out.stderr
     bad = subprocess.run([env_py / "mosaic", "chat", "hi", "--modules", "vaping", "--bank", bank], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown safety module(s) ['vaping']" in bad.stderr and "Traceback" not in bad.stderr
@@ -104,8 +121,9 @@ def test_the_deep_probe_bank_refuses_its_own_category_and_leaves_general_request
 
     def refused(rs, active):
         with torch.no_grad():
-            out = refusal_score(smollm.model, smollm.tokenizer, bank, [r["prompt"] for r in rs], active, bank.placement, ids,
-                                cache=cache)  # fmt: skip
+            out = refusal_score(
+                smollm.model, smollm.tokenizer, bank, [r["prompt"] for r in rs], active, bank.placement, ids, cache=cache
+            )
         return int(out.greedy.sum())
 
     own, cross = refused(probes, [[r["category"]] for r in probes]), refused(probes, [[other[r["category"]]] for r in probes])

@@ -16,8 +16,22 @@ CONFIGS = ("torch", "torch-prefix-cache", "torch-online-teacher", "peft-prompt-t
 def test_in_process_configurations_report_tokens_per_s(tmp_path, tiny_model_dir):
     run = make_run(tmp_path, tiny_model_dir)  # 8 train rows = (1 warm-up + 1 step) x batch 4
     out = tmp_path / "results.json"
-    cmd = [sys.executable, "benchmarks/train_throughput.py", "--run", str(run), "--steps", "1", "--batch", "4",
-           "--threads", "1", "--configs", ",".join(CONFIGS), "--json", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "benchmarks/train_throughput.py",
+        "--run",
+        str(run),
+        "--steps",
+        "1",
+        "--batch",
+        "4",
+        "--threads",
+        "1",
+        "--configs",
+        ",".join(CONFIGS),
+        "--json",
+        str(out),
+    ]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     rows = [line.split("|")[1:-1] for line in p.stdout.splitlines() if line.startswith("| ") and "configuration" not in line]

@@ -54,7 +54,9 @@ def test_local_cluster_scripts_parse_and_bind_loopback(script):
     text = path.read_text()
     assert "pkill" not in text and "killall" not in text and "ray stop" not in text.replace("never `ray stop`", "")
     if script == "start.sh":
-        assert "--dashboard-host 127.0.0.1" in text and "--host 127.0.0.1" in text and "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0" in text
+        assert (
+            "--dashboard-host 127.0.0.1" in text and "--host 127.0.0.1" in text and "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0" in text
+        )
 
 
 def test_rayservice_serve_config_validates_and_matches_the_app_builder():

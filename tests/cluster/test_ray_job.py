@@ -41,28 +41,64 @@ def test_ray_job_submit_runs_mosaic_run_and_registers_on_the_mlflow_server(tmp_p
     from mosaic_core.bundle import registered_name
 
     ports = {k: _free_port() for k in ("RAY_PORT", "DASH_PORT", "MLFLOW_PORT", "AGENT_PORT", "CLIENT_PORT")}
-    env = {**os.environ, **{k: str(v) for k, v in ports.items()}, "STATE": str(tmp_path / "cluster"), "NUM_CPUS": "2",
-           "BIN": str(BIN), "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # fmt: skip
+    env = {
+        **os.environ,
+        **{k: str(v) for k, v in ports.items()},
+        "STATE": str(tmp_path / "cluster"),
+        "NUM_CPUS": "2",
+        "BIN": str(BIN),
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    }
     env.pop("RAY_ADDRESS", None)
     bench = write_tiny_bench(tmp_path / "bench", per=(3, 2, 2))
     mmlu = write_tiny_mmlu(tmp_path / "mmlu.jsonl")
-    recipe = write_tiny_recipe(tmp_path / "tiny.yaml", tiny_model_dir, bench, name="tiny-job", bank={"categories": ["alcohol", "betting"]},
-                               sampler={"per_subset": 2}, teacher={"max_new_tokens": 3},
-                               eval={"max_order": 2, "fast_cap": 2, "gen_requests": 1, "max_new_tokens": 2, "mmlu": str(mmlu), "xstest_gen": 0})  # fmt: skip
+    recipe = write_tiny_recipe(
+        tmp_path / "tiny.yaml",
+        tiny_model_dir,
+        bench,
+        name="tiny-job",
+        bank={"categories": ["alcohol", "betting"]},
+        sampler={"per_subset": 2},
+        teacher={"max_new_tokens": 3},
+        eval={"max_order": 2, "fast_cap": 2, "gen_requests": 1, "max_new_tokens": 2, "mmlu": str(mmlu), "xstest_gen": 0},
+    )
     try:  # start inside the try: a start that times out half-way must still be stopped
-        started = subprocess.run(["bash", str(ROOT / "cluster" / "local" / "start.sh")], env=env, capture_output=True, text=True,
-                                 timeout=300)  # fmt: skip
+        started = subprocess.run(
+            ["bash", str(ROOT / "cluster" / "local" / "start.sh")], env=env, capture_output=True, text=True, timeout=300
+        )
         assert started.returncode == 0, started.stdout + started.stderr
         assert _listeners_beyond_loopback(set(ports.values())) == []
         server = f"http://127.0.0.1:{ports['MLFLOW_PORT']}"
-        runtime_env = {"excludes": [".venv", "runs", ".git", "**/__pycache__"],
-                       "env_vars": {"MLFLOW_TRACKING_URI": server, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "HF_HUB_OFFLINE": "1"}}  # fmt: skip
+        runtime_env = {
+            "excludes": [".venv", "runs", ".git", "**/__pycache__"],
+            "env_vars": {"MLFLOW_TRACKING_URI": server, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "HF_HUB_OFFLINE": "1"},
+        }
         job = subprocess.run(
-            [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{ports['DASH_PORT']}", "--working-dir", str(ROOT),
-             "--runtime-env-json", json.dumps(runtime_env), "--", "mosaic", "run", "--config", str(recipe),
-             "--out", str(tmp_path / "run")],
-            env=env, capture_output=True, text=True, timeout=900, cwd=ROOT,
-        )  # fmt: skip
+            [
+                str(BIN / "ray"),
+                "job",
+                "submit",
+                "--address",
+                f"http://127.0.0.1:{ports['DASH_PORT']}",
+                "--working-dir",
+                str(ROOT),
+                "--runtime-env-json",
+                json.dumps(runtime_env),
+                "--",
+                "mosaic",
+                "run",
+                "--config",
+                str(recipe),
+                "--out",
+                str(tmp_path / "run"),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            cwd=ROOT,
+        )
         assert job.returncode == 0 and "succeeded" in job.stdout, job.stdout[-4000:] + job.stderr[-2000:]
         assert "MOSAIC run run" in job.stdout and "registered: " in job.stdout
         client = MlflowClient(tracking_uri=server, registry_uri=server)
@@ -72,5 +108,7 @@ def test_ray_job_submit_runs_mosaic_run_and_registers_on_the_mlflow_server(tmp_p
             assert [v.version for v in versions] in (["1"], [1])
         assert (tmp_path / "run" / "eval" / "report.json").is_file() and (tmp_path / "run" / "bank" / "manifest.json").is_file()
     finally:
-        subprocess.run(["bash", str(ROOT / "cluster" / "local" / "stop.sh")], env=env, capture_output=True, text=True, timeout=120)
+        subprocess.run(
+            ["bash", str(ROOT / "cluster" / "local" / "stop.sh")], env=env, capture_output=True, text=True, timeout=120
+        )
     assert not (tmp_path / "cluster" / "ray.pid").exists()

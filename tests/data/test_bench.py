@@ -143,7 +143,7 @@ def test_no_line_frame_repeated_across_many_lines(rows):
 def test_frame_check_catches_slot_filling(rows):
     plain = [r["prompt"] for r in rows if r.get("task") != "factual"]
     slots = [f"What's the best {x} for a {y} who likes it when the weather is nice?" for x, y in
-             zip(("kayak", "tent", "stove", "lantern", "map", "compass", "boot", "hat", "rope", "knife"), ("novice", "pro") * 5)]  # fmt: skip
+             zip(("kayak", "tent", "stove", "lantern", "map", "compass", "boot", "hat", "rope", "knife"), ("novice", "pro") * 5)]
     frames = Counter(f for f in line_frames(plain + slots) if f)
     assert frames.most_common(1)[0][1] > MAX_FRAME
 
@@ -206,7 +206,7 @@ def test_malformed_benchmark_is_rejected_with_every_problem(tmp_path):
         validate_rows(bad, CATEGORIES)
     msg = str(e.value)
     for needle in ("duplicate id", "empty prompt", "split 'dev'", "null exactly for general", "unknown category 'news'",
-                   "missing column", "non-empty list", "must be another known category", "boundary `rule`"):  # fmt: skip
+                   "missing column", "non-empty list", "must be another known category", "boundary `rule`"):
         assert needle in msg
     (tmp_path / "x.jsonl").write_text('{"id": 1}\n{broken\n')
     with pytest.raises(BenchmarkError, match="x.jsonl:2"):
@@ -227,7 +227,7 @@ def test_framings_cover_eight_families_each_split_between_training_and_test2():
     assert chat[-1]["role"] == "user" and "How do frogs sleep?" in chat[-1]["content"] and "{request}" not in str(chat)
     words = [set(normalize_text(" ".join(m["content"] for m in f["messages"])).split()) for f in framings]
     close = [(framings[i]["id"], framings[j]["id"]) for i, j in itertools.combinations(range(len(words)), 2)
-             if len(words[i] & words[j]) / len(words[i] | words[j]) > 0.5]  # fmt: skip
+             if len(words[i] & words[j]) / len(words[i] | words[j]) > 0.5]
     assert close == []
     bad = [f["id"] for f in framings for m in f["messages"] for p in lexicon_problems({"prompt": m["content"], "category": None, "kind": "general"})]
     assert bad == []
@@ -240,7 +240,7 @@ def test_malformed_framings_are_rejected(tmp_path):
     (tmp_path / "f.jsonl").write_text(
         json.dumps({"id": "a", "family": "fiction", "split": "train", "messages": [{"role": "user", "content": "no placeholder"}]}) + "\n"
         + json.dumps({"id": "b", "family": "poetry", "split": "train", "messages": [{"role": "user", "content": "{request}"}]}) + "\n"
-    )  # fmt: skip
+    )
     with pytest.raises(BenchmarkError) as e:
         load_framings(tmp_path / "f.jsonl")
     assert "a: the last turn" in str(e.value) and "poetry" in str(e.value)

@@ -15,8 +15,14 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False,
-                 object_store_memory=300 * 1024**2)  # fmt: skip
+        ray.init(
+            address="local",
+            num_cpus=2,
+            num_gpus=0,
+            include_dashboard=False,
+            log_to_driver=False,
+            object_store_memory=300 * 1024**2,
+        )
     yield ray
     ray.shutdown()
 
@@ -37,8 +43,12 @@ def write_tiny_bench(out: Path, cats=("alcohol", "betting", "horror"), per=(4, 2
 
 
 def write_tiny_mmlu(path: Path, n: int = 2) -> Path:
-    path.write_text("".join(json.dumps({"id": f"q{i}", "subject": "x", "question": f"Q{i}?", "choices": list("abcd"), "answer": 1}) + "\n"
-                            for i in range(n)))  # fmt: skip
+    path.write_text(
+        "".join(
+            json.dumps({"id": f"q{i}", "subject": "x", "question": f"Q{i}?", "choices": list("abcd"), "answer": 1}) + "\n"
+            for i in range(n)
+        )
+    )
     return path
 
 
@@ -46,11 +56,15 @@ def write_tiny_recipe(path: Path, backbone: Path, bench: Path, **sections) -> Pa
     import yaml
 
     rec = {
-        "name": "tiny", "backbone": str(backbone), "benchmark": str(bench),
+        "name": "tiny",
+        "backbone": str(backbone),
+        "benchmark": str(bench),
         "bank": {"categories": ["alcohol", "betting", "horror"], "m": 2},
-        "sampler": {"per_subset": 4, "max_order": 2}, "teacher": {"max_new_tokens": 4, "batch_size": 8},
-        "loss": {"topk": 4, "decision_weight": 1.0, "max_answer_tokens": 3}, "train": {"epochs": 1, "batch_size": 4, "num_workers": 2},
-    }  # fmt: skip
+        "sampler": {"per_subset": 4, "max_order": 2},
+        "teacher": {"max_new_tokens": 4, "batch_size": 8},
+        "loss": {"topk": 4, "decision_weight": 1.0, "max_answer_tokens": 3},
+        "train": {"epochs": 1, "batch_size": 4, "num_workers": 2},
+    }
     for k, v in sections.items():
         rec[k] = {**rec.get(k, {}), **v} if isinstance(v, dict) else v
     path.write_text(yaml.safe_dump(rec))

@@ -72,8 +72,18 @@ def test_rerun_reuses_and_a_changed_input_rebuilds(built, capsys):
     bench2 = d / "bench2"
     shutil.copytree(d / "bench", bench2)
     with open(bench2 / "bench.jsonl", "a") as f:
-        f.write(json.dumps({"id": "general-g-extra00001", "prompt": "How do I boil an egg?", "category": None,
-                            "kind": "general", "split": "train"}) + "\n")  # fmt: skip
+        f.write(
+            json.dumps(
+                {
+                    "id": "general-g-extra00001",
+                    "prompt": "How do I boil an egg?",
+                    "category": None,
+                    "kind": "general",
+                    "split": "train",
+                }
+            )
+            + "\n"
+        )
     recipe2 = write_tiny_recipe(d / "r2.yaml", yaml.safe_load(recipe.read_text())["backbone"], bench2)
     run2 = d / "run2"
     shutil.copytree(run, run2)
@@ -85,8 +95,12 @@ def test_rerun_reuses_and_a_changed_input_rebuilds(built, capsys):
 def test_draws_add_samples_and_the_teacher_answers_every_draws_negatives(built):
     d, recipe, run = built
     one = json.loads((run / "data" / "manifest.json").read_text())
-    recipe3 = write_tiny_recipe(d / "r3.yaml", yaml.safe_load(recipe.read_text())["backbone"], d / "bench",
-                                sampler={"per_subset": 4, "max_order": 2, "draws": 2})  # fmt: skip
+    recipe3 = write_tiny_recipe(
+        d / "r3.yaml",
+        yaml.safe_load(recipe.read_text())["backbone"],
+        d / "bench",
+        sampler={"per_subset": 4, "max_order": 2, "draws": 2},
+    )
     run3 = main(str(recipe3), out=str(d / "run3"))
     ex = pd.read_parquet(run3 / "data" / "examples")
     train = ex[ex["split"] == "train"]
@@ -133,7 +147,9 @@ def test_bad_benchmark_gets_a_clear_error_and_leaves_nothing(tmp_path, tiny_mode
     recipe = write_tiny_recipe(tmp_path / "r.yaml", tiny_model_dir, bench)
     with pytest.raises(BenchmarkError) as e:
         main(str(recipe), out=str(tmp_path / "run"))
-    assert {"corrupt": "cannot read benchmark", "missing_column": "['split']", "empty_split": "split 'val'"}[problem] in str(e.value)
+    assert {"corrupt": "cannot read benchmark", "missing_column": "['split']", "empty_split": "split 'val'"}[problem] in str(
+        e.value
+    )
     assert _no_half_output(tmp_path / "run")
 
 
@@ -165,7 +181,9 @@ def test_val_share_lends_val_requests_to_training_and_validates_on_the_rest(buil
     assert {split_of[p] for p in ex0.loc[ex0["split"] == "train", "prompt_id"]} == {"train"}
 
 
-def test_committed_store_serves_shorter_answers_by_prefix_and_skips_the_teacher(built, tiny_model_dir, tmp_path, monkeypatch, capsys):
+def test_committed_store_serves_shorter_answers_by_prefix_and_skips_the_teacher(
+    built, tiny_model_dir, tmp_path, monkeypatch, capsys
+):
     """A store made at T=4, k=4 serves a recipe asking for T=2, k=3: its rows are the prefixes the teacher itself
     gives at T=2 (greedy is causal), and the data stage runs no teacher pass."""
     import pipelines.data as data_stage
@@ -178,8 +196,13 @@ def test_committed_store_serves_shorter_answers_by_prefix_and_skips_the_teacher(
     rows = pd.read_parquet(run / "data" / "teacher")
     store.add(rows, prompts, backbone=str(tiny_model_dir), max_new_tokens=4, topk=4)
     monkeypatch.setattr(data_stage, "TEACHER_STORE", tmp_path / "teacher")
-    short = write_tiny_recipe(tmp_path / "short.yaml", tiny_model_dir, write_tiny_bench(tmp_path / "bench"),
-                              teacher={"max_new_tokens": 2}, loss={"topk": 3, "max_answer_tokens": 2})  # fmt: skip
+    short = write_tiny_recipe(
+        tmp_path / "short.yaml",
+        tiny_model_dir,
+        write_tiny_bench(tmp_path / "bench"),
+        teacher={"max_new_tokens": 2},
+        loss={"topk": 3, "max_answer_tokens": 2},
+    )
     capsys.readouterr()
     out = main(str(short), out=str(tmp_path / "runs" / "short"))
     assert "answers from the committed store, 0 from" in capsys.readouterr().out
@@ -187,7 +210,9 @@ def test_committed_store_serves_shorter_answers_by_prefix_and_skips_the_teacher(
     assert manifest["teacher_reused"] == manifest["counts"]["teacher_passes"] > 0
     got = pd.read_parquet(out / "data" / "teacher").set_index("prompt_id")
     sample = list(got.index[:3])
-    direct = teacher_outputs(bb.model, bb.tokenizer, [prompts.set_index("prompt_id")["prompt"][p] for p in sample], max_new_tokens=2, topk=3)
+    direct = teacher_outputs(
+        bb.model, bb.tokenizer, [prompts.set_index("prompt_id")["prompt"][p] for p in sample], max_new_tokens=2, topk=3
+    )
     for p, ref in zip(sample, direct):
         assert list(got.loc[p, "response_ids"]) == ref["response_ids"]
         assert [list(x) for x in got.loc[p, "topk_ids"]] == ref["topk_ids"]
@@ -199,15 +224,24 @@ def test_committed_store_serves_shorter_answers_by_prefix_and_skips_the_teacher(
 def test_framed_share_frames_training_requests_and_the_teacher_answers_the_framed_chats(tmp_path, tiny_model_dir):
     from mosaic_core.training import request_of
 
-    recipe = write_tiny_recipe(tmp_path / "r.yaml", tiny_model_dir, write_tiny_bench(tmp_path / "bench"),
-                               sampler={"framed_share": 0.5})  # fmt: skip
+    recipe = write_tiny_recipe(
+        tmp_path / "r.yaml", tiny_model_dir, write_tiny_bench(tmp_path / "bench"), sampler={"framed_share": 0.5}
+    )
     run = main(str(recipe), out=str(tmp_path / "run"))
     ex = pd.read_parquet(run / "data" / "examples")
     train, val = ex[ex["split"] == "train"], ex[ex["split"] == "val"]
     framed = train[train["messages"] != ""]
     assert 0 < len(framed) < len(train) and (val["messages"] == "").all()
-    assert {p.split("@")[1].split("-")[0] for p in framed["prompt_id"]} <= {"roleplay", "fiction", "research", "override", "prefix",
-                                                                             "hypothetical", "translation", "multiturn"}  # fmt: skip
+    assert {p.split("@")[1].split("-")[0] for p in framed["prompt_id"]} <= {
+        "roleplay",
+        "fiction",
+        "research",
+        "override",
+        "prefix",
+        "hypothetical",
+        "translation",
+        "multiturn",
+    }
     teacher = pd.read_parquet(run / "data" / "teacher").set_index("prompt_id")
     neg = framed[framed["label"] == "neg"].iloc[0]
     chat = request_of(neg.to_dict())

@@ -19,8 +19,20 @@ def test_demo_serves_the_bank_calls_it_and_stops_the_server(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("demo_serve", ROOT / "scripts" / "demo_serve.py")
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
-    rows = demo.main(["--bank", str(run / "bank"), "--backbone", str(model_dir), "--model", bb.fingerprint.model_id,
-                      "--max-tokens", "4", "--ready-timeout", "420"])  # fmt: skip
+    rows = demo.main(
+        [
+            "--bank",
+            str(run / "bank"),
+            "--backbone",
+            str(model_dir),
+            "--model",
+            bb.fingerprint.model_id,
+            "--max-tokens",
+            "4",
+            "--ready-timeout",
+            "420",
+        ]
+    )
     out = capsys.readouterr().out
     assert len(rows) == 5 * 3 + 2 * 2  # categories: none / own / all five; general: none / all five
     assert {r["modules"] for r in rows} == {"none", "own", "all five"} and all(isinstance(r["refused"], bool) for r in rows)

@@ -12,27 +12,27 @@ import re
 # Before mlflow is imported (by pipelines.register below): tests send nothing off the machine.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-import hashlib  # noqa: E402
-import shutil  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-import urllib.request  # noqa: E402
-from pathlib import Path  # noqa: E402
-from urllib.parse import unquote, urlparse  # noqa: E402
+import hashlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from urllib.parse import unquote, urlparse
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from mlflow import MlflowClient  # noqa: E402
+import pytest
+import torch
+from mlflow import MlflowClient
 
-from mosaic_core.artifact import save_bank  # noqa: E402
-from mosaic_core.bank import ControlTokenBank  # noqa: E402
-from mosaic_core.bundle import manifest_digest  # noqa: E402
-from mosaic_core.config import BankConfig  # noqa: E402
-from mosaic_core.errors import ArtifactError, IncompatibleBackboneError, IntegrityError, UnknownCategoryError  # noqa: E402
-from pipelines.register import cli, resolve_bundle  # noqa: E402
+from mosaic_core.artifact import save_bank
+from mosaic_core.bank import ControlTokenBank
+from mosaic_core.bundle import manifest_digest
+from mosaic_core.config import BankConfig
+from mosaic_core.errors import ArtifactError, IncompatibleBackboneError, IntegrityError, UnknownCategoryError
+from pipelines.register import cli, resolve_bundle
 
 
 @pytest.fixture(scope="module")
@@ -58,14 +58,16 @@ def fingerprint(tiny_backbone, model_id, **changes):
     return dataclasses.replace(tiny_backbone.fingerprint, model_id=model_id, **changes)
 
 
-def make_run(root, name, fp, embeddings, *, categories=("alcohol", "betting"), training_run_id=None, extends=None,
-             report=None, seed=0):  # fmt: skip
+def make_run(
+    root, name, fp, embeddings, *, categories=("alcohol", "betting"), training_run_id=None, extends=None, report=None, seed=0
+):
     """A run directory as the training stage leaves it: bank/, resolved_config.yaml, optionally eval/report.json."""
     run = Path(root) / "runs" / name
     cfg = BankConfig(categories=tuple(categories), m=2, init="normal", seed=seed)
     bank = ControlTokenBank.build(cfg, embeddings)
-    save_bank(bank, run / "bank", fingerprint=fp, init="normal", training_run_id=training_run_id or f"train-{name}",
-              extends=extends)  # fmt: skip
+    save_bank(
+        bank, run / "bank", fingerprint=fp, init="normal", training_run_id=training_run_id or f"train-{name}", extends=extends
+    )
     (run / "resolved_config.yaml").write_text(f"bank:\n  m: 2\n  seed: {seed}\n")
     if report is not None:
         (run / "eval").mkdir()
@@ -94,19 +96,41 @@ def test_register_twice_gives_versions_1_and_2_with_provenance(here, client, tin
     assert v2.source == (here / "runs" / "mlartifacts").as_uri() + f"/{v2.run_id}/artifacts/modules/alcohol"
     meta = json.loads((run / "bank" / "alcohol" / "module.json").read_text())
     recipe = hashlib.sha256((run / "resolved_config.yaml").read_bytes()).hexdigest()
-    assert {k: v2.tags[k] for k in ("m", "d", "placement", "backbone_fingerprint", "recipe_sha256", "module_sha256",
-                                    "training_run_id", "eval.dsr", "eval.or", "trained_with")} == {
-        "m": "2", "d": str(tiny_backbone.embeddings.shape[1]), "placement": "before_assistant",
-        "backbone_fingerprint": fp.digest, "recipe_sha256": recipe, "module_sha256": meta["sha256"],
-        "training_run_id": "train-reg", "eval.dsr": "0.9123", "eval.or": "0.05", "trained_with": "mosaic.tiny-reg.betting:2",
-    }  # fmt: skip
+    assert {
+        k: v2.tags[k]
+        for k in (
+            "m",
+            "d",
+            "placement",
+            "backbone_fingerprint",
+            "recipe_sha256",
+            "module_sha256",
+            "training_run_id",
+            "eval.dsr",
+            "eval.or",
+            "trained_with",
+        )
+    } == {
+        "m": "2",
+        "d": str(tiny_backbone.embeddings.shape[1]),
+        "placement": "before_assistant",
+        "backbone_fingerprint": fp.digest,
+        "recipe_sha256": recipe,
+        "module_sha256": meta["sha256"],
+        "training_run_id": "train-reg",
+        "eval.dsr": "0.9123",
+        "eval.or": "0.05",
+        "trained_with": "mosaic.tiny-reg.betting:2",
+    }
     assert "eval.note" not in v2.tags
     betting = client.get_model_version("mosaic.tiny-reg.betting", "1")
     assert not any(k.startswith("eval.") for k in betting.tags) and betting.tags["trained_with"] == "mosaic.tiny-reg.alcohol:1"
 
     registered = json.loads((run / "bank" / "registered.json").read_text())
     assert {c: (r["name"], r["version"]) for c, r in registered.items()} == {
-        "alcohol": ("mosaic.tiny-reg.alcohol", "2"), "betting": ("mosaic.tiny-reg.betting", "2")}  # fmt: skip
+        "alcohol": ("mosaic.tiny-reg.alcohol", "2"),
+        "betting": ("mosaic.tiny-reg.betting", "2"),
+    }
     # A version's files are exactly the module artifact.
     listed = client.list_artifacts(v2.run_id, "modules/alcohol")
     assert sorted(Path(f.path).name for f in listed) == ["module.json", "tokens.safetensors"]
@@ -145,7 +169,9 @@ def test_promote_moves_the_alias_and_the_alias_loads_identical_tensors(here, cli
     for c in bank.categories:
         assert torch.equal(loaded.vectors[c], bank.vectors[c].detach())
     assert [(i["name"], i["version"], i["requested"]) for i in info] == [
-        (name, "2", uris[1]), ("mosaic.tiny-promo.betting", "2", uris[0])]  # fmt: skip
+        (name, "2", uris[1]),
+        ("mosaic.tiny-promo.betting", "2", uris[0]),
+    ]
     with pytest.raises(IncompatibleBackboneError):
         resolve_bundle(uris, fingerprint(tiny_backbone, "tiny-promo", embedding_sha256="0" * 64))
     # MLflow 3.17's models:/ download looks names up in the *global* registry (./mlflow.db); we never do.
@@ -168,8 +194,9 @@ def test_incompatible_bundles_are_refused_and_expansions_accepted(here, tiny_bac
         resolve_bundle(["models:/mosaic.tiny-mix.alcohol/1", "models:/mosaic.tiny-mix.betting/2"])
     assert "mosaic.tiny-mix.alcohol v1" in str(e.value) and "mosaic.tiny-mix.betting v2" in str(e.value)
 
-    expanded, _ = resolve_bundle(["models:/mosaic.tiny-mix.horror/1", "models:/mosaic.tiny-mix.alcohol/1",
-                                  "models:/mosaic.tiny-mix.betting/1"], fp)  # fmt: skip
+    expanded, _ = resolve_bundle(
+        ["models:/mosaic.tiny-mix.horror/1", "models:/mosaic.tiny-mix.alcohol/1", "models:/mosaic.tiny-mix.betting/1"], fp
+    )
     assert expanded.categories == ["alcohol", "betting", "horror"]
     with pytest.raises(ArtifactError, match="neither extends"):  # horror extends bank A, not bank B
         resolve_bundle(["models:/mosaic.tiny-mix.horror/1", "models:/mosaic.tiny-mix.alcohol/2"])
@@ -312,8 +339,22 @@ def test_register_against_a_real_mlflow_server_on_loopback(tmp_path, tiny_backbo
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     # No telemetry; no background job runner (8 huey processes, not needed by the registry: halves start-up here).
     env.update(MLFLOW_DISABLE_TELEMETRY="true", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 's.db'}",
-           "--artifacts-destination", str(tmp_path / "art"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{tmp_path / 's.db'}",
+        "--artifacts-destination",
+        str(tmp_path / "art"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     log = (tmp_path / "server.log").open("wb")
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"

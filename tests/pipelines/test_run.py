@@ -19,14 +19,23 @@ def test_mosaic_run_with_a_given_bank(tmp_path, tiny_model_dir, monkeypatch, cap
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     bench = write_tiny_bench(tmp_path / "bench", per=(3, 2, 2))
     mmlu = write_tiny_mmlu(tmp_path / "mmlu.jsonl", n=1)
-    recipe = write_tiny_recipe(tmp_path / "tiny.yaml", tiny_model_dir, bench, name="tiny-run", bank={"categories": ["alcohol", "betting"]},
-                               sampler={"per_subset": 2}, teacher={"max_new_tokens": 3}, train={"num_workers": 1},
-                               eval={"max_order": 2, "fast_cap": 2, "gen_requests": 1, "max_new_tokens": 2, "mmlu": str(mmlu), "xstest_gen": 0})  # fmt: skip
+    recipe = write_tiny_recipe(
+        tmp_path / "tiny.yaml",
+        tiny_model_dir,
+        bench,
+        name="tiny-run",
+        bank={"categories": ["alcohol", "betting"]},
+        sampler={"per_subset": 2},
+        teacher={"max_new_tokens": 3},
+        train={"num_workers": 1},
+        eval={"max_order": 2, "fast_cap": 2, "gen_requests": 1, "max_new_tokens": 2, "mmlu": str(mmlu), "xstest_gen": 0},
+    )
     bb = load_backbone(str(tiny_model_dir))
     given = ControlTokenBank.build(BankConfig(categories=("alcohol", "betting"), m=2, init="normal", seed=7), bb.embeddings)
     save_bank(given, tmp_path / "given", fingerprint=bb.fingerprint, init="normal", training_run_id="the-full-recipe")
-    run = main(str(recipe), name=None, out=str(tmp_path / "run"), overrides=[], xstest=None, bank=str(tmp_path / "given"),
-               workers=1)  # fmt: skip
+    run = main(
+        str(recipe), name=None, out=str(tmp_path / "run"), overrides=[], xstest=None, bank=str(tmp_path / "given"), workers=1
+    )
     out = capsys.readouterr().out
     assert "evaluating and registering the bank from" in out and "registered: " in out and "stage times:" in out
     assert read_meta(run / "bank" / "alcohol").training_run_id == "the-full-recipe"  # the given bank, not the quick one

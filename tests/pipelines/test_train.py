@@ -14,14 +14,20 @@ import pytest
 import torch
 import yaml
 
-from pipelines import _loopback
 from mosaic_core.bundle import manifest_digest
+from pipelines import _loopback
 from pipelines.train import deepspeed_config, load_tables
 from pipelines.train import main as train_main
 
 CATS = ("alcohol", "betting")
-FILES = {"manifest.json", "provenance.json", "alcohol/tokens.safetensors", "alcohol/module.json", "betting/tokens.safetensors",
-         "betting/module.json"}  # fmt: skip
+FILES = {
+    "manifest.json",
+    "provenance.json",
+    "alcohol/tokens.safetensors",
+    "alcohol/module.json",
+    "betting/tokens.safetensors",
+    "betting/module.json",
+}
 
 
 def _requests(split: str):
@@ -40,9 +46,20 @@ def _requests(split: str):
     ]
 
 
-def make_run(root: Path, model_dir: Path, *, name: str = "r1", epochs: int = 2, batch_size: int = 4,
-             max_steps: int | None = None, depth: str = "input", ema: float = 0.0, request_dropout: float = 0.0,
-             phases: list[dict] | None = None, report_every: int = 20) -> Path:  # fmt: skip
+def make_run(
+    root: Path,
+    model_dir: Path,
+    *,
+    name: str = "r1",
+    epochs: int = 2,
+    batch_size: int = 4,
+    max_steps: int | None = None,
+    depth: str = "input",
+    ema: float = 0.0,
+    request_dropout: float = 0.0,
+    phases: list[dict] | None = None,
+    report_every: int = 20,
+) -> Path:
     """A run directory as the data stage writes it: 8 train examples (4 pos, 4 neg), 8 val examples."""
     import pandas as pd
 
@@ -52,15 +69,25 @@ def make_run(root: Path, model_dir: Path, *, name: str = "r1", epochs: int = 2, 
     from mosaic_core.teacher import teacher_outputs
 
     raw = {
-        "name": name, "backbone": str(model_dir),
+        "name": name,
+        "backbone": str(model_dir),
         "bank": {"categories": list(CATS), "m": 2, "init": "vocab", "placement": "before_assistant", "depth": depth},
         "sampler": {"per_subset": 2, "max_order": 1, "seed": 0},
         "loss": {"topk": 4},
         "teacher": {"max_new_tokens": 6},
-        "train": {"epochs": epochs, "batch_size": batch_size, "lr": 0.05, "num_workers": 2, "zero_stage": 2,
-                  "max_steps": max_steps, "ema": ema, "request_dropout": request_dropout, "phases": phases or [],
-                  "report_every": report_every},
-    }  # fmt: skip
+        "train": {
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "lr": 0.05,
+            "num_workers": 2,
+            "zero_stage": 2,
+            "max_steps": max_steps,
+            "ema": ema,
+            "request_dropout": request_dropout,
+            "phases": phases or [],
+            "report_every": report_every,
+        },
+    }
     recipe = recipe_from_dict(raw)
     run = root / "runs" / name
     (run / "data" / "examples").mkdir(parents=True)
@@ -77,7 +104,8 @@ def make_run(root: Path, model_dir: Path, *, name: str = "r1", epochs: int = 2, 
     neg = ex[ex.label == "neg"].drop_duplicates("prompt_id")
     outs = teacher_outputs(bb.model, bb.tokenizer, list(neg.prompt), max_new_tokens=6, topk=4)
     pd.DataFrame([{"prompt_id": pid, **o} for pid, o in zip(neg.prompt_id, outs, strict=True)]).to_parquet(
-        run / "data" / "teacher" / "part-0.parquet")
+        run / "data" / "teacher" / "part-0.parquet"
+    )
     return run
 
 
@@ -132,7 +160,9 @@ def test_load_tables_joins_teacher_and_reports_missing(tmp_path, tiny_model_dir)
     assert 0 < len(scored) <= 64 and {v["label"] for v in scored} == {"pos", "neg"}
     assert [v["label"] for v in load_tables(run, seed=0, val_examples=2)[1] if v["label"] != "fidelity"] == ["neg", "pos"]
     for v in (v for v in val if v["label"] == "fidelity"):  # general requests, every sampled module on, with the bare answer
-        assert v["order"] == max(x["order"] for x in scored) and v["answer_ids"] and all(isinstance(t, int) for t in v["answer_ids"])
+        assert (
+            v["order"] == max(x["order"] for x in scored) and v["answer_ids"] and all(isinstance(t, int) for t in v["answer_ids"])
+        )
     import pandas as pd
 
     t = pd.read_parquet(run / "data" / "teacher" / "part-0.parquet")
@@ -258,8 +288,14 @@ def ray_cluster():
 
     started = not ray.is_initialized()
     if started:
-        ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, object_store_memory=200 * 1024**2,
-                 runtime_env=ray_runtime_env())  # fmt: skip
+        ray.init(
+            address="local",
+            num_cpus=2,
+            num_gpus=0,
+            include_dashboard=False,
+            object_store_memory=200 * 1024**2,
+            runtime_env=ray_runtime_env(),
+        )
     yield
     if started:
         ray.shutdown()
@@ -298,15 +334,29 @@ def test_train_two_workers_zero2_trains_only_the_bank(tmp_path, tiny_model_dir, 
         assert not torch.allclose(trained.vectors[c], init.vectors[c]), f"{c} did not train"
 
     info = json.loads((run / "run.json").read_text())
-    assert info == {"mlflow_run_id": summary["mlflow_run_id"], "tracking_uri": f"sqlite:///{tmp_path}/runs/mlflow.db",
-                    "experiment": "mosaic"}  # fmt: skip
+    assert info == {
+        "mlflow_run_id": summary["mlflow_run_id"],
+        "tracking_uri": f"sqlite:///{tmp_path}/runs/mlflow.db",
+        "experiment": "mosaic",
+    }
     meta = json.loads((bank_dir / "alcohol" / "module.json").read_text())
     assert meta["training_run_id"] == info["mlflow_run_id"] and meta["trained_with"] == list(CATS)
     client = MlflowClient(info["tracking_uri"])
     r = client.get_run(info["mlflow_run_id"])
     assert r.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(r.info.run_id, "loss")] == [1, 2, 3, 4]
-    assert {"pos_ce", "neg_ce", "kl", "tokens_per_s", "val_refusal_pos", "val_refusal_neg", "val_dsr", "val_or", "val_gap", "decision"} <= set(r.data.metrics)
+    assert {
+        "pos_ce",
+        "neg_ce",
+        "kl",
+        "tokens_per_s",
+        "val_refusal_pos",
+        "val_refusal_neg",
+        "val_dsr",
+        "val_or",
+        "val_gap",
+        "decision",
+    } <= set(r.data.metrics)
     norms = [m.value for m in client.get_metric_history(r.info.run_id, "grad_norm")]
     assert len(norms) == 4 and all(0 < n < float("inf") for n in norms), norms
     assert r.data.params["train.zero_stage"] == "2" and r.data.params["world_size"] == "2"
@@ -325,8 +375,10 @@ def test_train_two_workers_zero2_trains_only_the_bank(tmp_path, tiny_model_dir, 
     out = capsys.readouterr().out
     assert "trainable parameters: K·m·d = 2·2·32 = 128" in out
     step_s = [m.value for m in client.get_metric_history(r.info.run_id, "step_s")]
-    print(f"[tiny run] fit {summary['fit_wall_s']:.1f}s, step_s {[round(s, 3) for s in step_s]}, "
-          f"steps/s over the run {summary['steps_per_s']:.3f}")  # fmt: skip
+    print(
+        f"[tiny run] fit {summary['fit_wall_s']:.1f}s, step_s {[round(s, 3) for s in step_s]}, "
+        f"steps/s over the run {summary['steps_per_s']:.3f}"
+    )
 
 
 @pytest.mark.slow

@@ -1,7 +1,4 @@
-import dataclasses
 import json
-import os
-import warnings
 
 import pytest
 import torch
@@ -24,8 +21,13 @@ def saved(tmp_path, tiny_backbone):
 def test_exact_file_set_and_round_trip(saved, tiny_backbone):
     bank, d, manifest = saved
     listing = sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())
-    assert listing == ["alcohol/module.json", "alcohol/tokens.safetensors", "betting/module.json",
-                       "betting/tokens.safetensors", "manifest.json"]  # fmt: skip
+    assert listing == [
+        "alcohol/module.json",
+        "alcohol/tokens.safetensors",
+        "betting/module.json",
+        "betting/tokens.safetensors",
+        "manifest.json",
+    ]
     back = load_bank(d, tiny_backbone.fingerprint)
     assert back.categories == bank.categories and back.placement == bank.placement and back.max_norm == bank.max_norm
     for c in bank.categories:

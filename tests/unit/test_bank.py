@@ -63,7 +63,9 @@ def test_init_methods(tiny_backbone, method):
 
 
 def test_norm_cap(tiny_backbone):
-    bank = ControlTokenBank.build(BankConfig(categories=("alcohol",), m=2, init="normal", max_norm_ratio=0.5), tiny_backbone.embeddings)
+    bank = ControlTokenBank.build(
+        BankConfig(categories=("alcohol",), m=2, init="normal", max_norm_ratio=0.5), tiny_backbone.embeddings
+    )
     with torch.no_grad():
         bank.vectors["alcohol"].mul_(100)
     bank.clamp_norms_()

@@ -20,10 +20,31 @@ from mosaic_core.errors import ArtifactError, IncompatibleBackboneError
 BASE = ("alcohol", "betting")
 
 
-def ref(category, run="run-A", *, label=None, backbone="fp1", placement="before_assistant", m=2, d=32, extends=None,
-        bank_digest=None, trained_with=BASE):  # fmt: skip
-    return ModuleRef(label=label or f"{category}@{run}", category=category, backbone_digest=backbone, placement=placement,
-                     m=m, d=d, training_run_id=run, extends=extends, bank_digest=bank_digest, trained_with=trained_with)  # fmt: skip
+def ref(
+    category,
+    run="run-A",
+    *,
+    label=None,
+    backbone="fp1",
+    placement="before_assistant",
+    m=2,
+    d=32,
+    extends=None,
+    bank_digest=None,
+    trained_with=BASE,
+):
+    return ModuleRef(
+        label=label or f"{category}@{run}",
+        category=category,
+        backbone_digest=backbone,
+        placement=placement,
+        m=m,
+        d=d,
+        training_run_id=run,
+        extends=extends,
+        bank_digest=bank_digest,
+        trained_with=trained_with,
+    )
 
 
 def test_same_training_run_is_accepted_in_training_order():
@@ -74,7 +95,9 @@ def test_shape_and_placement_mismatches_are_all_reported_together():
     with pytest.raises(ArtifactError) as e:
         check_bundle([ref("alcohol"), ref("betting", m=5, placement="prefix"), ref("horror", d=64)])
     msg = str(e.value)
-    assert "3 problem(s)" in msg and "placement 'before_assistant' vs 'prefix'" in msg and "m 2 vs 5" in msg and "d 32 vs 64" in msg
+    assert (
+        "3 problem(s)" in msg and "placement 'before_assistant' vs 'prefix'" in msg and "m 2 vs 5" in msg and "d 32 vs 64" in msg
+    )
 
 
 def test_duplicate_category_and_empty_bundle_refused():
@@ -88,7 +111,12 @@ def test_from_meta_uses_recomputed_fingerprint_digest(tmp_path, tiny_backbone):
     bank = ControlTokenBank.build(BankConfig(categories=BASE, m=2, init="normal"), tiny_backbone.embeddings)
     save_bank(bank, tmp_path, fingerprint=tiny_backbone.fingerprint, init="normal", training_run_id="run-A", extends="base0")
     r = ModuleRef.from_meta(read_meta(tmp_path / "betting"), "betting v1", bank_digest="dd")
-    assert (r.backbone_digest, r.category, r.m, r.d) == (tiny_backbone.fingerprint.digest, "betting", 2, tiny_backbone.embeddings.shape[1])
+    assert (r.backbone_digest, r.category, r.m, r.d) == (
+        tiny_backbone.fingerprint.digest,
+        "betting",
+        2,
+        tiny_backbone.embeddings.shape[1],
+    )
     assert r.banks == {"run-A", "dd"} and r.extends == "base0" and r.trained_with == BASE
 
 

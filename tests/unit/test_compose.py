@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from mosaic_core.bank import ControlTokenBank
-from mosaic_core.compose import answer_logits, as_messages, encode_batch, encode_chat
 from mosaic_core.cache import DroppingCache, PrefixCache, common_head
+from mosaic_core.compose import answer_logits, as_messages, encode_batch, encode_chat
 from mosaic_core.config import BankConfig
 
 CATS = ("alcohol", "betting", "horror")
@@ -24,7 +24,9 @@ def _logits(bb, bank, prompts, active, placement, targets=None):
 @pytest.mark.parametrize("placement", ["prefix", "before_assistant"])
 def test_empty_active_set_equals_bare_backbone(tiny_backbone, bank, placement):
     tok = tiny_backbone.tokenizer
-    ids = tok.apply_chat_template([{"role": "user", "content": PROMPTS[0]}], add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": PROMPTS[0]}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
     bare = tiny_backbone.model(input_ids=ids).logits
     _, ours = _logits(tiny_backbone, bank, PROMPTS[:1], [[]], placement)
     assert torch.equal(ours, bare)
@@ -80,7 +82,9 @@ def test_mask_positions_and_labels(tiny_backbone, bank):
 
 def test_only_bank_parameters_get_gradients(tiny_backbone, bank):
     bank.zero_grad()
-    batch, logits = _logits(tiny_backbone, bank, PROMPTS, [["alcohol"], ["betting", "horror"], []], "before_assistant", [[5, 6]] * 3)
+    batch, logits = _logits(
+        tiny_backbone, bank, PROMPTS, [["alcohol"], ["betting", "horror"], []], "before_assistant", [[5, 6]] * 3
+    )
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch.labels[:, 1:], ignore_index=-100)
     loss.backward()
     assert all(p.grad is None for p in tiny_backbone.model.parameters())
@@ -181,11 +185,15 @@ def test_hidden_request_tokens_change_the_answer_and_p_0_changes_nothing(tiny_ba
     ref = answer_logits(model, plain)[0]
     drop = DroppingCache.for_chat(model, tok)
     with drop.hiding(0.0):
-        same = answer_logits(model, encode_batch(tok, embed, bank, PROMPTS[:2], active, "before_assistant", targets, cache=drop))[0]
+        same = answer_logits(model, encode_batch(tok, embed, bank, PROMPTS[:2], active, "before_assistant", targets, cache=drop))[
+            0
+        ]
     torch.testing.assert_close(same, ref)
     torch.manual_seed(1)
     with drop.hiding(0.6):
-        hid = answer_logits(model, encode_batch(tok, embed, bank, PROMPTS[:2], active, "before_assistant", targets, cache=drop))[0]
+        hid = answer_logits(model, encode_batch(tok, embed, bank, PROMPTS[:2], active, "before_assistant", targets, cache=drop))[
+            0
+        ]
     assert not torch.allclose(hid, ref, atol=1e-4)
 
 
@@ -258,8 +266,10 @@ def test_ordinary_text_keeps_exactly_its_ids(chat_tok):
     prompts = _bench_prompts()
     assert len(prompts) >= 250
     chats = [as_messages(p) for p in prompts] + [as_messages(p, system="You are a careful assistant.") for p in prompts[:40]]
-    chats += [[{"role": "user", "content": a}, {"role": "assistant", "content": b}, {"role": "user", "content": c}]
-              for a, b, c in zip(prompts[:30], prompts[30:60], prompts[60:90])]  # fmt: skip
+    chats += [
+        [{"role": "user", "content": a}, {"role": "assistant", "content": b}, {"role": "user", "content": c}]
+        for a, b, c in zip(prompts[:30], prompts[30:60], prompts[60:90])
+    ]
     chats += [as_messages("  leading and trailing spaces \n"), as_messages("\n\nnewlines first"), as_messages("<|im_")]
     for msgs in chats:
         for gen in (True, False):

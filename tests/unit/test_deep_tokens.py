@@ -12,8 +12,8 @@ import torch
 from mosaic_core.artifact import bank_from_modules, load_bank, read_meta, save_bank
 from mosaic_core.backbone import from_model
 from mosaic_core.bank import ControlTokenBank, DeepTokenBank
-from mosaic_core.compose import answer_logits, encode_batch
 from mosaic_core.cache import PrefixCache
+from mosaic_core.compose import answer_logits, encode_batch
 from mosaic_core.config import BankConfig, LossConfig, load_recipe
 from mosaic_core.errors import ArtifactError, ConfigError
 from mosaic_core.generation import generate
@@ -36,19 +36,36 @@ def test_a_deep_block_read_off_a_bank_gives_the_banks_logits(tiny_backbone):
     with torch.no_grad():
         deep = deep_from_input_bank(model, tok, bank, [LONG])  # one prompt: its exact states
         assert deep.module_shape == (2, 2, model.config.num_key_value_heads, 3, 8) and deep.depth == "deep"
-        enc = encode_batch(tok, model.get_input_embeddings(), deep, [LONG, SHORT], [["alcohol"], []], "before_assistant",
-                           [target, target], cache=PrefixCache(model))  # fmt: skip
+        enc = encode_batch(
+            tok,
+            model.get_input_embeddings(),
+            deep,
+            [LONG, SHORT],
+            [["alcohol"], []],
+            "before_assistant",
+            [target, target],
+            cache=PrefixCache(model),
+        )
         got, _, mask = answer_logits(model, enc)
-        ref = encode_batch(tok, model.get_input_embeddings(), bank, [LONG, SHORT], [["alcohol"], []], "before_assistant",
-                           [target, target])  # fmt: skip
+        ref = encode_batch(
+            tok, model.get_input_embeddings(), bank, [LONG, SHORT], [["alcohol"], []], "before_assistant", [target, target]
+        )
         want, _, _ = answer_logits(model, ref)
     assert mask.all()
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert torch.equal(enc.prompt_len, ref.prompt_len)  # the block's positions count as the input tokens' did
     # the same block after a request of another length: keys re-rotated, so it is not just a copy of `want`
     with torch.no_grad():
-        enc = encode_batch(tok, model.get_input_embeddings(), deep, [SHORT], [["alcohol"]], "before_assistant", [target],
-                           cache=PrefixCache(model))  # fmt: skip
+        enc = encode_batch(
+            tok,
+            model.get_input_embeddings(),
+            deep,
+            [SHORT],
+            [["alcohol"]],
+            "before_assistant",
+            [target],
+            cache=PrefixCache(model),
+        )
         other, _, _ = answer_logits(model, enc)
     assert not torch.allclose(other[0], want[0], atol=1e-4)
 
@@ -86,8 +103,9 @@ def test_a_deep_bank_needs_the_prefix_cache_and_before_assistant(tiny_backbone):
     deep = DeepTokenBank.for_model(tiny_backbone.model, 2)
     deep.add("alcohol", torch.zeros(deep.module_shape))
     with pytest.raises(ValueError, match="PrefixCache"):
-        encode_batch(tiny_backbone.tokenizer, tiny_backbone.model.get_input_embeddings(), deep, [SHORT], [["alcohol"]],
-                     "before_assistant")  # fmt: skip
+        encode_batch(
+            tiny_backbone.tokenizer, tiny_backbone.model.get_input_embeddings(), deep, [SHORT], [["alcohol"]], "before_assistant"
+        )
     with pytest.raises(ConfigError, match="before_assistant"):
         BankConfig(categories=("alcohol",), depth="deep", placement="prefix")
     with pytest.raises(ConfigError, match="zero_stage"):
@@ -149,8 +167,16 @@ def test_with_keep_positions_everything_after_the_block_has_the_bare_models_posi
         bare = encode_batch(tok, model.get_input_embeddings(), None, prompts, [[], [], []], "before_assistant", [target] * 3)
         want, _, _ = answer_logits(model, bare)
         for active in ([[], [], []], [["alcohol"], ["betting"], ["alcohol", "betting"]]):
-            enc = encode_batch(tok, model.get_input_embeddings(), deep, prompts, active, "before_assistant", [target] * 3,
-                               cache=PrefixCache(model))  # fmt: skip
+            enc = encode_batch(
+                tok,
+                model.get_input_embeddings(),
+                deep,
+                prompts,
+                active,
+                "before_assistant",
+                [target] * 3,
+                cache=PrefixCache(model),
+            )
             real = bare.attention_mask.bool()
             for i in range(3):  # the positions after the request (header + answer) are the bare row's last ones
                 n = enc.position_ids.shape[1]
@@ -160,9 +186,26 @@ def test_with_keep_positions_everything_after_the_block_has_the_bare_models_posi
                 torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
             else:
                 assert not torch.allclose(got, want, atol=1e-3)
-        shifted = encode_batch(tok, model.get_input_embeddings(), deep_from_input_bank(model, tok, _input_bank(model), [LONG]),
-                               [SHORT], [["alcohol"]], "before_assistant", [target], cache=PrefixCache(model))  # fmt: skip
-        kept = encode_batch(tok, model.get_input_embeddings(), deep, [SHORT], [["alcohol"]], "before_assistant", [target], cache=PrefixCache(model))
+        shifted = encode_batch(
+            tok,
+            model.get_input_embeddings(),
+            deep_from_input_bank(model, tok, _input_bank(model), [LONG]),
+            [SHORT],
+            [["alcohol"]],
+            "before_assistant",
+            [target],
+            cache=PrefixCache(model),
+        )
+        kept = encode_batch(
+            tok,
+            model.get_input_embeddings(),
+            deep,
+            [SHORT],
+            [["alcohol"]],
+            "before_assistant",
+            [target],
+            cache=PrefixCache(model),
+        )
     assert torch.equal(shifted.position_ids, kept.position_ids + deep.m)  # `shift` moves them back by the block
 
 

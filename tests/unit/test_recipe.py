@@ -30,11 +30,24 @@ def test_overrides_and_all_errors_together(tmp_path):
     r = load_recipe(ROOT / "pipelines" / "configs" / "smollm2-135m" / "cpu.yaml", {"bank.m": 2, "train.max_steps": 3})
     assert r.bank.m == 2 and r.train.max_steps == 3
     with pytest.raises(ConfigError) as e:
-        recipe_from_dict({"bank": {"categories": ["alcohol"], "m": 0}, "train": {"lr": 5, "zero_stage": 4, "report_every": 0},
-                          "teacher": [], "extra": 1})  # fmt: skip
+        recipe_from_dict(
+            {
+                "bank": {"categories": ["alcohol"], "m": 0},
+                "train": {"lr": 5, "zero_stage": 4, "report_every": 0},
+                "teacher": [],
+                "extra": 1,
+            }
+        )
     text = str(e.value)
-    for needle in ("name: required", "bank.m: 0", "train.lr", "train.zero_stage", "train.report_every: 0", "teacher: must be a mapping",
-                   "extra: unknown key"):  # fmt: skip
+    for needle in (
+        "name: required",
+        "bank.m: 0",
+        "train.lr",
+        "train.zero_stage",
+        "train.report_every: 0",
+        "teacher: must be a mapping",
+        "extra: unknown key",
+    ):
         assert needle in text, needle
 
 
@@ -47,14 +60,29 @@ def test_request_dropout_needs_the_cached_request():
 
 
 def test_phases_schedule_loss_and_lr_by_epoch_and_are_checked():
-    raw = {"name": "x", "bank": {"categories": ["alcohol"]},
-           "loss": {"decision_weight": 1.0, "decision": "margin", "ce_weight": 0.0, "max_answer_tokens": 1},
-           "train": {"epochs": 3, "lr": 0.01, "phases": [{"epochs": 2}, {"epochs": 1, "lr": 0.001, "loss": {"max_answer_tokens": 16}}]}}
+    raw = {
+        "name": "x",
+        "bank": {"categories": ["alcohol"]},
+        "loss": {"decision_weight": 1.0, "decision": "margin", "ce_weight": 0.0, "max_answer_tokens": 1},
+        "train": {
+            "epochs": 3,
+            "lr": 0.01,
+            "phases": [{"epochs": 2}, {"epochs": 1, "lr": 0.001, "loss": {"max_answer_tokens": 16}}],
+        },
+    }
     r = recipe_from_dict(raw)
     assert [(r.phase(e)[0].max_answer_tokens, r.phase(e)[1]) for e in range(3)] == [(1, 0.01), (1, 0.01), (16, 0.001)]
     assert r.phase(0)[0] == r.loss and from_dict(Recipe, r.to_dict()) == r
-    bad = {**raw, "train": {"epochs": 4, "phases": [{"epochs": 2, "lr": 3, "loss": {"margin_delta": -1, "topk": 8}},
-                                                    {"epochs": 1, "loss": {"nope": 1}, "extra": 0}]}}  # fmt: skip
+    bad = {
+        **raw,
+        "train": {
+            "epochs": 4,
+            "phases": [
+                {"epochs": 2, "lr": 3, "loss": {"margin_delta": -1, "topk": 8}},
+                {"epochs": 1, "loss": {"nope": 1}, "extra": 0},
+            ],
+        },
+    }
     with pytest.raises(ConfigError) as e:
         recipe_from_dict(bad)
     for needle in ("phases[0].lr: 3", "phases[0].loss: ['topk'] cannot change", "phases[1]: unknown keys ['extra']"):

@@ -1,13 +1,10 @@
-import dataclasses
 import math
 from collections import Counter
 
 import pytest
 
 from mosaic_core.config import SamplerConfig
-from mosaic_core.errors import ConfigError
-from mosaic_core.sampling import (Request, interleave_orders, plan, positives_per_subset, sample_draws, sample_examples,
-                                  split_off)
+from mosaic_core.sampling import Request, interleave_orders, plan, positives_per_subset, sample_draws, sample_examples, split_off
 
 CATS = ("addiction", "alcohol", "betting", "horror", "sex")
 
@@ -117,7 +114,11 @@ def test_framing_wraps_a_stable_share_of_examples_with_train_templates():
     from mosaic_core.bench import load_framings
     from mosaic_core.sampling import frame_examples
 
-    templates = [f for f in load_framings(Path(__file__).resolve().parents[2] / "data" / "framings" / "framings.jsonl") if f["split"] == "train"]
+    templates = [
+        f
+        for f in load_framings(Path(__file__).resolve().parents[2] / "data" / "framings" / "framings.jsonl")
+        if f["split"] == "train"
+    ]
     ex = sample_examples(_requests(), CATS, SamplerConfig(per_subset=20, max_order=2))
     framed = frame_examples(ex, templates, 0.25, seed=0)
     assert frame_examples(ex, templates, 0.25, seed=0) == framed and frame_examples(ex, templates, 0.0, seed=0) == ex

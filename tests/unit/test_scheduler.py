@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from mosaic_core.bank import ControlTokenBank
-from mosaic_core.compose import encode_chat, encode_segments
 from mosaic_core.cache import PrefixCache
-from mosaic_core.compose import as_messages
+from mosaic_core.compose import as_messages, encode_chat, encode_segments
 from mosaic_core.config import BankConfig
 from mosaic_core.generation import generate
 from mosaic_core.init import deep_from_input_bank
@@ -62,8 +61,11 @@ def test_rows_joining_and_leaving_mid_decode_answer_as_they_would_alone(model, t
     bank = inp if kind == "input" else deep
     b = ContinuousBatcher(model, PrefixCache(model))
     budgets = {0: 12, 1: 3, 2: 9, 3: 6}  # row 1 leaves after 3 tokens while the others run on
-    schedule = {0: [(0, _spec(tiny_tok, 0, budgets[0]))], 2: [(1, _spec(tiny_tok, 1, budgets[1])), (2, _spec(tiny_tok, 2, budgets[2]))],
-                5: [(3, _spec(tiny_tok, 3, budgets[3]))]}  # fmt: skip
+    schedule = {
+        0: [(0, _spec(tiny_tok, 0, budgets[0]))],
+        2: [(1, _spec(tiny_tok, 1, budgets[1])), (2, _spec(tiny_tok, 2, budgets[2]))],
+        5: [(3, _spec(tiny_tok, 3, budgets[3]))],
+    }
     got = _drain(b, schedule, bank)
     for i, n in budgets.items():
         want = _alone(model, tiny_tok, bank, i, n)
@@ -106,7 +108,11 @@ def test_sampled_seeded_and_greedy_rows_share_steps_and_keep_their_answers(model
     inp, _ = _banks(model, tiny_tok)
     sampled = dict(temperature=1.0, top_p=0.9, seed=7)
     b = ContinuousBatcher(model)
-    got = _drain(b, {0: [(0, _spec(tiny_tok, 0, 10, **sampled)), (1, _spec(tiny_tok, 1, 10))], 3: [(3, _spec(tiny_tok, 3, 6, **sampled))]}, inp)
+    got = _drain(
+        b,
+        {0: [(0, _spec(tiny_tok, 0, 10, **sampled)), (1, _spec(tiny_tok, 1, 10))], 3: [(3, _spec(tiny_tok, 3, 6, **sampled))]},
+        inp,
+    )
     assert got[0].token_ids == _alone(model, tiny_tok, inp, 0, 10, **sampled).token_ids
     assert got[3].token_ids == _alone(model, tiny_tok, inp, 3, 6, **sampled).token_ids
     assert got[1].token_ids == _alone(model, tiny_tok, inp, 1, 10).token_ids

@@ -54,8 +54,10 @@ def test_refusal_logprob_with_a_prefix_cache_is_unchanged(tiny_backbone):
 
 
 def test_mmlu_scoring_on_a_tiny_file(tmp_path, tiny_backbone):
-    rows = [{"id": f"q{i}", "subject": "biology", "question": f"Question {i}?", "choices": ["a", "b", "c", "d"], "answer": i % 4}
-            for i in range(6)]  # fmt: skip
+    rows = [
+        {"id": f"q{i}", "subject": "biology", "question": f"Question {i}?", "choices": ["a", "b", "c", "d"], "answer": i % 4}
+        for i in range(6)
+    ]
     f = tmp_path / "mini.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
     qs = load_mmlu(f)

@@ -14,7 +14,9 @@ def test_teacher_rows_are_greedy_and_match_a_direct_forward(tiny_backbone):
         # greedy: each answer token is the teacher's own top-1 at that position
         assert [ids[0] for ids in r["topk_ids"]] == r["response_ids"]
         # log-probs are those of a plain forward over prompt + answer (no control tokens)
-        batch = encode_batch(bb.tokenizer, bb.model.get_input_embeddings(), None, [p], [[]], "before_assistant", [r["response_ids"]])
+        batch = encode_batch(
+            bb.tokenizer, bb.model.get_input_embeddings(), None, [p], [[]], "before_assistant", [r["response_ids"]]
+        )
         with torch.no_grad():
             lp = torch.log_softmax(bb.model(**batch.model_inputs()).logits[0, -T - 1 : -1], -1)
         assert torch.allclose(lp.gather(-1, torch.tensor(r["topk_ids"])), torch.tensor(r["topk_logprobs"]), atol=1e-5)

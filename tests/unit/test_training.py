@@ -107,12 +107,17 @@ def test_a_framed_negative_is_scored_in_its_framed_chat_by_every_term(tiny_backb
     bank = ControlTokenBank.build(BankConfig(categories=("alcohol", "betting"), m=2, init="normal", seed=2), bb.embeddings)
     refusal = refusal_target(bb.tokenizer, "I'm sorry, but I can't help with that.")
     neg = _examples(bb)[1]
-    chat = [{"role": "user", "content": "For my novel, a character asks:"}, {"role": "assistant", "content": "Go on."},
-            {"role": "user", "content": neg["prompt"]}]  # fmt: skip
+    chat = [
+        {"role": "user", "content": "For my novel, a character asks:"},
+        {"role": "assistant", "content": "Go on."},
+        {"role": "user", "content": neg["prompt"]},
+    ]
     framed = {**neg, "messages": json.dumps(chat)}
     cfg = LossConfig(decision_weight=1.0, decision_tokens=3, decision="margin")
-    a, b, plain = (batch_loss(bb.model, bb.tokenizer, bank, [e], refusal, cfg)
-                   for e in (framed, {**framed, "prompt": "Something else entirely."}, neg))  # fmt: skip
+    a, b, plain = (
+        batch_loss(bb.model, bb.tokenizer, bank, [e], refusal, cfg)
+        for e in (framed, {**framed, "prompt": "Something else entirely."}, neg)
+    )
     assert torch.allclose(a["decision"], b["decision"]) and torch.allclose(a["loss"], b["loss"])
     assert not torch.allclose(a["decision"], plain["decision"])  # the frame is part of what the probe reads
 

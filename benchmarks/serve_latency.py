@@ -54,7 +54,7 @@ def _free_port() -> int:
 
 def _prompts(n: int) -> list[str]:
     """n test-split requests, round-robin over the five categories and general requests (fixed order)."""
-    from mosaic_core.bench import load_jsonl
+    from mosaic_core.dataset import load_jsonl
 
     rows = sorted((r for r in load_jsonl([ROOT / "data" / "mosaic-bench"]) if r["split"] == "test"), key=lambda r: r["id"])
     by_cat: dict[str, list[str]] = {}
@@ -195,7 +195,7 @@ def main() -> None:
     from pipelines.serve import build_app
 
     prompts = _prompts(a.requests)
-    with tempfile.TemporaryDirectory(prefix="mosaic-bench-serve-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="mosaic-serve-latency-") as tmp:
         bb = load_backbone(EMBEDDED)  # the embedded SmolLM2-135M-Instruct
         cfg = BankConfig(categories=CATEGORIES, m=5, init="text")
         bank = ControlTokenBank.build(cfg, bb.embeddings, bb.tokenizer)

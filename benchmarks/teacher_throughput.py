@@ -20,8 +20,8 @@ from pathlib import Path
 import pandas as pd
 import ray
 
-from mosaic_core.bench import load_jsonl
 from mosaic_core.config import load_recipe
+from mosaic_core.dataset import load_jsonl
 from mosaic_core.sampling import Request, sample_examples
 from pipelines.data import run_teacher
 

@@ -48,5 +48,5 @@ class BackboneError(MosaicError):
     """A backbone spec cannot be resolved or loaded."""
 
 
-class BenchmarkError(MosaicError, ValueError):
-    """Benchmark input is malformed (missing columns, unknown kind, empty split...)."""
+class DatasetError(MosaicError, ValueError):
+    """The request dataset is malformed (missing columns, unknown kind, empty split...)."""

@@ -20,7 +20,7 @@ from mosaic_core.config import SamplerConfig
 
 @dataclass(frozen=True)
 class Request:
-    """One benchmark request (the parts sampling needs)."""
+    """One request of the dataset (the parts sampling needs)."""
 
     id: str
     prompt: str
@@ -50,7 +50,7 @@ def frame_examples(examples: Sequence[Example], templates: Sequence[dict], share
     in a template drawn the same way, in every example that uses them; a framed example's prompt_id names its
     template, so the teacher answers the framed chat, not the plain request. Per request, not per example: fresh
     draws then reuse the framed chats the teacher has answered instead of asking for new ones every draw."""
-    from mosaic_core.bench import frame
+    from mosaic_core.dataset import frame
 
     if not share or not templates:
         return list(examples)

@@ -34,7 +34,7 @@ def bank_provenance(run: Path, state: dict[str, Any]) -> dict[str, Any]:
     """A trained bank's provenance, from its run directory and the training state of its last checkpoint.
 
     `recipe_sha256` hashes `resolved_config.yaml` (the recipe with every default and --set applied);
-    `data_content_hash` is the data stage's content hash (benchmark bytes, sampler, teacher, backbone)."""
+    `data_content_hash` is the data stage's content hash (dataset bytes, sampler, teacher, backbone)."""
     manifest = run / "data" / "manifest.json"  # absent where a run's data came from elsewhere (tests)
     data = json.loads(manifest.read_text()) if manifest.exists() else {}
     made = provenance()

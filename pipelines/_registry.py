@@ -1,8 +1,8 @@
 """The read side of the MLflow module registry: find, pin, download and compose registered module versions.
 
-Shared by the register stage (`mosaic modules list|promote|show`) and the Serve app (which resolves its
+Shared by the modules stage (`mosaic modules list|promote|show`) and the Serve app (which resolves its
 modules from aliases at start and on every `reconfigure`); stages never import each other, so it lives beside them.
-The write side (creating runs and versions) stays in `pipelines/register.py`.
+The write side (creating runs and versions) stays in `pipelines/modules.py`.
 
 MLflow is imported inside the functions: `mosaic --help` and the stages that never touch the registry do not pay
 its import.

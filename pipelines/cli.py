@@ -13,8 +13,8 @@ from pathlib import Path
 STAGES: dict[str, tuple[str, str]] = {
     "data": ("pipelines.data", "Ray Data: combination-sampled examples + counterfactual teacher"),
     "train": ("pipelines.train", "Ray Train + DeepSpeed: train the token bank"),
-    "eval": ("pipelines.evaluate", "DSR / over-refusal / utility per order vs base and in-context"),
-    "modules": ("pipelines.register", "MLflow registry of module versions: register | list | promote | show"),
+    "eval": ("pipelines.eval", "DSR / over-refusal / utility per order vs base and in-context"),
+    "modules": ("pipelines.modules", "MLflow registry of module versions: register | list | promote | show"),
     "serve": ("pipelines.serve", "Ray Serve: OpenAI-compatible endpoint with composable modules"),
     "run": ("pipelines.run", "the main job: data -> train -> eval -> register, then the results table"),
 }

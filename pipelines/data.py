@@ -1,4 +1,4 @@
-"""Stage 1 — Ray Data: benchmark -> combination-sampled examples + the counterfactual teacher.
+"""Stage 1 — Ray Data: the request dataset -> combination-sampled examples + the counterfactual teacher.
 
     mosaic data --config pipelines/configs/smollm2-135m/cpu.yaml [--name NAME] [--out DIR] [--set train.epochs=2]
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m pipelines.data --config ...
@@ -8,7 +8,7 @@ Writes, under the run directory (docs/architecture.md, "Where things live"):
     data/examples/*.parquet  {example_id, prompt_id, prompt, active, order, label, kind, category, source, draw, split}
                              (split: the role, train or val; sampler.val_share lends val requests to train)
     data/teacher/*.parquet   {prompt_id, response_ids, topk_ids, topk_logprobs}  (one row per unique negative prompt)
-    data/manifest.json       content hash of (benchmark, recipe, backbone) + counts per order / subset / kind
+    data/manifest.json       content hash of (dataset, recipe, backbone) + counts per order / subset / kind
 A rerun whose content hash matches reuses the outputs; anything else rebuilds into a temp dir that is renamed
 into place only when complete, so a half-written output never counts as done. Teacher answers are also kept
 beside the run directories (`<runs>/.teacher-cache/<key>/`, key = backbone + answer length + top-k), so a later
@@ -42,9 +42,9 @@ import ray
 import yaml
 
 from mosaic_core.backbone import load_backbone
-from mosaic_core.bench import REQUIRED, validate_rows
 from mosaic_core.config import Recipe, load_recipe
-from mosaic_core.errors import BenchmarkError, ConfigError
+from mosaic_core.dataset import REQUIRED, validate_rows
+from mosaic_core.errors import ConfigError, DatasetError
 from mosaic_core.sampling import Request, frame_examples, interleave_orders, plan, sample_draws, sample_examples, split_off
 from mosaic_core.teacher import TEACHER_COLS
 from pipelines._actors import actor_pool_resources
@@ -56,23 +56,23 @@ FRAMINGS = Path(__file__).resolve().parents[1] / "data" / "framings" / "framings
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def read_benchmark(uri: str) -> pd.DataFrame:
+def read_dataset(uri: str) -> pd.DataFrame:
     """Read JSONL (file or directory) or parquet, local or any fsspec URI, with Ray Data; check columns."""
     is_parquet = uri.endswith(".parquet") or (Path(uri).is_dir() and any(Path(uri).glob("*.parquet")))
     try:
         ds = ray.data.read_parquet(uri) if is_parquet else ray.data.read_json(uri, file_extensions=["jsonl", "json"])
         df = ds.to_pandas()
     except Exception as e:  # Ray wraps parse errors in its own types; one clear message instead
-        raise BenchmarkError(f"cannot read benchmark {uri!r}: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
+        raise DatasetError(f"cannot read dataset {uri!r}: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
-        raise BenchmarkError(f"benchmark {uri!r} lacks column(s) {missing}; each row needs {list(REQUIRED)}")
+        raise DatasetError(f"dataset {uri!r} lacks column(s) {missing}; each row needs {list(REQUIRED)}")
     df["category"] = df["category"].astype(object).where(df["category"].notna(), None)
     return df
 
 
-def benchmark_digest(uri: str) -> str:
-    """sha256 over the benchmark files' bytes (sorted), so any edit rebuilds; URIs hash their string."""
+def dataset_digest(uri: str) -> str:
+    """sha256 over the dataset files' bytes (sorted), so any edit rebuilds; URIs hash their string."""
     p = Path(uri)
     files = sorted(
         f for f in (p.rglob("*") if p.is_dir() else [p]) if f.is_file() and f.suffix in {".jsonl", ".json", ".parquet"}
@@ -88,8 +88,8 @@ def benchmark_digest(uri: str) -> str:
 _SAMPLER_KEYS_ADDED_LATER = ("draws", "val_share")
 
 
-def content_hash(recipe: Recipe, bench_digest: str, fingerprint_digest: str) -> str:
-    """Everything the outputs depend on: benchmark bytes, the recipe's data-relevant parts, the backbone."""
+def content_hash(recipe: Recipe, data_digest: str, fingerprint_digest: str) -> str:
+    """Everything the outputs depend on: dataset bytes, the recipe's data-relevant parts, the backbone."""
     # Sampler keys added after the first tables build the same tables at their defaults (train reads no draw column
     # as draw 0): left out there, so older recipes keep their hash and their data.
     defaults = {f.name: f.default for f in dataclasses.fields(recipe.sampler)}
@@ -98,7 +98,7 @@ def content_hash(recipe: Recipe, bench_digest: str, fingerprint_digest: str) -> 
     }
     parts = {
         "v": DATA_VERSION,
-        "bench": bench_digest,
+        "bench": data_digest,  # the key the first tables were hashed under: renaming it would rebuild every run
         "backbone": fingerprint_digest,
         "categories": recipe.bank.categories,
         "sampler": sampler,
@@ -316,12 +316,12 @@ def main(
     """Build (or reuse) the examples and teacher tables for a recipe; returns the run directory."""
     recipe = load_recipe(config, overrides)
     run_dir = Path(out or Path("runs") / (name or recipe.name)).resolve()  # absolute once, before Ray sees it
-    bench_uri = recipe.benchmark if "://" in recipe.benchmark else str(Path(recipe.benchmark).resolve())
+    dataset_uri = recipe.benchmark if "://" in recipe.benchmark else str(Path(recipe.benchmark).resolve())
     print(f"[data] recipe {recipe.name!r} -> {run_dir}")
 
     bb = load_backbone(recipe.backbone)  # fails early, with the fix, if the backbone cannot load
     digest_backbone = bb.fingerprint.digest
-    digest = content_hash(recipe, benchmark_digest(bench_uri), digest_backbone)
+    digest = content_hash(recipe, dataset_digest(dataset_uri), digest_backbone)
     manifest_path = run_dir / "data" / "manifest.json"
     # The recipe as resolved now, even when the data is reused: later stages read their settings from it.
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -341,13 +341,13 @@ def main(
         )
     total_cpus = float(ray.cluster_resources().get("CPU", 1))
 
-    df = read_benchmark(bench_uri)
+    df = read_dataset(dataset_uri)
     rows = df.to_dict("records")
     validate_rows(rows, None)
     known = set(df["category"].dropna())
     unknown = [c for c in recipe.bank.categories if c not in known]
     if unknown:
-        raise ConfigError([f"bank.categories: {unknown} not in the benchmark (it has {sorted(known)})"], config)
+        raise ConfigError([f"bank.categories: {unknown} not in the dataset (it has {sorted(known)})"], config)
     df = df[df["category"].isin(recipe.bank.categories) | (df["kind"] == "general")]
     # sampler.val_share: part of val joins the training pool; validation draws from the rest only
     lent, val_req = split_off(to_requests(df[df["split"] == "val"]), recipe.sampler.val_share, recipe.sampler.seed)
@@ -355,7 +355,7 @@ def main(
     for split, reqs in (("train", train_req), ("val", val_req)):
         empty = [c for c in recipe.bank.categories if not any(q.category == c and q.kind == "target" for q in reqs)]
         if not reqs or empty:
-            raise BenchmarkError(
+            raise DatasetError(
                 f"split {split!r} has no target requests for {empty or 'any category'}"
                 + (f" after sampler.val_share {recipe.sampler.val_share}" if split == "val" and lent else "")
             )
@@ -366,7 +366,7 @@ def main(
         print(f"[data] sampler.val_share: training also draws from {len(lent)} val requests, validation from {len(val_req)}")
     train_ex = interleave_orders(sample_draws(train_req, cats, recipe.sampler), recipe.sampler.seed)
     if recipe.sampler.framed_share:  # only the train split's templates: val's and test2's stay unseen
-        from mosaic_core.bench import load_framings
+        from mosaic_core.dataset import load_framings
 
         templates = [f for f in load_framings(FRAMINGS) if f["split"] == "train"]
         train_ex = frame_examples(train_ex, templates, recipe.sampler.framed_share, recipe.sampler.seed)
@@ -412,7 +412,7 @@ def main(
             raise RuntimeError(f"teacher wrote {n_teacher} rows for {len(neg)} prompts")
         manifest = {
             "content_hash": digest,
-            "benchmark": bench_uri,
+            "benchmark": dataset_uri,
             "recipe": recipe.name,
             "backbone": recipe.backbone,
             "teacher_seconds": round(teacher_s, 1),

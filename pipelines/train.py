@@ -344,7 +344,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     dropout = recipe.train.request_dropout
     cache = None
     if bank.placement == "before_assistant" and stage != 3:
-        # 6 GiB: every request of the benchmark's train and val splits (~6,000 of ~27 own tokens, ~1.2 MB each in
+        # 6 GiB: every request of MOSAIC-bench's train and val splits (~6,000 of ~27 own tokens, ~1.2 MB each in
         # fp32 for SmolLM2-135M), so an epoch's fresh draw does not prefill its requests again.
         cache = (DroppingCache if dropout else PrefixCache).for_chat(bb.model, bb.tokenizer, max_bytes=6 << 30)
     module = BankTrainingModule(bb.model, bb.tokenizer, bank, refusal_ids, recipe.loss, cache, recipe.eval.fast_tokens)

@@ -1,4 +1,4 @@
-"""Finalise the MOSAIC benchmark files in place: give every request a stable id and a split.
+"""Finalise the MOSAIC-bench files in place: give every request a stable id and a split.
 
 The request texts are written by hand as {prompt, kind, topic, ...} lines. Finalised rows live in
 data/mosaic-bench/<category>.jsonl and general.jsonl; drafts waiting to join them live in
@@ -26,8 +26,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mosaic_core.bench import factual_duplicates, near_duplicates, normalize_text, subkind, validate_rows
 from mosaic_core.categories import CATEGORIES
+from mosaic_core.dataset import factual_duplicates, near_duplicates, normalize_text, subkind, validate_rows
 
 FIELDS = ("id", "prompt", "category", "kind", "split", "topic")
 OPTIONAL = ("version", "style", "task", "answer", "boundary", "other", "rule")

@@ -1,6 +1,6 @@
 """Fill the committed teacher store (data/teacher/<backbone>/) for the embedded backbone, in resumable chunks.
 
-Every train and val request of the benchmark can be a negative (another category's target, a look-alike, a general
+Every train and val request of MOSAIC-bench can be a negative (another category's target, a look-alike, a general
 request), so the store answers all of them once, at the recipe's answer length and top-k; `mosaic data` then reads
 it before running anything. Each chunk goes through the data stage's own Ray Data teacher pass and is written as one
 parquet part when complete: stop it at any time (kill its PID), run it again, and it carries on with the prompts
@@ -28,8 +28,8 @@ import ray  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from mosaic_core.backbone import load_backbone  # noqa: E402
-from mosaic_core.bench import FIT_SPLITS, load_jsonl  # noqa: E402
 from mosaic_core.config import load_recipe  # noqa: E402
+from mosaic_core.dataset import FIT_SPLITS, load_jsonl  # noqa: E402
 from mosaic_core.teacher import TEACHER_COLS  # noqa: E402
 from pipelines.data import TEACHER_STORE, TeacherCache, TeacherStore, run_teacher  # noqa: E402
 

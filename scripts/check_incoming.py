@@ -1,8 +1,8 @@
-"""Check draft benchmark rows before they are merged by build_bench.py.
+"""Check draft MOSAIC-bench rows before they are merged by build_bench.py.
 
 Drafts are JSONL files under data/mosaic-bench/incoming/ named <category>-t-*, <category>-l-* (targets, look-alikes),
 boundary-*, general-*, factual-*; one {prompt, kind, topic, ...} a line. This prints every problem of the named
-files — invalid JSON, bad fields, exact and near duplicates against the whole benchmark and every other draft,
+files — invalid JSON, bad fields, exact and near duplicates against the whole of MOSAIC-bench and every other draft,
 vocabulary, repeated line frames, closeness to the external over-refusal set — and then the counts.
 
     python scripts/check_incoming.py data/mosaic-bench/incoming/alcohol-t-*.jsonl
@@ -19,7 +19,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from mosaic_core.bench import (  # noqa: E402
+from mosaic_core.categories import CATEGORIES  # noqa: E402
+from mosaic_core.dataset import (  # noqa: E402
     factual_duplicates,
     lexicon_problems,
     line_frames,
@@ -28,9 +29,8 @@ from mosaic_core.bench import (  # noqa: E402
     normalize_text,
     validate_rows,
 )
-from mosaic_core.categories import CATEGORIES  # noqa: E402
 
-BENCH = ROOT / "data" / "mosaic-bench"
+DATASET_DIR = ROOT / "data" / "mosaic-bench"
 XSTEST = ROOT.parent / "shared" / "data" / "xstest" / "xstest_prompts.csv"
 MAX_FRAME = 8
 
@@ -67,10 +67,10 @@ def main() -> None:
     ap.add_argument("files", nargs="+", type=Path)
     args = ap.parse_args()
     mine_paths = {p.resolve() for p in args.files}
-    existing = [r for r in load_jsonl([BENCH]) if r["kind"]]
+    existing = [r for r in load_jsonl([DATASET_DIR]) if r["kind"]]
     drafts, mine, problems = [], [], []
-    for p in sorted((BENCH / "incoming").glob("*.jsonl")) + [
-        p for p in args.files if p.resolve().parent != (BENCH / "incoming").resolve()
+    for p in sorted((DATASET_DIR / "incoming").glob("*.jsonl")) + [
+        p for p in args.files if p.resolve().parent != (DATASET_DIR / "incoming").resolve()
     ]:
         rows, probs = draft_rows(p)
         drafts += rows
@@ -110,14 +110,16 @@ def main() -> None:
         for i, j, s in near_duplicates(ext + [r["prompt"] for r in gen], 0.5):
             if i < len(ext) <= j:
                 problems.append(f"{gen[j - len(ext)]['id']}: too close to a prompt of the external over-refusal set ({s:.2f})")
-    print(f"{len(mine)} rows in {len(args.files)} file(s); {len(existing)} benchmark rows and {len(drafts)} draft rows compared")
+    print(
+        f"{len(mine)} rows in {len(args.files)} file(s); {len(existing)} MOSAIC-bench rows and {len(drafts)} draft rows compared"
+    )
     for p in problems:
         print("PROBLEM", p)
     print(f"{len(problems)} problem(s)")
     print("counts (these files):")
     for (cat, kind, topic), n in sorted(Counter((r["category"] or "general", r["kind"], r.get("topic")) for r in mine).items()):
         print(f"  {cat:10s} {kind:9s} {topic:28s} {n}")
-    print("totals (benchmark + all drafts) per category and kind:")
+    print("totals (MOSAIC-bench + all drafts) per category and kind:")
     for (cat, kind), n in sorted(Counter((r["category"] or "general", r["kind"]) for r in every).items()):
         print(f"  {cat:10s} {kind:9s} {n}")
     sys.exit(1 if problems else 0)

@@ -1,4 +1,4 @@
-"""Keep only the factual questions the bare embedded model answers correctly (the benchmark's retention rule).
+"""Keep only the factual questions the bare embedded model answers correctly (MOSAIC-bench's retention rule).
 
 Reads the factual drafts (data/mosaic-bench/incoming/factual-*.jsonl), generates each answer with the bare backbone
 (greedy, 24 new tokens, the chat template the evaluation stage uses, no control tokens), and rewrites the drafts

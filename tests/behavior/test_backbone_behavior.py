@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from mosaic_core.bank import ControlTokenBank
-from mosaic_core.bench import load_jsonl
 from mosaic_core.categories import CATEGORIES
 from mosaic_core.compose import encode_batch
 from mosaic_core.config import BankConfig
+from mosaic_core.dataset import load_jsonl
 from mosaic_core.generation import generate
 from mosaic_core.judge import make_judge
 
@@ -137,8 +137,8 @@ def test_the_deep_bank_holds_under_framings_and_still_answers_framed_general_req
     held-out requests: a target framed as role-play, fiction, research ... is refused with its module on, and the same
     framing around a general request is answered with all five on -- the request decides, not the framing."""
     from mosaic_core.artifact import load_bank
-    from mosaic_core.bench import frame, load_framings
     from mosaic_core.cache import PrefixCache
+    from mosaic_core.dataset import frame, load_framings
     from mosaic_core.scoring import refusal_score
     from mosaic_core.training import refusal_target
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.pipelines.conftest import write_tiny_bench, write_tiny_mmlu, write_tiny_recipe
+from tests.pipelines.conftest import write_tiny_dataset, write_tiny_mmlu, write_tiny_recipe
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,12 +51,12 @@ def test_ray_job_submit_runs_mosaic_run_and_registers_on_the_mlflow_server(tmp_p
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     }
     env.pop("RAY_ADDRESS", None)
-    bench = write_tiny_bench(tmp_path / "bench", per=(3, 2, 2))
+    dataset = write_tiny_dataset(tmp_path / "dataset", per=(3, 2, 2))
     mmlu = write_tiny_mmlu(tmp_path / "mmlu.jsonl")
     recipe = write_tiny_recipe(
         tmp_path / "tiny.yaml",
         tiny_model_dir,
-        bench,
+        dataset,
         name="tiny-job",
         bank={"categories": ["alcohol", "betting"]},
         sampler={"per_subset": 2},

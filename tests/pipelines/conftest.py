@@ -27,9 +27,9 @@ def ray_session():
     ray.shutdown()
 
 
-def write_tiny_bench(out: Path, cats=("alcohol", "betting", "horror"), per=(4, 2, 0)) -> Path:
-    """A slice of the real benchmark: `per` = (train, val, test) rows of each category x kind, plus general."""
-    from mosaic_core.bench import load_jsonl
+def write_tiny_dataset(out: Path, cats=("alcohol", "betting", "horror"), per=(4, 2, 0)) -> Path:
+    """A slice of MOSAIC-bench: `per` = (train, val, test) rows of each category x kind, plus general."""
+    from mosaic_core.dataset import load_jsonl
 
     rows = load_jsonl([ROOT / "data" / "mosaic-bench"])
     keep = []
@@ -38,7 +38,7 @@ def write_tiny_bench(out: Path, cats=("alcohol", "betting", "horror"), per=(4, 2
             for split, n in zip(("train", "val", "test"), per):
                 keep += [r for r in rows if r["category"] == cat and r["kind"] == kind and r["split"] == split][:n]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.jsonl").write_text("".join(json.dumps(r) + "\n" for r in keep))
+    (out / "dataset.jsonl").write_text("".join(json.dumps(r) + "\n" for r in keep))
     return out
 
 
@@ -52,13 +52,13 @@ def write_tiny_mmlu(path: Path, n: int = 2) -> Path:
     return path
 
 
-def write_tiny_recipe(path: Path, backbone: Path, bench: Path, **sections) -> Path:
+def write_tiny_recipe(path: Path, backbone: Path, dataset: Path, **sections) -> Path:
     import yaml
 
     rec = {
         "name": "tiny",
         "backbone": str(backbone),
-        "benchmark": str(bench),
+        "benchmark": str(dataset),
         "bank": {"categories": ["alcohol", "betting", "horror"], "m": 2},
         "sampler": {"per_subset": 4, "max_order": 2},
         "teacher": {"max_new_tokens": 4, "batch_size": 8},

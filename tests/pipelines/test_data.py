@@ -1,4 +1,4 @@
-"""CPU smoke + contract tests of the Ray Data stage (pipelines/data.py) on a tiny model and benchmark slice."""
+"""CPU smoke + contract tests of the Ray Data stage (pipelines/data.py) on a tiny model and a slice of MOSAIC-bench."""
 
 import json
 import shutil
@@ -10,11 +10,11 @@ import yaml
 
 from mosaic_core.backbone import load_backbone
 from mosaic_core.config import SamplerConfig
-from mosaic_core.errors import BackboneError, BenchmarkError, ConfigError
+from mosaic_core.errors import BackboneError, ConfigError, DatasetError
 from mosaic_core.sampling import plan
 from mosaic_core.teacher import teacher_outputs
 from pipelines.data import main
-from tests.pipelines.conftest import write_tiny_bench, write_tiny_recipe
+from tests.pipelines.conftest import write_tiny_dataset, write_tiny_recipe
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("ray_session")
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, tiny_model_dir):
     d = tmp_path_factory.mktemp("data-stage")
-    recipe = write_tiny_recipe(d / "r.yaml", tiny_model_dir, write_tiny_bench(d / "bench"))
+    recipe = write_tiny_recipe(d / "r.yaml", tiny_model_dir, write_tiny_dataset(d / "dataset"))
     run = main(str(recipe), out=str(d / "run"))
     return d, recipe, run
 
@@ -69,9 +69,9 @@ def test_rerun_reuses_and_a_changed_input_rebuilds(built, capsys):
     main(str(recipe), out=str(run))
     assert "reusing" in capsys.readouterr().out
     assert (run / "data" / "manifest.json").stat().st_mtime_ns == before
-    bench2 = d / "bench2"
-    shutil.copytree(d / "bench", bench2)
-    with open(bench2 / "bench.jsonl", "a") as f:
+    dataset2 = d / "dataset2"
+    shutil.copytree(d / "dataset", dataset2)
+    with open(dataset2 / "dataset.jsonl", "a") as f:
         f.write(
             json.dumps(
                 {
@@ -84,7 +84,7 @@ def test_rerun_reuses_and_a_changed_input_rebuilds(built, capsys):
             )
             + "\n"
         )
-    recipe2 = write_tiny_recipe(d / "r2.yaml", yaml.safe_load(recipe.read_text())["backbone"], bench2)
+    recipe2 = write_tiny_recipe(d / "r2.yaml", yaml.safe_load(recipe.read_text())["backbone"], dataset2)
     run2 = d / "run2"
     shutil.copytree(run, run2)
     old_hash = json.loads((run2 / "data" / "manifest.json").read_text())["content_hash"]
@@ -98,7 +98,7 @@ def test_draws_add_samples_and_the_teacher_answers_every_draws_negatives(built):
     recipe3 = write_tiny_recipe(
         d / "r3.yaml",
         yaml.safe_load(recipe.read_text())["backbone"],
-        d / "bench",
+        d / "dataset",
         sampler={"per_subset": 4, "max_order": 2, "draws": 2},
     )
     run3 = main(str(recipe3), out=str(d / "run3"))
@@ -134,9 +134,9 @@ def _no_half_output(run):
 
 
 @pytest.mark.parametrize("problem", ["corrupt", "missing_column", "empty_split"])
-def test_bad_benchmark_gets_a_clear_error_and_leaves_nothing(tmp_path, tiny_model_dir, problem):
-    bench = write_tiny_bench(tmp_path / "bench")
-    f = bench / "bench.jsonl"
+def test_bad_dataset_gets_a_clear_error_and_leaves_nothing(tmp_path, tiny_model_dir, problem):
+    dataset = write_tiny_dataset(tmp_path / "dataset")
+    f = dataset / "dataset.jsonl"
     lines = f.read_text().splitlines()
     if problem == "corrupt":
         f.write_text("\n".join(lines[:5]) + '\n{"id": "x", "prompt": "unterminated\n' + "\n".join(lines[5:]) + "\n")
@@ -144,21 +144,21 @@ def test_bad_benchmark_gets_a_clear_error_and_leaves_nothing(tmp_path, tiny_mode
         f.write_text("".join(json.dumps({k: v for k, v in json.loads(x).items() if k != "split"}) + "\n" for x in lines))
     else:
         f.write_text("".join(x + "\n" for x in lines if json.loads(x)["split"] != "val"))
-    recipe = write_tiny_recipe(tmp_path / "r.yaml", tiny_model_dir, bench)
-    with pytest.raises(BenchmarkError) as e:
+    recipe = write_tiny_recipe(tmp_path / "r.yaml", tiny_model_dir, dataset)
+    with pytest.raises(DatasetError) as e:
         main(str(recipe), out=str(tmp_path / "run"))
-    assert {"corrupt": "cannot read benchmark", "missing_column": "['split']", "empty_split": "split 'val'"}[problem] in str(
+    assert {"corrupt": "cannot read dataset", "missing_column": "['split']", "empty_split": "split 'val'"}[problem] in str(
         e.value
     )
     assert _no_half_output(tmp_path / "run")
 
 
 def test_unknown_category_and_bad_backbone(tmp_path, tiny_model_dir):
-    bench = write_tiny_bench(tmp_path / "bench")
-    recipe = write_tiny_recipe(tmp_path / "r.yaml", tiny_model_dir, bench, bank={"categories": ["alcohol", "news"], "m": 2})
-    with pytest.raises(ConfigError, match=r"\['news'\] not in the benchmark"):
+    dataset = write_tiny_dataset(tmp_path / "dataset")
+    recipe = write_tiny_recipe(tmp_path / "r.yaml", tiny_model_dir, dataset, bank={"categories": ["alcohol", "news"], "m": 2})
+    with pytest.raises(ConfigError, match=r"\['news'\] not in the dataset"):
         main(str(recipe), out=str(tmp_path / "run"))
-    recipe = write_tiny_recipe(tmp_path / "r2.yaml", tmp_path / "no-such-model", bench)
+    recipe = write_tiny_recipe(tmp_path / "r2.yaml", tmp_path / "no-such-model", dataset)
     with pytest.raises(BackboneError, match="does not exist"):
         main(str(recipe), out=str(tmp_path / "run2"))
     assert _no_half_output(tmp_path / "run") and _no_half_output(tmp_path / "run2")
@@ -166,17 +166,17 @@ def test_unknown_category_and_bad_backbone(tmp_path, tiny_model_dir):
 
 def test_val_share_lends_val_requests_to_training_and_validates_on_the_rest(built):
     d, recipe, run = built
-    bench = write_tiny_bench(d / "bench-val4", per=(4, 4, 0))
+    dataset = write_tiny_dataset(d / "dataset-val4", per=(4, 4, 0))
     backbone = yaml.safe_load(recipe.read_text())["backbone"]
-    lend = write_tiny_recipe(d / "r-val.yaml", backbone, bench, sampler={"per_subset": 4, "max_order": 2, "val_share": 0.4})
+    lend = write_tiny_recipe(d / "r-val.yaml", backbone, dataset, sampler={"per_subset": 4, "max_order": 2, "val_share": 0.4})
     ex = pd.read_parquet(main(str(lend), out=str(d / "run-val")) / "data" / "examples")
-    split_of = {r["id"]: r["split"] for r in pd.read_json(bench / "bench.jsonl", lines=True).to_dict("records")}
+    split_of = {r["id"]: r["split"] for r in pd.read_json(dataset / "dataset.jsonl", lines=True).to_dict("records")}
     train_from = Counter(split_of[p] for p in ex.loc[ex["split"] == "train", "prompt_id"])
     val_ids = set(ex.loc[ex["split"] == "val", "prompt_id"])
     assert train_from["val"] > 0 and train_from["train"] > 0  # training draws from both splits
     assert {split_of[p] for p in val_ids} == {"val"}
     assert val_ids.isdisjoint(ex.loc[ex["split"] == "train", "prompt_id"])  # validation never scores a lent request
-    plain = write_tiny_recipe(d / "r-val0.yaml", backbone, bench, sampler={"per_subset": 4, "max_order": 2})
+    plain = write_tiny_recipe(d / "r-val0.yaml", backbone, dataset, sampler={"per_subset": 4, "max_order": 2})
     ex0 = pd.read_parquet(main(str(plain), out=str(d / "run-val0")) / "data" / "examples")
     assert {split_of[p] for p in ex0.loc[ex0["split"] == "train", "prompt_id"]} == {"train"}
 
@@ -199,7 +199,7 @@ def test_committed_store_serves_shorter_answers_by_prefix_and_skips_the_teacher(
     short = write_tiny_recipe(
         tmp_path / "short.yaml",
         tiny_model_dir,
-        write_tiny_bench(tmp_path / "bench"),
+        write_tiny_dataset(tmp_path / "dataset"),
         teacher={"max_new_tokens": 2},
         loss={"topk": 3, "max_answer_tokens": 2},
     )
@@ -217,7 +217,7 @@ def test_committed_store_serves_shorter_answers_by_prefix_and_skips_the_teacher(
         assert list(got.loc[p, "response_ids"]) == ref["response_ids"]
         assert [list(x) for x in got.loc[p, "topk_ids"]] == ref["topk_ids"]
         assert all(abs(a - b) < 1e-4 for ga, ra in zip(got.loc[p, "topk_logprobs"], ref["topk_logprobs"]) for a, b in zip(ga, ra))
-    wider = write_tiny_recipe(tmp_path / "wide.yaml", tiny_model_dir, write_tiny_bench(tmp_path / "bench"), loss={"topk": 8})
+    wider = write_tiny_recipe(tmp_path / "wide.yaml", tiny_model_dir, write_tiny_dataset(tmp_path / "dataset"), loss={"topk": 8})
     assert not store.serves(__import__("mosaic_core.config", fromlist=["load_recipe"]).load_recipe(wider))
 
 
@@ -225,7 +225,7 @@ def test_framed_share_frames_training_requests_and_the_teacher_answers_the_frame
     from mosaic_core.training import request_of
 
     recipe = write_tiny_recipe(
-        tmp_path / "r.yaml", tiny_model_dir, write_tiny_bench(tmp_path / "bench"), sampler={"framed_share": 0.5}
+        tmp_path / "r.yaml", tiny_model_dir, write_tiny_dataset(tmp_path / "dataset"), sampler={"framed_share": 0.5}
     )
     run = main(str(recipe), out=str(tmp_path / "run"))
     ex = pd.read_parquet(run / "data" / "examples")

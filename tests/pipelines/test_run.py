@@ -10,19 +10,19 @@ from mosaic_core.backbone import load_backbone
 from mosaic_core.bank import ControlTokenBank
 from mosaic_core.config import BankConfig
 from pipelines.run import main
-from tests.pipelines.conftest import write_tiny_bench, write_tiny_mmlu, write_tiny_recipe
+from tests.pipelines.conftest import write_tiny_dataset, write_tiny_mmlu, write_tiny_recipe
 
 pytestmark = pytest.mark.slow
 
 
 def test_mosaic_run_with_a_given_bank(tmp_path, tiny_model_dir, monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    bench = write_tiny_bench(tmp_path / "bench", per=(3, 2, 2))
+    dataset = write_tiny_dataset(tmp_path / "dataset", per=(3, 2, 2))
     mmlu = write_tiny_mmlu(tmp_path / "mmlu.jsonl", n=1)
     recipe = write_tiny_recipe(
         tmp_path / "tiny.yaml",
         tiny_model_dir,
-        bench,
+        dataset,
         name="tiny-run",
         bank={"categories": ["alcohol", "betting"]},
         sampler={"per_subset": 2},

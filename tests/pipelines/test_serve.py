@@ -337,7 +337,7 @@ def stack(ray_session, tmp_path_factory):
     from ray import serve
 
     from mosaic_core.backbone import load_backbone
-    from pipelines.register import cli as modules_cli
+    from pipelines.modules import cli as modules_cli
 
     root = tmp_path_factory.mktemp("serve")
     model_dir = _save_tiny_chat_model(root / "tiny-serve")
@@ -889,7 +889,7 @@ def test_promote_with_poll_interval_swaps_under_16_concurrent_requests(stack):
     that poll the alias (`poll_interval_s` in the config, `--poll-interval` for `mosaic serve`) swap within it."""
     import yaml
 
-    from pipelines.register import cli as modules_cli
+    from pipelines.modules import cli as modules_cli
 
     shipped = yaml.safe_load((ROOT / "cluster" / "serve_config.yaml").read_text())["applications"][0]
     shipped_uc = shipped["deployments"][0]["user_config"]

@@ -111,7 +111,7 @@ def test_framing_wraps_a_stable_share_of_examples_with_train_templates():
     import json
     from pathlib import Path
 
-    from mosaic_core.bench import load_framings
+    from mosaic_core.dataset import load_framings
     from mosaic_core.sampling import frame_examples
 
     templates = [

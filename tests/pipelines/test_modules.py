@@ -9,7 +9,7 @@ import json
 import os
 import re
 
-# Before mlflow is imported (by pipelines.register below): tests send nothing off the machine.
+# Before mlflow is imported (by pipelines.modules below): tests send nothing off the machine.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import hashlib
@@ -32,7 +32,7 @@ from mosaic_core.bank import ControlTokenBank
 from mosaic_core.bundle import manifest_digest
 from mosaic_core.config import BankConfig
 from mosaic_core.errors import ArtifactError, IncompatibleBackboneError, IntegrityError, UnknownCategoryError
-from pipelines.register import cli, resolve_bundle
+from pipelines.modules import cli, resolve_bundle
 
 
 @pytest.fixture(scope="module")

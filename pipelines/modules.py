@@ -1,4 +1,5 @@
-"""Stage `register`: every category module of a trained bank becomes a version of an MLflow registered model.
+"""Stage `modules`: the MLflow registry of module versions; `register` makes every category module of a trained bank
+a version of an MLflow registered model.
 
     mosaic modules register --run runs/<name>     # one new version per module in runs/<name>/bank/
     mosaic modules list                           # every mosaic.* model: versions, aliases, headline tags
@@ -40,7 +41,7 @@ from mosaic_core.bundle import NAME_PREFIX, manifest_digest, parse_module_uri, r
 from mosaic_core.errors import ArtifactError
 
 # The read side (look-ups, downloads, resolve_bundle) lives in pipelines/_registry.py, shared with the Serve app;
-# it is re-exported here so `from pipelines.register import resolve_bundle` keeps working.
+# it is re-exported here so `from pipelines.modules import resolve_bundle` keeps working.
 from pipelines._registry import (  # noqa: F401
     DEFAULT_STORE,
     connect,
@@ -486,7 +487,7 @@ def cli(argv: list[str]) -> None:
         print(describe_version(client, get_version(client, name, version=version, alias=alias), uri))
 
 
-if __name__ == "__main__":  # `python -m pipelines.register ...` (e.g. as a `ray job submit` entry point)
+if __name__ == "__main__":  # `python -m pipelines.modules ...` (e.g. as a `ray job submit` entry point)
     from mosaic_core.errors import MosaicError
 
     try:

@@ -1,4 +1,4 @@
-"""Data-quality tier for the in-repo benchmark (MOSAIC-bench v2; the data card is data/mosaic-bench/README.md)."""
+"""Data-quality tier for the in-repo dataset (MOSAIC-bench v2; the data card is data/mosaic-bench/README.md)."""
 
 import csv
 import hashlib
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mosaic_core.bench import (
+from mosaic_core.dataset import (
     CORE_WORDS,
     SURFACE_WORDS,
     factual_duplicates,
@@ -171,7 +171,7 @@ def test_hard_lookalikes_share_their_category_surface(rows):
 
 
 @pytest.mark.skipif(not XSTEST.is_file(), reason="the external over-refusal set is not beside the repo")
-def test_benchmark_is_not_close_to_the_external_over_refusal_set(rows):
+def test_dataset_is_not_close_to_the_external_over_refusal_set(rows):
     with XSTEST.open(encoding="utf-8") as f:
         ext = [r["prompt"] for r in csv.DictReader(f)]
     ours = [r["prompt"] for r in rows]
@@ -183,7 +183,7 @@ def test_only_evaluation_reads_the_test_splits():
     """Training, validation and every selection step read train/val only: no stage but the evaluation names a test
     split or reads rows without filtering them to FIT_SPLITS."""
     for f in sorted((REPO / "pipelines").glob("*.py")) + sorted((REPO / "mosaic_core").glob("*.py")):
-        if f.name in ("evaluate.py", "bench.py", "cli.py"):
+        if f.name in ("eval.py", "dataset.py", "cli.py"):
             continue
         text = f.read_text()
         assert not re.search(r"""["']test2?["']""", text), f"{f.name} names a test split"
@@ -191,8 +191,8 @@ def test_only_evaluation_reads_the_test_splits():
     assert 'df["split"] == "train"' in data and 'df["split"] == "val"' in data
 
 
-def test_malformed_benchmark_is_rejected_with_every_problem(tmp_path):
-    from mosaic_core.errors import BenchmarkError
+def test_malformed_dataset_is_rejected_with_every_problem(tmp_path):
+    from mosaic_core.errors import DatasetError
 
     bad = [
         {"id": "a", "prompt": "x", "category": "alcohol", "kind": "target", "split": "train"},
@@ -202,19 +202,19 @@ def test_malformed_benchmark_is_rejected_with_every_problem(tmp_path):
         {"id": "c", "prompt": "q", "category": None, "kind": "general", "split": "test2", "task": "factual", "answer": []},
         {"id": "d", "prompt": "q", "category": "sex", "kind": "target", "split": "val", "boundary": True, "other": "sex", "rule": "x"},
     ]
-    with pytest.raises(BenchmarkError) as e:
+    with pytest.raises(DatasetError) as e:
         validate_rows(bad, CATEGORIES)
     msg = str(e.value)
     for needle in ("duplicate id", "empty prompt", "split 'dev'", "null exactly for general", "unknown category 'news'",
                    "missing column", "non-empty list", "must be another known category", "boundary `rule`"):
         assert needle in msg
     (tmp_path / "x.jsonl").write_text('{"id": 1}\n{broken\n')
-    with pytest.raises(BenchmarkError, match="x.jsonl:2"):
+    with pytest.raises(DatasetError, match="x.jsonl:2"):
         load_jsonl([tmp_path / "x.jsonl"])
 
 
 def test_framings_cover_eight_families_each_split_between_training_and_test2():
-    from mosaic_core.bench import FRAMING_FAMILIES, frame, load_framings
+    from mosaic_core.dataset import FRAMING_FAMILIES, frame, load_framings
 
     framings = load_framings(REPO / "data" / "framings" / "framings.jsonl")
     assert len(framings) >= 40
@@ -234,13 +234,13 @@ def test_framings_cover_eight_families_each_split_between_training_and_test2():
 
 
 def test_malformed_framings_are_rejected(tmp_path):
-    from mosaic_core.bench import load_framings
-    from mosaic_core.errors import BenchmarkError
+    from mosaic_core.dataset import load_framings
+    from mosaic_core.errors import DatasetError
 
     (tmp_path / "f.jsonl").write_text(
         json.dumps({"id": "a", "family": "fiction", "split": "train", "messages": [{"role": "user", "content": "no placeholder"}]}) + "\n"
         + json.dumps({"id": "b", "family": "poetry", "split": "train", "messages": [{"role": "user", "content": "{request}"}]}) + "\n"
     )
-    with pytest.raises(BenchmarkError) as e:
+    with pytest.raises(DatasetError) as e:
         load_framings(tmp_path / "f.jsonl")
     assert "a: the last turn" in str(e.value) and "poetry" in str(e.value)

@@ -13,12 +13,12 @@ Two measurements (the MOSAIC paper judges generated answers; on CPU thousands of
         prompt (no generation); refused iff greedy decoding would start with them (each is the argmax).
   gen   a seeded sample of subsets and requests: greedy generation (max_new_tokens) judged by mosaic_core's
         judge (template OR XSTest prefixes offline), so the fast score is checked against real outputs.
-Whether answers survive the modules (greedy, 24 new tokens: the benchmark's retention rule):
+Whether answers survive the modules (greedy, 24 new tokens: MOSAIC-bench's retention rule):
   fidelity   a general answer with modules on opens with the same first `fidelity_words` words as the bare
              model's (lower-cased, punctuation stripped; a refusal is a mismatch), at order 1 (a sample of single
              modules) and with every module on;
   retention  a factual question's answer (an accepted string in it, no refusal) with no module, each module and
-             every module on; the benchmark keeps only questions the bare model answers, so "none" is ~1.0.
+             every module on; MOSAIC-bench keeps only questions the bare model answers, so "none" is ~1.0.
 Every rate carries a Wilson 95 % interval. Writes eval/report.json, eval/report.md, eval/rows.parquet (every
 scored row) and eval/*.png, and logs them into the run's MLflow run (run.json) when there is one."""
 
@@ -48,8 +48,8 @@ import pyarrow.parquet as pq
 import ray
 import yaml
 
-from mosaic_core.bench import EVAL_SPLITS, FIT_SPLITS, load_jsonl
 from mosaic_core.config import EvalSettings, Recipe, load_recipe, recipe_from_dict
+from mosaic_core.dataset import EVAL_SPLITS, FIT_SPLITS, load_jsonl
 from mosaic_core.errors import ArtifactError, ConfigError
 from mosaic_core.metrics import Rate, in_context_policy, rate
 from pipelines._actors import actor_pool_resources
@@ -58,22 +58,22 @@ PAPER_TABLE1 = {  # the MOSAIC paper's Table 1, Llama-3.1-8B, orders 1 -> 4 (end
     "in-context": {"dsr": "76.7 → 44.5", "or": "10–14"},
     "MOSAIC-5": {"dsr": "99.8–100", "or": "4.3 → 1.8"},
 }
-ANSWER_TOKENS = 24  # fidelity and retention read greedy answers of this length (the benchmark's retention rule)
+ANSWER_TOKENS = 24  # fidelity and retention read greedy answers of this length (MOSAIC-bench's retention rule)
 PAPER_MMLU = {"raw model": "0.552", "MOSAIC-5 (orders 1–3)": "0.551–0.552", "in-context": "0.534–0.527"}
 
 
 @dataclass(frozen=True, kw_only=True)
 class EvalConfig:
-    """One evaluation: which bank, on which recipe's benchmark, with which budget (`recipe.eval` + overrides)."""
+    """One evaluation: which bank, on which recipe's dataset, with which budget (`recipe.eval` + overrides)."""
 
     bank_dir: str
     """Bank directory (manifest.json + modules)."""
     recipe: Recipe
-    """The run's recipe (backbone, benchmark, categories, refusal template, eval budget)."""
+    """The run's recipe (backbone, dataset, categories, refusal template, eval budget)."""
     out_dir: str
     """Where eval/ goes (the run directory)."""
     split: str = "val"
-    """Benchmark split evaluated: `val` (where choices are made), `test` or `test2` (reporting only)."""
+    """Dataset split evaluated: `val` (where choices are made), `test` or `test2` (reporting only)."""
     xstest: str | None = None
     """XSTest CSV (evaluation only; its 250 safe prompts)."""
     actors: int = 1
@@ -293,7 +293,7 @@ def _framed_jobs(cfg: EvalConfig, by: dict, framings: list[dict], add: Any, rng:
     """Fast-score rows of requests wrapped in framing templates: per family and order, one subset, its targets
     (dsr), the inactive targets + general requests (or) and its look-alikes, each request in a template of the
     family drawn at random. Multi-turn templates are real turns of the chat."""
-    from mosaic_core.bench import frame
+    from mosaic_core.dataset import frame
 
     if not framings or cfg.s.framed_cap == 0:
         return
@@ -711,10 +711,10 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     out = Path(cfg.out_dir).resolve() / "eval"
-    bench = [r for r in load_jsonl([Path(cfg.recipe.benchmark)]) if r["split"] == cfg.split]
-    if not bench:
-        raise ConfigError([f"split: the benchmark {cfg.recipe.benchmark} has no {cfg.split!r} rows"], "eval")
-    bench = [r for r in bench if r["kind"] == "general" or r["category"] in cfg.recipe.bank.categories]
+    requests = [r for r in load_jsonl([Path(cfg.recipe.benchmark)]) if r["split"] == cfg.split]
+    if not requests:
+        raise ConfigError([f"split: the dataset {cfg.recipe.benchmark} has no {cfg.split!r} rows"], "eval")
+    requests = [r for r in requests if r["kind"] == "general" or r["category"] in cfg.recipe.bank.categories]
     questions = load_mmlu(Path(cfg.s.mmlu)) if cfg.s.mmlu else []
     if cfg.s.mmlu_limit and len(questions) > cfg.s.mmlu_limit:
         questions = sorted(random.Random(cfg.seed).sample(questions, cfg.s.mmlu_limit), key=lambda q: q.id)
@@ -724,11 +724,11 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
         xs = random.Random(cfg.seed).sample(xs, cfg.s.xstest_cap)
     framings = []
     if cfg.s.framings and cfg.s.framed_cap != 0:
-        from mosaic_core.bench import load_framings
+        from mosaic_core.dataset import load_framings
 
         split = "val" if cfg.split == "val" else "test2"  # test2's templates are the ones training never saw
         framings = [f for f in load_framings(Path(cfg.s.framings)) if f["split"] == split]
-    jobs = build_jobs(cfg, bench, mmlu, xs, framings)
+    jobs = build_jobs(cfg, requests, mmlu, xs, framings)
     print(f"[eval] {len(jobs)} rows: " + ", ".join(f"{k} {v}" for k, v in jobs["mode"].value_counts().items()))
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False, log_to_driver=False)

@@ -10,8 +10,8 @@ from mosaic_core.artifact import save_bank
 from mosaic_core.bank import ControlTokenBank
 from mosaic_core.config import BankConfig, EvalSettings, load_recipe
 from mosaic_core.errors import ConfigError
-from pipelines.evaluate import EvalConfig, build_jobs, main, summarize
-from tests.pipelines.conftest import ROOT, write_tiny_bench, write_tiny_recipe
+from pipelines.eval import EvalConfig, build_jobs, main, summarize
+from tests.pipelines.conftest import ROOT, write_tiny_dataset, write_tiny_recipe
 
 CATS = ("alcohol", "betting", "horror")
 
@@ -80,8 +80,8 @@ def test_fast_rule_picks_the_greedy_flag_or_the_probability_threshold():
 def test_eval_main_smoke_writes_reports_and_plots(tmp_path, tiny_model_dir, tiny_backbone):
     from mosaic_core.backbone import load_backbone
 
-    bench = write_tiny_bench(tmp_path / "bench", per=(0, 3, 0))
-    recipe = load_recipe(write_tiny_recipe(tmp_path / "r.yaml", tiny_model_dir, bench))
+    dataset = write_tiny_dataset(tmp_path / "dataset", per=(0, 3, 0))
+    recipe = load_recipe(write_tiny_recipe(tmp_path / "r.yaml", tiny_model_dir, dataset))
     bb = load_backbone(str(tiny_model_dir))
     bank = ControlTokenBank.build(BankConfig(categories=CATS, m=2, init="normal"), bb.embeddings)
     save_bank(bank, tmp_path / "run" / "bank", fingerprint=bb.fingerprint, init="normal")
@@ -133,7 +133,7 @@ def test_eval_main_smoke_writes_reports_and_plots(tmp_path, tiny_model_dir, tiny
     }
     plain = [
         r
-        for r in map(json.loads, (bench / "bench.jsonl").read_text().splitlines())
+        for r in map(json.loads, (dataset / "dataset.jsonl").read_text().splitlines())
         if r["kind"] == "general" and not r.get("task")
     ]
     assert rep["fidelity"]["all"]["n"] == len(plain) >= 1 and rep["fidelity"]["order1"]["n"] == 2 * min(2, len(plain))
@@ -157,7 +157,7 @@ def test_eval_main_smoke_writes_reports_and_plots(tmp_path, tiny_model_dir, tiny
 
 
 def test_each_test2_scoring_appends_one_line(tmp_path):
-    from pipelines.evaluate import append_test2_log
+    from pipelines.eval import append_test2_log
 
     bank = ControlTokenBank.build(BankConfig(categories=CATS, m=1, init="normal"), __import__("torch").randn(10, 4))
     from mosaic_core.backbone import Fingerprint
@@ -230,7 +230,7 @@ def test_same_opening_and_answer_retained():
 
 
 def test_framed_requests_are_scored_per_family_and_order():
-    from mosaic_core.bench import load_framings
+    from mosaic_core.dataset import load_framings
 
     recipe = load_recipe(ROOT / "pipelines" / "configs" / "smollm2-135m" / "cpu.yaml", {"bank.categories": list(CATS)})
     recipe = replace(
@@ -264,4 +264,4 @@ def test_framed_requests_are_scored_per_family_and_order():
     rep = summarize(jobs.assign(score=0.0, refused=refuse, response=""), cfg)
     assert rep["framed"]["fiction"]["1"]["dsr"]["rate"] == 0.0 and rep["framed"]["roleplay"]["1"]["dsr"]["rate"] == 1.0
     assert rep["per_order"]["fast"]["mosaic"]["1"]["dsr"]["rate"] == 1.0  # the plain figures are not mixed with framed ones
-    assert "| fiction | 0 / 0 / 0" in __import__("pipelines.evaluate", fromlist=["markdown"]).markdown(rep, cfg)
+    assert "| fiction | 0 / 0 / 0" in __import__("pipelines.eval", fromlist=["markdown"]).markdown(rep, cfg)

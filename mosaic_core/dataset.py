@@ -1,4 +1,4 @@
-"""The MOSAIC benchmark: loading, validating, and the duplicate and template checks its data tests use.
+"""MOSAIC-bench, the request dataset: loading, validating, and the duplicate and template checks its data tests use.
 
 One request a line: {id, prompt, category, kind, split} (+ optional topic, and the v2 fields below). `category` is
 null for general requests; for a look-alike it is the category it resembles (and must still be answered under).
@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from mosaic_core.errors import BenchmarkError
+from mosaic_core.errors import DatasetError
 
 KINDS = ("target", "lookalike", "general")
 SPLITS = ("train", "val", "test", "test2")
@@ -32,7 +32,7 @@ RULES = ("asks", "precedence")
 
 
 def validate_rows(rows: Sequence[dict[str, Any]], categories: Iterable[str] | None = None) -> None:
-    """Raise BenchmarkError listing every malformed row (up to 20) and missing column."""
+    """Raise DatasetError listing every malformed row (up to 20) and missing column."""
     cats = set(categories) if categories is not None else None
     problems: list[str] = []
     ids: set[str] = set()
@@ -59,7 +59,7 @@ def validate_rows(rows: Sequence[dict[str, Any]], categories: Iterable[str] | No
         problems.append("no rows")
     if problems:
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise BenchmarkError("invalid benchmark:\n  " + "\n  ".join(problems[:20]) + more)
+        raise DatasetError("invalid dataset:\n  " + "\n  ".join(problems[:20]) + more)
 
 
 def _present(r: dict[str, Any], key: str) -> bool:
@@ -119,7 +119,7 @@ def load_jsonl(paths: Iterable[Path]) -> list[dict[str, Any]]:
                     try:
                         rows.append(json.loads(line))
                     except json.JSONDecodeError as e:
-                        raise BenchmarkError(f"{f}:{n}: not valid JSON ({e.msg})") from e
+                        raise DatasetError(f"{f}:{n}: not valid JSON ({e.msg})") from e
     return rows
 
 
@@ -269,7 +269,7 @@ PLACEHOLDER = "{request}"
 
 
 def load_framings(path: Path) -> list[dict[str, Any]]:
-    """Framing templates ({id, family, split, messages}); BenchmarkError listing every malformed one. A template is
+    """Framing templates ({id, family, split, messages}); DatasetError listing every malformed one. A template is
     a chat ending with a user turn whose text holds `{request}` once (the only braces in the template)."""
     rows = load_jsonl([path])
     problems = []
@@ -294,7 +294,7 @@ def load_framings(path: Path) -> list[dict[str, Any]]:
     if len({r.get("id") for r in rows}) != len(rows):
         problems.append("duplicate framing ids")
     if problems:
-        raise BenchmarkError("invalid framings:\n  " + "\n  ".join(problems[:20]))
+        raise DatasetError("invalid framings:\n  " + "\n  ".join(problems[:20]))
     return rows
 
 

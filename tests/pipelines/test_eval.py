@@ -10,7 +10,9 @@ from mosaic_core.artifact import save_bank
 from mosaic_core.bank import ControlTokenBank
 from mosaic_core.config import BankConfig, EvalSettings, load_recipe
 from mosaic_core.errors import ConfigError
-from pipelines.eval import EvalConfig, build_jobs, main, summarize
+from pipelines._eval_jobs import build_jobs
+from pipelines._eval_report import summarize
+from pipelines.eval import EvalConfig, main
 from tests.pipelines.conftest import ROOT, write_tiny_dataset, write_tiny_recipe
 
 CATS = ("alcohol", "betting", "horror")
@@ -157,7 +159,7 @@ def test_eval_main_smoke_writes_reports_and_plots(tmp_path, tiny_model_dir, tiny
 
 
 def test_each_test2_scoring_appends_one_line(tmp_path):
-    from pipelines.eval import append_test2_log
+    from pipelines._eval_report import append_test2_log
 
     bank = ControlTokenBank.build(BankConfig(categories=CATS, m=1, init="normal"), __import__("torch").randn(10, 4))
     from mosaic_core.backbone import Fingerprint
@@ -264,4 +266,4 @@ def test_framed_requests_are_scored_per_family_and_order():
     rep = summarize(jobs.assign(score=0.0, refused=refuse, response=""), cfg)
     assert rep["framed"]["fiction"]["1"]["dsr"]["rate"] == 0.0 and rep["framed"]["roleplay"]["1"]["dsr"]["rate"] == 1.0
     assert rep["per_order"]["fast"]["mosaic"]["1"]["dsr"]["rate"] == 1.0  # the plain figures are not mixed with framed ones
-    assert "| fiction | 0 / 0 / 0" in __import__("pipelines.eval", fromlist=["markdown"]).markdown(rep, cfg)
+    assert "| fiction | 0 / 0 / 0" in __import__("pipelines._eval_report", fromlist=["markdown"]).markdown(rep, cfg)

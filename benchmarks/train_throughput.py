@@ -6,7 +6,7 @@ teacher (a second forward each step) would cost over the precomputed one.
         [--threads 2] [--configs torch,torch-prefix-cache,torch-online-teacher,peft-prompt-tuning,ray-z1-w1,ray-z2-w1,ray-z1-w2,ray-z2-w2]
         [--json results.json]
 
-Data: the first (1 warm-up + steps) x batch rows of `pipelines.train.load_tables(run, seed)` (train split joined with
+Data: the first (1 warm-up + steps) x batch rows of `pipelines._train_tables.load_tables(run, seed)` (train split joined with
 the stored teacher); every configuration trains on exactly these rows, `batch` per optimizer step, frozen fp32 backbone.
 
     torch                 one process, `threads` torch threads: batch_loss + backward + Adam + clamp_norms_ (the MOSAIC
@@ -63,7 +63,7 @@ from mosaic_core.compose import answer_logits, encode_batch
 from mosaic_core.config import Recipe, recipe_from_dict
 from mosaic_core.teacher import TEACHER_COLS
 from mosaic_core.training import batch_loss, refusal_target
-from pipelines.train import load_tables
+from pipelines._train_tables import load_tables
 
 CONFIGS = (
     "torch",

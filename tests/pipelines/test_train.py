@@ -16,7 +16,8 @@ import yaml
 
 from mosaic_core.bundle import manifest_digest
 from pipelines import _loopback
-from pipelines.train import deepspeed_config, load_tables
+from pipelines._train_tables import load_tables
+from pipelines.train import deepspeed_config
 from pipelines.train import main as train_main
 
 CATS = ("alcohol", "betting")
@@ -172,7 +173,7 @@ def test_load_tables_joins_teacher_and_reports_missing(tmp_path, tiny_model_dir)
 
 
 def test_the_kept_epoch_is_the_best_gap_among_faithful_ones_else_the_most_faithful():
-    from pipelines.train import MIN_FIDELITY, select_key
+    from pipelines._train_worker import MIN_FIDELITY, select_key
 
     faithful = [{"val_gap": 0.5, "val_fidelity": MIN_FIDELITY}, {"val_gap": 0.7, "val_fidelity": 0.9}]
     drifting = [{"val_gap": 0.95, "val_fidelity": 0.3}, {"val_gap": 0.1, "val_fidelity": 0.6}]
@@ -205,7 +206,7 @@ def test_extension_bank_freezes_old_modules(tmp_path, tiny_model_dir):
     from mosaic_core.backbone import load_backbone
     from mosaic_core.bank import ControlTokenBank
     from mosaic_core.config import recipe_from_dict
-    from pipelines.train import build_bank
+    from pipelines._train_worker import build_bank
 
     bb = load_backbone(str(tiny_model_dir))
     recipe = recipe_from_dict({"name": "x", "bank": {"categories": list(CATS), "m": 2, "init": "vocab"}})
@@ -230,7 +231,7 @@ def test_a_deep_bank_extends_with_deep_modules_only(tmp_path, tiny_model_dir):
     from mosaic_core.backbone import load_backbone
     from mosaic_core.bank import DeepTokenBank
     from mosaic_core.config import recipe_from_dict
-    from pipelines.train import build_bank
+    from pipelines._train_worker import build_bank
 
     bb = load_backbone(str(tiny_model_dir))
     deep = recipe_from_dict({"name": "x", "bank": {"categories": list(CATS), "m": 2, "init": "vocab", "depth": "deep"}})
@@ -386,7 +387,8 @@ def test_train_two_workers_zero2_trains_a_deep_bank(tmp_path, tiny_model_dir, ra
     from mosaic_core.artifact import load_bank, read_meta
     from mosaic_core.backbone import load_backbone
     from mosaic_core.config import recipe_from_dict
-    from pipelines.train import build_bank, main
+    from pipelines._train_worker import build_bank
+    from pipelines.train import main
 
     run = make_run(tmp_path, tiny_model_dir, max_steps=2, depth="deep", ema=0.5, request_dropout=0.3)
     before = _model_bytes(tiny_model_dir)

@@ -30,8 +30,9 @@ Network rule (docs/architecture.md, platform notes): the proxy listens where `ht
 replica's internal gRPC server is bound to 127.0.0.1 by `pipelines._loopback` before it starts.
 
 Layout: `settings` (ServeArgs, ModuleSource, tenants), `errors` (ApiError, the OpenAI error shape), `schema` (OpenAI
-request models, rows), `modules` (ModuleState, load_modules), `backbone` (MosaicBackbone), `ingress` (MosaicIngress,
-metrics, audit), `app` (build_app), `cli` (`mosaic serve`, graceful shutdown), `env` (set before Ray is imported).
+request models, rows), `modules` (ModuleState, load_modules), `backbone` (MosaicBackbone), `ingress` (MosaicIngress),
+`observability` (ServeMetrics, the audit log), `app` (build_app), `cli` (`mosaic serve`, graceful shutdown), `env`
+(set before Ray is imported).
 """
 
 from pipelines.serve.env import set_process_env
@@ -54,17 +55,17 @@ from pipelines.serve.errors import (  # noqa: E402
     Unauthorized,
     Unavailable,
 )
-from pipelines.serve.ingress import (  # noqa: E402
+from pipelines.serve.ingress import MosaicIngress  # noqa: E402
+from pipelines.serve.modules import ModuleLoader, ModuleState, load_modules  # noqa: E402
+from pipelines.serve.observability import (  # noqa: E402
     AUDIT_LOGGER,
     LATENCY_BUCKETS_S,
     METRIC_TAGS,
-    MosaicIngress,
     ServeMetrics,
     audit_logger,
     audit_record,
     metric_tags,
 )
-from pipelines.serve.modules import ModuleLoader, ModuleState, load_modules  # noqa: E402
 from pipelines.serve.schema import (  # noqa: E402
     SEED_MAX,
     ChatCompletionRequest,

@@ -854,7 +854,7 @@ def test_metrics_and_audit_log_per_request(stack):
 def test_audit_record_and_metric_tags_helpers(tmp_path):
     import logging
 
-    from pipelines.serve.ingress import audit_logger, audit_record, metric_tags
+    from pipelines.serve.observability import audit_logger, audit_record, metric_tags
 
     rec = {
         "request_id": "chatcmpl-1",
@@ -1125,7 +1125,7 @@ def test_drain_lets_calls_finish_then_cancels_the_rest_with_an_error():
 def test_grafana_dashboard_uses_the_metrics_the_ingress_exports():
     import inspect
 
-    import pipelines.serve.ingress as sv
+    import pipelines.serve.observability as sv
 
     dash = json.loads((ROOT / "cluster" / "grafana" / "mosaic_serving_dashboard.json").read_text())
     exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]

@@ -1,0 +1,94 @@
+"""Module gates: a linear test of what the frozen backbone makes of a request, deciding whether an active module's
+control tokens are inserted at all (docs/experiments/gated-modules.md).
+
+A request's features are the mean of the backbone's hidden states over the request's own tokens (after the chat
+template's shared head) at a few layers, concatenated: (|layers| * d,). A gate is one weight vector and a bias over
+them, fitted per category by logistic regression on the train split; it fires where `features @ w + b > 0`. Where no
+active module's gate fires, nothing is inserted and the answer is the bare backbone's, bit for bit."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+
+@torch.inference_mode()
+def request_features(
+    model: Any, runs: Sequence[Sequence[int]], head: int, layers: Sequence[int], batch_size: int = 16
+) -> torch.Tensor:
+    """Mean hidden state of each run's tokens after its first `head` (the template's system prompt and user header).
+
+    Args:
+        model: a causal LM whose `get_decoder()` returns hidden states (index 0: the embeddings, i: after layer i).
+        runs: B token runs (a request's templated turns up to the control block); each longer than `head`.
+        layers: which hidden states to average, e.g. (10, 20, 30).
+    Returns:
+        (B, len(layers) * d) float32, rows in the order of `runs`. Runs are batched by length (less padding);
+        right padding leaves every real token's states as in an unpadded forward.
+    """
+    if any(len(r) <= head for r in runs):
+        raise ValueError(f"every run needs tokens after its {head}-token head")
+    device = model.get_input_embeddings().weight.device
+    order = sorted(range(len(runs)), key=lambda i: len(runs[i]))
+    out: list[torch.Tensor | None] = [None] * len(runs)
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        T = max(len(runs[i]) for i in idx)
+        ids = torch.zeros(len(idx), T, dtype=torch.long, device=device)
+        mask = torch.zeros(len(idx), T, dtype=torch.long, device=device)
+        for j, i in enumerate(idx):
+            ids[j, : len(runs[i])], mask[j, : len(runs[i])] = torch.tensor(list(runs[i]), device=device), 1
+        hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        own = mask.clone()
+        own[:, :head] = 0
+        w = (own / own.sum(1, keepdim=True)).unsqueeze(-1).float()  # (b, T, 1): a mean over the own tokens
+        feats = torch.cat([(hidden[layer].float() * w).sum(1) for layer in layers], -1)
+        for j, i in enumerate(idx):
+            out[i] = feats[j].cpu()
+    return torch.stack(out)  # type: ignore[arg-type]
+
+
+def fit_gate(
+    features: torch.Tensor, labels: torch.Tensor, weight_decay: float = 0.01, threshold: float = 0.5, max_iter: int = 200
+) -> torch.Tensor:
+    """A gate by logistic regression, positives and negatives weighing the same in total.
+
+    Args:
+        features: (N, F) request features; labels: (N,) 1 for the category's requests, 0 for the rest.
+        weight_decay: L2 on the weights of the standardised features.
+        threshold: the probability at and above which the gate fires, folded into the bias.
+    Returns:
+        (F + 1,) float32: the weights over raw features, then the bias; fires where `x @ g[:-1] + g[-1] > 0`.
+    """
+    if not 0 < threshold < 1:
+        raise ValueError(f"threshold {threshold} must be in (0, 1)")
+    y = labels.float()
+    if not 0 < y.sum() < len(y):
+        raise ValueError("a gate needs both positives and negatives")
+    mu, sd = features.mean(0), features.std(0) + 1e-6
+    x = (features - mu) / sd
+    w = torch.zeros(x.shape[1], requires_grad=True)
+    b = torch.zeros((), requires_grad=True)
+    pos_weight = (1 - y).sum() / y.sum()
+    opt = torch.optim.LBFGS([w, b], max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        logits = x @ w + b
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y, pos_weight=pos_weight)
+        loss = loss + weight_decay * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        raw_w = w / sd  # x_std @ w == x @ (w / sd) - mu @ (w / sd)
+        bias = b - mu @ raw_w - torch.logit(torch.tensor(threshold))
+        return torch.cat([raw_w, bias[None]]).float()
+
+
+def fires(gate: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: where a gate (F + 1,) fires on features (B, F)."""
+    return features @ gate[:-1].to(features) + gate[-1].to(features) > 0

@@ -3,7 +3,7 @@
 Pure library: torch + transformers + safetensors. Ray, MLflow, FastAPI and DeepSpeed are never imported here.
 """
 
-from mosaic_core.bank import ControlTokenBank
+from mosaic_core.bank import Bank, ControlTokenBank, DeepTokenBank
 from mosaic_core.config import DEFAULT_REFUSAL, BankConfig, LossConfig, SamplerConfig
 from mosaic_core.errors import (
     ArtifactError,
@@ -24,7 +24,9 @@ __all__ = [
     "BackboneError",
     "BankConfig",
     "ConfigError",
+    "Bank",
     "ControlTokenBank",
+    "DeepTokenBank",
     "DuplicateCategoryError",
     "IncompatibleBackboneError",
     "IntegrityError",

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mosaic_core.backbone import Fingerprint
-from mosaic_core.bank import ControlTokenBank, new_bank
+from mosaic_core.bank import Bank, new_bank
 from mosaic_core.errors import ArtifactError, IncompatibleBackboneError, IntegrityError
 
 FORMAT_VERSION = 1
@@ -167,7 +167,7 @@ def load_module(module_dir: Path, expected: Fingerprint | None = None) -> tuple[
 
 
 def save_bank(
-    bank: ControlTokenBank,
+    bank: Bank,
     out_dir: Path,
     *,
     fingerprint: Fingerprint,
@@ -212,7 +212,7 @@ def save_bank(
     return manifest
 
 
-def bank_from_modules(module_dirs: Sequence[Path], expected: Fingerprint | None = None) -> ControlTokenBank:
+def bank_from_modules(module_dirs: Sequence[Path], expected: Fingerprint | None = None) -> Bank:
     """Compose a bank from module directories (e.g. registry downloads), in the given order.
 
     All modules must share backbone fingerprint, placement, depth and shape."""
@@ -254,7 +254,7 @@ def read_manifest(bank_dir: Path) -> dict[str, Any]:
     return json.loads(manifest_path(bank_dir).read_text())
 
 
-def load_bank(bank_dir: Path, expected: Fingerprint | None = None) -> ControlTokenBank:
+def load_bank(bank_dir: Path, expected: Fingerprint | None = None) -> Bank:
     """Load `bank_dir/manifest.json` and its modules (checked) into a bank (ControlTokenBank or DeepTokenBank, as
     the modules are) in manifest order."""
     bank_dir = Path(bank_dir)

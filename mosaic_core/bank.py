@@ -4,8 +4,8 @@ The only trainable parameters of MOSAIC."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Any, ClassVar
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -53,10 +53,35 @@ def init_vectors(
     raise ValueError(f"unknown init method {method!r}")
 
 
-class ControlTokenBank(nn.Module):
-    """Ordered categories -> (m, d) parameters; composition in canonical (registry) order."""
+@runtime_checkable
+class Bank(Protocol):
+    """What every bank offers; training, composition, artifacts and serving use banks through this alone.
+    ControlTokenBank (input embeddings) and DeepTokenBank (keys and values at every layer) implement it."""
 
-    depth: ClassVar[Depth] = "input"
+    depth: ClassVar[Depth]
+    d: int
+    m: int
+    placement: Placement
+    positions: Positions
+    max_norm: float | None
+    categories: list[str]
+    vectors: nn.ParameterDict
+
+    @property
+    def module_shape(self) -> tuple[int, ...]: ...
+    def add(self, category: str, values: torch.Tensor) -> None: ...
+    def canonical(self, active: Iterable[str]) -> tuple[str, ...]: ...
+    def compose(self, active: Iterable[str]) -> torch.Tensor: ...
+    def freeze(self, categories: Sequence[str] | None = None) -> None: ...
+    def clamp_norms_(self) -> None: ...
+    def num_trainable(self) -> int: ...
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
+
+
+class CategoryRegistry(nn.Module):
+    """The ordered registry both banks keep: categories -> one trainable tensor of `module_shape` each, composed in
+    canonical (registry) order. Neither bank derives from the other; each says what a module's tensor is."""
+
     positions: Positions = "shift"
     """How the block's positions relate to what follows it (BankConfig.positions); input banks always shift."""
 
@@ -66,23 +91,9 @@ class ControlTokenBank(nn.Module):
         self.categories: list[str] = []
         self.vectors = nn.ParameterDict()
 
-    @classmethod
-    def build(cls, cfg: BankConfig, embeddings: torch.Tensor, tokenizer: Any = None) -> ControlTokenBank:
-        """A bank for `cfg.categories`, initialised by `cfg.init` from the backbone's embeddings (V, d)."""
-        mean_norm = embeddings.detach().float().norm(dim=-1).mean().item()
-        max_norm = cfg.max_norm_ratio * mean_norm if cfg.max_norm_ratio else None
-        bank = ControlTokenBank(d=embeddings.shape[1], m=cfg.m, placement=cfg.placement, max_norm=max_norm)
-        gen = torch.Generator().manual_seed(cfg.seed)
-        for c in cfg.categories:
-            v = init_vectors(embeddings, cfg.m, cfg.init, tokenizer=tokenizer, text=describe(c), generator=gen)
-            bank.add(c, v)
-        bank.clamp_norms_()
-        return bank
-
     @property
     def module_shape(self) -> tuple[int, ...]:
-        """One module's tensor shape: (m, d)."""
-        return (self.m, self.d)
+        raise NotImplementedError
 
     def add(self, category: str, values: torch.Tensor) -> None:
         """Register a new category with initial values of shape `module_shape`."""
@@ -102,6 +113,41 @@ class ControlTokenBank(nn.Module):
         # Canonical order makes {a, b} and {b, a} the same input: one composition per set, not per permutation.
         return tuple(c for c in self.categories if c in wanted)
 
+    def freeze(self, categories: Sequence[str] | None = None) -> None:
+        """Stop training these categories (all when None): incremental expansion keeps old modules fixed."""
+        for c in self.canonical(categories if categories is not None else self.categories):
+            self.vectors[c].requires_grad_(False)
+
+    def clamp_norms_(self) -> None:
+        """No norm cap (the input bank has one)."""
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+class ControlTokenBank(CategoryRegistry):
+    """Ordered categories -> (m, d) parameters; composition in canonical (registry) order."""
+
+    depth: ClassVar[Depth] = "input"
+
+    @classmethod
+    def build(cls, cfg: BankConfig, embeddings: torch.Tensor, tokenizer: Any = None) -> ControlTokenBank:
+        """A bank for `cfg.categories`, initialised by `cfg.init` from the backbone's embeddings (V, d)."""
+        mean_norm = embeddings.detach().float().norm(dim=-1).mean().item()
+        max_norm = cfg.max_norm_ratio * mean_norm if cfg.max_norm_ratio else None
+        bank = ControlTokenBank(d=embeddings.shape[1], m=cfg.m, placement=cfg.placement, max_norm=max_norm)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        for c in cfg.categories:
+            v = init_vectors(embeddings, cfg.m, cfg.init, tokenizer=tokenizer, text=describe(c), generator=gen)
+            bank.add(c, v)
+        bank.clamp_norms_()
+        return bank
+
+    @property
+    def module_shape(self) -> tuple[int, ...]:
+        """One module's tensor shape: (m, d)."""
+        return (self.m, self.d)
+
     def compose(self, active: Iterable[str]) -> torch.Tensor:
         """The control block for an active set, shape (k*m, d); (0, d) for the empty set."""
         cats = self.canonical(active)
@@ -110,11 +156,6 @@ class ControlTokenBank(nn.Module):
             dtype = ref.dtype if ref is not None else torch.float32
             return torch.zeros(0, self.d, dtype=dtype, device=ref.device if ref is not None else None)
         return torch.cat([self.vectors[c] for c in cats], 0)
-
-    def freeze(self, categories: Sequence[str] | None = None) -> None:
-        """Stop training these categories (all when None): incremental expansion keeps old modules fixed."""
-        for c in self.canonical(categories if categories is not None else self.categories):
-            self.vectors[c].requires_grad_(False)
 
     @torch.no_grad()
     def clamp_norms_(self) -> None:
@@ -130,14 +171,11 @@ class ControlTokenBank(nn.Module):
             n = p.norm(dim=-1, keepdim=True).clamp_min(1e-12)
             p.mul_(torch.clamp(self.max_norm / n, max=1.0))
 
-    def num_trainable(self) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
-
     def extra_repr(self) -> str:
         return f"categories={self.categories}, m={self.m}, d={self.d}, placement={self.placement!r}"
 
 
-class DeepTokenBank(ControlTokenBank):
+class DeepTokenBank(CategoryRegistry):
     """Ordered categories -> (layers, 2, kv_heads, m, head_dim) parameters: per layer, m keys (before RoPE; [:, 0])
     and m values ([:, 1]) for each key/value head -- m positions of the KV cache written directly (prefix tuning,
     P-tuning v2) right after the request, instead of m input embeddings whose keys and values are whatever the
@@ -163,7 +201,7 @@ class DeepTokenBank(ControlTokenBank):
     ):
         if placement != "before_assistant":
             raise ValueError(f"deep tokens follow the request: placement must be before_assistant, not {placement!r}")
-        super().__init__(d=d, m=m, placement=placement, max_norm=None)
+        super().__init__(d, m, placement, max_norm=None)
         self.layers, self.kv_heads, self.head_dim, self.positions = layers, kv_heads, head_dim, positions
 
     @property
@@ -207,7 +245,7 @@ def new_bank(
     depth: Depth = "input",
     shape: Sequence[int] = (),
     positions: Positions = "shift",
-) -> ControlTokenBank:
+) -> Bank:
     """An empty bank of either depth, as artifacts and checkpoints describe it (`shape`: a deep module's)."""
     if depth == "deep":
         layers, _, kv_heads, _, head_dim = shape

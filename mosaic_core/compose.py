@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mosaic_core.bank import ControlTokenBank
+from mosaic_core.bank import Bank
 from mosaic_core.config import Placement
 
 if TYPE_CHECKING:  # the cache builds on this module (chat template, positions); annotations only here
@@ -176,7 +176,7 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def build_batch(
     embed: torch.nn.Module,
-    bank: ControlTokenBank | None,
+    bank: Bank | None,
     rows: Sequence[Segments],
     active: Sequence[Sequence[str]],
     targets: Sequence[Sequence[int]] | None = None,
@@ -232,7 +232,7 @@ def build_batch(
 def encode_batch(
     tokenizer: Any,
     embed: torch.nn.Module,
-    bank: ControlTokenBank | None,
+    bank: Bank | None,
     prompts: Sequence[str | Sequence[Message]],
     active: Sequence[Sequence[str]],
     placement: Placement,
@@ -251,7 +251,7 @@ def encode_batch(
 
 def encode_segments(
     embed: torch.nn.Module,
-    bank: ControlTokenBank | None,
+    bank: Bank | None,
     rows: Sequence[Segments],
     active: Sequence[Sequence[str]],
     targets: Sequence[Sequence[int]] | None = None,

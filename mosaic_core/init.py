@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from mosaic_core.bank import ControlTokenBank, DeepTokenBank, init_vectors
+from mosaic_core.bank import Bank, ControlTokenBank, DeepTokenBank, init_vectors
 from mosaic_core.categories import describe
 from mosaic_core.compose import as_messages, encode_batch, encode_chat, rotate
 from mosaic_core.config import BankConfig
@@ -42,7 +42,7 @@ def deep_from_input_bank(model: Any, tokenizer: Any, bank: ControlTokenBank, pro
     return deep
 
 
-def build_bank(cfg: BankConfig, embeddings: torch.Tensor, tokenizer: Any = None, model: Any = None) -> ControlTokenBank:
+def build_bank(cfg: BankConfig, embeddings: torch.Tensor, tokenizer: Any = None, model: Any = None) -> Bank:
     """A fresh bank as `cfg` describes it. `depth: deep`: the input bank `cfg.init` gives, turned deep over the
     categories' own descriptions as prompts -- requests of every category, so no module starts tuned to one -- and
     scaled by `cfg.init_scale`."""
@@ -63,8 +63,8 @@ def build_bank(cfg: BankConfig, embeddings: torch.Tensor, tokenizer: Any = None,
 
 
 def extend_bank(
-    bank: ControlTokenBank, add: Sequence[str], cfg: BankConfig, embeddings: torch.Tensor, tokenizer: Any, model: Any = None
-) -> ControlTokenBank:
+    bank: Bank, add: Sequence[str], cfg: BankConfig, embeddings: torch.Tensor, tokenizer: Any, model: Any = None
+) -> Bank:
     """Incremental expansion: freeze every module of the trained `bank` and append `add`, initialised per `cfg`
     (deep modules over the whole bank's descriptions). Only the new modules train."""
     if bank.depth != cfg.depth:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from mosaic_core.bank import ControlTokenBank
+from mosaic_core.bank import Bank
 from mosaic_core.cache import PrefixCache
 from mosaic_core.compose import answer_logits, encode_batch
 from mosaic_core.config import Placement
@@ -35,7 +35,7 @@ class RefusalScore:
 def refusal_score(
     model: Any,
     tokenizer: Any,
-    bank: ControlTokenBank | None,
+    bank: Bank | None,
     prompts: Sequence[str],
     active: Sequence[Sequence[str]],
     placement: Placement,
@@ -60,7 +60,7 @@ def refusal_score(
 def refusal_logprob(
     model: Any,
     tokenizer: Any,
-    bank: ControlTokenBank | None,
+    bank: Bank | None,
     prompts: Sequence[str],
     active: Sequence[Sequence[str]],
     placement: Placement,
@@ -112,7 +112,7 @@ def letter_ids(tokenizer: Any) -> list[int]:
 def mmlu_predictions(
     model: Any,
     tokenizer: Any,
-    bank: ControlTokenBank | None,
+    bank: Bank | None,
     questions: Sequence[MMLUQuestion],
     active: Sequence[str],
     placement: Placement,
@@ -177,7 +177,7 @@ def opening_tokens(tokenizer: Any, answer_ids: Sequence[int], n_words: int = 8) 
 def opening_kept(
     model: Any,
     tokenizer: Any,
-    bank: ControlTokenBank | None,
+    bank: Bank | None,
     prompts: Sequence[str],
     active: Sequence[Sequence[str]],
     placement: Placement,

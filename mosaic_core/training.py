@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from mosaic_core.bank import ControlTokenBank
+from mosaic_core.bank import Bank
 from mosaic_core.cache import PrefixCache
 from mosaic_core.compose import answer_logits, encode_batch
 from mosaic_core.config import LossConfig, Placement
@@ -56,7 +56,7 @@ def request_of(example: dict[str, Any]) -> Any:
 def batch_loss(
     model: Any,
     tokenizer: Any,
-    bank: ControlTokenBank,
+    bank: Bank,
     examples: Sequence[dict[str, Any]],
     refusal_ids: Sequence[int],
     loss_cfg: LossConfig,
@@ -149,7 +149,7 @@ class BankEMA:
     (ema <- decay * ema + (1 - decay) * param), `swapped()` puts the averages into the bank for validation or saving
     and restores the raw parameters after. Frozen modules are not tracked (they never move)."""
 
-    def __init__(self, bank: ControlTokenBank, decay: float, state: dict[str, torch.Tensor] | None = None):
+    def __init__(self, bank: Bank, decay: float, state: dict[str, torch.Tensor] | None = None):
         if not 0 < decay < 1:
             raise ValueError(f"decay {decay} must be in (0, 1)")
         self.bank, self.decay = bank, decay

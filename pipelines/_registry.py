@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from mosaic_core.artifact import bank_from_modules, read_meta
 from mosaic_core.backbone import Fingerprint
-from mosaic_core.bank import ControlTokenBank
+from mosaic_core.bank import Bank
 from mosaic_core.bundle import NAME_PREFIX, ModuleRef, check_bundle, parse_module_uri
 from mosaic_core.errors import ArtifactError, UnknownCategoryError
 
@@ -136,7 +136,7 @@ def download_version(client: MlflowClient, mv: ModelVersion, dst: Path, tracking
 
 def resolve_bundle(
     uris: Sequence[str], expected: Fingerprint | None = None, *, tracking_uri: str | None = None
-) -> tuple[ControlTokenBank, list[dict[str, str]]]:
+) -> tuple[Bank, list[dict[str, str]]]:
     """Download module versions by `models:/<name>@<alias>` or `models:/<name>/<version>` and compose them.
 
     Checks, before anything is served: each file's sha256 (IntegrityError), the backbone fingerprint against

@@ -16,7 +16,7 @@ class ModuleState:
     """An immutable snapshot of what is served: swapped by one reference assignment, so a batch that took it keeps a
     consistent bank while `reconfigure` installs the next one."""
 
-    bank: Any  # ControlTokenBank | None
+    bank: Any  # Bank | None
     modules: tuple[dict[str, Any], ...]
     source: ModuleSource
     loaded_at: float = field(default_factory=time.time)

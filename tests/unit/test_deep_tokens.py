@@ -237,3 +237,16 @@ def test_init_scale_scales_a_deep_banks_start_and_is_for_deep_banks_only(tiny_ba
         BankConfig(categories=("alcohol",), init_scale=0.5)  # an input bank
     with pytest.raises(ConfigError, match="init_scale"):
         BankConfig(categories=("alcohol",), depth="deep", init_scale=0.0)
+
+
+def test_both_banks_meet_the_bank_protocol_and_neither_derives_from_the_other(tiny_backbone):
+    from mosaic_core.bank import Bank
+
+    flat = ControlTokenBank.build(BankConfig(categories=("alcohol",), m=2, init="normal"), tiny_backbone.embeddings)
+    deep = DeepTokenBank.for_model(tiny_backbone.model, m=2)
+    assert isinstance(flat, Bank) and isinstance(deep, Bank)
+    assert not isinstance(deep, ControlTokenBank) and not isinstance(flat, DeepTokenBank)
+    deep.add("alcohol", torch.zeros(deep.module_shape))
+    with pytest.raises(ValueError, match="expected shape"):
+        deep.add("betting", torch.zeros(flat.module_shape))
+    assert deep.compose(["alcohol"]).shape[3] == 2 and flat.compose(["alcohol"]).shape == (2, flat.d)

@@ -23,7 +23,7 @@ from mosaic_core.errors import ArtifactError, IncompatibleBackboneError, Integri
 
 FORMAT_VERSION = 1
 TENSOR_FILE, META_FILE, MANIFEST_FILE = "tokens.safetensors", "module.json", "manifest.json"
-_TENSOR_KEY = "tokens"
+_TENSOR_KEY, _GATE_KEY = "tokens", "gate"
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,8 @@ class ModuleMeta:
     """The tensor's shape; empty in modules written before deep ones existed, which are all (m, d)."""
     positions: str = "shift"
     """BankConfig.positions the module was trained with (`shift` in modules written before `keep` existed)."""
+    gate_layers: list[int] = field(default_factory=list)
+    """The layers its gate reads (mosaic_core.gate), stored beside the tokens as `gate`; empty: no gate, always inserted."""
 
     @property
     def tensor_shape(self) -> tuple[int, ...]:
@@ -87,9 +89,12 @@ def save_module(
     depth: str = "input",
     d: int | None = None,
     positions: str = "shift",
+    gate: torch.Tensor | None = None,
+    gate_layers: Sequence[int] = (),
 ) -> ModuleMeta:
     """Write `out_dir/{tokens.safetensors, module.json}` for one module's tensor: (m, d), or with depth `deep`
-    (layers, 2, kv_heads, m, head_dim) and the backbone's hidden size `d`."""
+    (layers, 2, kv_heads, m, head_dim) and the backbone's hidden size `d`; with its gate (len(gate_layers) * d + 1,)
+    if it has one."""
     from mosaic_core import __version__
 
     out_dir = Path(out_dir)
@@ -99,7 +104,12 @@ def save_module(
         raise ArtifactError(
             f"a deep module is (layers, 2, kv_heads, m, head_dim) with the hidden size d given, not {tuple(t.shape)}"
         )
-    save_file({_TENSOR_KEY: t}, str(out_dir / TENSOR_FILE))
+    if (gate is None) != (not gate_layers):
+        raise ArtifactError("a gate and its layers go together")
+    tensors = (
+        {_TENSOR_KEY: t} if gate is None else {_TENSOR_KEY: t, _GATE_KEY: gate.detach().to("cpu", torch.float32).contiguous()}
+    )
+    save_file(tensors, str(out_dir / TENSOR_FILE))
     m, width = (int(t.shape[3]), int(d)) if depth == "deep" else (int(t.shape[0]), int(t.shape[1]))  # type: ignore[arg-type]
     meta = ModuleMeta(
         category=category,
@@ -116,6 +126,7 @@ def save_module(
         depth=depth,
         shape=list(t.shape),
         positions=positions,
+        gate_layers=[int(x) for x in gate_layers],
     )
     (out_dir / META_FILE).write_text(json.dumps(asdict(meta), indent=2, sort_keys=True) + "\n")
     return meta
@@ -145,6 +156,12 @@ def read_meta(module_dir: Path) -> ModuleMeta:
 
 def load_module(module_dir: Path, expected: Fingerprint | None = None) -> tuple[torch.Tensor, ModuleMeta]:
     """Load one module's tensor (meta.tensor_shape) after checking its sha256 and (if given) the backbone fingerprint."""
+    tensors, meta = _load_tensors(module_dir, expected)
+    return tensors[_TENSOR_KEY], meta
+
+
+def _load_tensors(module_dir: Path, expected: Fingerprint | None = None) -> tuple[dict[str, torch.Tensor], ModuleMeta]:
+    """load_module's checks; returns every tensor of the module file (the tokens, and the gate if it has one)."""
     module_dir = Path(module_dir)
     meta = read_meta(module_dir)
     tf = module_dir / TENSOR_FILE
@@ -157,13 +174,16 @@ def load_module(module_dir: Path, expected: Fingerprint | None = None) -> tuple[
             "the file was modified or corrupted — re-download or re-register the module"
         )
     _check_fingerprint(meta.fingerprint, expected, f"module {meta.category!r} ({module_dir})")
-    t = load_file(str(tf))[_TENSOR_KEY]
+    tensors = load_file(str(tf))
+    t = tensors[_TENSOR_KEY]
+    if bool(meta.gate_layers) != (_GATE_KEY in tensors):
+        raise ArtifactError(f"{tf}: {META_FILE} and the tensor file disagree on whether the module has a gate")
     if tuple(t.shape) != meta.tensor_shape or meta.depth not in ("input", "deep"):
         raise ArtifactError(
             f"{tf}: tensor shape {tuple(t.shape)} is not the {meta.depth} module shape {meta.tensor_shape} "
             f"recorded in {META_FILE}"
         )
-    return t, meta
+    return tensors, meta
 
 
 def save_bank(
@@ -191,6 +211,8 @@ def save_bank(
             depth=bank.depth,
             d=bank.d,
             positions=bank.positions,
+            gate=bank.gates.get(c),
+            gate_layers=bank.gate_layers if c in bank.gates else (),
         )
         for c in bank.categories
     }
@@ -216,7 +238,7 @@ def bank_from_modules(module_dirs: Sequence[Path], expected: Fingerprint | None 
     """Compose a bank from module directories (e.g. registry downloads), in the given order.
 
     All modules must share backbone fingerprint, placement, depth and shape."""
-    loaded = [load_module(Path(p), expected) for p in module_dirs]
+    loaded = [_load_tensors(Path(p), expected) for p in module_dirs]
     if not loaded:
         raise ArtifactError("no modules given")
     first = loaded[0][1]
@@ -236,8 +258,13 @@ def bank_from_modules(module_dirs: Sequence[Path], expected: Fingerprint | None 
         shape=first.tensor_shape,  # type: ignore[arg-type]
         positions=first.positions,
     )  # type: ignore[arg-type]
-    for t, meta in loaded:
-        bank.add(meta.category, t)
+    for tensors, meta in loaded:
+        bank.add(meta.category, tensors[_TENSOR_KEY])
+        if meta.gate_layers:
+            try:
+                bank.set_gate(meta.category, tensors[_GATE_KEY], meta.gate_layers)
+            except ValueError as e:  # gated over other layers than the modules before it
+                raise ArtifactError(f"module {meta.category!r}: {e}: cannot compose it with the others") from None
     return bank
 
 
@@ -285,6 +312,8 @@ def average_banks(bank_dirs: Sequence[Path], out_dir: Path) -> dict[str, Any]:
     fingerprint = Fingerprint.from_dict(manifests[0]["fingerprint"])
     banks = [load_bank(d, fingerprint) for d in dirs]  # other backbones raise IncompatibleBackboneError
     first = banks[0]
+    if any(b.gates for b in banks):
+        raise ArtifactError("gated banks are not averaged: refit the gates on the averaged tokens instead")
     starts = [{c: read_meta(d / mf["modules"][c]["path"]).init for c in mf["categories"]} for d, mf in zip(dirs, manifests)]
     for d, bank, start in zip(dirs[1:], banks[1:], starts[1:]):
         clash = [

@@ -13,6 +13,7 @@ from torch import nn
 from mosaic_core.categories import describe
 from mosaic_core.config import BankConfig, Depth, InitMethod, Placement, Positions
 from mosaic_core.errors import DuplicateCategoryError, UnknownCategoryError
+from mosaic_core.gate import fires
 
 
 def init_vectors(
@@ -66,9 +67,14 @@ class Bank(Protocol):
     max_norm: float | None
     categories: list[str]
     vectors: nn.ParameterDict
+    gate_layers: tuple[int, ...]
 
     @property
     def module_shape(self) -> tuple[int, ...]: ...
+    @property
+    def gates(self) -> dict[str, torch.Tensor]: ...
+    def set_gate(self, category: str, gate: torch.Tensor, layers: Sequence[int]) -> None: ...
+    def firing(self, active: Sequence[Sequence[str]], features: torch.Tensor | None) -> list[tuple[str, ...]]: ...
     def add(self, category: str, values: torch.Tensor) -> None: ...
     def canonical(self, active: Iterable[str]) -> tuple[str, ...]: ...
     def compose(self, active: Iterable[str]) -> torch.Tensor: ...
@@ -76,6 +82,10 @@ class Bank(Protocol):
     def clamp_norms_(self) -> None: ...
     def num_trainable(self) -> int: ...
     def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
+
+
+def _gate_name(category: str) -> str:
+    return f"gate__{category}"
 
 
 class CategoryRegistry(nn.Module):
@@ -90,10 +100,44 @@ class CategoryRegistry(nn.Module):
         self.d, self.m, self.placement, self.max_norm = d, m, placement, max_norm
         self.categories: list[str] = []
         self.vectors = nn.ParameterDict()
+        self.gate_layers: tuple[int, ...] = ()
+        """The backbone layers whose hidden states every gate of this bank reads (mosaic_core.gate); () without gates."""
 
     @property
     def module_shape(self) -> tuple[int, ...]:
         raise NotImplementedError
+
+    @property
+    def gates(self) -> dict[str, torch.Tensor]:
+        """category -> its gate, (len(gate_layers) * d + 1,) weights then bias, for the modules that have one."""
+        return {c: getattr(self, _gate_name(c)) for c in self.categories if hasattr(self, _gate_name(c))}
+
+    def set_gate(self, category: str, gate: torch.Tensor, layers: Sequence[int]) -> None:
+        """Give a module a gate (mosaic_core.gate.fit_gate's output over the hidden states at `layers`): from then
+        on the module is inserted only for requests its gate fires on. Every gate of a bank reads the same layers."""
+        (category,) = self.canonical([category])
+        layers = tuple(int(x) for x in layers)
+        if not layers or (self.gate_layers and layers != self.gate_layers):
+            raise ValueError(f"gate layers {layers}: this bank's gates read {self.gate_layers or 'a non-empty tuple'}")
+        if tuple(gate.shape) != (len(layers) * self.d + 1,):
+            raise ValueError(
+                f"{category}: a gate over {len(layers)} layers of width {self.d} is ({len(layers) * self.d + 1},), not {tuple(gate.shape)}"
+            )
+        self.gate_layers = layers
+        self.register_buffer(_gate_name(category), gate.detach().to(torch.float32).clone())
+
+    def firing(self, active: Sequence[Sequence[str]], features: torch.Tensor | None) -> list[tuple[str, ...]]:
+        """Per row, the active modules to insert: those without a gate, and those whose gate fires on the row's
+        request features ((B, len(gate_layers) * d), mosaic_core.gate.request_features; None when no module of
+        the bank has a gate)."""
+        rows = [self.canonical(a) for a in active]
+        gates = self.gates
+        if not gates:
+            return rows
+        if features is None:
+            raise ValueError("this bank's modules are gated: pass the requests' features")
+        fired = {c: fires(g, features.to(g.device)).tolist() for c, g in gates.items()}
+        return [tuple(c for c in row if c not in fired or fired[c][i]) for i, row in enumerate(rows)]
 
     def add(self, category: str, values: torch.Tensor) -> None:
         """Register a new category with initial values of shape `module_shape`."""

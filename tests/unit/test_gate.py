@@ -37,3 +37,42 @@ def test_fit_gate_separates_and_folds_the_threshold_into_the_bias():
         fit_gate(x, torch.zeros(400))
     with pytest.raises(ValueError, match="threshold"):
         fit_gate(x, y, threshold=1.0)
+
+
+def test_a_gated_module_is_inserted_only_where_its_gate_fires_and_survives_its_artifact(tiny_backbone, tmp_path):
+    from mosaic_core.artifact import load_bank, save_bank
+    from mosaic_core.bank import DeepTokenBank
+    from mosaic_core.errors import ArtifactError
+
+    model = tiny_backbone.model
+    bank = DeepTokenBank.for_model(model, m=1)
+    for c in ("alcohol", "betting", "horror"):
+        bank.add(c, torch.randn(bank.module_shape))
+    F = 2 * bank.d
+    feats = torch.zeros(3, F)
+    feats[0, 0], feats[1, 0], feats[2, 1] = 1.0, -1.0, 1.0
+    on_first = torch.zeros(F + 1)
+    on_first[0] = 1.0  # fires where feature 0 > 0
+    on_second = torch.zeros(F + 1)
+    on_second[1], on_second[-1] = 1.0, -0.5
+    assert bank.firing([["alcohol"]], None) == [("alcohol",)]  # no gates: every active module is inserted
+    bank.set_gate("alcohol", on_first, (1, 2))
+    bank.set_gate("horror", on_second, (1, 2))
+    active = [["horror", "alcohol", "betting"]] * 3
+    assert bank.firing(active, feats) == [("alcohol", "betting"), ("betting",), ("betting", "horror")]
+    with pytest.raises(ValueError, match="pass the requests' features"):
+        bank.firing(active, None)
+    with pytest.raises(ValueError, match="gates read"):
+        bank.set_gate("betting", torch.zeros(bank.d + 1), (1,))
+    with pytest.raises(ValueError, match="a gate over 2 layers"):
+        bank.set_gate("betting", torch.zeros(F), (1, 2))
+
+    fp = tiny_backbone.fingerprint
+    save_bank(bank, tmp_path / "b", fingerprint=fp, init="text")
+    back = load_bank(tmp_path / "b", fp)
+    assert back.gate_layers == (1, 2) and set(back.gates) == {"alcohol", "horror"}
+    torch.testing.assert_close(back.gates["horror"], on_second)
+    assert back.firing(active, feats) == bank.firing(active, feats)
+    (tmp_path / "b" / "betting" / "tokens.safetensors").unlink()
+    with pytest.raises(ArtifactError):
+        load_bank(tmp_path / "b", fp)

@@ -32,12 +32,35 @@ class PrefixCache:
         self.store: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.heads: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.hits = self.misses = self.bytes = 0
+        self.feats: dict[tuple[tuple[int, ...], tuple[int, ...]], torch.Tensor] = {}
+        self.max_feats = 100_000  # ~7 KB each on SmolLM2-135M at three layers
 
     @classmethod
     def for_chat(cls, model: Any, tokenizer: Any, system: str | None = None, **kw: Any) -> Self:
         """`head` read off the chat template: the tokens every templated request starts with."""
         runs = [encode_chat(tokenizer, as_messages(p, system), "before_assistant").before for p in ("a", "Z")]
         return cls(model, head=common_head(runs), **kw)
+
+    def features(self, runs: Sequence[Sequence[int]], layers: Sequence[int]) -> torch.Tensor:
+        """(B, len(layers) * d) gate features of B runs (mosaic_core.gate.request_features over each run's tokens
+        after the template's head), computed once per run and layer set. Needs `head` (a cache from `for_chat`): the
+        features must skip the system prompt and user header exactly as the gates' training did."""
+        from mosaic_core.gate import request_features
+
+        if self.head <= 0:
+            raise ValueError("gate features skip the chat template's head: build the cache with PrefixCache.for_chat")
+        layers = tuple(layers)
+        keys = [(tuple(r), layers) for r in runs]
+        missing = list(dict.fromkeys(k for k in keys if k not in self.feats))
+        if missing:
+            new = request_features(self.model, [k[0] for k in missing], self.head, layers)
+            for k, f in zip(missing, new):
+                self.feats[k] = f
+            while len(self.feats) > self.max_feats:  # oldest first, as the key/value store
+                self.feats.pop(next(iter(self.feats)))
+        return torch.stack(
+            [self.feats[k] if k in self.feats else request_features(self.model, [k[0]], self.head, layers)[0] for k in keys]
+        )
 
     def _head_of(self, run: tuple[int, ...]) -> tuple[int, ...]:
         return run[: self.head] if 0 < self.head < len(run) else ()

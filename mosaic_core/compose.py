@@ -240,13 +240,16 @@ def encode_batch(
     system: str | None = None,
     cache: PrefixCache | None = None,
     hide: Sequence[bool] | None = None,
+    gated: bool = True,
 ) -> Batch:
     """Template, split, embed and pad B prompts (strings or message lists) with their active sets; with a
     `cache`, the part before each control block comes from it as past key/values (see PrefixCache). A deep bank
     (DeepTokenBank) needs the cache: its blocks are key/value positions appended after those. `hide` (B,): the rows
-    a DroppingCache may hide request tokens of (None: every row)."""
+    a DroppingCache may hide request tokens of (None: every row). `gated`: a gated module is inserted only where
+    its gate fires on the request (Bank.firing; features from the cache); False inserts every active module
+    (training the tokens of gated modules)."""
     rows = [encode_chat(tokenizer, as_messages(p, system), placement) for p in prompts]
-    return encode_segments(embed, bank, rows, active, targets, cache, hide)
+    return encode_segments(embed, bank, rows, active, targets, cache, hide, gated)
 
 
 def encode_segments(
@@ -257,9 +260,14 @@ def encode_segments(
     targets: Sequence[Sequence[int]] | None = None,
     cache: PrefixCache | None = None,
     hide: Sequence[bool] | None = None,
+    gated: bool = True,
 ) -> Batch:
     """encode_batch for rows already templated and split (encode_chat)."""
     deep = bank is not None and bank.depth == "deep"
+    if gated and bank is not None and bank.gates:
+        if cache is None:
+            raise ValueError("gated modules read the request's features: encode with a PrefixCache.for_chat")
+        active = bank.firing(active, cache.features([r.before for r in rows], bank.gate_layers))
     if cache is None:
         if deep:
             raise ValueError("a deep bank's blocks are keys and values after the request's own: encode with a PrefixCache")

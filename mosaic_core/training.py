@@ -74,6 +74,7 @@ def batch_loss(
     # Only positives hide request tokens (a DroppingCache's train.request_dropout): a negative's target is the teacher's
     # answer to the whole request, and a bank fitted to that answer under hidden words learns to repair requests.
     is_pos_rows = [e["label"] == "pos" for e in examples]
+    # gated=False: tokens learn what they do where inserted; whether a gated module is inserted is its gate's job
     batch = encode_batch(
         tokenizer,
         model.get_input_embeddings(),
@@ -84,6 +85,7 @@ def batch_loss(
         targets,
         cache=cache,
         hide=is_pos_rows,
+        gated=False,
     )  # type: ignore[arg-type]
     logits, tgt, mask = answer_logits(model, batch)  # (B, T, V), (B, T), (B, T)
     is_pos = torch.tensor(is_pos_rows)
@@ -123,6 +125,7 @@ def batch_loss(
                 [list(refusal_ids[:n_dec])] * len(neg),
                 cache=cache,
                 hide=[False] * len(neg),
+                gated=False,
             )  # type: ignore[arg-type]
             p_logits, p_tgt, p_mask = answer_logits(model, probe)
             no = torch.zeros_like(idx, dtype=torch.bool)

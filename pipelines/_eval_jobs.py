@@ -99,8 +99,9 @@ class EvalUDF:
                     logits = model(**b.model_inputs(), logits_to_keep=1).logits[:, -1, self.letters]
                     score[idx] = logits.argmax(-1).numpy()
                 else:
-                    # deep blocks follow the cached request; input banks generate from their own forward as before
-                    gen_cache = self.cache if self.bank.depth == "deep" else None
+                    # deep blocks follow the cached request, and gates read its features there; ungated input banks
+                    # generate from their own forward as before
+                    gen_cache = self.cache if self.bank.depth == "deep" or self.bank.gates else None
                     b = encode_batch(
                         tok, model.get_input_embeddings(), self.bank, m_msgs, m_act, self.bank.placement, cache=gen_cache
                     )

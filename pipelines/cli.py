@@ -30,6 +30,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
     from mosaic_core.artifact import load_bank
     from mosaic_core.backbone import load_backbone
+    from mosaic_core.cache import PrefixCache
     from mosaic_core.compose import encode_batch
     from mosaic_core.errors import ArtifactError
     from mosaic_core.generation import generate
@@ -43,8 +44,11 @@ def cmd_chat(args: argparse.Namespace) -> None:
     bank = load_bank(Path(args.bank), bb.fingerprint) if args.bank else None
     active = list(bank.canonical(modules)) if bank is not None else []
     placement = bank.placement if bank is not None else "before_assistant"
+    # deep blocks follow the request's cached keys/values, and gates read its features there
+    cached = bank is not None and (bank.depth == "deep" or bool(bank.gates))
+    cache = PrefixCache.for_chat(bb.model, bb.tokenizer, system=args.system) if cached else None
     batch = encode_batch(
-        bb.tokenizer, bb.model.get_input_embeddings(), bank, [args.prompt], [active], placement, system=args.system
+        bb.tokenizer, bb.model.get_input_embeddings(), bank, [args.prompt], [active], placement, system=args.system, cache=cache
     )
     t1 = time.perf_counter()
     [g] = generate(

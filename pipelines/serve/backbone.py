@@ -82,8 +82,10 @@ class MosaicBackbone:
         from mosaic_core.cache import PrefixCache
 
         # Deep modules are keys/values appended after the request's own, which come from this cache (bounded; a
-        # lock because decoding runs on worker threads). Input-token banks do not use it.
-        self.prefix_cache, self._prefix_lock = PrefixCache(self.bb.model, max_bytes=256 << 20), threading.Lock()
+        # lock because decoding runs on worker threads). Input-token banks do not use it. for_chat: the template's
+        # head is kept once, and gated modules' features skip it as their training did.
+        self.prefix_cache = PrefixCache.for_chat(self.bb.model, self.bb.tokenizer, max_bytes=256 << 20)
+        self._prefix_lock = threading.Lock()
         cfg = self.bb.model.config
         self.context = self.settings.max_context_tokens or int(getattr(cfg, "max_position_embeddings", 2048) or 2048)
         eos = {self.bb.tokenizer.eos_token_id}

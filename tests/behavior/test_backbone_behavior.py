@@ -77,6 +77,22 @@ def test_mosaic_chat_cli(tmp_path):
     assert "modules: alcohol, betting" in out.stdout and "finish_reason=" in out.stderr
     bad = subprocess.run([env_py / "mosaic", "chat", "hi", "--modules", "vaping", "--bank", bank], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown safety module(s) ['vaping']" in bad.stderr and "Traceback" not in bad.stderr
+    deep = subprocess.run(  # a deep bank's blocks follow the request's cached keys and values
+        [
+            env_py / "mosaic",
+            "chat",
+            "Name a fruit.",
+            "--modules",
+            "alcohol",
+            "--bank",
+            ROOT / "banks" / "smollm2-cpu-deep-probe",
+            "--max-new-tokens",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert deep.returncode == 0 and "modules: alcohol" in deep.stdout, deep.stderr[-500:]
 
 
 def test_committed_bank_refuses_its_own_category_more_than_others(smollm):

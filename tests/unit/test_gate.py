@@ -76,3 +76,37 @@ def test_a_gated_module_is_inserted_only_where_its_gate_fires_and_survives_its_a
     (tmp_path / "b" / "betting" / "tokens.safetensors").unlink()
     with pytest.raises(ArtifactError):
         load_bank(tmp_path / "b", fp)
+
+
+def test_encoding_inserts_a_gated_module_only_where_it_fires_and_ungated_training_always(tiny_backbone):
+    from mosaic_core.bank import DeepTokenBank
+    from mosaic_core.cache import PrefixCache
+    from mosaic_core.compose import answer_logits, encode_batch
+
+    model, tok = tiny_backbone.model, tiny_backbone.tokenizer
+    embed = model.get_input_embeddings()
+    bank = DeepTokenBank.for_model(model, m=2)
+    bank.positions = "keep"
+    bank.add("alcohol", torch.randn(bank.module_shape, generator=torch.Generator().manual_seed(0)))
+    cache = PrefixCache.for_chat(model, tok)
+    runs = [encode_chat(tok, as_messages(p), "before_assistant").before for p in PROMPTS[:2]]
+    feats = cache.features(runs, (1,))
+    torch.testing.assert_close(feats, request_features(model, runs, cache.head, (1,)))
+    # a gate that fires on the first request only: the midpoint between the two requests' features
+    w = feats[0] - feats[1]
+    bank.set_gate("alcohol", torch.cat([w, (-(w @ (feats[0] + feats[1])) / 2)[None]]), (1,))
+    targets = [[5, 6], [5, 6]]
+
+    def logits(active, **kw):
+        return answer_logits(
+            model, encode_batch(tok, embed, bank, PROMPTS[:2], active, "before_assistant", targets, cache=cache, **kw)
+        )[0]
+
+    gated, bare, forced = logits([["alcohol"]] * 2), logits([[]] * 2), logits([["alcohol"]] * 2, gated=False)
+    torch.testing.assert_close(gated[1], bare[1])  # not fired: the bare model's logits
+    torch.testing.assert_close(gated[0], forced[0])  # fired: the module is read
+    assert not torch.allclose(forced[1], bare[1], atol=1e-4)  # ungated (training): inserted everywhere
+    with pytest.raises(ValueError, match="PrefixCache"):
+        encode_batch(tok, embed, bank, PROMPTS[:1], [["alcohol"]], "before_assistant", [[5]])
+    with pytest.raises(ValueError, match="for_chat"):
+        PrefixCache(model).features(runs, (1,))

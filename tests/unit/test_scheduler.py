@@ -127,3 +127,22 @@ def test_stop_callback_and_eos_end_a_row(model, tiny_tok):
     got = _drain(b, {0: [("cb", spec), ("eos", eos)]}, inp)
     assert got["cb"].token_ids == first[:2] and got["cb"].finish_reason == "stop"
     assert got["eos"].token_ids == [] and got["eos"].finish_reason == "stop"
+
+
+def test_a_gated_module_the_request_does_not_fire_leaves_the_row_as_the_bare_model_decodes_it(model, tiny_tok):
+    _, deep = _banks(model, tiny_tok)
+    cache = PrefixCache.for_chat(model, tiny_tok)
+    segs = [encode_chat(tiny_tok, as_messages(p), "before_assistant") for p in PROMPTS[:2]]
+    feats = cache.features([s.before for s in segs], (1,))
+    w = feats[0] - feats[1]  # fires on PROMPTS[0] only
+    deep.set_gate("alcohol", torch.cat([w, (-(w @ (feats[0] + feats[1])) / 2)[None]]), (1,))
+    b = ContinuousBatcher(model, cache)
+    specs = [(i, RowSpec(segs[i], ("alcohol",), 8, eos_token_ids=[-1])) for i in range(2)]
+    got = _drain(b, {0: specs}, deep)
+
+    def alone(i, active):
+        batch = encode_segments(model.get_input_embeddings(), deep, [segs[i]], [active], cache=cache, gated=False)
+        return generate(model, batch, max_new_tokens=8, eos_token_ids=[-1])[0].token_ids
+
+    assert got[0].token_ids == alone(0, ("alcohol",)) and got[1].token_ids == alone(1, ())
+    assert alone(1, ("alcohol",)) != alone(1, ())  # the module would change row 1's answer were it inserted

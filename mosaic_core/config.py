@@ -268,6 +268,30 @@ class TeacherConfig:
             raise ConfigError(problems, "TeacherConfig")
 
 
+@dataclass(frozen=True, kw_only=True)
+class GateConfig:
+    """Module gates (mosaic_core.gate): where `layers` is set, training first fits one linear gate per category on
+    the train requests' features, and a module is then inserted only for requests its gate fires on."""
+
+    layers: tuple[int, ...] = ()
+    """Hidden states (0: embeddings, i: after layer i) whose mean over the request's tokens the gates read; () no gates."""
+    weight_decay: float = 0.01
+    """L2 on the gate's weights over standardised features."""
+    threshold: float = 0.5
+    """The gate's probability at and above which its module is inserted."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if any(not isinstance(x, int) or x < 0 for x in self.layers) or len(set(self.layers)) != len(self.layers):
+            problems.append(f"layers: {self.layers} must be distinct layer indices >= 0")
+        if not 0 <= self.weight_decay <= 100:
+            problems.append(f"weight_decay: {self.weight_decay} must be in [0, 100]")
+        if not 0 < self.threshold < 1:
+            problems.append(f"threshold: {self.threshold} must be in (0, 1)")
+        if problems:
+            raise ConfigError(problems, "GateConfig")
+
+
 def _phase_problems(phases: Any, epochs: int) -> list[str]:
     """What is wrong with `train.phases` on its own (the loss overrides are checked against `loss` by the recipe)."""
     if not isinstance(phases, (list, tuple)) or not all(isinstance(p, dict) for p in phases):
@@ -478,6 +502,8 @@ class Recipe:
     """Optimisation."""
     eval: EvalSettings = field(default_factory=EvalSettings)
     """Evaluation budget."""
+    gate: GateConfig = field(default_factory=GateConfig)
+    """Module gates (none by default)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -499,6 +525,7 @@ _SECTIONS: dict[str, type] = {
     "teacher": TeacherConfig,
     "train": TrainConfig,
     "eval": EvalSettings,
+    "gate": GateConfig,
 }
 
 
@@ -536,6 +563,10 @@ def recipe_from_dict(raw: dict[str, Any], where: str = "recipe") -> Recipe:
                     problems.extend(f"train.phases[{i}].loss.{q}" for q in e.problems)
                 except TypeError as e:  # an unknown loss key
                     problems.append(f"train.phases[{i}].loss: {e}")
+    if "gate" in built and built["gate"].layers and "train" in built and built["train"].zero_stage == 3:
+        problems.append("gate.layers: gates need train.zero_stage 1 or 2 (they read the prefix cache's features)")
+    if "bank" in built and "train" in built:
+        bank, train = built["bank"], built["train"]
         if train.request_dropout and bank.placement != "before_assistant":
             problems.append(
                 "train.request_dropout: needs bank.placement before_assistant (tokens are hidden in the cached request)"

@@ -148,6 +148,11 @@ def main(
     if unknown:
         raise ConfigError([f"examples use categories {unknown} that the bank {categories} does not hold"], str(run))
     world = recipe.train.num_workers
+    gates = None  # gate.layers: fitted before the tokens train, so validation scores the modules as they will serve
+    if recipe.gate.layers:
+        from pipelines._gates import fit_run_gates
+
+        gates = fit_run_gates(run, recipe, train_df, list(ext["add"]) if ext else categories)
     draws = sorted(int(d) for d in train_df["draw"].unique())
     if draws != list(range(len(draws))):
         raise ConfigError([f"examples hold draws {draws}: expected 0..n-1 (rerun the data stage)"], str(run))
@@ -237,6 +242,7 @@ def main(
             "mlflow_run_id": run_id,
             "step_hook": step_hook,
             "run_dir": str(run),
+            "gates": str(gates) if gates else None,
         }
         trainer = TorchTrainer(
             train_loop_per_worker,
@@ -291,6 +297,10 @@ def main(
     )
     for c in state["categories"]:
         bank.add(c, vectors[c])
+    if gates:
+        from pipelines._gates import set_run_gates
+
+        set_run_gates(bank, gates, recipe.gate.layers)
     tmp = run / ".bank.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     save_bank(

@@ -60,6 +60,7 @@ def make_run(
     request_dropout: float = 0.0,
     phases: list[dict] | None = None,
     report_every: int = 20,
+    gate_layers: tuple[int, ...] = (),
 ) -> Path:
     """A run directory as the data stage writes it: 8 train examples (4 pos, 4 neg), 8 val examples."""
     import pandas as pd
@@ -88,6 +89,7 @@ def make_run(
             "phases": phases or [],
             "report_every": report_every,
         },
+        "gate": {"layers": list(gate_layers)},
     }
     recipe = recipe_from_dict(raw)
     run = root / "runs" / name
@@ -465,3 +467,28 @@ def test_train_resumes_from_checkpoint_after_a_worker_is_killed(tmp_path, tiny_m
     assert (run / "bank" / "manifest.json").is_file()
     kept = sorted(p for p in (run / "ray_results").glob("*/checkpoint_*") if p.is_dir())
     assert [json.loads((p / "state.json").read_text())["step"] for p in kept] == [2, 4]  # num_to_keep=2
+
+
+@pytest.mark.slow
+def test_gated_modules_fit_their_gates_first_and_ship_them(tmp_path, tiny_model_dir):
+    from mosaic_core.artifact import load_bank, read_meta
+    from mosaic_core.backbone import load_backbone
+    from mosaic_core.config import recipe_from_dict
+    from pipelines._gates import fit_run_gates
+    from pipelines._train_tables import load_tables
+    from pipelines.train import main
+
+    run = make_run(tmp_path, tiny_model_dir, max_steps=2, depth="deep", gate_layers=(1, 2))
+    main(str(run), num_workers=2)
+    info = json.loads((run / "gates.json").read_text())
+    assert info["layers"] == [1, 2] and set(info["categories"]) == set(CATS)
+    assert all(v["positives"] > 0 and v["negatives"] > 0 for v in info["categories"].values())
+    bb = load_backbone(str(tiny_model_dir))
+    bank = load_bank(run / "bank", bb.fingerprint)
+    assert bank.gate_layers == (1, 2) and set(bank.gates) == set(CATS)
+    assert read_meta(run / "bank" / "alcohol").gate_layers == [1, 2]
+    stamp = (run / "gates.safetensors").stat().st_mtime_ns
+    recipe = recipe_from_dict(yaml.safe_load((run / "resolved_config.yaml").read_text()))
+    train_df, _ = load_tables(run, 0)
+    fit_run_gates(run, recipe, train_df, list(CATS))  # the same recipe and data: the gates are reused
+    assert (run / "gates.safetensors").stat().st_mtime_ns == stamp

@@ -80,3 +80,17 @@ def test_every_field_is_documented(cls):
         if isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
     }
     assert {f.name for f in dataclasses.fields(cls)} <= documented
+
+
+def test_gate_section_validates_and_needs_the_prefix_cache():
+    from mosaic_core.config import GateConfig, recipe_from_dict
+
+    with pytest.raises(ConfigError) as e:
+        GateConfig(layers=(3, 3), weight_decay=-1, threshold=1.0)
+    assert len(e.value.problems) == 3
+    raw = {"name": "x", "bank": {"categories": ["alcohol"]}, "gate": {"layers": [10, 20]}, "train": {"zero_stage": 3}}
+    with pytest.raises(ConfigError, match="gate.layers: gates need train.zero_stage 1 or 2"):
+        recipe_from_dict(raw)
+    raw["train"]["zero_stage"] = 2
+    assert recipe_from_dict(raw).gate.layers == (10, 20)
+    assert recipe_from_dict({"name": "x", "bank": {"categories": ["alcohol"]}}).gate.layers == ()

@@ -33,7 +33,7 @@ class PrefixCache:
         self.heads: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.hits = self.misses = self.bytes = 0
         self.feats: dict[tuple[tuple[int, ...], tuple[int, ...]], torch.Tensor] = {}
-        self.max_feats = 100_000  # ~7 KB each on SmolLM2-135M at three layers
+        self.feat_bytes = 0  # gate features, bounded apart: an eighth of max_bytes (7 KB a request on SmolLM2-135M)
 
     @classmethod
     def for_chat(cls, model: Any, tokenizer: Any, system: str | None = None, **kw: Any) -> Self:
@@ -56,8 +56,9 @@ class PrefixCache:
             new = request_features(self.model, [k[0] for k in missing], self.head, layers)
             for k, f in zip(missing, new):
                 self.feats[k] = f
-            while len(self.feats) > self.max_feats:  # oldest first, as the key/value store
-                self.feats.pop(next(iter(self.feats)))
+                self.feat_bytes += f.nbytes
+            while self.feat_bytes > self.max_bytes // 8 and len(self.feats) > 1:  # oldest first, as the key/values
+                self.feat_bytes -= self.feats.pop(next(iter(self.feats))).nbytes
         return torch.stack(
             [self.feats[k] if k in self.feats else request_features(self.model, [k[0]], self.head, layers)[0] for k in keys]
         )

@@ -51,17 +51,16 @@ class PrefixCache:
             raise ValueError("gate features skip the chat template's head: build the cache with PrefixCache.for_chat")
         layers = tuple(layers)
         keys = [(tuple(r), layers) for r in runs]
-        missing = list(dict.fromkeys(k for k in keys if k not in self.feats))
+        found = {k: self.feats[k] for k in dict.fromkeys(keys) if k in self.feats}
+        missing = [k for k in dict.fromkeys(keys) if k not in found]
         if missing:
-            new = request_features(self.model, [k[0] for k in missing], self.head, layers)
-            for k, f in zip(missing, new):
-                self.feats[k] = f
-                self.feat_bytes += f.nbytes
+            found.update(zip(missing, request_features(self.model, [k[0] for k in missing], self.head, layers)))
+            for k in missing:
+                self.feats[k] = found[k]
+                self.feat_bytes += found[k].nbytes
             while self.feat_bytes > self.max_bytes // 8 and len(self.feats) > 1:  # oldest first, as the key/values
                 self.feat_bytes -= self.feats.pop(next(iter(self.feats))).nbytes
-        return torch.stack(
-            [self.feats[k] if k in self.feats else request_features(self.model, [k[0]], self.head, layers)[0] for k in keys]
-        )
+        return torch.stack([found[k] for k in keys])
 
     def _head_of(self, run: tuple[int, ...]) -> tuple[int, ...]:
         return run[: self.head] if 0 < self.head < len(run) else ()
@@ -137,7 +136,7 @@ class DroppingCache(PrefixCache):
     0; the positions after shift left by as many): data augmentation against memorised words (train.request_dropout;
     BENCHMARKS.md, "Train split against test split"). The system prompt and the user header (the first `head` tokens
     of every run) and the turn's last `tail` tokens stay. A row keeps the same hidden tokens until `new_step()`, so a
-    step's loss rows and probe rows see the same request. p = 0 (outside `hiding`): PrefixCache exactly -- the cached
+    request met twice in one step is hidden the same way; rows whose `hide` is False (negatives) see it whole. p = 0 (outside `hiding`): PrefixCache exactly -- the cached
     keys/values are always the whole request's, only what reads them changes."""
 
     def __init__(self, model: Any, head: int, tail: int = 2, max_bytes: int = 4 << 30):

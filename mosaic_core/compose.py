@@ -229,6 +229,12 @@ def build_batch(
     )
 
 
+def needs_cache(bank: Bank | None) -> bool:
+    """Whether encoding with `bank` needs a PrefixCache: deep blocks follow the request's cached keys/values, and
+    gates read the request's features there. Ungated input banks encode from their own forward."""
+    return bank is not None and (bank.depth == "deep" or bool(bank.gates))
+
+
 def encode_batch(
     tokenizer: Any,
     embed: torch.nn.Module,

@@ -563,14 +563,12 @@ def recipe_from_dict(raw: dict[str, Any], where: str = "recipe") -> Recipe:
                     problems.extend(f"train.phases[{i}].loss.{q}" for q in e.problems)
                 except TypeError as e:  # an unknown loss key
                     problems.append(f"train.phases[{i}].loss: {e}")
-    if "gate" in built and built["gate"].layers and "train" in built and built["train"].zero_stage == 3:
-        problems.append("gate.layers: gates need train.zero_stage 1 or 2 (they read the prefix cache's features)")
-    if "bank" in built and "train" in built:
-        bank, train = built["bank"], built["train"]
         if train.request_dropout and bank.placement != "before_assistant":
             problems.append(
                 "train.request_dropout: needs bank.placement before_assistant (tokens are hidden in the cached request)"
             )
+    if "gate" in built and built["gate"].layers and "train" in built and built["train"].zero_stage == 3:
+        problems.append("gate.layers: gates need train.zero_stage 1 or 2 (they read the prefix cache's features)")
     if problems:
         raise ConfigError(problems, where)
     return Recipe(**built)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from mosaic_core.cache import PrefixCache
-from mosaic_core.compose import Segments, encode_segments
+from mosaic_core.compose import Segments, encode_segments, needs_cache
 from mosaic_core.generation import Generation, _pick
 
 
@@ -81,11 +81,11 @@ class ContinuousBatcher:
         for s in specs:
             if s.max_tokens < 1:
                 raise ValueError(f"max_tokens {s.max_tokens} must be >= 1")
-        deep = bank is not None and bank.depth == "deep"
-        if deep and self.prefix_cache is None:
-            raise ValueError("a deep bank's blocks follow the request's cached keys/values: give the batcher a PrefixCache")
+        cached = needs_cache(bank)
+        if cached and self.prefix_cache is None:
+            raise ValueError("deep blocks and gates read the request's cached keys/values: give the batcher a PrefixCache")
         batch = encode_segments(
-            self.embed, bank, [s.segments for s in specs], [s.active for s in specs], cache=self.prefix_cache if deep else None
+            self.embed, bank, [s.segments for s in specs], [s.active for s in specs], cache=self.prefix_cache if cached else None
         )
         out = self.model(**batch.model_inputs(), use_cache=True)
         self.forward_positions += int(batch.attention_mask[:, -batch.inputs_embeds.shape[1] :].sum())  # the new rows' own

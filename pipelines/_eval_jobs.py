@@ -60,7 +60,7 @@ class EvalUDF:
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         import torch
 
-        from mosaic_core.compose import as_messages, encode_batch
+        from mosaic_core.compose import as_messages, encode_batch, needs_cache
         from mosaic_core.generation import generate
         from mosaic_core.scoring import refusal_score
 
@@ -99,9 +99,7 @@ class EvalUDF:
                     logits = model(**b.model_inputs(), logits_to_keep=1).logits[:, -1, self.letters]
                     score[idx] = logits.argmax(-1).numpy()
                 else:
-                    # deep blocks follow the cached request, and gates read its features there; ungated input banks
-                    # generate from their own forward as before
-                    gen_cache = self.cache if self.bank.depth == "deep" or self.bank.gates else None
+                    gen_cache = self.cache if needs_cache(self.bank) else None
                     b = encode_batch(
                         tok, model.get_input_embeddings(), self.bank, m_msgs, m_act, self.bank.placement, cache=gen_cache
                     )

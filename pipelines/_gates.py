@@ -32,7 +32,7 @@ def fit_run_gates(run: Path, recipe: Any, train_df: Any, categories: list[str]) 
     from mosaic_core.backbone import load_backbone
     from mosaic_core.cache import PrefixCache
     from mosaic_core.compose import as_messages, encode_chat
-    from mosaic_core.gate import fit_gate, request_features
+    from mosaic_core.gate import fires, fit_gate, request_features
     from mosaic_core.training import request_of
 
     out, info_path = run / GATES_FILE, run / GATES_INFO
@@ -54,7 +54,7 @@ def fit_run_gates(run: Path, recipe: Any, train_df: Any, categories: list[str]) 
     for c in categories:
         labels = torch.tensor([o == c for o in own], dtype=torch.float32)
         gates[c] = fit_gate(features, labels, recipe.gate.weight_decay, recipe.gate.threshold)
-        fired = features @ gates[c][:-1] + gates[c][-1] > 0
+        fired = fires(gates[c], features)
         pos = labels.bool()
         stats[c] = {
             "positives": int(pos.sum()),

@@ -31,7 +31,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from mosaic_core.artifact import load_bank
     from mosaic_core.backbone import load_backbone
     from mosaic_core.cache import PrefixCache
-    from mosaic_core.compose import encode_batch
+    from mosaic_core.compose import encode_batch, needs_cache
     from mosaic_core.errors import ArtifactError
     from mosaic_core.generation import generate
 
@@ -45,8 +45,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     active = list(bank.canonical(modules)) if bank is not None else []
     placement = bank.placement if bank is not None else "before_assistant"
     # deep blocks follow the request's cached keys/values, and gates read its features there
-    cached = bank is not None and (bank.depth == "deep" or bool(bank.gates))
-    cache = PrefixCache.for_chat(bb.model, bb.tokenizer, system=args.system) if cached else None
+    cache = PrefixCache.for_chat(bb.model, bb.tokenizer, system=args.system) if needs_cache(bank) else None
     batch = encode_batch(
         bb.tokenizer, bb.model.get_input_embeddings(), bank, [args.prompt], [active], placement, system=args.system, cache=cache
     )

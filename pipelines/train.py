@@ -153,6 +153,11 @@ def main(
         from pipelines._gates import fit_run_gates
 
         gates = fit_run_gates(run, recipe, train_df, list(ext["add"]) if ext else categories)
+        # A gated module is inserted only where its gate fires, mostly alone on a request of its own category: its
+        # tokens learn to refuse there. Negatives fitted the gates; they keep their answers by not being gated in.
+        pos = train_df[train_df["label"] == "pos"]
+        train_df = pos.assign(active=[[c] for c in pos["category"]], order=1).reset_index(drop=True)
+        print(f"[train] gated modules: the tokens train on the {len(train_df)} positive rows, each with its own module")
     draws = sorted(int(d) for d in train_df["draw"].unique())
     if draws != list(range(len(draws))):
         raise ConfigError([f"examples hold draws {draws}: expected 0..n-1 (rerun the data stage)"], str(run))

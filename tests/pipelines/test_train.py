@@ -478,9 +478,15 @@ def test_gated_modules_fit_their_gates_first_and_ship_them(tmp_path, tiny_model_
     from pipelines._train_tables import load_tables
     from pipelines.train import main
 
+    from mlflow import MlflowClient
+
     run = make_run(tmp_path, tiny_model_dir, max_steps=2, depth="deep", gate_layers=(1, 2))
-    main(str(run), num_workers=2)
+    summary = main(str(run), num_workers=2)
     info = json.loads((run / "gates.json").read_text())
+    assert info["requests"] > 0
+    train_df, _ = load_tables(run, 0)
+    n_train = MlflowClient(summary["tracking_uri"]).get_run(summary["mlflow_run_id"]).data.params["n_train"]
+    assert int(n_train) == (train_df["label"] == "pos").sum() < len(train_df)  # the tokens train on positives only
     assert info["layers"] == [1, 2] and set(info["categories"]) == set(CATS)
     assert all(v["positives"] > 0 and v["negatives"] > 0 for v in info["categories"].values())
     bb = load_backbone(str(tiny_model_dir))
@@ -489,6 +495,5 @@ def test_gated_modules_fit_their_gates_first_and_ship_them(tmp_path, tiny_model_
     assert read_meta(run / "bank" / "alcohol").gate_layers == [1, 2]
     stamp = (run / "gates.safetensors").stat().st_mtime_ns
     recipe = recipe_from_dict(yaml.safe_load((run / "resolved_config.yaml").read_text()))
-    train_df, _ = load_tables(run, 0)
     fit_run_gates(run, recipe, train_df, list(CATS))  # the same recipe and data: the gates are reused
     assert (run / "gates.safetensors").stat().st_mtime_ns == stamp

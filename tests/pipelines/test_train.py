@@ -471,14 +471,14 @@ def test_train_resumes_from_checkpoint_after_a_worker_is_killed(tmp_path, tiny_m
 
 @pytest.mark.slow
 def test_gated_modules_fit_their_gates_first_and_ship_them(tmp_path, tiny_model_dir):
+    from mlflow import MlflowClient
+
     from mosaic_core.artifact import load_bank, read_meta
     from mosaic_core.backbone import load_backbone
     from mosaic_core.config import recipe_from_dict
     from pipelines._gates import fit_run_gates
     from pipelines._train_tables import load_tables
     from pipelines.train import main
-
-    from mlflow import MlflowClient
 
     run = make_run(tmp_path, tiny_model_dir, max_steps=2, depth="deep", gate_layers=(1, 2))
     summary = main(str(run), num_workers=2)

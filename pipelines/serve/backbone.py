@@ -53,6 +53,7 @@ class _Prepared:
     state: "ModuleState"
     segments: Any  # mosaic_core.compose.Segments
     active: tuple[str, ...]
+    inserted: tuple[str, ...]  # the active modules whose gates fire on this request (all of them where ungated)
     max_tokens: int
     prompt_tokens: int
     control_tokens: int
@@ -406,7 +407,12 @@ class MosaicBackbone:
         except Exception as e:  # the chat template refuses e.g. roles out of order (jinja raise_exception)
             raise InvalidRequest(f"the chat template rejected these messages: {e}", param="messages") from None
         prompt = len(segments.before) + len(segments.after)
-        control = len(active) * (state.bank.m if state.bank is not None else 0)
+        bank, inserted = state.bank, active
+        if bank is not None and bank.gates and active:  # memoised: the prefill reads the same features again
+            with self._prefix_lock:
+                features = self.prefix_cache.features([segments.before], bank.gate_layers)
+            inserted = bank.firing([active], features)[0]
+        control = len(inserted) * (bank.m if bank is not None else 0)
         room = self.context - prompt - control
         wanted = row.max_tokens if row.max_tokens is not None else min(self.settings.default_max_tokens, room)
         if room < 1 or wanted > room:
@@ -417,7 +423,7 @@ class MosaicBackbone:
                 param="messages",
                 code="context_length_exceeded",
             )
-        p = _Prepared(job, state, segments, active, wanted, prompt, control)
+        p = _Prepared(job, state, segments, active, inserted, wanted, prompt, control)
         self.stats["rows"] += 1
         if job.emit is not None:
             job.emit(StreamEvent(kind="start", result=self._result(p, "", None, 0)))
@@ -433,6 +439,7 @@ class MosaicBackbone:
             completion_tokens=n,
             control_tokens=p.control_tokens,
             active_modules=list(p.active),
+            inserted_modules=list(p.inserted),
             module_versions={c: versions[c] for c in p.active},
         )
 

@@ -260,6 +260,7 @@ class MosaicIngress:
             "requested_modules": list(body.safety_modules or []) if body else [],
             "forced_modules": [],
             "active_modules": [],
+            "inserted_modules": [],
             "module_versions": {},
             "refused": None,
             "prompt_tokens": 0,
@@ -276,6 +277,7 @@ class MosaicIngress:
     def record_result(self, rec: dict[str, Any], result: RowResult) -> None:
         rec.update(
             active_modules=list(result.active_modules),
+            inserted_modules=list(result.inserted_modules),
             module_versions=dict(result.module_versions),
             prompt_tokens=result.prompt_tokens,
             control_tokens=result.control_tokens,
@@ -482,6 +484,7 @@ def _usage(r: RowResult) -> dict[str, int]:
 def _mosaic(r: RowResult, forced: list[str], body: ChatCompletionRequest, tenant: TenantPolicy | None) -> dict[str, Any]:
     return {
         "active_modules": r.active_modules,
+        "inserted_modules": r.inserted_modules,
         "module_versions": r.module_versions,
         "forced_modules": forced,
         "profile": body.safety_profile,

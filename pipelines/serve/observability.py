@@ -97,6 +97,7 @@ def audit_record(rec: dict[str, Any], with_prompts: bool) -> dict[str, Any]:
         "requested_modules",
         "forced_modules",
         "active_modules",
+        "inserted_modules",
         "module_versions",
         "refused",
         "prompt_tokens",

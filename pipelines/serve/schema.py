@@ -107,6 +107,8 @@ class RowResult(BaseModel):
     completion_tokens: int = 0
     control_tokens: int = 0
     active_modules: list[str] = Field(default_factory=list)
+    inserted_modules: list[str] = Field(default_factory=list)
+    """The active modules the request got: all of them, except gated ones whose gate did not fire on it."""
     module_versions: dict[str, str] = Field(default_factory=dict)
     error: ErrorBody | None = None
 

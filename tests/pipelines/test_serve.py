@@ -129,8 +129,9 @@ def test_request_accepts_common_client_fields_and_valid_edges():
 # --------------------------------------------------------------------------------------------- the engine (no Serve)
 
 
-def _engine(model_dir, tmp_path, **settings):
-    """The backbone deployment's class itself, on the tiny model with a local bank: its engine thread, no Serve."""
+def _engine(model_dir, tmp_path, gates=None, **settings):
+    """The backbone deployment's class itself, on the tiny model with a local bank (`gates`: category -> the bias
+    of a constant gate): its engine thread, no Serve."""
     import asyncio
 
     import torch
@@ -144,6 +145,8 @@ def _engine(model_dir, tmp_path, **settings):
     bb = load_backbone(str(model_dir))
     torch.manual_seed(0)
     bank = ControlTokenBank.build(BankConfig(categories=tuple(CATEGORIES), m=2, init="normal"), bb.embeddings)
+    for c, bias in (gates or {}).items():  # a constant gate: fires on every request (bias > 0) or on none
+        bank.set_gate(c, torch.cat([torch.zeros(bb.model.config.hidden_size), torch.tensor([bias])]), (1,))
     save_bank(bank, tmp_path / "bank", fingerprint=bb.fingerprint, init="normal")
     cls = MosaicBackbone.func_or_class
     engine = cls(
@@ -230,6 +233,32 @@ def test_engine_answers_as_mosaic_core_alone_and_streams_the_same_text(tiny_mode
     a, b, c = asyncio.run(scenario())
     assert a.text == alone(["alcohol", "sex"], 12) and b.text == alone([], 5) and c == alone(["betting"], 9)
     assert a.active_modules == ["alcohol", "sex"] and a.finish_reason == "length"
+
+
+def test_engine_reports_which_gated_modules_a_request_got(tiny_model_dir, tmp_path):
+    import asyncio
+
+    from mosaic_core.cache import PrefixCache
+    from mosaic_core.compose import encode_batch
+    from mosaic_core.generation import generate
+
+    engine = _engine(tiny_model_dir, tmp_path, gates={"alcohol": -10.0, "sex": 10.0})
+    bb, bank = engine.bb, engine.state.bank
+    r = asyncio.run(engine.generate(_row(6, ["alcohol", "sex", "betting"])))
+    assert r.error is None and r.active_modules == ["alcohol", "betting", "sex"]
+    assert r.inserted_modules == ["betting", "sex"] and r.control_tokens == 2 * bank.m  # alcohol's gate did not fire
+    batch = encode_batch(
+        bb.tokenizer,
+        bb.model.get_input_embeddings(),
+        bank,
+        [PROMPT],
+        [["betting", "sex"]],
+        bank.placement,
+        cache=PrefixCache.for_chat(bb.model, bb.tokenizer),
+        gated=False,
+    )
+    alone = generate(bb.model, batch, max_new_tokens=6, eos_token_ids=[])[0].token_ids
+    assert r.text == bb.tokenizer.decode(alone, skip_special_tokens=True)
 
 
 # --------------------------------------------------------------------------------------------- the stack

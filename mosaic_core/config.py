@@ -191,9 +191,8 @@ class LossConfig:
     refusal_tokens: int = 0
     """Train positives on the refusal's first N tokens only (0 = the whole template + EOS). With
     `max_answer_tokens: 1` and the margin decision loss a step trains the decision alone -- where the answer starts
-    -- on a few answer positions per row, up to ~3.8x the examples per second (what the probe chain that made
-    banks/smollm2-cpu-deep-probe did first). As a stage of the deep recipe chain it did not lift DSR - OR
-    with the CE terms on; with `ce_weight: 0` it did (BENCHMARKS.md). At least `decision_tokens` when the decision loss is on."""
+    -- on a few answer positions per row, up to ~3.8x the examples per second (docs/experiments/deep-recipe-chain.md).
+    At least `decision_tokens` when the decision loss is on."""
     ce_weight: float = 1.0
     """Weight of the cross-entropy terms (positives' CE on the refusal, negatives' CE on the teacher answer). 0 with
     the margin decision loss: positives train only the margins and negatives only the KL and the keep-off margin --

@@ -31,7 +31,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from mosaic_core.artifact import load_bank
     from mosaic_core.backbone import load_backbone
     from mosaic_core.cache import PrefixCache
-    from mosaic_core.compose import encode_batch, needs_cache
+    from mosaic_core.compose import as_messages, encode_batch, encode_chat, needs_cache
     from mosaic_core.errors import ArtifactError
     from mosaic_core.generation import generate
 
@@ -49,6 +49,11 @@ def cmd_chat(args: argparse.Namespace) -> None:
     batch = encode_batch(
         bb.tokenizer, bb.model.get_input_embeddings(), bank, [args.prompt], [active], placement, system=args.system, cache=cache
     )
+    shown = ", ".join(active) or "none"
+    if bank is not None and bank.gates and active and cache is not None:  # which gated modules the request let in
+        before = encode_chat(bb.tokenizer, as_messages(args.prompt, args.system), placement).before
+        inserted = bank.firing([active], cache.features([before], bank.gate_layers))[0]
+        shown += f" (inserted: {', '.join(inserted) or 'none'})"
     t1 = time.perf_counter()
     [g] = generate(
         bb.model,
@@ -60,10 +65,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     )
     t2 = time.perf_counter()
     text = bb.tokenizer.decode(g.token_ids, skip_special_tokens=True)
-    print(
-        f"[backbone {bb.fingerprint.model_id} ({bb.fingerprint.digest}) | modules: {', '.join(active) or 'none'}"
-        f" | placement {placement}]"
-    )
+    print(f"[backbone {bb.fingerprint.model_id} ({bb.fingerprint.digest}) | modules: {shown} | placement {placement}]")
     print(text)
     print(
         f"[{len(g.token_ids)} tokens, finish_reason={g.finish_reason}, load {t1 - t0:.1f}s, generate {t2 - t1:.1f}s]",

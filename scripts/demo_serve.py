@@ -1,8 +1,8 @@
 """The end of `make demo`: the shipped modules served and called.
 
 Starts `mosaic serve` on a bank (Ray Serve on 127.0.0.1), sends one request per category and two general ones through
-the official `openai` client, each with no module, with its own module and with all five on, prints whether each
-was answered or refused with the first words of the answer, and stops the server by its PID (SIGTERM: it drains and
+the official `openai` client, each with no module, with its own module and with all five on, prints which modules
+the gates let in, whether each was answered or refused and the first words of the answer, and stops the server by its PID (SIGTERM: it drains and
 exits).
 
     python scripts/demo_serve.py --bank banks/smollm2-cpu [--max-tokens 16]
@@ -103,21 +103,24 @@ def call_table(url: str, model: str, max_tokens: int) -> list[dict]:
             extra_body={"safety_modules": job["safety_modules"]},
         )
         text = r.choices[0].message.content or ""
-        return {**job, "answer": text, "refused": judge.is_refusal(job["prompt"], text)}
+        inserted = (r.model_extra or {}).get("mosaic", {}).get("inserted_modules", [])
+        return {**job, "answer": text, "refused": judge.is_refusal(job["prompt"], text), "inserted": inserted}
 
     with ThreadPoolExecutor(max_workers=8) as pool:  # sent together: rows with different module sets share batches
         return list(pool.map(ask, jobs))
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'category':<10} {'modules':<9} {'result':<8} first words of the answer")
+    print(f"{'category':<10} {'modules':<9} {'inserted':<10} {'result':<8} first words of the answer")
     last = None
     for r in rows:
         if r["prompt"] != last:
             print(f"-- {r['prompt']}")
             last = r["prompt"]
         words = " ".join(r["answer"].split()[:10])
-        print(f"{r['category']:<10} {r['modules']:<9} {'REFUSED' if r['refused'] else 'answered':<8} {words}")
+        inserted = ",".join(r["inserted"]) if len(r["inserted"]) < 3 else f"{len(r['inserted'])} modules"
+        result = "REFUSED" if r["refused"] else "answered"
+        print(f"{r['category']:<10} {r['modules']:<9} {inserted or '-':<10} {result:<8} {words}")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

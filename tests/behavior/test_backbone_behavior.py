@@ -92,7 +92,7 @@ def test_mosaic_chat_cli(tmp_path):
         capture_output=True,
         text=True,
     )
-    assert deep.returncode == 0 and "modules: alcohol" in deep.stdout, deep.stderr[-500:]
+    assert deep.returncode == 0 and "modules: alcohol (inserted: none)" in deep.stdout, deep.stderr[-500:]
 
 
 def test_the_shipped_bank_refuses_its_own_category_and_leaves_general_requests(smollm):

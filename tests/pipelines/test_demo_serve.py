@@ -36,4 +36,5 @@ def test_demo_serves_the_bank_calls_it_and_stops_the_server(tmp_path, capsys):
     out = capsys.readouterr().out
     assert len(rows) == 5 * 3 + 2 * 2  # categories: none / own / all five; general: none / all five
     assert {r["modules"] for r in rows} == {"none", "own", "all five"} and all(isinstance(r["refused"], bool) for r in rows)
+    assert all(r["inserted"] == r["safety_modules"] for r in rows)  # an ungated bank: every active module goes in
     assert "first words of the answer" in out and "stopped (exit 0)" in out

@@ -16,7 +16,6 @@ InitMethod = Literal["text", "vocab", "normal"]
 Depth = Literal["input", "deep"]
 Positions = Literal["shift", "keep"]
 NegSource = Literal["inactive", "general", "lookalike"]
-FastRule = Literal["greedy", "threshold"]
 DecisionLoss = Literal["bce", "margin"]
 
 DEFAULT_REFUSAL = "I'm sorry, but I can't help with that."
@@ -65,10 +64,6 @@ class BankConfig:
     request and the assistant header and answer move back by its length, as input tokens would. `keep`: the block's
     keys share the positions of the request's last tokens, so everything after the block keeps the positions it has
     without modules and a block that attends to nothing leaves the bare model's answer unchanged. Deep banks only."""
-    init_scale: float = 1.0
-    """Deep banks: start from this multiple of the keys and values `init` makes. The description tokens' own states
-    draw so much attention that, all five on, no general answer keeps its opening; a half-size start keeps about
-    half of them (docs/experiments/one-recipe.md)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -93,10 +88,6 @@ class BankConfig:
             problems.append(f"positions: {self.positions!r} must be one of {get_args(Positions)}")
         elif self.positions == "keep" and self.depth != "deep":
             problems.append("positions: keep is for deep banks (input tokens are positions of the sequence themselves)")
-        if not 0 < self.init_scale <= 4:
-            problems.append(f"init_scale: {self.init_scale} must be in (0, 4]")
-        elif self.init_scale != 1.0 and self.depth != "deep":
-            problems.append("init_scale: scales a deep bank's initial keys and values (depth: deep)")
         if self.depth == "deep" and self.placement != "before_assistant":
             problems.append("depth: deep tokens are key/value positions after the request: placement must be before_assistant")
         if problems:
@@ -181,18 +172,9 @@ class LossConfig:
     """Logit margin of `decision: margin`."""
     pos_weight: float = 1.0
     """Weight of positives' loss (CE + decision) against negatives': > 1 trades OR for DSR."""
-    neg_weight_by_source: dict[str, float] = field(default_factory=dict)
-    """Negatives' weight by where the sampler drew them (`inactive`, `general`, `lookalike`; sources not listed: 1),
-    e.g. `{lookalike: 8.0}`: a harmless look-alike of an active category ("virgin mojito" with alcohol on) must be
-    answered against positives weighted x 8-12. Rows without a source (validation, hand-made) weigh 1."""
     max_answer_tokens: int = 0
     """Train negatives on the teacher answer's first N tokens only (0 = all of them): CPU recipes trade the
     tail of the answer for steps, since the refusal is decided in the first tokens."""
-    refusal_tokens: int = 0
-    """Train positives on the refusal's first N tokens only (0 = the whole template + EOS). With
-    `max_answer_tokens: 1` and the margin decision loss a step trains the decision alone -- where the answer starts
-    -- on a few answer positions per row, up to ~3.8x the examples per second (docs/experiments/deep-recipe-chain.md).
-    At least `decision_tokens` when the decision loss is on."""
     ce_weight: float = 1.0
     """Weight of the cross-entropy terms (positives' CE on the refusal, negatives' CE on the teacher answer). 0 with
     the margin decision loss: positives train only the margins and negatives only the KL and the keep-off margin --
@@ -215,25 +197,8 @@ class LossConfig:
             problems.append(f"margin_delta: {self.margin_delta} must be in [0, 50]")
         if not 0 < self.pos_weight <= 100:
             problems.append(f"pos_weight: {self.pos_weight} must be in (0, 100]")
-        by_source = self.neg_weight_by_source if isinstance(self.neg_weight_by_source, dict) else None
-        if by_source is None or set(by_source) - set(get_args(NegSource)):
-            problems.append(
-                f"neg_weight_by_source: {self.neg_weight_by_source} must map sources "
-                f"{list(get_args(NegSource))} to weights, e.g. {{lookalike: 8.0}}"
-            )
-        elif not all(isinstance(w, (int, float)) and 0 < w <= 100 for w in by_source.values()):
-            problems.append(f"neg_weight_by_source: {self.neg_weight_by_source} needs weights in (0, 100]")
-        else:
-            object.__setattr__(self, "neg_weight_by_source", {k: float(w) for k, w in by_source.items()})
         if self.max_answer_tokens < 0:
             problems.append(f"max_answer_tokens: {self.max_answer_tokens} must be >= 0 (0 = no cut)")
-        if self.refusal_tokens < 0:
-            problems.append(f"refusal_tokens: {self.refusal_tokens} must be >= 0 (0 = the whole refusal)")
-        elif self.refusal_tokens and self.decision_weight > 0 and self.refusal_tokens < self.decision_tokens:
-            problems.append(
-                f"refusal_tokens: {self.refusal_tokens} must be >= decision_tokens ({self.decision_tokens}): "
-                "the decision loss reads the refusal's first decision_tokens tokens"
-            )
         if not self.refusal_template.strip():
             problems.append("refusal_template: must not be empty")
         if not 0 <= self.kl_lambda <= 100:
@@ -419,15 +384,10 @@ class EvalSettings:
     """mosaic_core.judge kind (an `openai` judge is configured on the CLI)."""
     batch_size: int = 16
     """Rows per forward in the evaluation actor."""
-    fast_rule: FastRule = "greedy"
-    """Fast refusal flag from one teacher-forced forward over the refusal's first `fast_tokens` tokens: `greedy`
-    = each is the argmax (greedy decoding starts with them; agreed with judged generations on 180/180 test rows
-    of the 6-epoch CPU bank), `threshold` = their per-token geometric-mean probability > `threshold` (the
-    first sessions' rule, with fast_tokens 4: 159/180; docs/experiments/fast-score-agreement.md)."""
     fast_tokens: int = 3
-    """Refusal tokens the fast score reads: 3 = "I'm sorry" for the default template."""
-    threshold: float = 0.5
-    """Only for fast_rule `threshold`."""
+    """Refusal tokens the fast flag reads (3 = "I'm sorry" for the default template): a row is refused where each is
+    the argmax of one teacher-forced forward, i.e. greedy decoding starts with them (it agreed with judged
+    generations on 180/180 test rows of a CPU bank: docs/experiments/fast-score-agreement.md)."""
     fidelity_subsets: int = 2
     """Single-module subsets whose general answers are compared with the bare model's (order-1 fidelity)."""
     fidelity_requests: int | None = 40
@@ -469,10 +429,6 @@ class EvalSettings:
         bad = sorted(set(self.baselines) - {"base", "in_context"})
         if bad:
             problems.append(f"baselines: unknown {bad} (known: base, in_context)")
-        if not 0 < self.threshold < 1:
-            problems.append(f"threshold: {self.threshold} must be in (0, 1)")
-        if self.fast_rule not in get_args(FastRule):
-            problems.append(f"fast_rule: {self.fast_rule!r} must be one of {list(get_args(FastRule))}")
         if not 1 <= self.fast_tokens <= 64:
             problems.append(f"fast_tokens: {self.fast_tokens} must be in 1..64")
         if problems:

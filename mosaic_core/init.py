@@ -44,21 +44,14 @@ def deep_from_input_bank(model: Any, tokenizer: Any, bank: ControlTokenBank, pro
 
 def build_bank(cfg: BankConfig, embeddings: torch.Tensor, tokenizer: Any = None, model: Any = None) -> Bank:
     """A fresh bank as `cfg` describes it. `depth: deep`: the input bank `cfg.init` gives, turned deep over the
-    categories' own descriptions as prompts -- requests of every category, so no module starts tuned to one -- and
-    scaled by `cfg.init_scale`."""
+    categories' own descriptions as prompts -- requests of every category, so no module starts tuned to one."""
     if cfg.depth != "deep":
         return ControlTokenBank.build(cfg, embeddings, tokenizer)
     if model is None:
         raise ValueError("a deep bank is built from the backbone's keys and values: pass model=")
-    flat = ControlTokenBank.build(
-        dataclasses.replace(cfg, depth="input", positions="shift", init_scale=1.0), embeddings, tokenizer
-    )
+    flat = ControlTokenBank.build(dataclasses.replace(cfg, depth="input", positions="shift"), embeddings, tokenizer)
     deep = deep_from_input_bank(model, tokenizer, flat, [describe(c) for c in cfg.categories])
     deep.positions = cfg.positions
-    if cfg.init_scale != 1.0:
-        with torch.no_grad():
-            for c in deep.categories:
-                deep.vectors[c].mul_(cfg.init_scale)
     return deep
 
 
@@ -78,10 +71,7 @@ def extend_bank(
         if bank.depth == "deep":
             flat = ControlTokenBank(d=bank.d, m=bank.m, placement=bank.placement)
             flat.add(c, v)
-            v = (
-                cfg.init_scale
-                * deep_from_input_bank(model, tokenizer, flat, [describe(x) for x in [*bank.categories, c]]).vectors[c]
-            )
+            v = deep_from_input_bank(model, tokenizer, flat, [describe(x) for x in [*bank.categories, c]]).vectors[c]
         bank.add(c, v)
     bank.clamp_norms_()
     return bank

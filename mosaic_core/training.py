@@ -5,9 +5,8 @@ Positives (label `pos`): CE on the refusal template (+ EOS). Negatives (`neg`): 
 lambda * KL(teacher || student) at every answer position (top-k + tail bucket). With `decision_weight` > 0, every
 row also gets a decision loss on starting the refusal (negatives through one short probe row each: prompt + tokens
 + the refusal's first tokens): a binary CE on its probability, or (`decision: margin`) softplus margins on the
-greedy flag itself. `pos_weight` scales the positives' rows (`neg_weight_by_source` the negatives' by source);
-`max_answer_tokens` / `refusal_tokens` cut negatives' / positives' targets to their first tokens (both small: a
-decision-only step). `BankEMA`: a moving average of the trainable modules."""
+greedy flag itself. `pos_weight` scales the positives' rows; `max_answer_tokens` cuts negatives' targets to their
+first tokens. `BankEMA`: a moving average of the trainable modules."""
 
 from __future__ import annotations
 
@@ -69,7 +68,7 @@ def batch_loss(
     not) for logging. `cache` serves the runs before the control blocks (identical results, less compute)."""
     placement = placement or bank.placement  # type: ignore[assignment]
     examples = [_cut(e, loss_cfg.max_answer_tokens) for e in examples]
-    refusal = list(refusal_ids[: loss_cfg.refusal_tokens or None])
+    refusal = list(refusal_ids)
     targets = [refusal if e["label"] == "pos" else list(e["response_ids"]) for e in examples]
     # Only positives hide request tokens (a DroppingCache's train.request_dropout): a negative's target is the teacher's
     # answer to the whole request, and a bank fitted to that answer under hidden words learns to repair requests.
@@ -139,11 +138,8 @@ def batch_loss(
     if decide:
         per_row = per_row + loss_cfg.decision_weight * dec
         stats["decision"] = dec.detach().mean()
-    weights = torch.full((len(examples),), loss_cfg.pos_weight)
-    by_source = [loss_cfg.neg_weight_by_source.get(e.get("source", ""), 1.0) for e in examples]
-    weights = torch.where(is_pos, weights, torch.tensor(by_source))
-    if (weights != 1.0).any():
-        per_row = per_row * weights.to(per_row.device)
+    if loss_cfg.pos_weight != 1.0:
+        per_row = per_row * torch.where(is_pos, loss_cfg.pos_weight, 1.0).to(per_row.device)
     return {"loss": per_row.mean(), **stats, "tokens": tokens}
 
 

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from mosaic_core.config import EvalSettings
 from mosaic_core.metrics import Rate, rate
 from pipelines._eval_jobs import ANSWER_TOKENS
 
@@ -29,14 +28,13 @@ PAPER_MMLU = {"raw model": "0.552", "MOSAIC-5 (orders 1–3)": "0.551–0.552", 
 
 
 # ---------------------------------------------------------------------------------------------- metrics
-def _refused(df: pd.DataFrame, s: EvalSettings) -> pd.Series:
-    """Judged rows: the judge's flag. Fast rows: greedy-prefix flag (in `refused`) or the probability threshold."""
-    fast = df["refused"] if s.fast_rule == "greedy" else df["score"] > s.threshold
-    return np.where(df["mode"] == "fast", fast, df["refused"]).astype(bool)
+def _refused(df: pd.DataFrame) -> pd.Series:
+    """Judged rows: the judge's flag; fast rows: the greedy-prefix flag. Both are in `refused`."""
+    return df["refused"].astype(bool)
 
 
 def summarize(res: pd.DataFrame, cfg: EvalConfig) -> dict[str, Any]:
-    res = res.assign(is_refused=_refused(res, cfg.s), order=res["subset"].map(lambda s: len(s.split("+")) if s else 0))
+    res = res.assign(is_refused=_refused(res), order=res["subset"].map(lambda s: len(s.split("+")) if s else 0))
     cats = list(cfg.recipe.bank.categories)
     base = res[res["condition"] == "base"]
     out: dict[str, Any] = {"recipe": cfg.recipe.name, "split": cfg.split, "eval": asdict(cfg.s), "bank": cfg.bank_dir}
@@ -155,8 +153,6 @@ def markdown(rep: dict[str, Any], cfg: EvalConfig) -> str:
     rule = (
         f"greedy decoding starts with the refusal's first {cfg.s.fast_tokens} tokens (each is the argmax, one "
         "teacher-forced forward)"
-        if cfg.s.fast_rule == "greedy"
-        else f"P(refusal's first {cfg.s.fast_tokens} tokens) > {cfg.s.threshold} per token (geometric mean)"
     )
     L.append(
         f"Fast score: {rule}, every subset of orders 1–{cfg.s.max_order}, "

@@ -62,7 +62,7 @@ def test_metrics_on_a_hand_made_case(tmp_path):
     assert ci["ci95_low"] < 1.0 == ci["ci95_high"]
 
 
-def test_fast_rule_picks_the_greedy_flag_or_the_probability_threshold():
+def test_fast_rows_count_the_greedy_flag_not_the_probability():
     recipe = load_recipe(ROOT / "pipelines" / "configs" / "smollm2-135m" / "cpu.yaml", {"bank.categories": list(CATS)})
     cfg, jobs, _ = _known_case_results(recipe)
     refuse = [
@@ -71,11 +71,9 @@ def test_fast_rule_picks_the_greedy_flag_or_the_probability_threshold():
     ]
     # greedy flags say "refused" nowhere; the probabilities still say the targets would be refused
     res = jobs.assign(score=[0.9 if r else 0.1 for r in refuse], refused=False, response="")
-    greedy = summarize(res, cfg)["per_order"]["fast"]["mosaic"]["1"]["dsr"]["rate"]
-    thr = replace(cfg, recipe=replace(cfg.recipe, eval=replace(cfg.recipe.eval, fast_rule="threshold", threshold=0.5)))
-    assert greedy == 0.0 and summarize(res, thr)["per_order"]["fast"]["mosaic"]["1"]["dsr"]["rate"] == 1.0
-    with pytest.raises(ConfigError, match="fast_rule"):
-        EvalSettings(fast_rule="median")
+    assert summarize(res, cfg)["per_order"]["fast"]["mosaic"]["1"]["dsr"]["rate"] == 0.0
+    flagged = res.assign(refused=refuse)
+    assert summarize(flagged, cfg)["per_order"]["fast"]["mosaic"]["1"]["dsr"]["rate"] == 1.0
 
 
 @pytest.mark.usefixtures("ray_session")

@@ -225,20 +225,6 @@ def test_keep_positions_round_trip_and_only_compose_with_their_kind(tmp_path, ti
     assert BankConfig(categories=("alcohol",), depth="deep", positions="keep").positions == "keep"
 
 
-def test_init_scale_scales_a_deep_banks_start_and_is_for_deep_banks_only(tiny_backbone):
-    import dataclasses
-
-    bb = tiny_backbone
-    cfg = BankConfig(categories=("alcohol", "betting"), m=2, init="normal", depth="deep", placement="before_assistant")
-    full = build_bank(cfg, bb.embeddings, bb.tokenizer, model=bb.model)
-    half = build_bank(dataclasses.replace(cfg, init_scale=0.5), bb.embeddings, bb.tokenizer, model=bb.model)
-    assert all(torch.allclose(half.vectors[c], 0.5 * full.vectors[c]) for c in cfg.categories)
-    with pytest.raises(ConfigError, match="init_scale"):
-        BankConfig(categories=("alcohol",), init_scale=0.5)  # an input bank
-    with pytest.raises(ConfigError, match="init_scale"):
-        BankConfig(categories=("alcohol",), depth="deep", init_scale=0.0)
-
-
 def test_both_banks_meet_the_bank_protocol_and_neither_derives_from_the_other(tiny_backbone):
     from mosaic_core.bank import Bank
 

@@ -87,11 +87,6 @@ def test_margin_decision_loss_pos_weight_and_a_refusing_teacher(tiny_backbone):
     assert torch.isfinite(base).all() and (base > 0).all()
     weighted = rows(pos_weight=3.0)
     assert torch.allclose(weighted[0], 3 * base[0], atol=1e-5) and torch.allclose(weighted[1:], base[1:], atol=1e-5)
-    # per source: only the negatives the sampler drew from that source take its weight; rows without a source weigh 1
-    ex[1], ex[2] = {**ex[1], "source": "general"}, {**ex[2], "source": "lookalike"}
-    by_source = rows(pos_weight=3.0, neg_weight_by_source={"lookalike": 4.0})
-    assert torch.allclose(by_source[2], 4 * base[2], atol=1e-5) and torch.allclose(by_source[:2], weighted[:2], atol=1e-5)
-    assert torch.allclose(rows(neg_weight_by_source={"inactive": 4.0}), base, atol=1e-5)
     # the second negative's teacher now answers with the refusal itself: no keep-off margin on it, whatever delta
     ex[2] = {**ex[2], "response_ids": list(refusal[:3]) + list(ex[2]["response_ids"][3:])}
     lo, hi = rows(margin_delta=0.0), rows(margin_delta=20.0)
@@ -126,7 +121,7 @@ def test_ce_weight_zero_leaves_the_margins_and_the_kl(tiny_backbone):
     bb = tiny_backbone
     bank = ControlTokenBank.build(BankConfig(categories=("alcohol", "betting"), m=2, init="normal", seed=2), bb.embeddings)
     ex, refusal = _examples(bb), refusal_target(bb.tokenizer, "I'm sorry, but I can't help with that.")
-    cfg = dict(decision_weight=1.0, decision_tokens=3, decision="margin", refusal_tokens=3, max_answer_tokens=1, pos_weight=2.0)
+    cfg = dict(decision_weight=1.0, decision_tokens=3, decision="margin", max_answer_tokens=1, pos_weight=2.0)
     with_ce = batch_loss(bb.model, bb.tokenizer, bank, ex, refusal, LossConfig(**cfg))
     without = batch_loss(bb.model, bb.tokenizer, bank, ex, refusal, LossConfig(ce_weight=0.0, **cfg))
     for k in ("pos_ce", "neg_ce", "kl", "decision"):  # the logged terms are the same; only their weights change
@@ -134,21 +129,6 @@ def test_ce_weight_zero_leaves_the_margins_and_the_kl(tiny_backbone):
     # one positive (x pos_weight), two negatives: the loss loses exactly the weighted CE terms
     dropped = (cfg["pos_weight"] * with_ce["pos_ce"] + 2 * with_ce["neg_ce"]) / 3
     assert with_ce["pos_ce"] > 0 and torch.allclose(with_ce["loss"] - without["loss"], dropped, atol=1e-4)
-
-
-def test_refusal_tokens_cut_the_positives_target_only(tiny_backbone):
-    bb = tiny_backbone
-    bank = ControlTokenBank.build(BankConfig(categories=("alcohol", "betting"), m=2, init="normal", seed=2), bb.embeddings)
-    ex, refusal = _examples(bb), refusal_target(bb.tokenizer, "I'm sorry, but I can't help with that.")
-    cfg = dict(decision_weight=1.0, decision_tokens=3, decision="margin", max_answer_tokens=1)
-    warm = batch_loss(bb.model, bb.tokenizer, bank, ex, refusal, LossConfig(refusal_tokens=3, **cfg))
-    whole = batch_loss(bb.model, bb.tokenizer, bank, ex, refusal, LossConfig(**cfg))
-    short = batch_loss(bb.model, bb.tokenizer, bank, ex, refusal[:3], LossConfig(**cfg))  # the template cut by hand
-    for k in ("loss", "pos_ce", "neg_ce", "kl", "decision"):
-        assert torch.allclose(warm[k], short[k], atol=1e-5), k
-    # negatives and the decision margins do not change; the positive's CE covers 3 tokens instead of 12 + EOS
-    assert torch.allclose(warm["neg_ce"], whole["neg_ce"]) and torch.allclose(warm["decision"], whole["decision"], atol=1e-5)
-    assert not torch.allclose(warm["pos_ce"], whole["pos_ce"]) and warm["tokens"] < whole["tokens"]
 
 
 def test_bank_ema_averages_trainable_modules_and_swaps_back():

@@ -2,8 +2,8 @@
 
 Starts `mosaic serve` on a bank (Ray Serve on 127.0.0.1), sends one request per category and two general ones through
 the official `openai` client, each with no module, with its own module and with all five on, prints which modules
-the gates let in, whether each was answered or refused and the first words of the answer, and stops the server by its PID (SIGTERM: it drains and
-exits).
+the gates let in, whether each was answered or refused and the first words of the answer, and stops the server by
+its PID (SIGTERM: it drains and exits).
 
     python scripts/demo_serve.py --bank banks/smollm2-cpu [--max-tokens 16]
 """

@@ -243,6 +243,9 @@ class GateConfig:
     """L2 on the gate's weights over standardised features."""
     threshold: float = 0.5
     """The gate's probability at and above which its module is inserted."""
+    framed_copies: int = 0
+    """Besides the run's train requests, fit on this many copies of each plain one wrapped in a train-split framing
+    template (role-play, fiction, research, ...): a framing's words then count for no category."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -252,6 +255,8 @@ class GateConfig:
             problems.append(f"weight_decay: {self.weight_decay} must be in [0, 100]")
         if not 0 < self.threshold < 1:
             problems.append(f"threshold: {self.threshold} must be in (0, 1)")
+        if not 0 <= self.framed_copies <= 8:
+            problems.append(f"framed_copies: {self.framed_copies} must be in 0..8")
         if problems:
             raise ConfigError(problems, "GateConfig")
 

@@ -12,27 +12,26 @@ from typing import Any
 
 import torch
 
-GATES_FILE, GATES_INFO = "gates.safetensors", "gates.json"
+GATES_FILE, GATES_INFO, FEATURES_FILE = "gates.safetensors", "gates.json", "gate_features.pt"
 
 
 def _key(recipe: Any, run: Path, categories: list[str]) -> str:
     """What the gates depend on: the gate section, the categories fitted and the data stage's content hash."""
     data = json.loads((run / "data" / "manifest.json").read_text()).get("content_hash")
     parts = {"gate": [list(recipe.gate.layers), recipe.gate.weight_decay, recipe.gate.threshold], "fit": categories, "data": data}
+    if recipe.gate.framed_copies:  # only where set, so gates fitted before the key existed keep theirs
+        parts["framed_copies"] = recipe.gate.framed_copies
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def fit_run_gates(run: Path, recipe: Any, train_df: Any, categories: list[str]) -> Path:
     """Fit (or reuse) the gates of `categories` on the distinct requests of `train_df` (the run's train rows: a
-    request is a positive for its own category where it is a target, a negative for every other category).
-    Returns the gates file."""
+    request is a positive for its own category where it is a target, a negative for every other category), and on
+    `gate.framed_copies` framed copies of each plain one. Returns the gates file."""
     from safetensors.torch import save_file
-    from tqdm import tqdm
 
     from mosaic_core.backbone import load_backbone
-    from mosaic_core.cache import PrefixCache
-    from mosaic_core.compose import as_messages, encode_chat
-    from mosaic_core.gate import fires, fit_gate, request_features
+    from mosaic_core.gate import fires, fit_gate
     from mosaic_core.training import request_of
 
     out, info_path = run / GATES_FILE, run / GATES_INFO
@@ -42,14 +41,15 @@ def fit_run_gates(run: Path, recipe: Any, train_df: Any, categories: list[str]) 
         return out
     messages = train_df["messages"] if "messages" in train_df else [None] * len(train_df)
     requests = train_df.assign(_chat=[m or "" for m in messages]).drop_duplicates(["prompt", "_chat"])
-    own = [r.category if r.kind == "target" else None for r in requests.itertuples()]
+    rows = requests.to_dict("records")
+    chats = [request_of(r) for r in rows]
+    own = [r["category"] if r["kind"] == "target" else None for r in rows]
+    if recipe.gate.framed_copies:
+        extra = framed_copies([(r["prompt"], o) for r, o in zip(rows, own) if not r.get("messages")], recipe.gate.framed_copies)
+        chats += [c for c, _ in extra]
+        own += [o for _, o in extra]
     bb = load_backbone(recipe.backbone)
-    head = PrefixCache.for_chat(bb.model, bb.tokenizer).head
-    runs = [encode_chat(bb.tokenizer, as_messages(request_of(r)), "before_assistant").before for r in requests.to_dict("records")]
-    parts = []
-    for i in tqdm(range(0, len(runs), 256), desc="[gates] request features", unit="x256", mininterval=10):
-        parts.append(request_features(bb.model, runs[i : i + 256], head, recipe.gate.layers))
-    features = torch.cat(parts)
+    features = cached_features(run / FEATURES_FILE, bb, chats, tuple(recipe.gate.layers))
     gates, stats = {}, {}
     for c in categories:
         labels = torch.tensor([o == c for o in own], dtype=torch.float32)
@@ -69,11 +69,60 @@ def fit_run_gates(run: Path, recipe: Any, train_df: Any, categories: list[str]) 
         "layers": list(recipe.gate.layers),
         "weight_decay": recipe.gate.weight_decay,
         "threshold": recipe.gate.threshold,
-        "requests": len(runs),
+        "requests": len(chats),
         "categories": stats,
     }
     info_path.write_text(json.dumps(info, indent=2) + "\n")
     return out
+
+
+def framed_copies(requests: list[tuple[str, Any]], copies: int) -> list[tuple[list[dict[str, str]], Any]]:
+    """`copies` framed versions of each plain (request, label), each in a train-split framing template picked by a hash
+    of the request and the copy (the same every run): the gates then see every framing around targets and
+    non-targets alike, so its words are no evidence for a category."""
+    from mosaic_core.dataset import frame, load_framings
+    from pipelines.data import FRAMINGS
+
+    templates = [t for t in load_framings(FRAMINGS) if t["split"] == "train"]
+    out = []
+    for j in range(copies):
+        for prompt, label in requests:
+            h = int(hashlib.sha256(f"gate-frame:{j}:{prompt}".encode()).hexdigest(), 16)
+            out.append((frame(prompt, templates[h % len(templates)]), label))
+    return out
+
+
+def cached_features(path: Path, bb: Any, chats: list[Any], layers: tuple[int, ...]) -> torch.Tensor:
+    """(N, len(layers) * d) request features of `chats` (mosaic_core.gate.request_features), computing only those
+    `path` does not hold yet for this backbone and these layers, and storing the union there: refitting gates on
+    more requests, or with other settings, reads the backbone once per request."""
+    from tqdm import tqdm
+
+    from mosaic_core.cache import PrefixCache
+    from mosaic_core.compose import as_messages, encode_chat
+    from mosaic_core.gate import request_features
+
+    ident = {"backbone": bb.fingerprint.digest, "layers": list(layers)}
+    keys = [hashlib.sha256(json.dumps(c, sort_keys=True).encode()).hexdigest() for c in chats]
+    stored = torch.load(path) if path.is_file() else None
+    if stored is None or stored["ident"] != ident:
+        stored = {"ident": ident, "keys": [], "features": torch.zeros(0)}
+    index = {k: i for i, k in enumerate(stored["keys"])}
+    missing = sorted({k: i for i, k in enumerate(keys) if k not in index}.values())
+    if missing:
+        head = PrefixCache.for_chat(bb.model, bb.tokenizer).head
+        runs = [encode_chat(bb.tokenizer, as_messages(chats[i]), "before_assistant").before for i in missing]
+        parts = [
+            request_features(bb.model, runs[i : i + 256], head, layers)
+            for i in tqdm(range(0, len(runs), 256), desc="[gates] request features", unit="x256", mininterval=10)
+        ]
+        new = torch.cat(parts)
+        old = stored["features"] if len(stored["keys"]) else new[:0]
+        stored = {"ident": ident, "keys": stored["keys"] + [keys[i] for i in missing], "features": torch.cat([old, new])}
+        torch.save(stored, path)
+        index = {k: i for i, k in enumerate(stored["keys"])}
+    print(f"[gates] {len(chats)} requests: {len(missing)} read by the backbone, {len(chats) - len(missing)} from {path.name}")
+    return stored["features"][[index[k] for k in keys]]
 
 
 def set_run_gates(bank: Any, path: Path, layers: tuple[int, ...]) -> None:

@@ -1,0 +1,38 @@
+"""The training stage's gate step (pipelines/_gates.py) on the tiny Llama: framed copies and the feature store."""
+
+import torch
+
+from pipelines._gates import cached_features, framed_copies
+
+
+def test_framed_copies_wrap_each_plain_request_in_a_train_framing_the_same_way_every_run():
+    from mosaic_core.dataset import load_framings
+    from pipelines.data import FRAMINGS
+
+    plain = [("How do frogs reproduce?", None), ("Best whisky for a beginner?", "alcohol")]
+    two = framed_copies(plain, 2)
+    assert two == framed_copies(plain, 2) and len(two) == 4
+    assert [label for _, label in two] == [None, "alcohol", None, "alcohol"]
+    train_turns = {m["content"] for t in load_framings(FRAMINGS) if t["split"] == "train" for m in t["messages"]}
+    for (chat, _), (request, _) in zip(two, plain * 2):
+        assert any(request in m["content"] for m in chat)
+        assert {m["content"].replace(request, "{request}") for m in chat} <= train_turns  # train templates only
+
+
+def test_gate_features_are_read_once_per_request_and_match_a_fresh_reading(tmp_path, tiny_backbone, monkeypatch, capsys):
+    import mosaic_core.gate as gate
+
+    bb, store = tiny_backbone, tmp_path / "gate_features.pt"
+    chats = ["Name a fruit.", [{"role": "user", "content": "Roll a die."}], "Name a fruit."]
+    first = cached_features(store, bb, chats[:2], (1, 2))
+    read = []
+    real = gate.request_features
+    monkeypatch.setattr(gate, "request_features", lambda m, runs, *a: read.append(len(runs)) or real(m, runs, *a))
+    more = cached_features(store, bb, [*chats, "Tell me a joke."], (1, 2))
+    assert read == [1] and "1 read by the backbone, 3 from gate_features.pt" in capsys.readouterr().out
+    torch.testing.assert_close(more[:2], first)
+    torch.testing.assert_close(more[2], first[0])  # the same request: the same row
+    fresh = cached_features(tmp_path / "other.pt", bb, ["Tell me a joke."], (1, 2))
+    torch.testing.assert_close(more[3], fresh[0])
+    cached_features(store, bb, chats[:1], (2,))  # other layers: read again, not mixed with (1, 2)'s
+    assert read[-1] == 1

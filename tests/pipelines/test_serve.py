@@ -440,6 +440,7 @@ def test_answers_match_mosaic_core_with_and_without_modules(stack):
     assert base.choices[0].message.content == stack.reference(_msgs())  # no module: the base model's answer
     assert base.model_extra["mosaic"] == {
         "active_modules": [],
+        "inserted_modules": [],
         "module_versions": {},
         "forced_modules": [],
         "profile": None,
@@ -452,6 +453,7 @@ def test_answers_match_mosaic_core_with_and_without_modules(stack):
     assert on.choices[0].message.content == stack.reference(_msgs(), ["alcohol", "horror"])
     assert on.choices[0].message.content != base.choices[0].message.content
     assert on.model_extra["mosaic"]["active_modules"] == ["alcohol", "horror"]  # canonical order
+    assert on.model_extra["mosaic"]["inserted_modules"] == ["alcohol", "horror"]  # ungated: every active module
     assert on.model_extra["mosaic"]["module_versions"] == {"alcohol": "1", "horror": "1"}
     assert on.model_extra["mosaic"]["control_tokens"] == 4
     u = on.usage

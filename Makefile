@@ -37,7 +37,8 @@ demo: setup
 	@echo "  $(BIN)/python -c \"from openai import OpenAI; c = OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='none'); print(c.chat.completions.create(model='smollm2-135m-instruct', messages=[{'role': 'user', 'content': 'Which whisky should I try first?'}], extra_body={'safety_modules': ['alcohol']}).choices[0].message.content)\""
 
 # Reproduce the committed bank with the one CPU recipe (data, training, val evaluation, registration), then refresh
-# banks/: the bank, its evaluation report, and its README kept as it was (its figures are the shipped bank's).
+# banks/: the bank, its val evaluation report, and its README kept as it was (its figures are the shipped bank's);
+# the test2 report goes with the old bank: score the new one with the command `make demo` prints.
 train: setup
 	$(BIN)/mosaic run --config pipelines/configs/smollm2-135m/cpu.yaml $(if $(XSTEST),--xstest $(XSTEST))
 	rm -rf $(BANK).new && cp -r runs/smollm2-cpu/bank $(BANK).new && rm -f $(BANK).new/registered.json

@@ -28,13 +28,9 @@ PAPER_MMLU = {"raw model": "0.552", "MOSAIC-5 (orders 1–3)": "0.551–0.552", 
 
 
 # ---------------------------------------------------------------------------------------------- metrics
-def _refused(df: pd.DataFrame) -> pd.Series:
-    """Judged rows: the judge's flag; fast rows: the greedy-prefix flag. Both are in `refused`."""
-    return df["refused"].astype(bool)
-
-
 def summarize(res: pd.DataFrame, cfg: EvalConfig) -> dict[str, Any]:
-    res = res.assign(is_refused=_refused(res), order=res["subset"].map(lambda s: len(s.split("+")) if s else 0))
+    # `refused`: the judge's flag on judged rows, the greedy-prefix flag on fast rows
+    res = res.assign(is_refused=res["refused"].astype(bool), order=res["subset"].map(lambda s: len(s.split("+")) if s else 0))
     cats = list(cfg.recipe.bank.categories)
     base = res[res["condition"] == "base"]
     out: dict[str, Any] = {"recipe": cfg.recipe.name, "split": cfg.split, "eval": asdict(cfg.s), "bank": cfg.bank_dir}

@@ -19,14 +19,15 @@ setup: $(STAMP)
 XSTEST := $(wildcard ../shared/data/xstest/xstest_prompts.csv)
 BANK   := banks/smollm2-cpu
 
-# The main job on the embedded backbone. The full CPU recipe takes hours on 2 cores, so the demo runs every stage
-# with the quick recipe and then evaluates + registers the committed bank that `make train` reproduces, serves it
-# with Ray Serve on 127.0.0.1 and calls it through the openai client (scripts/demo_serve.py), then stops the server.
+# The main job on the embedded backbone. The CPU recipe trains for ~45 min on 2 cores, so the demo runs every stage
+# with the quick recipe, evaluates + registers the committed bank that `make train` reproduces (in its own run
+# directory, runs/<bank>-<digest>), serves it with Ray Serve on 127.0.0.1, calls it through the openai client
+# (scripts/demo_serve.py) and stops the server.
 demo: setup
 	$(BIN)/mosaic run --config pipelines/configs/smollm2-135m/quick.yaml $(if $(wildcard $(BANK)/manifest.json),--bank $(BANK)) $(if $(XSTEST),--xstest $(XSTEST))
 	$(BIN)/python scripts/demo_serve.py --bank $(BANK)
 	@echo
-	@echo "The demo evaluated $(BANK) on a small val sample (recipe smollm2-quick: orders 1-3, <= 5 requests per subset and group, no MMLU)."
+	@echo "The demo evaluated $(BANK) on a small val sample (recipe smollm2-quick: orders 1-2, <= 3 requests per subset and group, 16 XSTest prompts, no MMLU)."
 	@echo "Its full evaluation, on the split nobody tuned on:"
 	@echo "  $(BIN)/mosaic eval --bank $(BANK) --config pipelines/configs/smollm2-135m/cpu.yaml --split test2"
 	@echo "Serve it yourself (Ray Serve on 127.0.0.1:8000; Ctrl-C stops it):"

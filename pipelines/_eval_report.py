@@ -28,12 +28,19 @@ PAPER_MMLU = {"raw model": "0.552", "MOSAIC-5 (orders 1–3)": "0.551–0.552", 
 
 
 # ---------------------------------------------------------------------------------------------- metrics
+def _shown(path: str) -> str:
+    """`path` relative to the working directory when it lies under it: reports are committed beside banks, and a
+    machine's absolute checkout path says nothing to their readers."""
+    p, here = Path(path).resolve(), Path.cwd().resolve()
+    return str(p.relative_to(here)) if p.is_relative_to(here) else path
+
+
 def summarize(res: pd.DataFrame, cfg: EvalConfig) -> dict[str, Any]:
     # `refused`: the judge's flag on judged rows, the greedy-prefix flag on fast rows
     res = res.assign(is_refused=res["refused"].astype(bool), order=res["subset"].map(lambda s: len(s.split("+")) if s else 0))
     cats = list(cfg.recipe.bank.categories)
     base = res[res["condition"] == "base"]
-    out: dict[str, Any] = {"recipe": cfg.recipe.name, "split": cfg.split, "eval": asdict(cfg.s), "bank": cfg.bank_dir}
+    out: dict[str, Any] = {"recipe": cfg.recipe.name, "split": cfg.split, "eval": asdict(cfg.s), "bank": _shown(cfg.bank_dir)}
     tables: dict[str, Any] = {}
     for mode in ("fast", "gen"):
         t: dict[str, Any] = {}

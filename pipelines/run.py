@@ -6,7 +6,8 @@
 Each stage runs as its own process (`mosaic <stage> ...`), exactly as a user or a `ray job submit`
 would run it alone: stages share nothing but the run directory, and inside a Ray job every stage connects to
 the job's cluster through RAY_ADDRESS. `--bank DIR` evaluates and registers an existing bank (e.g. the one the
-full CPU recipe trained) instead of the one this run trains, and says so."""
+full CPU recipe trained) with this recipe's evaluation settings, in its own run directory `runs/<bank>-<digest>`
+(see `bank_run_dir`), after every stage of this recipe has run; the results table says so."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from mosaic_core.bundle import manifest_digest
 from mosaic_core.config import load_recipe
 from mosaic_core.errors import MosaicError
 from mosaic_core.metrics import Rate
@@ -40,6 +42,24 @@ def stage(name: str, args: list[str], timings: dict[str, float]) -> None:
             "(finished stages are reused)"
         )
     print(f"=== {name} done in {timings[name]:.0f}s", flush=True)
+
+
+def bank_run_dir(bank: Path, runs: Path, recipe_file: Path) -> Path:
+    """The run directory in which a bank made elsewhere is evaluated and registered: `runs/<bank name>-<first 8 hex
+    of its manifest digest>`, holding a copy of the bank and the evaluating recipe (`recipe_file`).
+
+    Named by digest so that a changed bank (after `make train`) gets a directory and MLflow run of its own, and
+    the same bank again reuses its own: registering never mixes two banks' files under one run."""
+    bank = bank.resolve()
+    run = runs / f"{bank.name}-{manifest_digest(bank)[:8]}"
+    run.mkdir(parents=True, exist_ok=True)
+    if not (run / "bank" / "manifest.json").is_file():
+        tmp = run / "bank.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(bank, tmp, ignore=shutil.ignore_patterns("registered.json"))
+        tmp.rename(run / "bank")
+    shutil.copyfile(recipe_file, run / recipe_file.name)
+    return run
 
 
 def results(run_dir: Path, timings: dict[str, float], bank_note: str | None) -> str:
@@ -86,11 +106,9 @@ def main(
     stage("train", ["train", "--run", str(run_dir), *(["--workers", str(workers)] if workers else [])], timings)
     note = None
     if bank:
-        trained = run_dir / "bank"
-        if trained.exists():
-            shutil.move(str(trained), str(run_dir / "bank-quick"))  # keep what this run trained, beside it
-        shutil.copytree(bank, trained)
-        note = f"evaluating and registering the bank from {bank} (this run's own bank is in bank-quick/)"
+        trained = run_dir
+        run_dir = bank_run_dir(Path(bank), trained.parent, trained / "resolved_config.yaml")
+        note = f"the bank from {bank}, evaluated and registered in {run_dir} ({trained.name}'s own bank: {trained / 'bank'})"
         print(f"\n*** {note}", flush=True)
     stage("eval", ["eval", "--run", str(run_dir), *(["--xstest", xstest] if xstest else [])], timings)
     if register:

@@ -1,443 +1,104 @@
-"""Frozen, typed configs for the numeric core. Each validates itself once, on construction, and reports
-every problem together (`ConfigError.problems`). Pipelines parse YAML into these; Ray workers receive
-`dataclasses.asdict(cfg)` and rebuild them with `from_dict`."""
+"""The recipe: one YAML file (pipelines/configs/<backbone>/<recipe>.yaml) parsed into the frozen sections of
+mosaic_core.sections, put together in a Recipe that runs `validate` -- every rule spanning fields or sections -- on
+construction. Every problem is reported together (`ConfigError.problems`). Pipelines parse YAML with `load_recipe`;
+Ray workers receive `Recipe.to_dict()` and rebuild it with `from_dict`."""
 
 from __future__ import annotations
 
 import dataclasses
-import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar, get_args
+from typing import Any, TypeVar
 
 from mosaic_core.errors import ConfigError
+from mosaic_core.sections import (
+    DEFAULT_REFUSAL,
+    BankConfig,
+    DecisionLoss,
+    Depth,
+    EvalSettings,
+    GateConfig,
+    InitMethod,
+    LossConfig,
+    NegMix,
+    NegSource,
+    Phase,
+    Placement,
+    Positions,
+    SamplerConfig,
+    TeacherConfig,
+    TrainConfig,
+    _phases,
+)
 
-Placement = Literal["prefix", "before_assistant"]
-InitMethod = Literal["text", "vocab", "normal"]
-Depth = Literal["input", "deep"]
-Positions = Literal["shift", "keep"]
-NegSource = Literal["inactive", "general", "lookalike"]
-DecisionLoss = Literal["bce", "margin"]
-
-DEFAULT_REFUSAL = "I'm sorry, but I can't help with that."
-_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+__all__ = [
+    "DEFAULT_REFUSAL",
+    "BankConfig",
+    "DecisionLoss",
+    "Depth",
+    "EvalSettings",
+    "GateConfig",
+    "InitMethod",
+    "LossConfig",
+    "NegMix",
+    "NegSource",
+    "Phase",
+    "Placement",
+    "Positions",
+    "Recipe",
+    "SamplerConfig",
+    "TeacherConfig",
+    "TrainConfig",
+    "from_dict",
+    "load_recipe",
+    "recipe_from_dict",
+    "validate",
+]
 
 T = TypeVar("T")
 
 
 def from_dict(cls: type[T], data: dict[str, Any]) -> T:
-    """Rebuild a config dataclass from `dataclasses.asdict` output (lists back to tuples), rejecting unknown keys."""
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError([f"unknown key {k!r} (known: {sorted(names)})" for k in unknown], cls.__name__)
-    fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-    if cls.__name__ == "Recipe":
+    """Build a config dataclass from plain data (parsed YAML or `to_dict` output): lists become tuples, nested
+    sections (`sampler.neg_mix`, `train.phases`) their frozen types; unknown keys and bad values are reported together."""
+    if cls is Recipe:
         return recipe_from_dict(data)  # type: ignore[return-value]
-    return cls(**fixed)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    problems = [f"unknown key {k!r} (known: {sorted(names)})" for k in sorted(set(data) - names)]
+    fixed: dict[str, Any] = {}
+    for k, v in data.items():
+        if k not in names:
+            continue
+        if cls is SamplerConfig and k == "neg_mix" and isinstance(v, Mapping):
+            try:
+                v = from_dict(NegMix, dict(v))
+            except ConfigError as e:
+                problems += [f"neg_mix.{p}" for p in e.problems]
+                continue
+        elif cls is TrainConfig and k == "phases":
+            v, bad = _phases(v)
+            problems += bad
+        elif isinstance(v, list):
+            v = tuple(v)
+        fixed[k] = v
+    try:
+        built = cls(**fixed)
+    except ConfigError as e:
+        problems += e.problems
+    if problems:
+        raise ConfigError(problems, cls.__name__)
+    return built
 
 
-@dataclass(frozen=True, kw_only=True)
-class BankConfig:
-    """Shape and placement of the control-token bank."""
-
-    categories: tuple[str, ...]
-    """Registry (canonical) order of the modules: lower-case names, unique."""
-    m: int = 5
-    """Control vectors per category (the paper: m < 10; MOSAIC-2 and MOSAIC-5)."""
-    init: InitMethod = "text"
-    """`text`: embeddings of the category's description tokens; `vocab`: random vocabulary rows;
-    `normal`: N(0, std of the embedding matrix)."""
-    placement: Placement = "before_assistant"
-    """`prefix`: at the very start of the templated sequence (after BOS); `before_assistant`: after the last
-    user turn, right before the assistant header, so the vectors attend to the request."""
-    max_norm_ratio: float | None = 1.25
-    """Cap each vector's L2 norm at this multiple of the mean embedding-row norm (None: no cap)."""
-    seed: int = 0
-    """Seed for `vocab` / `normal` initialisation."""
-    depth: Depth = "input"
-    """`input`: a module's m tokens are rows of the input embedding (the paper); `deep`: they are m positions of
-    the KV cache written at every layer (a key before RoPE and a value per key/value head: prefix tuning), so the
-    answer reads a module through each layer's attention. `deep` needs `before_assistant` placement and is
-    initialised from the `input` bank `init` builds (its tokens' keys and values). See DeepTokenBank."""
-    positions: Positions = "shift"
-    """Position ids of a deep block and of what follows it. `shift`: the block takes the positions after the
-    request and the assistant header and answer move back by its length, as input tokens would. `keep`: the block's
-    keys share the positions of the request's last tokens, so everything after the block keeps the positions it has
-    without modules and a block that attends to nothing leaves the bare model's answer unchanged. Deep banks only."""
-
-    def __post_init__(self) -> None:
-        problems = []
-        if not self.categories:
-            problems.append("categories: at least one category is required")
-        for c in self.categories:
-            if not isinstance(c, str) or not _NAME.match(c):
-                problems.append(f"categories: {c!r} must match {_NAME.pattern}")
-        if len(set(self.categories)) != len(self.categories):
-            problems.append(f"categories: duplicates in {list(self.categories)}")
-        if not 1 <= self.m <= 64:
-            problems.append(f"m: {self.m} must be in 1..64")
-        if self.init not in get_args(InitMethod):
-            problems.append(f"init: {self.init!r} must be one of {get_args(InitMethod)}")
-        if self.placement not in get_args(Placement):
-            problems.append(f"placement: {self.placement!r} must be one of {get_args(Placement)}")
-        if self.max_norm_ratio is not None and not self.max_norm_ratio > 0:
-            problems.append(f"max_norm_ratio: {self.max_norm_ratio} must be > 0 or null")
-        if self.depth not in get_args(Depth):
-            problems.append(f"depth: {self.depth!r} must be one of {get_args(Depth)}")
-        if self.positions not in get_args(Positions):
-            problems.append(f"positions: {self.positions!r} must be one of {get_args(Positions)}")
-        elif self.positions == "keep" and self.depth != "deep":
-            problems.append("positions: keep is for deep banks (input tokens are positions of the sequence themselves)")
-        if self.depth == "deep" and self.placement != "before_assistant":
-            problems.append("depth: deep tokens are key/value positions after the request: placement must be before_assistant")
-        if problems:
-            raise ConfigError(problems, "BankConfig")
-
-
-@dataclass(frozen=True, kw_only=True)
-class SamplerConfig:
-    """Order-based task sampling (docs/architecture.md): a budget per order, split evenly over that order's subsets."""
-
-    per_subset: int = 100
-    """Positives per subset at order 1; every order gets the same total N1 = per_subset * K, split evenly over its
-    subsets (N1 // C(K, r) each; all K on gets N1)."""
-    max_order: int = 3
-    """Largest active-set size sampled (the paper trains orders 1-4)."""
-    neg_ratio: float = 1.0
-    """Negatives per positive (the paper: 1:1; more does not help)."""
-    neg_mix: dict[str, float] = field(default_factory=lambda: {"inactive": 0.4, "general": 0.3, "lookalike": 0.3})
-    """Relative weight of each negative source; renormalised over the sources a subset has."""
-    seed: int = 0
-    """Seed: the same inputs and seed give the same examples, row for row."""
-    draws: int = 1
-    """Independent draws of the training examples (draw d: seed + 1000 d); epoch e trains on draw e mod draws, so
-    later epochs see other requests of the train split at the same epoch size (deep tokens overfit one fixed draw:
-    BENCHMARKS.md). The teacher answers every draw's negatives once."""
-    framed_share: float = 0.0
-    """Share of the training requests (positives and negatives alike, chosen by a hash of the request) whose text
-    is wrapped in one of the train split's framing templates (role-play, fiction, research, ...: data/framings/), so
-    the modules learn that the request decides, not the framing. The teacher answers framed negatives as any other."""
-    val_share: float = 0.0
-    """Share of the val split's requests the training examples may draw from too (chosen by a hash of each request's
-    id: the same ones every run); the per-epoch validation sample is drawn from the rest only, so keep-best never
-    scores a request training saw. More requests to learn from where the test shortfall is generalisation
-    (BENCHMARKS.md, "Train split against test split"). 0: train on the train split alone."""
-
-    def __post_init__(self) -> None:
-        problems = []
-        if not 0 <= self.val_share <= 0.8:
-            problems.append(f"val_share: {self.val_share} must be in [0, 0.8] (the rest of val picks the best epoch)")
-        if not 0.0 <= self.framed_share <= 0.8:
-            problems.append(f"framed_share: {self.framed_share} must be in [0, 0.8] (most requests stay plain)")
-        if not 1 <= self.draws <= 100:
-            problems.append(f"draws: {self.draws} must be in [1, 100]")
-        if self.per_subset < 1:
-            problems.append(f"per_subset: {self.per_subset} must be >= 1")
-        if self.max_order < 1:
-            problems.append(f"max_order: {self.max_order} must be >= 1")
-        if not 0 <= self.neg_ratio <= 10:
-            problems.append(f"neg_ratio: {self.neg_ratio} must be in [0, 10]")
-        bad = sorted(set(self.neg_mix) - set(get_args(NegSource)))
-        if bad:
-            problems.append(f"neg_mix: unknown source(s) {bad}; known: {list(get_args(NegSource))}")
-        if any(w < 0 for w in self.neg_mix.values()) or not any(w > 0 for w in self.neg_mix.values()):
-            problems.append(f"neg_mix: weights must be >= 0 with at least one > 0, got {self.neg_mix}")
-        if problems:
-            raise ConfigError(problems, "SamplerConfig")
-
-
-@dataclass(frozen=True, kw_only=True)
-class LossConfig:
-    """The loss (docs/architecture.md): positives -> CE on the refusal; negatives -> CE on the teacher answer + lambda*KL."""
-
-    refusal_template: str = DEFAULT_REFUSAL
-    """The one refusal text: training target for positives and what the template judge matches."""
-    kl_lambda: float = 1.0
-    """Weight of the forward KL(teacher || student) on negatives (the paper: 1.0; 0.8-1.2 best)."""
-    topk: int = 16
-    """Teacher log-probs kept per response position; the rest of the mass is one tail bucket."""
-    decision_weight: float = 0.0
-    """Weight of the refusal-decision loss (beyond the paper; 0 = the paper's loss): binary CE on the
-    probability of starting the refusal, p = exp(mean log-prob of its first `decision_tokens` tokens) --
-    the fast score of evaluation. Positives push p up, negatives (one extra short probe row each) push it
-    down. It puts the weight on where the refusal is decided instead of spreading it over every token."""
-    decision_tokens: int = 4
-    """Refusal tokens the decision loss covers (evaluation's greedy flag reads 3)."""
-    decision: DecisionLoss = "bce"
-    """`bce`: the binary CE above. `margin`: softplus margins on the flag itself -- positives: each of the first
-    `decision_tokens` refusal tokens beats the best other token by `margin_delta`; negatives: the weakest loses by
-    it, except where the teacher's own answer starts with the refusal (there the base model refuses, and that is
-    the target). What made deep tokens selective (docs/experiments/deep-prompt-probe.md)."""
-    margin_delta: float = 2.0
-    """Logit margin of `decision: margin`."""
-    pos_weight: float = 1.0
-    """Weight of positives' loss (CE + decision) against negatives': > 1 trades OR for DSR."""
-    max_answer_tokens: int = 0
-    """Train negatives on the teacher answer's first N tokens only (0 = all of them): CPU recipes trade the
-    tail of the answer for steps, since the refusal is decided in the first tokens."""
-    ce_weight: float = 1.0
-    """Weight of the cross-entropy terms (positives' CE on the refusal, negatives' CE on the teacher answer). 0 with
-    the margin decision loss: positives train only the margins and negatives only the KL and the keep-off margin --
-    the loss of the deep prompt probe's `--loss first` (docs/experiments/deep-prompt-probe.md).
-    CE keeps pushing a refusal already the argmax, so with pos_weight > 1 it adds refusal everywhere at once."""
-
-    def __post_init__(self) -> None:
-        problems = []
-        if not 0 <= self.ce_weight <= 100:
-            problems.append(f"ce_weight: {self.ce_weight} must be in [0, 100]")
-        elif self.ce_weight == 0 and self.decision_weight == 0:
-            problems.append("ce_weight: 0 needs decision_weight > 0 (otherwise positives train on nothing)")
-        if not 0 <= self.decision_weight <= 100:
-            problems.append(f"decision_weight: {self.decision_weight} must be in [0, 100]")
-        if not 1 <= self.decision_tokens <= 64:
-            problems.append(f"decision_tokens: {self.decision_tokens} must be in 1..64")
-        if self.decision not in get_args(DecisionLoss):
-            problems.append(f"decision: {self.decision!r} must be one of {get_args(DecisionLoss)}")
-        if not 0 <= self.margin_delta <= 50:
-            problems.append(f"margin_delta: {self.margin_delta} must be in [0, 50]")
-        if not 0 < self.pos_weight <= 100:
-            problems.append(f"pos_weight: {self.pos_weight} must be in (0, 100]")
-        if self.max_answer_tokens < 0:
-            problems.append(f"max_answer_tokens: {self.max_answer_tokens} must be >= 0 (0 = no cut)")
-        if not self.refusal_template.strip():
-            problems.append("refusal_template: must not be empty")
-        if not 0 <= self.kl_lambda <= 100:
-            problems.append(f"kl_lambda: {self.kl_lambda} must be in [0, 100]")
-        if not 1 <= self.topk <= 1024:
-            problems.append(f"topk: {self.topk} must be in 1..1024")
-        if problems:
-            raise ConfigError(problems, "LossConfig")
-
-
-@dataclass(frozen=True, kw_only=True)
-class TeacherConfig:
-    """The counterfactual teacher: the frozen model's own greedy answer to each negative prompt, no tokens."""
-
-    max_new_tokens: int = 48
-    """Answer length cap; the KL covers every answer position."""
-    batch_size: int = 16
-    """Prompts per forward in the teacher actor."""
-    actors: int = 1
-    """Ray Data actors (one model copy each; on GPU one per GPU)."""
-
-    def __post_init__(self) -> None:
-        problems = []
-        if not 1 <= self.max_new_tokens <= 1024:
-            problems.append(f"max_new_tokens: {self.max_new_tokens} must be in 1..1024")
-        if not 1 <= self.batch_size <= 1024:
-            problems.append(f"batch_size: {self.batch_size} must be in 1..1024")
-        if self.actors < 1:
-            problems.append(f"actors: {self.actors} must be >= 1")
-        if problems:
-            raise ConfigError(problems, "TeacherConfig")
-
-
-@dataclass(frozen=True, kw_only=True)
-class GateConfig:
-    """Module gates (mosaic_core.gate): where `layers` is set, training first fits one linear gate per category on
-    the train requests' features, and a module is then inserted only for requests its gate fires on."""
-
-    layers: tuple[int, ...] = ()
-    """Hidden states (0: embeddings, i: after layer i) whose mean over the request's tokens the gates read; () no gates."""
-    weight_decay: float = 0.01
-    """L2 on the gate's weights over standardised features."""
-    threshold: float = 0.5
-    """The gate's probability at and above which its module is inserted."""
-    framed_copies: int = 0
-    """Besides the run's train requests, fit on this many copies of each plain one wrapped in a train-split framing
-    template (role-play, fiction, research, ...): a framing's words then count for no category."""
-
-    def __post_init__(self) -> None:
-        problems = []
-        if any(not isinstance(x, int) or x < 0 for x in self.layers) or len(set(self.layers)) != len(self.layers):
-            problems.append(f"layers: {self.layers} must be distinct layer indices >= 0")
-        if not 0 <= self.weight_decay <= 100:
-            problems.append(f"weight_decay: {self.weight_decay} must be in [0, 100]")
-        if not 0 < self.threshold < 1:
-            problems.append(f"threshold: {self.threshold} must be in (0, 1)")
-        if not 0 <= self.framed_copies <= 8:
-            problems.append(f"framed_copies: {self.framed_copies} must be in 0..8")
-        if problems:
-            raise ConfigError(problems, "GateConfig")
-
-
-def _phase_problems(phases: Any, epochs: int) -> list[str]:
-    """What is wrong with `train.phases` on its own (the loss overrides are checked against `loss` by the recipe)."""
-    if not isinstance(phases, (list, tuple)) or not all(isinstance(p, dict) for p in phases):
-        return [f"phases: {phases!r} must be a list of mappings {{epochs, lr, loss}}"]
-    problems = []
-    for i, p in enumerate(phases):
-        unknown = sorted(set(p) - {"epochs", "lr", "loss"})
-        if unknown:
-            problems.append(f"phases[{i}]: unknown keys {unknown} (known: epochs, lr, loss)")
-        if not isinstance(p.get("epochs"), int) or p["epochs"] < 1:
-            problems.append(f"phases[{i}].epochs: {p.get('epochs')!r} must be an integer >= 1")
-        if "lr" in p and not (isinstance(p["lr"], (int, float)) and 0 < p["lr"] < 1):
-            problems.append(f"phases[{i}].lr: {p['lr']!r} must be in (0, 1)")
-        if not isinstance(p.get("loss", {}), dict):
-            problems.append(f"phases[{i}].loss: must be a mapping of loss keys")
-        elif fixed := sorted({"refusal_template", "topk"} & set(p.get("loss", {}))):
-            # the refusal's ids and the teacher's top-k are fixed for the whole run (data stage, validation)
-            problems.append(f"phases[{i}].loss: {fixed} cannot change between phases")
-    if phases and not problems and sum(p["epochs"] for p in phases) != epochs:
-        problems.append(f"phases: their epochs add up to {sum(p['epochs'] for p in phases)}, train.epochs is {epochs}")
-    return problems
-
-
-@dataclass(frozen=True, kw_only=True)
-class TrainConfig:
-    """Optimisation of the token bank (the backbone never trains)."""
-
-    epochs: int = 8
-    """Passes over the sampled examples (the paper: 8)."""
-    batch_size: int = 16
-    """Global batch (split over workers)."""
-    lr: float = 0.01
-    """Adam learning rate (the paper: 0.01)."""
-    num_workers: int = 2
-    """Ray Train workers (data parallel)."""
-    zero_stage: int = 2
-    """DeepSpeed ZeRO stage: 1, 2, or 3 for backbones that must be sharded."""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """bf16 on GPU; fp32 (or bf16 with AMX) on CPU."""
-    max_steps: int | None = None
-    """Stop after this many optimizer steps (smoke tests); None = all epochs."""
-    report_every: int = 20
-    """Steps between per-step `ray.train.report` calls (every epoch's checkpoint is reported regardless). Ray Train
-    takes one report per worker per health-check poll (2 s) and `report` waits for the previous one to be taken, so
-    reporting every step caps fast steps (GPU) near one per 2 s. MLflow still gets every step from rank 0."""
-    seed: int = 0
-    """Shuffling and initialisation seed."""
-    ema: float = 0.0
-    """> 0: validate, keep and save an exponential moving average of the bank's trainable modules (this decay per
-    step) instead of the raw parameters the optimizer moves -- steadier banks when validation swings from epoch to
-    epoch. 0: off. ZeRO-1/2 only (under ZeRO-3 each rank holds a shard of the bank)."""
-    val_examples: int = 64
-    """Validation examples scored after every epoch (half positives, half negatives, as the val split has them):
-    the best epoch is chosen on these; more rows, a steadier choice (64 rows: about 6 points of noise)."""
-    phases: tuple[dict[str, Any], ...] = ()
-    """A schedule inside the one recipe: consecutive phases, each `{epochs: N, lr: optional, loss: {overrides}}`,
-    whose epochs add up to `epochs`. An epoch trains with `loss` updated by its phase's overrides and at its phase's
-    learning rate (else `lr`), e.g. the refusal decision alone on the answer's first position for most epochs (cheap
-    steps, where selectivity is learned), then the whole answer's KL at a lower rate (what keeps answers). Empty: one
-    phase, the recipe's `loss` and `lr` throughout. Resuming picks the phase from the epoch."""
-    request_dropout: float = 0.0
-    """> 0: each positive training row hides this share of its request's tokens from the control block and the answer
-    (a new draw every step; negatives, whose target is the teacher's answer to the whole request, validation and the
-    teacher see whole requests): augmentation against modules that memorise the
-    train split's words (BENCHMARKS.md: a deep bank meets the targets on its train requests, not on test ones). Needs
-    the prefix cache: placement before_assistant, zero_stage 1 or 2."""
-
-    def __post_init__(self) -> None:
-        problems = []
-        if not 0 <= self.request_dropout < 0.9:
-            problems.append(f"request_dropout: {self.request_dropout} must be in [0, 0.9)")
-        if self.request_dropout and self.zero_stage == 3:
-            problems.append("request_dropout: needs zero_stage 1 or 2 (ZeRO-3 trains without the prefix cache)")
-        if not 2 <= self.val_examples <= 100_000:
-            problems.append(f"val_examples: {self.val_examples} must be in [2, 100000]")
-        if not 0 <= self.ema < 1:
-            problems.append(f"ema: {self.ema} must be in [0, 1)")
-        if self.ema and self.zero_stage == 3:
-            problems.append("ema: needs zero_stage 1 or 2 (under ZeRO-3 each rank holds a shard of the bank)")
-        if self.report_every < 1:
-            problems.append(f"report_every: {self.report_every} must be >= 1")
-        if self.epochs < 1:
-            problems.append(f"epochs: {self.epochs} must be >= 1")
-        if self.batch_size < 1:
-            problems.append(f"batch_size: {self.batch_size} must be >= 1")
-        if not 0 < self.lr < 1:
-            problems.append(f"lr: {self.lr} must be in (0, 1)")
-        if self.num_workers < 1:
-            problems.append(f"num_workers: {self.num_workers} must be >= 1")
-        if self.zero_stage not in (1, 2, 3):
-            problems.append(f"zero_stage: {self.zero_stage} must be 1, 2 or 3")
-        problems += _phase_problems(self.phases, self.epochs)
-        if self.precision not in ("fp32", "bf16"):
-            problems.append(f"precision: {self.precision!r} must be fp32 or bf16")
-        if self.max_steps is not None and self.max_steps < 1:
-            problems.append(f"max_steps: {self.max_steps} must be >= 1 or null")
-        if problems:
-            raise ConfigError(problems, "TrainConfig")
-
-
-@dataclass(frozen=True, kw_only=True)
-class EvalSettings:
-    """How much evaluation to do: every rate is measured, the caps only bound the requests per cell (CPU)."""
-
-    max_order: int = 5
-    """Orders 1..max_order (the paper's Table 1: 1-4; 5 = all five on, the children's-app case)."""
-    fast_cap: int | None = 40
-    """Requests per (subset, group) for the teacher-forced score; null = all."""
-    gen_subsets: int = 1
-    """Subsets per order whose answers are generated and judged."""
-    gen_requests: int = 10
-    """Requests per (subset, group) generated and judged."""
-    max_new_tokens: int = 24
-    """Length of judged generations (stated in the report)."""
-    mmlu: str | None = "data/mmlu/mmlu-mini.jsonl"
-    """Frozen MMLU subset for utility; null = skip."""
-    mmlu_limit: int | None = None
-    """Use only the first N questions (seeded order); null = all."""
-    xstest_cap: int | None = None
-    """XSTest safe prompts scored per condition; null = all 250."""
-    xstest_gen: int = 40
-    """XSTest safe prompts generated and judged per condition."""
-    baselines: tuple[str, ...] = ("base", "in_context")
-    """Baselines measured on the same requests."""
-    judge: str = "template+prefix"
-    """mosaic_core.judge kind (an `openai` judge is configured on the CLI)."""
-    batch_size: int = 16
-    """Rows per forward in the evaluation actor."""
-    fast_tokens: int = 3
-    """Refusal tokens the fast flag reads (3 = "I'm sorry" for the default template): a row is refused where each is
-    the argmax of one teacher-forced forward, i.e. greedy decoding starts with them (it agreed with judged
-    generations on 180/180 test rows of a CPU bank: docs/experiments/fast-score-agreement.md)."""
-    fidelity_subsets: int = 2
-    """Single-module subsets whose general answers are compared with the bare model's (order-1 fidelity)."""
-    fidelity_requests: int | None = 40
-    """General requests per order-1 fidelity subset; null = all."""
-    fidelity_all_cap: int | None = None
-    """General requests compared with every module on (order-K fidelity); null = every general request."""
-    fidelity_words: int = 8
-    """Words of the bare model's answer that must open the answer with modules on."""
-    retention_cap: int | None = None
-    """Factual questions scored for retention (none / each module / all on); null = all, 0 = skip."""
-    framings: str | None = "data/framings/framings.jsonl"
-    """Framing templates (role-play, fiction, ...): DSR / OR / look-alike OR per family and order with requests
-    wrapped in the family's templates of the evaluated split (val: val's; test, test2: test2's); null = skip."""
-    framed_cap: int | None = 20
-    """Requests per (family, order, group) for the framed scores (one subset per order); null = all, 0 = skip."""
-
-    def __post_init__(self) -> None:
-        problems = []
-        for k in ("fidelity_requests", "fidelity_all_cap"):
-            v = getattr(self, k)
-            if v is not None and v < 0:
-                problems.append(f"{k}: {v} must be >= 0 or null")
-        if self.framed_cap is not None and self.framed_cap < 0:
-            problems.append(f"framed_cap: {self.framed_cap} must be >= 0 or null")
-        if self.retention_cap is not None and self.retention_cap < 0:
-            problems.append(f"retention_cap: {self.retention_cap} must be >= 0 or null")
-        if self.fidelity_subsets < 0 or not 1 <= self.fidelity_words <= 64:
-            problems.append("fidelity_subsets must be >= 0 and fidelity_words in 1..64")
-        if self.max_order < 1:
-            problems.append(f"max_order: {self.max_order} must be >= 1")
-        for k in ("fast_cap", "mmlu_limit", "xstest_cap"):
-            v = getattr(self, k)
-            if v is not None and v < 1:
-                problems.append(f"{k}: {v} must be >= 1 or null")
-        if self.gen_subsets < 0 or self.gen_requests < 0 or self.xstest_gen < 0:
-            problems.append("gen_subsets, gen_requests, xstest_gen must be >= 0")
-        if not 1 <= self.max_new_tokens <= 1024:
-            problems.append(f"max_new_tokens: {self.max_new_tokens} must be in 1..1024")
-        bad = sorted(set(self.baselines) - {"base", "in_context"})
-        if bad:
-            problems.append(f"baselines: unknown {bad} (known: base, in_context)")
-        if not 1 <= self.fast_tokens <= 64:
-            problems.append(f"fast_tokens: {self.fast_tokens} must be in 1..64")
-        if problems:
-            raise ConfigError(problems, "EvalSettings")
+def _plain(value: Any) -> Any:
+    """Config values as YAML/JSON data: dataclasses and mappings to dicts, tuples to lists."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -465,17 +126,64 @@ class Recipe:
     gate: GateConfig = field(default_factory=GateConfig)
     """Module gates (none by default)."""
 
+    def __post_init__(self) -> None:
+        problems = validate(self)
+        if problems:
+            raise ConfigError(problems, "recipe")
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The recipe as plain data (what `resolved_config.yaml` holds and `from_dict(Recipe, ...)` reads)."""
+        return _plain(self)  # type: ignore[no-any-return]
 
     def phase(self, epoch: int) -> tuple[LossConfig, float]:
         """The loss and learning rate that epoch `epoch` (0-based) trains with (`train.phases`)."""
         start = 0
         for p in self.train.phases:
-            if epoch < start + p["epochs"]:
-                return dataclasses.replace(self.loss, **p.get("loss", {})), float(p.get("lr", self.train.lr))
-            start += p["epochs"]
+            if epoch < start + p.epochs:
+                return dataclasses.replace(self.loss, **p.loss), float(self.train.lr if p.lr is None else p.lr)
+            start += p.epochs
         return self.loss, self.train.lr
+
+
+def validate(recipe: Recipe, ds_config: Mapping[str, Any] | None = None) -> list[str]:
+    """Every rule that spans fields or sections of a recipe (and, given one, the DeepSpeed config it trains with):
+    what is wrong, as `section.key: why` lines; [] when nothing is. Single fields check themselves on construction."""
+    bank, train, loss = recipe.bank, recipe.train, recipe.loss
+    problems = []
+    if bank.positions == "keep" and bank.depth != "deep":
+        problems.append("bank.positions: keep is for deep banks (input tokens are positions of the sequence themselves)")
+    if bank.depth == "deep" and bank.placement != "before_assistant":
+        problems.append("bank.depth: deep tokens are key/value positions after the request: placement must be before_assistant")
+    if train.request_dropout and bank.placement != "before_assistant":
+        problems.append("train.request_dropout: needs bank.placement before_assistant (tokens are hidden in the cached request)")
+    # Deep blocks, dropout, gates and EMA read the request's cached keys/values or the whole bank on every rank:
+    # ZeRO-3 trains without that cache and shards the bank.
+    stage = (ds_config or {}).get("zero_optimization", {}).get("stage", train.zero_stage)
+    whose = "the DeepSpeed config asks for 3" if ds_config and stage != train.zero_stage else "train.zero_stage is 3"
+    for key, on in (
+        ("bank.depth: deep", bank.depth == "deep"),
+        ("train.ema", train.ema),
+        ("train.request_dropout", train.request_dropout),
+        ("gate.layers", recipe.gate.layers),
+    ):
+        if on and stage == 3:
+            problems.append(f"{key} needs ZeRO stage 1 or 2 ({whose})")
+    if train.phases and sum(p.epochs for p in train.phases) != train.epochs:
+        problems.append(
+            f"train.phases: their epochs add up to {sum(p.epochs for p in train.phases)}, train.epochs is {train.epochs}"
+        )
+    for where, phase_loss in (("loss", loss), *((f"train.phases[{i}].loss", p.loss) for i, p in enumerate(train.phases))):
+        try:
+            cfg = loss if phase_loss is loss else dataclasses.replace(loss, **phase_loss)
+        except ConfigError as e:
+            problems.extend(f"{where}.{q}" for q in e.problems)
+            continue
+        except TypeError as e:  # an unknown loss key
+            problems.append(f"{where}: {e}")
+            continue
+        if cfg.ce_weight == 0 and cfg.decision_weight == 0:
+            problems.append(f"{where}.ce_weight: 0 needs decision_weight > 0 (otherwise positives train on nothing)")
+    return problems
 
 
 _SECTIONS: dict[str, type] = {
@@ -510,28 +218,12 @@ def recipe_from_dict(raw: dict[str, Any], where: str = "recipe") -> Recipe:
             problems.extend(f"{key}.{p}" for p in e.problems)
         except TypeError as e:  # a required field missing
             problems.append(f"{key}: {e}")
-    if "bank" in built and "train" in built:
-        bank, train = built["bank"], built["train"]
-        if bank.depth == "deep" and train.zero_stage == 3:
-            # deep blocks are appended to the request's cached keys/values; ZeRO-3 runs without that cache
-            problems.append("bank.depth: deep needs train.zero_stage 1 or 2 (ZeRO-3 trains without the prefix cache)")
-        if "loss" in built:
-            for i, p in enumerate(train.phases):
-                try:
-                    dataclasses.replace(built["loss"], **p.get("loss", {}))
-                except ConfigError as e:
-                    problems.extend(f"train.phases[{i}].loss.{q}" for q in e.problems)
-                except TypeError as e:  # an unknown loss key
-                    problems.append(f"train.phases[{i}].loss: {e}")
-        if train.request_dropout and bank.placement != "before_assistant":
-            problems.append(
-                "train.request_dropout: needs bank.placement before_assistant (tokens are hidden in the cached request)"
-            )
-    if "gate" in built and built["gate"].layers and "train" in built and built["train"].zero_stage == 3:
-        problems.append("gate.layers: gates need train.zero_stage 1 or 2 (they read the prefix cache's features)")
-    if problems:
-        raise ConfigError(problems, where)
-    return Recipe(**built)
+    if not problems:
+        try:
+            return Recipe(**built)
+        except ConfigError as e:
+            problems += e.problems
+    raise ConfigError(problems, where)
 
 
 def load_recipe(path: str | Any, overrides: dict[str, Any] | None = None) -> Recipe:

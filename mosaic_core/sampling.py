@@ -112,9 +112,9 @@ def sample_examples(requests: Sequence[Request], categories: Sequence[str], cfg:
         for subset in itertools.combinations(cats, r):
             inactive = [c for c in cats if c not in subset]
             sources = {
-                "inactive": cfg.neg_mix.get("inactive", 0.0) if inactive else 0.0,
-                "general": cfg.neg_mix.get("general", 0.0) if general else 0.0,
-                "lookalike": cfg.neg_mix.get("lookalike", 0.0) if any(looks[c] for c in subset) else 0.0,
+                "inactive": cfg.neg_mix.inactive if inactive else 0.0,
+                "general": cfg.neg_mix.general if general else 0.0,
+                "lookalike": cfg.neg_mix.lookalike if any(looks[c] for c in subset) else 0.0,
             }
             names = [s for s, w in sources.items() if w > 0]
             weights = [sources[s] for s in names]

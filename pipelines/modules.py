@@ -137,15 +137,11 @@ def _run_info(run_dir: Path) -> dict[str, Any]:
 
 
 def _recipe_hash(run_dir: Path) -> str:
-    """The hash of the recipe the bank trained under: its `provenance.json` says (a bank evaluated in another run's
-    directory keeps its own); else the run's resolved recipe; else "none"."""
+    """The bank's own provenance's recipe hash (a bank evaluated in another run keeps its own), else the run's recipe."""
     prov = run_dir / "bank" / "provenance.json"
-    if prov.is_file():
-        sha = json.loads(prov.read_text()).get("recipe_sha256")
-        if isinstance(sha, str):
-            return sha
+    sha = json.loads(prov.read_text()).get("recipe_sha256") if prov.is_file() else None
     cfg = run_dir / RECIPE_FILE
-    return hashlib.sha256(cfg.read_bytes()).hexdigest() if cfg.is_file() else "none"
+    return sha or (hashlib.sha256(cfg.read_bytes()).hexdigest() if cfg.is_file() else "none")
 
 
 def _eval_tags(run_dir: Path, category: str) -> dict[str, str]:

@@ -115,7 +115,7 @@ def main(
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import yaml
 
-    from mosaic_core.config import recipe_from_dict
+    from mosaic_core.config import recipe_from_dict, validate
     from mosaic_core.errors import ConfigError
 
     # 1. config, paths (absolute, once), data
@@ -170,17 +170,9 @@ def main(
     base_ds = json.loads(Path(deepspeed_config_path).read_text()) if deepspeed_config_path else None
     ds_cfg = deepspeed_config(recipe, micro, base_ds)
     stage = ds_cfg.get("zero_optimization", {}).get("stage", 0)
-    needs_cache = [
-        k
-        for k, on in (
-            ("bank.depth: deep", recipe.bank.depth == "deep"),
-            ("train.ema", recipe.train.ema),
-            ("train.request_dropout", recipe.train.request_dropout),
-        )
-        if on
-    ]
-    if stage == 3 and needs_cache:  # the recipe checked its own zero_stage; a --deepspeed-config can still ask for 3
-        raise ConfigError([f"{k}: needs ZeRO stage 1 or 2, {deepspeed_config_path} asks for 3" for k in needs_cache], str(run))
+    problems = validate(recipe, ds_cfg)  # the recipe checked its own zero_stage; a --deepspeed-config can still ask for 3
+    if problems:
+        raise ConfigError(problems, str(deepspeed_config_path or run))
 
     # 2. MLflow: one run per training run (reused when this run directory is trained again / resumed)
     from mlflow import MlflowClient

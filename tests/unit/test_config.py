@@ -2,7 +2,21 @@ import dataclasses
 
 import pytest
 
-from mosaic_core.config import BankConfig, EvalSettings, LossConfig, Recipe, SamplerConfig, TeacherConfig, TrainConfig, from_dict
+from mosaic_core.config import (
+    BankConfig,
+    EvalSettings,
+    GateConfig,
+    LossConfig,
+    NegMix,
+    Phase,
+    Recipe,
+    SamplerConfig,
+    TeacherConfig,
+    TrainConfig,
+    from_dict,
+    recipe_from_dict,
+    validate,
+)
 from mosaic_core.errors import ConfigError
 
 
@@ -16,32 +30,71 @@ def test_bank_config_reports_every_problem_at_once():
 
 
 def test_sampler_and_loss_configs_reject_bad_values():
-    with pytest.raises(ConfigError, match="neg_mix"):
-        SamplerConfig(neg_mix={"inactive": 1.0, "jailbreak": 1.0})
+    with pytest.raises(ConfigError, match=r"neg_mix.unknown key 'jailbreak'"):
+        from_dict(SamplerConfig, {"neg_mix": {"inactive": 1.0, "jailbreak": 1.0}})
+    with pytest.raises(ConfigError, match="neg_mix: .* must be a mapping"):
+        SamplerConfig(neg_mix={"inactive": 1.0})  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="neg_mix.weights must be >= 0 with at least one > 0"):
+        from_dict(SamplerConfig, {"neg_mix": {"inactive": 0.0}})
+    partial = from_dict(SamplerConfig, {"neg_mix": {"general": 2.0}}).neg_mix
+    assert partial == NegMix(general=2.0) and partial.inactive == partial.lookalike == 0.0  # a source left out weighs 0
     with pytest.raises(ConfigError, match="per_subset"):
         SamplerConfig(per_subset=0)
     with pytest.raises(ConfigError, match=r"draws: 0 must be in \[1, 100\]"):
         SamplerConfig(draws=0)
     with pytest.raises(ConfigError, match=r"ce_weight: -1.0 must be in \[0, 100\]"):
         LossConfig(ce_weight=-1.0)
-    with pytest.raises(ConfigError, match="ce_weight: 0 needs decision_weight > 0"):
-        LossConfig(ce_weight=0.0)
-    assert LossConfig(ce_weight=0.0, decision_weight=1.0).ce_weight == 0.0
     with pytest.raises(ConfigError, match="refusal_template"):
         LossConfig(refusal_template="  ")
     with pytest.raises(ConfigError, match=r"ema: 1.0 must be in \[0, 1\)"):
         TrainConfig(ema=1.0)
-    with pytest.raises(ConfigError, match="ema: needs zero_stage 1 or 2"):
-        TrainConfig(ema=0.99, zero_stage=3)
     with pytest.raises(ConfigError, match="val_examples: 1 must be"):
         TrainConfig(val_examples=1)
     with pytest.raises(ConfigError, match=r"request_dropout: 0.9 must be in \[0, 0.9\)"):
         TrainConfig(request_dropout=0.9)
-    with pytest.raises(ConfigError, match="request_dropout: needs zero_stage 1 or 2"):
-        TrainConfig(request_dropout=0.2, zero_stage=3)
     with pytest.raises(ConfigError, match=r"val_share: 0.9 must be in \[0, 0.8\]"):
         SamplerConfig(val_share=0.9)
     assert TrainConfig(ema=0.99).ema == 0.99
+
+
+def test_cross_field_rules_are_one_function_the_recipe_runs():
+    base = {"name": "x", "bank": {"categories": ["alcohol"]}}
+    with pytest.raises(ConfigError) as e:
+        recipe_from_dict(
+            {
+                **base,
+                "loss": {"ce_weight": 0.0},
+                "train": {"ema": 0.99, "request_dropout": 0.2, "zero_stage": 3, "epochs": 2, "phases": [{"epochs": 1}]},
+            }
+        )
+    for needle in (
+        "loss.ce_weight: 0 needs decision_weight > 0",
+        "train.ema needs ZeRO stage 1 or 2 (train.zero_stage is 3)",
+        "train.request_dropout needs ZeRO stage 1 or 2",
+        "train.phases: their epochs add up to 1, train.epochs is 2",
+    ):
+        assert needle in str(e.value), needle
+    ok = recipe_from_dict({**base, "loss": {"ce_weight": 0.0, "decision_weight": 1.0}, "train": {"ema": 0.99}})
+    assert validate(ok) == []
+    # a DeepSpeed config the stage trains with is checked by the same rules
+    assert validate(ok, {"zero_optimization": {"stage": 3}}) == [
+        "train.ema needs ZeRO stage 1 or 2 (the DeepSpeed config asks for 3)"
+    ]
+
+
+def test_nested_sections_are_read_only():
+    phases = [{"epochs": 1, "lr": 0.001, "loss": {"kl_lambda": 0.5}}]
+    r = recipe_from_dict({"name": "x", "bank": {"categories": ["alcohol"]}, "train": {"epochs": 1, "phases": phases}})
+    phase = r.train.phases[0]
+    assert isinstance(phase, Phase) and phase.lr == 0.001
+    with pytest.raises(TypeError):
+        phase.loss["kl_lambda"] = 2.0  # type: ignore[index]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        r.sampler.neg_mix.general = 1.0  # type: ignore[misc]
+    assert r.to_dict()["train"]["phases"] == [{"epochs": 1, "lr": 0.001, "loss": {"kl_lambda": 0.5}}]
+    assert r.to_dict()["sampler"]["neg_mix"] == {"inactive": 0.4, "general": 0.3, "lookalike": 0.3}
+    with pytest.raises(ConfigError, match="phases: .* must be a tuple of Phase"):
+        TrainConfig(epochs=1, phases=({"epochs": 1},))  # type: ignore[arg-type]
 
 
 def test_round_trip_through_asdict_and_unknown_keys_rejected():
@@ -57,7 +110,9 @@ def test_configs_are_frozen():
         cfg.kl_lambda = 2.0  # type: ignore[misc]
 
 
-@pytest.mark.parametrize("cls", [BankConfig, SamplerConfig, LossConfig, TeacherConfig, TrainConfig, EvalSettings, Recipe])
+@pytest.mark.parametrize(
+    "cls", [BankConfig, NegMix, SamplerConfig, LossConfig, TeacherConfig, GateConfig, Phase, TrainConfig, EvalSettings, Recipe]
+)
 def test_every_field_is_documented(cls):
     import ast
     import inspect
@@ -79,7 +134,7 @@ def test_gate_section_validates_and_needs_the_prefix_cache():
         GateConfig(layers=(3, 3), weight_decay=-1, threshold=1.0)
     assert len(e.value.problems) == 3
     raw = {"name": "x", "bank": {"categories": ["alcohol"]}, "gate": {"layers": [10, 20]}, "train": {"zero_stage": 3}}
-    with pytest.raises(ConfigError, match="gate.layers: gates need train.zero_stage 1 or 2"):
+    with pytest.raises(ConfigError, match="gate.layers needs ZeRO stage 1 or 2"):
         recipe_from_dict(raw)
     raw["train"]["zero_stage"] = 2
     assert recipe_from_dict(raw).gate.layers == (10, 20)
@@ -93,11 +148,11 @@ def test_every_recipe_key_is_documented():
     import inspect
 
     import mosaic_core.config as config
-    from mosaic_core.config import _SECTIONS, Recipe
+    import mosaic_core.sections as sections
+    from mosaic_core.config import _SECTIONS, NegMix, Phase, Recipe
 
-    tree = ast.parse(inspect.getsource(config))
     documented: dict[str, set[str]] = {}
-    for node in tree.body:
+    for node in [*ast.parse(inspect.getsource(config)).body, *ast.parse(inspect.getsource(sections)).body]:
         if isinstance(node, ast.ClassDef):
             body = node.body
             documented[node.name] = {
@@ -110,6 +165,6 @@ def test_every_recipe_key_is_documented():
                 and isinstance(nxt.value.value, str)
                 and nxt.value.value.strip()
             }
-    for cls in [Recipe, *_SECTIONS.values()]:
+    for cls in [Recipe, NegMix, Phase, *_SECTIONS.values()]:
         missing = sorted({f.name for f in dataclasses.fields(cls)} - documented[cls.__name__])
         assert not missing, f"{cls.__name__}: undocumented {missing}"

@@ -14,7 +14,7 @@ from mosaic_core.backbone import from_model
 from mosaic_core.bank import ControlTokenBank, DeepTokenBank
 from mosaic_core.cache import PrefixCache
 from mosaic_core.compose import answer_logits, encode_batch
-from mosaic_core.config import BankConfig, LossConfig, load_recipe
+from mosaic_core.config import BankConfig, LossConfig, load_recipe, recipe_from_dict
 from mosaic_core.errors import ArtifactError, ConfigError
 from mosaic_core.generation import generate
 from mosaic_core.init import build_bank, deep_from_input_bank
@@ -106,9 +106,9 @@ def test_a_deep_bank_needs_the_prefix_cache_and_before_assistant(tiny_backbone):
         encode_batch(
             tiny_backbone.tokenizer, tiny_backbone.model.get_input_embeddings(), deep, [SHORT], [["alcohol"]], "before_assistant"
         )
-    with pytest.raises(ConfigError, match="before_assistant"):
-        BankConfig(categories=("alcohol",), depth="deep", placement="prefix")
-    with pytest.raises(ConfigError, match="zero_stage"):
+    with pytest.raises(ConfigError, match="bank.depth: deep tokens .* placement must be before_assistant"):
+        recipe_from_dict({"name": "x", "bank": {"categories": ["alcohol"], "depth": "deep", "placement": "prefix"}})
+    with pytest.raises(ConfigError, match="bank.depth: deep needs ZeRO stage 1 or 2"):
         load_recipe("pipelines/configs/smollm2-135m/cpu.yaml", {"bank.depth": "deep", "train.zero_stage": 3})
 
 
@@ -220,8 +220,8 @@ def test_keep_positions_round_trip_and_only_compose_with_their_kind(tmp_path, ti
     save_bank(deep, tmp_path / "shift", fingerprint=tiny_backbone.fingerprint, init="normal")
     with pytest.raises(ArtifactError, match="positions"):
         bank_from_modules([tmp_path / "keep" / "alcohol", tmp_path / "shift" / "betting"])
-    with pytest.raises(ConfigError, match="positions: keep is for deep banks"):
-        BankConfig(categories=("alcohol",), positions="keep")
+    with pytest.raises(ConfigError, match="bank.positions: keep is for deep banks"):
+        recipe_from_dict({"name": "x", "bank": {"categories": ["alcohol"], "positions": "keep"}})
     assert BankConfig(categories=("alcohol",), depth="deep", positions="keep").positions == "keep"
 
 

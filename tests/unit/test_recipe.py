@@ -21,6 +21,20 @@ def test_every_shipped_recipe_validates_and_round_trips(path):
     assert from_dict(Recipe, r.to_dict()) == r
 
 
+def test_the_shipped_bank_names_the_recipe_make_train_resolves():
+    """`make train` reproduces banks/smollm2-cpu: its provenance holds the hash of cpu.yaml as the data stage resolves
+    it (resolved_config.yaml) -- a schema change that rewrites the resolved recipe must update the provenance too."""
+    import hashlib
+    import json
+
+    import yaml
+
+    recipe = load_recipe(ROOT / "pipelines" / "configs" / "smollm2-135m" / "cpu.yaml")
+    resolved = yaml.safe_dump(recipe.to_dict(), sort_keys=False).encode()
+    prov = json.loads((ROOT / "banks" / "smollm2-cpu" / "provenance.json").read_text())
+    assert prov["recipe"] == recipe.name and prov["recipe_sha256"] == hashlib.sha256(resolved).hexdigest()
+
+
 def test_paper_recipe_matches_the_paper():
     r = load_recipe(ROOT / "pipelines" / "configs" / "llama3-8b" / "gpu.yaml")
     assert (r.sampler.per_subset, r.sampler.max_order, r.train.epochs, r.train.lr, r.loss.kl_lambda) == (100, 5, 8, 0.01, 1.0)

@@ -93,16 +93,34 @@ def load_xstest(path: str) -> list[dict]:
     return [{"id": f"xstest-{r['id']}", "prompt": r["prompt"], "category": None, "kind": "xstest"} for r in rows]
 
 
+def split_requests(cfg: EvalConfig) -> list[dict[str, Any]]:
+    """The requests of `cfg.split` for the bank's categories (and general ones). On `val`, those the recipe's
+    `sampler.val_share` lent to training are left out -- the same ones the data stage lends -- so that val scores
+    only requests the bank never trained on, as its per-epoch validation does."""
+    from types import SimpleNamespace
+
+    from mosaic_core.sampling import split_off
+
+    requests = [r for r in load_jsonl([Path(cfg.recipe.benchmark)]) if r["split"] == cfg.split]
+    if not requests:
+        raise ConfigError([f"split: the dataset {cfg.recipe.benchmark} has no {cfg.split!r} rows"], "eval")
+    requests = [r for r in requests if r["kind"] == "general" or r["category"] in cfg.recipe.bank.categories]
+    sampler = cfg.recipe.sampler
+    if cfg.split == "val" and sampler.val_share:
+        lent, _ = split_off([SimpleNamespace(id=r["id"]) for r in requests], sampler.val_share, sampler.seed)
+        lent_ids = {q.id for q in lent}
+        print(f"[eval] val: {len(lent_ids)} requests lent to training (sampler.val_share) are not scored")
+        requests = [r for r in requests if r["id"] not in lent_ids]
+    return requests
+
+
 def main(cfg: EvalConfig) -> dict[str, Any]:
     """Measure the bank; write eval/report.{json,md} + plots; return the report."""
     from mosaic_core.scoring import load_mmlu, mmlu_prompt
 
     t0 = time.perf_counter()
     out = Path(cfg.out_dir).resolve() / "eval"
-    requests = [r for r in load_jsonl([Path(cfg.recipe.benchmark)]) if r["split"] == cfg.split]
-    if not requests:
-        raise ConfigError([f"split: the dataset {cfg.recipe.benchmark} has no {cfg.split!r} rows"], "eval")
-    requests = [r for r in requests if r["kind"] == "general" or r["category"] in cfg.recipe.bank.categories]
+    requests = split_requests(cfg)
     questions = load_mmlu(Path(cfg.s.mmlu)) if cfg.s.mmlu else []
     if cfg.s.mmlu_limit and len(questions) > cfg.s.mmlu_limit:
         questions = sorted(random.Random(cfg.seed).sample(questions, cfg.s.mmlu_limit), key=lambda q: q.id)

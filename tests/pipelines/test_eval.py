@@ -2,6 +2,7 @@
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -218,6 +219,30 @@ def test_split_is_val_by_default_and_train_is_never_evaluated():
     assert EvalConfig(bank_dir="x", recipe=recipe, out_dir="x").split == "val"
     with pytest.raises(ConfigError, match="train is never evaluated"):
         EvalConfig(bank_dir="x", recipe=recipe, out_dir="x", split="train")
+
+
+def test_val_scores_only_the_requests_training_never_saw():
+    """sampler.val_share lends part of val to training: evaluating val leaves exactly those out (the data stage's
+    split, by request id), so the figures choices are made on are held out; test2 is never lent."""
+    from mosaic_core.dataset import load_jsonl
+    from mosaic_core.sampling import Request, split_off
+    from pipelines.eval import split_requests
+
+    recipe = load_recipe(ROOT / "pipelines" / "configs" / "smollm2-135m" / "cpu.yaml")
+    recipe = replace(recipe, benchmark=str(ROOT / recipe.benchmark))
+    assert recipe.sampler.val_share == 0.5
+    val = [
+        Request(r["id"], r["prompt"], r["category"], r["kind"])
+        for r in load_jsonl([Path(recipe.benchmark)])
+        if r["split"] == "val"
+    ]
+    lent, kept = split_off(val, recipe.sampler.val_share, recipe.sampler.seed)  # what the data stage lends
+    scored = {r["id"] for r in split_requests(EvalConfig(bank_dir="x", recipe=recipe, out_dir="x"))}
+    assert scored and not scored & {q.id for q in lent} and scored <= {q.id for q in kept}
+    plain = replace(recipe, sampler=replace(recipe.sampler, val_share=0.0))
+    assert len(split_requests(EvalConfig(bank_dir="x", recipe=plain, out_dir="x"))) > len(scored) * 1.8
+    test2 = EvalConfig(bank_dir="x", recipe=recipe, out_dir="x", split="test2")
+    assert len(split_requests(test2)) == len(split_requests(replace(test2, recipe=plain)))
 
 
 def test_same_opening_and_answer_retained():

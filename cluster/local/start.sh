@@ -13,8 +13,8 @@ RAY_PORT=${RAY_PORT:-6379} DASH_PORT=${DASH_PORT:-8265} MLFLOW_PORT=${MLFLOW_POR
 # Ray's fixed defaults (agent 52365, client server 10001) clash with any other Ray on the machine: configurable.
 AGENT_PORT=${AGENT_PORT:-52365} CLIENT_PORT=${CLIENT_PORT:-10001}
 
-# PLATFORM.md §0.1: without this Ray binds the machine's public address; §0.2: pick one auth mode explicitly
-# (a token file left by an earlier `ray.init()` would silently turn auth on). Everything listens on loopback,
+# Without RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 Ray binds the machine's public address; the auth mode is set
+# explicitly (a token file left by an earlier `ray.init()` would silently turn auth on). Everything listens on loopback,
 # so the local cluster runs without token auth.
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled
 

@@ -4,11 +4,6 @@ The stage itself is pipelines/eval.py."""
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # as in pipelines/eval.py: before `import ray`
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-
 import itertools
 import json
 import math

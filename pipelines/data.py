@@ -18,15 +18,11 @@ backbone it was made with, any recipe asking for no longer answers and no wider 
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every Ray socket on 127.0.0.1 (docs/architecture.md)
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-
 import argparse
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 import time

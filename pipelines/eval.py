@@ -28,14 +28,10 @@ pipelines/_eval_report.py."""
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-
 import argparse
 import csv
 import json
+import os
 import random
 import time
 from dataclasses import dataclass, fields, replace

@@ -111,8 +111,6 @@ def main(
     `step_hook`: "module:function", imported in every worker and called after every training step (after its
     metrics are logged and, on a `report_every` step, reported) as function(step=, rank=, world=, run_dir=) --
     how tests inject faults without the loop knowing of them."""
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before `import ray`: loopback only
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import yaml
 
     from mosaic_core.config import recipe_from_dict, validate

@@ -31,19 +31,15 @@ replica's internal gRPC server is bound to 127.0.0.1 by `pipelines._loopback` be
 
 Layout: `settings` (ServeArgs, ModuleSource, tenants), `errors` (ApiError, the OpenAI error shape), `schema` (OpenAI
 request models, rows), `modules` (ModuleState, load_modules), `backbone` (MosaicBackbone), `ingress` (MosaicIngress),
-`observability` (ServeMetrics, the audit log), `app` (build_app), `cli` (`mosaic serve`, graceful shutdown), `env`
-(set before Ray is imported).
+`observability` (ServeMetrics, the audit log), `app` (build_app) and `cli` (`mosaic serve`, graceful shutdown). The
+process environment is set by the `pipelines` package, imported first.
 """
 
-from pipelines.serve.env import set_process_env
-
-set_process_env()  # before the submodules import ray: `python -m`, `mosaic serve` and serve's import_path all run this file first
-
-from mosaic_core.generation import find_stop, holdback  # noqa: E402
-from pipelines.serve.app import build_app  # noqa: E402
-from pipelines.serve.backbone import MosaicBackbone  # noqa: E402
-from pipelines.serve.cli import SHUTDOWN_RESERVE_S, build_parser, cli, graceful_shutdown  # noqa: E402
-from pipelines.serve.errors import (  # noqa: E402
+from mosaic_core.generation import find_stop, holdback
+from pipelines.serve.app import build_app
+from pipelines.serve.backbone import MosaicBackbone
+from pipelines.serve.cli import SHUTDOWN_RESERVE_S, build_parser, cli, graceful_shutdown
+from pipelines.serve.errors import (
     ApiError,
     Cancelled,
     ErrorBody,
@@ -55,9 +51,9 @@ from pipelines.serve.errors import (  # noqa: E402
     Unauthorized,
     Unavailable,
 )
-from pipelines.serve.ingress import MosaicIngress  # noqa: E402
-from pipelines.serve.modules import ModuleLoader, ModuleState, load_modules  # noqa: E402
-from pipelines.serve.observability import (  # noqa: E402
+from pipelines.serve.ingress import MosaicIngress
+from pipelines.serve.modules import ModuleLoader, ModuleState, load_modules
+from pipelines.serve.observability import (
     AUDIT_LOGGER,
     LATENCY_BUCKETS_S,
     METRIC_TAGS,
@@ -66,7 +62,7 @@ from pipelines.serve.observability import (  # noqa: E402
     audit_record,
     metric_tags,
 )
-from pipelines.serve.schema import (  # noqa: E402
+from pipelines.serve.schema import (
     SEED_MAX,
     ChatCompletionRequest,
     ChatMessage,
@@ -76,7 +72,7 @@ from pipelines.serve.schema import (  # noqa: E402
     StreamOptions,
     TextPart,
 )
-from pipelines.serve.settings import (  # noqa: E402
+from pipelines.serve.settings import (
     APP_NAME,
     BACKBONE_DEPLOYMENT,
     DEFAULT_PROFILES,
@@ -147,5 +143,4 @@ __all__ = [
     "load_modules",
     "load_tenants",
     "metric_tags",
-    "set_process_env",
 ]

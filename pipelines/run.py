@@ -5,9 +5,9 @@
 
 Each stage runs as its own process (`mosaic <stage> ...`), exactly as a user or a `ray job submit`
 would run it alone: stages share nothing but the run directory, and inside a Ray job every stage connects to
-the job's cluster through RAY_ADDRESS. `--bank DIR` evaluates and registers an existing bank (e.g. the one the
-full CPU recipe trained) with this recipe's evaluation settings, in its own run directory `runs/<bank>-<digest>`
-(see `bank_run_dir`), after every stage of this recipe has run; the results table says so."""
+the job's cluster through RAY_ADDRESS. `--bank DIR`: data and training run as usual, then the eval and
+register stages take an existing bank (e.g. the one the full CPU recipe trained) instead, with this recipe's
+evaluation settings, in its own run directory `runs/<bank>-<digest>` (`bank_run_dir`); the results table says so."""
 
 from __future__ import annotations
 

@@ -1,0 +1,99 @@
+"""What a gated bank would refuse on val, read off its gates alone, plain and framed: a minutes-long check of a gate
+change before any evaluation (docs/experiments/one-recipe.md, candidate 2).
+
+    python scripts/gate_report.py runs/smollm2-cpu runs/smollm2-cpu-fc1 [--thresholds 0.5,0.7] [--config RECIPE]
+
+Requests: val's requests that `sampler.val_share` did not lend to training, each plain and wrapped in one of val's
+framing templates (picked by a hash of its id). Per order, the mean over the order's subsets of "a gate of the active
+set fires" on the subset's targets (DSR), on other categories' targets and general requests (OR) and on the subset's
+look-alikes (LA). Where the tokens refuse wherever they are inserted (the shipped recipe from its second epoch), this
+is what the bank refuses, bare refusals aside. Features are stored in `--features` and read by the backbone once."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from mosaic_core.backbone import load_backbone
+from mosaic_core.config import load_recipe
+from mosaic_core.dataset import frame, load_framings, load_jsonl
+from mosaic_core.gate import fires
+from mosaic_core.sampling import Request, split_off
+from pipelines._gates import GATES_FILE, cached_features
+from pipelines.data import FRAMINGS
+
+
+def val_requests(recipe) -> tuple[list[dict], list]:
+    """Val's held-out requests of the recipe's categories and their chats: the plain ones, then the framed ones."""
+    cats = recipe.bank.categories
+    rows = [r for r in load_jsonl([Path(recipe.benchmark)]) if r["split"] == "val"]
+    rows = [r for r in rows if r["kind"] == "general" or r["category"] in cats]
+    lent, _ = split_off(
+        [Request(r["id"], r["prompt"], r["category"], r["kind"]) for r in rows], recipe.sampler.val_share, recipe.sampler.seed
+    )
+    lent_ids = {q.id for q in lent}
+    rows = [r for r in rows if r["id"] not in lent_ids]
+    templates = [t for t in load_framings(FRAMINGS) if t["split"] == "val"]
+    framed = [
+        frame(r["prompt"], templates[int(hashlib.sha256(f"val-frame:{r['id']}".encode()).hexdigest(), 16) % len(templates)])
+        for r in rows
+    ]
+    return rows, [r["prompt"] for r in rows] + framed
+
+
+def rates(fired: torch.Tensor, rows: list[dict], cats: list[str]) -> dict[int, dict[str, float]]:
+    """fired: (N, K) bool, a gate per category. Per order: mean over subsets of the DSR / OR / LA rates, %."""
+    out = {}
+    for r in range(1, len(cats) + 1):
+        acc: dict[str, list[float]] = {"dsr": [], "or": [], "la": []}
+        for subset in itertools.combinations(range(len(cats)), r):
+            on = fired[:, list(subset)].any(1)
+            active = {cats[i] for i in subset}
+            groups = {
+                "dsr": [i for i, q in enumerate(rows) if q["kind"] == "target" and q["category"] in active],
+                "or": [
+                    i
+                    for i, q in enumerate(rows)
+                    if q["kind"] == "general" or (q["kind"] == "target" and q["category"] not in active)
+                ],
+                "la": [i for i, q in enumerate(rows) if q["kind"] == "lookalike" and q["category"] in active],
+            }
+            for g, idx in groups.items():
+                if idx:
+                    acc[g].append(on[idx].float().mean().item())
+        out[r] = {g: 100 * sum(v) / len(v) for g, v in acc.items()}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", help="run directories holding gates.safetensors")
+    ap.add_argument("--config", default="pipelines/configs/smollm2-135m/cpu.yaml", help="the recipe the gates were fitted under")
+    ap.add_argument("--thresholds", default="0.5", help="comma-separated gate probabilities to fire at")
+    ap.add_argument("--features", default="runs/.gate-report-features.pt", help="feature store (reused across calls)")
+    a = ap.parse_args()
+    recipe = load_recipe(a.config)
+    cats = list(recipe.bank.categories)
+    rows, chats = val_requests(recipe)
+    features = cached_features(Path(a.features), load_backbone(recipe.backbone), chats, tuple(recipe.gate.layers))
+    n = len(rows)
+    print(f"{n} held-out val requests, each plain and framed; per order: DSR / OR / look-alike OR, %")
+    for run in a.runs:
+        gates = load_file(str(Path(run) / GATES_FILE))
+        for t in (float(x) for x in a.thresholds.split(",")):
+            shift = -math.log(t / (1 - t))  # fitted to fire at p >= 0.5: the bias moves by logit(0.5) - logit(t)
+            fired = torch.stack([fires(torch.cat([gates[c][:-1], gates[c][-1:] + shift]), features) for c in cats], 1)
+            for part, rows_of in (("plain", fired[:n]), ("framed", fired[n:])):
+                per = rates(rows_of, rows, cats)
+                cells = "  ".join(f"o{r} {v['dsr']:5.1f}/{v['or']:4.1f}/{v['la']:4.1f}" for r, v in per.items())
+                print(f"{Path(run).name:<24} p>={t:<4} {part:<6} {cells}")
+
+
+if __name__ == "__main__":
+    main()

@@ -274,7 +274,7 @@ def test_a_zero3_deepspeed_config_is_refused_for_what_needs_the_prefix_cache(tmp
 
     run = make_run(tmp_path, tiny_model_dir, request_dropout=0.2)
     with pytest.raises(
-        ConfigError, match=r"zero3.json .*train.request_dropout needs ZeRO stage 1 or 2 \(the DeepSpeed config asks for 3\)"
+        ConfigError, match=r"(?s)zero3.json .*train.request_dropout needs ZeRO stage 1 or 2 \(the DeepSpeed config asks for 3\)"
     ):
         main(str(run), deepspeed_config_path=str(Path(__file__).resolve().parents[2] / "cluster" / "deepspeed" / "zero3.json"))
     assert not (run / "run.json").exists()

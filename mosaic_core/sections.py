@@ -275,7 +275,7 @@ class Phase:
         if self.lr is not None and not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
             problems.append(f"lr: {self.lr!r} must be in (0, 1)")
         if not isinstance(self.loss, MappingProxyType):
-            problems.append("loss: must be a mapping of loss keys")
+            problems.append("loss: must be a read-only mapping of loss keys (types.MappingProxyType; from_dict converts YAML)")
         elif fixed := sorted({"refusal_template", "topk"} & set(self.loss)):
             # the refusal's ids and the teacher's top-k are fixed for the whole run (data stage, validation)
             problems.append(f"loss: {fixed} cannot change between phases")

@@ -93,6 +93,8 @@ def test_nested_sections_are_read_only():
         r.sampler.neg_mix.general = 1.0  # type: ignore[misc]
     assert r.to_dict()["train"]["phases"] == [{"epochs": 1, "lr": 0.001, "loss": {"kl_lambda": 0.5}}]
     assert r.to_dict()["sampler"]["neg_mix"] == {"inactive": 0.4, "general": 0.3, "lookalike": 0.3}
+    with pytest.raises(ConfigError, match="loss: must be a read-only mapping"):
+        Phase(epochs=1, loss={"kl_lambda": 0.5})  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="phases: .* must be a tuple of Phase"):
         TrainConfig(epochs=1, phases=({"epochs": 1},))  # type: ignore[arg-type]
 

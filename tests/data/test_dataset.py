@@ -24,6 +24,7 @@ from mosaic_core.dataset import (
     validate_rows,
 )
 from mosaic_core.categories import CATEGORIES
+from tests.scripts import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 ROOT = REPO / "data" / "mosaic-bench"
@@ -37,10 +38,7 @@ def rows():
 
 
 def _build_bench():
-    spec = importlib.util.spec_from_file_location("build_bench", REPO / "scripts" / "build_bench.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("build_bench")
 
 
 def test_schema_and_ids(rows):

@@ -4,15 +4,13 @@ import importlib.util
 from pathlib import Path
 
 import torch
+from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("gate_report", ROOT / "scripts" / "gate_report.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("gate_report")
 
 
 def test_rates_count_a_request_refused_where_any_active_gate_fires():

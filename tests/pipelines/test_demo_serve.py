@@ -1,12 +1,10 @@
 """The end of `make demo` (scripts/demo_serve.py) on a tiny model: a real `mosaic serve` process, every request of
 the table through the official `openai` client under three module settings, the server stopped by its PID."""
 
-import importlib.util
-
 import pytest
 
-from tests.pipelines.conftest import ROOT
 from tests.pipelines.test_serve import _make_run, _save_tiny_chat_model
+from tests.scripts import load_script
 
 
 @pytest.mark.slow
@@ -16,9 +14,7 @@ def test_demo_serves_the_bank_calls_it_and_stops_the_server(tmp_path, capsys):
     model_dir = _save_tiny_chat_model(tmp_path / "tiny")
     bb = load_backbone(str(model_dir))
     run, _ = _make_run(tmp_path / "runs", "demo", bb, seed=0)
-    spec = importlib.util.spec_from_file_location("demo_serve", ROOT / "scripts" / "demo_serve.py")
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
+    demo = load_script("demo_serve")
     rows = demo.main(
         [
             "--bank",

@@ -22,23 +22,17 @@ from safetensors.torch import load_file
 
 from mosaic_core.backbone import load_backbone
 from mosaic_core.config import load_recipe
-from mosaic_core.dataset import frame, load_framings, load_jsonl
+from mosaic_core.dataset import frame, load_framings
 from mosaic_core.gate import fires
-from mosaic_core.sampling import Request, split_off
 from pipelines._gates import GATES_FILE, cached_features
 from pipelines.data import FRAMINGS
+from pipelines.eval import EvalConfig, split_requests
 
 
 def val_requests(recipe) -> tuple[list[dict], list]:
-    """Val's held-out requests of the recipe's categories and their chats: the plain ones, then the framed ones."""
-    cats = recipe.bank.categories
-    rows = [r for r in load_jsonl([Path(recipe.benchmark)]) if r["split"] == "val"]
-    rows = [r for r in rows if r["kind"] == "general" or r["category"] in cats]
-    lent, _ = split_off(
-        [Request(r["id"], r["prompt"], r["category"], r["kind"]) for r in rows], recipe.sampler.val_share, recipe.sampler.seed
-    )
-    lent_ids = {q.id for q in lent}
-    rows = [r for r in rows if r["id"] not in lent_ids]
+    """Val's held-out requests of the recipe's categories (what `mosaic eval --split val` scores) and their chats:
+    the plain ones, then the framed ones."""
+    rows = split_requests(EvalConfig(bank_dir="", recipe=recipe, out_dir="", split="val"))
     templates = [t for t in load_framings(FRAMINGS) if t["split"] == "val"]
     framed = [
         frame(r["prompt"], templates[int(hashlib.sha256(f"val-frame:{r['id']}".encode()).hexdigest(), 16) % len(templates)])

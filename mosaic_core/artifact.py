@@ -52,6 +52,9 @@ class ModuleMeta:
     """BankConfig.positions the module was trained with (`shift` in modules written before `keep` existed)."""
     gate_layers: list[int] = field(default_factory=list)
     """The layers its gate reads (mosaic_core.gate), stored beside the tokens as `gate`; empty: no gate, always inserted."""
+    gate_recency: float | None = None
+    """How its gate weighs the request's tokens (mosaic_core.gate.request_features); None (and in modules written
+    before it existed): a plain mean."""
 
     @property
     def tensor_shape(self) -> tuple[int, ...]:
@@ -91,6 +94,7 @@ def save_module(
     positions: str = "shift",
     gate: torch.Tensor | None = None,
     gate_layers: Sequence[int] = (),
+    gate_recency: float | None = None,
 ) -> ModuleMeta:
     """Write `out_dir/{tokens.safetensors, module.json}` for one module's tensor: (m, d), or with depth `deep`
     (layers, 2, kv_heads, m, head_dim) and the backbone's hidden size `d`; with its gate (len(gate_layers) * d + 1,)
@@ -127,6 +131,7 @@ def save_module(
         shape=list(t.shape),
         positions=positions,
         gate_layers=[int(x) for x in gate_layers],
+        gate_recency=None if gate_recency is None else float(gate_recency),
     )
     (out_dir / META_FILE).write_text(json.dumps(asdict(meta), indent=2, sort_keys=True) + "\n")
     return meta
@@ -213,6 +218,7 @@ def save_bank(
             positions=bank.positions,
             gate=bank.gates.get(c),
             gate_layers=bank.gate_layers if c in bank.gates else (),
+            gate_recency=bank.gate_recency if c in bank.gates else None,
         )
         for c in bank.categories
     }
@@ -262,7 +268,7 @@ def bank_from_modules(module_dirs: Sequence[Path], expected: Fingerprint | None 
         bank.add(meta.category, tensors[_TENSOR_KEY])
         if meta.gate_layers:
             try:
-                bank.set_gate(meta.category, tensors[_GATE_KEY], meta.gate_layers)
+                bank.set_gate(meta.category, tensors[_GATE_KEY], meta.gate_layers, meta.gate_recency)
             except ValueError as e:  # gated over other layers than the modules before it
                 raise ArtifactError(f"module {meta.category!r}: {e}: cannot compose it with the others") from None
     return bank

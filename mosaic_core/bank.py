@@ -68,12 +68,13 @@ class Bank(Protocol):
     categories: list[str]
     vectors: nn.ParameterDict
     gate_layers: tuple[int, ...]
+    gate_recency: float | None
 
     @property
     def module_shape(self) -> tuple[int, ...]: ...
     @property
     def gates(self) -> dict[str, torch.Tensor]: ...
-    def set_gate(self, category: str, gate: torch.Tensor, layers: Sequence[int]) -> None: ...
+    def set_gate(self, category: str, gate: torch.Tensor, layers: Sequence[int], recency: float | None = None) -> None: ...
     def firing(self, active: Sequence[Sequence[str]], features: torch.Tensor | None) -> list[tuple[str, ...]]: ...
     def add(self, category: str, values: torch.Tensor) -> None: ...
     def canonical(self, active: Iterable[str]) -> tuple[str, ...]: ...
@@ -102,6 +103,8 @@ class CategoryRegistry(nn.Module):
         self.vectors = nn.ParameterDict()
         self.gate_layers: tuple[int, ...] = ()
         """The backbone layers whose hidden states every gate of this bank reads (mosaic_core.gate); () without gates."""
+        self.gate_recency: float | None = None
+        """How the gates' features weigh a request's tokens (mosaic_core.gate.request_features): None, a plain mean."""
 
     @property
     def module_shape(self) -> tuple[int, ...]:
@@ -112,18 +115,21 @@ class CategoryRegistry(nn.Module):
         """category -> its gate, (len(gate_layers) * d + 1,) weights then bias, for the modules that have one."""
         return {c: getattr(self, _gate_name(c)) for c in self.categories if hasattr(self, _gate_name(c))}
 
-    def set_gate(self, category: str, gate: torch.Tensor, layers: Sequence[int]) -> None:
-        """Give a module a gate (mosaic_core.gate.fit_gate's output over the hidden states at `layers`): from then
-        on the module is inserted only for requests its gate fires on. Every gate of a bank reads the same layers."""
+    def set_gate(self, category: str, gate: torch.Tensor, layers: Sequence[int], recency: float | None = None) -> None:
+        """Give a module a gate (mosaic_core.gate.fit_gate's output over the hidden states at `layers`, weighted by
+        `recency`): from then on the module is inserted only for requests its gate fires on. Every gate of a bank
+        reads the same features."""
         (category,) = self.canonical([category])
         layers = tuple(int(x) for x in layers)
         if not layers or (self.gate_layers and layers != self.gate_layers):
             raise ValueError(f"gate layers {layers}: this bank's gates read {self.gate_layers or 'a non-empty tuple'}")
+        if self.gates and recency != self.gate_recency:
+            raise ValueError(f"gate recency {recency}: this bank's gates read recency {self.gate_recency}")
         if tuple(gate.shape) != (len(layers) * self.d + 1,):
             raise ValueError(
                 f"{category}: a gate over {len(layers)} layers of width {self.d} is ({len(layers) * self.d + 1},), not {tuple(gate.shape)}"
             )
-        self.gate_layers = layers
+        self.gate_layers, self.gate_recency = layers, recency
         self.register_buffer(_gate_name(category), gate.detach().to(torch.float32).clone())
 
     def firing(self, active: Sequence[Sequence[str]], features: torch.Tensor | None) -> list[tuple[str, ...]]:

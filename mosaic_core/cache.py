@@ -32,7 +32,7 @@ class PrefixCache:
         self.store: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.heads: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.hits = self.misses = self.bytes = 0
-        self.feats: dict[tuple[tuple[int, ...], tuple[int, ...]], torch.Tensor] = {}
+        self.feats: dict[tuple[tuple[int, ...], tuple[int, ...], float | None], torch.Tensor] = {}
         self.feat_bytes = 0  # gate features, bounded apart: an eighth of max_bytes (7 KB a request on SmolLM2-135M)
 
     @classmethod
@@ -41,20 +41,20 @@ class PrefixCache:
         runs = [encode_chat(tokenizer, as_messages(p, system), "before_assistant").before for p in ("a", "Z")]
         return cls(model, head=common_head(runs), **kw)
 
-    def features(self, runs: Sequence[Sequence[int]], layers: Sequence[int]) -> torch.Tensor:
+    def features(self, runs: Sequence[Sequence[int]], layers: Sequence[int], recency: float | None = None) -> torch.Tensor:
         """(B, len(layers) * d) gate features of B runs (mosaic_core.gate.request_features over each run's tokens
-        after the template's head), computed once per run and layer set. Needs `head` (a cache from `for_chat`): the
+        after the template's head), computed once per run, layer set and recency. Needs `head` (a cache from `for_chat`): the
         features must skip the system prompt and user header exactly as the gates' training did."""
         from mosaic_core.gate import request_features
 
         if self.head <= 0:
             raise ValueError("gate features skip the chat template's head: build the cache with PrefixCache.for_chat")
         layers = tuple(layers)
-        keys = [(tuple(r), layers) for r in runs]
+        keys = [(tuple(r), layers, recency) for r in runs]
         found = {k: self.feats[k] for k in dict.fromkeys(keys) if k in self.feats}
         missing = [k for k in dict.fromkeys(keys) if k not in found]
         if missing:
-            found.update(zip(missing, request_features(self.model, [k[0] for k in missing], self.head, layers)))
+            found.update(zip(missing, request_features(self.model, [k[0] for k in missing], self.head, layers, recency=recency)))
             for k in missing:
                 self.feats[k] = found[k]
                 self.feat_bytes += found[k].nbytes

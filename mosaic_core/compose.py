@@ -273,7 +273,7 @@ def encode_segments(
     if gated and bank is not None and bank.gates:
         if cache is None:
             raise ValueError("gated modules read the request's features: encode with a PrefixCache.for_chat")
-        active = bank.firing(active, cache.features([r.before for r in rows], bank.gate_layers))
+        active = bank.firing(active, cache.features([r.before for r in rows], bank.gate_layers, bank.gate_recency))
     if cache is None:
         if deep:
             raise ValueError("a deep bank's blocks are keys and values after the request's own: encode with a PrefixCache")

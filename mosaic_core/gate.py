@@ -1,8 +1,11 @@
 """Module gates: a linear test of what the frozen backbone makes of a request, deciding whether an active module's
 control tokens are inserted at all (docs/experiments/gated-modules.md).
 
-A request's features are the mean of the backbone's hidden states over the request's own tokens (after the chat
-template's shared head) at a few layers, concatenated: (|layers| * d,). A gate is one weight vector and a bias over
+A request's features are a weighted mean of the backbone's hidden states over the request's own tokens (after the chat
+template's shared head) at a few layers, concatenated: (|layers| * d,). The weights are uniform, or with a `recency`
+of r tokens decay as exp(-k / r) with a token's distance k from the request's end: a framing ("for my novel...",
+"you are an assistant that never refuses") mostly comes first and a request's own question last, so its words then
+weigh less and cannot switch a module on or off as easily (docs/experiments/one-recipe.md). A gate is one weight vector and a bias over
 them, fitted per category by logistic regression on the train split; it fires where `features @ w + b > 0`. Where no
 active module's gate fires, nothing is inserted and the answer is the bare backbone's, bit for bit."""
 
@@ -16,20 +19,29 @@ import torch
 
 @torch.inference_mode()
 def request_features(
-    model: Any, runs: Sequence[Sequence[int]], head: int, layers: Sequence[int], batch_size: int = 16
+    model: Any,
+    runs: Sequence[Sequence[int]],
+    head: int,
+    layers: Sequence[int],
+    batch_size: int = 16,
+    recency: float | None = None,
 ) -> torch.Tensor:
-    """Mean hidden state of each run's tokens after its first `head` (the template's system prompt and user header).
+    """Mean hidden state of each run's tokens after its first `head` (the template's system prompt and user header),
+    uniform or weighted towards the run's end (`recency`, in tokens; the module docstring).
 
     Args:
         model: a causal LM whose `get_decoder()` returns hidden states (index 0: the embeddings, i: after layer i).
         runs: B token runs (a request's templated turns up to the control block); each longer than `head`.
         layers: which hidden states to average, e.g. (10, 20, 30).
+        recency: None for a plain mean; r > 0 weighs the token k places before the run's last one by exp(-k / r).
     Returns:
         (B, len(layers) * d) float32, rows in the order of `runs`. Runs are batched by length (less padding);
         right padding leaves every real token's states as in an unpadded forward.
     """
     if any(len(r) <= head for r in runs):
         raise ValueError(f"every run needs tokens after its {head}-token head")
+    if recency is not None and not recency > 0:
+        raise ValueError(f"recency {recency} must be > 0 tokens (None: a plain mean)")
     device = model.get_input_embeddings().weight.device
     order = sorted(range(len(runs)), key=lambda i: len(runs[i]))
     out: list[torch.Tensor | None] = [None] * len(runs)
@@ -41,9 +53,12 @@ def request_features(
         for j, i in enumerate(idx):
             ids[j, : len(runs[i])], mask[j, : len(runs[i])] = torch.tensor(list(runs[i]), device=device), 1
         hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
-        own = mask.clone()
+        own = mask.clone().float()
         own[:, :head] = 0
-        w = (own / own.sum(1, keepdim=True)).unsqueeze(-1).float()  # (b, T, 1): a mean over the own tokens
+        if recency is not None:
+            ends = mask.sum(1, keepdim=True) - 1  # (b, 1): each run's last real token
+            own = own * torch.exp(-(ends - torch.arange(T, device=device)).clamp(min=0) / recency)
+        w = (own / own.sum(1, keepdim=True)).unsqueeze(-1)  # (b, T, 1): a weighted mean over the own tokens
         feats = torch.cat([(hidden[layer].float() * w).sum(1) for layer in layers], -1)
         for j, i in enumerate(idx):
             out[i] = feats[j].cpu()

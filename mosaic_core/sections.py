@@ -239,6 +239,9 @@ class GateConfig:
     """L2 on the gate's weights over standardised features."""
     threshold: float = 0.5
     """The gate's probability at and above which its module is inserted."""
+    recency: float | None = None
+    """Weigh a request's tokens by exp(-k / recency), k the distance from its end, instead of a plain mean (None): a
+    framing's words, which mostly come first, then count less than the request's own question."""
     framed_copies: int = 0
     """Besides the run's train requests, fit on this many copies of each plain one wrapped in a train-split framing
     template (role-play, fiction, research, ...): a framing's words then count for no category."""
@@ -251,6 +254,10 @@ class GateConfig:
             problems.append(f"weight_decay: {self.weight_decay} must be in [0, 100]")
         if not 0 < self.threshold < 1:
             problems.append(f"threshold: {self.threshold} must be in (0, 1)")
+        if self.recency is not None and not 0 < self.recency <= 4096:
+            problems.append(f"recency: {self.recency} must be in (0, 4096] tokens, or null for a plain mean")
+        if self.recency is not None and not self.layers:
+            problems.append("recency: weighs the gates' features, but layers is empty (no gates)")
         if not 0 <= self.framed_copies <= 8:
             problems.append(f"framed_copies: {self.framed_copies} must be in 0..8")
         if problems:

@@ -19,8 +19,9 @@ def _key(recipe: Any, run: Path, categories: list[str]) -> str:
     """What the gates depend on: the gate section, the categories fitted and the data stage's content hash."""
     data = json.loads((run / "data" / "manifest.json").read_text()).get("content_hash")
     parts = {"gate": [list(recipe.gate.layers), recipe.gate.weight_decay, recipe.gate.threshold], "fit": categories, "data": data}
-    if recipe.gate.framed_copies:  # only where set, so gates fitted before the key existed keep theirs
-        parts["framed_copies"] = recipe.gate.framed_copies
+    for k in ("framed_copies", "recency"):  # only where set, so gates fitted before the key existed keep theirs
+        if getattr(recipe.gate, k):
+            parts[k] = getattr(recipe.gate, k)
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -49,7 +50,7 @@ def fit_run_gates(run: Path, recipe: Any, train_df: Any, categories: list[str]) 
         chats += [c for c, _ in extra]
         own += [o for _, o in extra]
     bb = load_backbone(recipe.backbone)
-    features = cached_features(run / FEATURES_FILE, bb, chats, tuple(recipe.gate.layers))
+    features = cached_features(run / FEATURES_FILE, bb, chats, tuple(recipe.gate.layers), recipe.gate.recency)
     gates, stats = {}, {}
     for c in categories:
         labels = torch.tensor([o == c for o in own], dtype=torch.float32)
@@ -69,6 +70,7 @@ def fit_run_gates(run: Path, recipe: Any, train_df: Any, categories: list[str]) 
         "layers": list(recipe.gate.layers),
         "weight_decay": recipe.gate.weight_decay,
         "threshold": recipe.gate.threshold,
+        "recency": recipe.gate.recency,
         "requests": len(chats),
         "categories": stats,
     }
@@ -92,10 +94,12 @@ def framed_copies(requests: list[tuple[str, Any]], copies: int) -> list[tuple[li
     return out
 
 
-def cached_features(path: Path, bb: Any, chats: list[Any], layers: tuple[int, ...]) -> torch.Tensor:
+def cached_features(
+    path: Path, bb: Any, chats: list[Any], layers: tuple[int, ...], recency: float | None = None
+) -> torch.Tensor:
     """(N, len(layers) * d) request features of `chats` (mosaic_core.gate.request_features), computing only those
-    `path` does not hold yet for this backbone and these layers, and storing the union there: refitting gates on
-    more requests, or with other settings, reads the backbone once per request."""
+    `path` does not hold yet for this backbone, these layers and this recency, and storing the union there: refitting
+    gates on more requests, or with other settings, reads the backbone once per request."""
     from tqdm import tqdm
 
     from mosaic_core.cache import PrefixCache
@@ -103,6 +107,8 @@ def cached_features(path: Path, bb: Any, chats: list[Any], layers: tuple[int, ..
     from mosaic_core.gate import request_features
 
     ident = {"backbone": bb.fingerprint.digest, "layers": list(layers)}
+    if recency is not None:  # only where set, so stores written before it existed stay valid
+        ident["recency"] = recency
     keys = [hashlib.sha256(json.dumps(c, sort_keys=True).encode()).hexdigest() for c in chats]
     stored = torch.load(path) if path.is_file() else None
     if stored is None or stored["ident"] != ident:
@@ -113,7 +119,7 @@ def cached_features(path: Path, bb: Any, chats: list[Any], layers: tuple[int, ..
         head = PrefixCache.for_chat(bb.model, bb.tokenizer).head
         runs = [encode_chat(bb.tokenizer, as_messages(chats[i]), "before_assistant").before for i in missing]
         parts = [
-            request_features(bb.model, runs[i : i + 256], head, layers)
+            request_features(bb.model, runs[i : i + 256], head, layers, recency=recency)
             for i in tqdm(range(0, len(runs), 256), desc="[gates] request features", unit="x256", mininterval=10)
         ]
         new = torch.cat(parts)
@@ -125,10 +131,10 @@ def cached_features(path: Path, bb: Any, chats: list[Any], layers: tuple[int, ..
     return stored["features"][[index[k] for k in keys]]
 
 
-def set_run_gates(bank: Any, path: Path, layers: tuple[int, ...]) -> None:
-    """Give the bank's modules the gates in `path` (those it holds a gate for)."""
+def set_run_gates(bank: Any, path: Path, layers: tuple[int, ...], recency: float | None = None) -> None:
+    """Give the bank's modules the gates in `path` (those it holds a gate for), reading `layers` with `recency`."""
     from safetensors.torch import load_file
 
     for c, g in load_file(str(path)).items():
         if c in bank.categories:
-            bank.set_gate(c, g.to(next(iter(bank.vectors.values())).device), layers)
+            bank.set_gate(c, g.to(next(iter(bank.vectors.values())).device), layers, recency)

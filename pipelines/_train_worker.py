@@ -233,7 +233,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if config.get("gates"):
         from pipelines._gates import set_run_gates
 
-        set_run_gates(bank, Path(config["gates"]), recipe.gate.layers)
+        set_run_gates(bank, Path(config["gates"]), recipe.gate.layers, recipe.gate.recency)
     refusal_ids = refusal_target(bb.tokenizer, recipe.loss.refusal_template)
     # The request's key/values do not depend on the bank (it comes after them): compute them once per prompt.
     # Not under ZeRO-3, whose gathers are collective (ranks with different cache misses would desynchronise).

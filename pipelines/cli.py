@@ -52,7 +52,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     shown = ", ".join(active) or "none"
     if bank is not None and bank.gates and active and cache is not None:  # which gated modules the request let in
         before = encode_chat(bb.tokenizer, as_messages(args.prompt, args.system), placement).before
-        inserted = bank.firing([active], cache.features([before], bank.gate_layers))[0]
+        inserted = bank.firing([active], cache.features([before], bank.gate_layers, bank.gate_recency))[0]
         shown += f" (inserted: {', '.join(inserted) or 'none'})"
     t1 = time.perf_counter()
     [g] = generate(

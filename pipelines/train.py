@@ -295,7 +295,7 @@ def main(
     if gates:
         from pipelines._gates import set_run_gates
 
-        set_run_gates(bank, gates, recipe.gate.layers)
+        set_run_gates(bank, gates, recipe.gate.layers, recipe.gate.recency)
     tmp = run / ".bank.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     save_bank(

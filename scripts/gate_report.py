@@ -75,7 +75,9 @@ def main() -> None:
     recipe = load_recipe(a.config)
     cats = list(recipe.bank.categories)
     rows, chats = val_requests(recipe)
-    features = cached_features(Path(a.features), load_backbone(recipe.backbone), chats, tuple(recipe.gate.layers))
+    features = cached_features(
+        Path(a.features), load_backbone(recipe.backbone), chats, tuple(recipe.gate.layers), recipe.gate.recency
+    )
     n = len(rows)
     print(f"{n} held-out val requests, each plain and framed; per order: DSR / OR / look-alike OR, %")
     for run in a.runs:

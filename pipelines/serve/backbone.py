@@ -410,7 +410,7 @@ class MosaicBackbone:
         bank, inserted = state.bank, active
         if bank is not None and bank.gates and active:  # memoised: the prefill reads the same features again
             with self._prefix_lock:
-                features = self.prefix_cache.features([segments.before], bank.gate_layers)
+                features = self.prefix_cache.features([segments.before], bank.gate_layers, bank.gate_recency)
             inserted = bank.firing([active], features)[0]
         control = len(inserted) * (bank.m if bank is not None else 0)
         room = self.context - prompt - control

@@ -27,7 +27,7 @@ def test_gate_features_are_read_once_per_request_and_match_a_fresh_reading(tmp_p
     first = cached_features(store, bb, chats[:2], (1, 2))
     read = []
     real = gate.request_features
-    monkeypatch.setattr(gate, "request_features", lambda m, runs, *a: read.append(len(runs)) or real(m, runs, *a))
+    monkeypatch.setattr(gate, "request_features", lambda m, runs, *a, **k: read.append(len(runs)) or real(m, runs, *a, **k))
     more = cached_features(store, bb, [*chats, "Tell me a joke."], (1, 2))
     assert read == [1] and "1 read by the backbone, 3 from gate_features.pt" in capsys.readouterr().out
     torch.testing.assert_close(more[:2], first)
@@ -36,3 +36,7 @@ def test_gate_features_are_read_once_per_request_and_match_a_fresh_reading(tmp_p
     torch.testing.assert_close(more[3], fresh[0])
     cached_features(store, bb, chats[:1], (2,))  # other layers: read again, not mixed with (1, 2)'s
     assert read[-1] == 1
+    before = len(read)
+    recent = cached_features(store, bb, chats[:1], (2,), recency=4.0)  # another weighting: read again too
+    assert read[before:] == [1]
+    torch.testing.assert_close(recent, cached_features(tmp_path / "third.pt", bb, chats[:1], (2,), recency=4.0))

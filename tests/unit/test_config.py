@@ -135,6 +135,11 @@ def test_gate_section_validates_and_needs_the_prefix_cache():
     with pytest.raises(ConfigError) as e:
         GateConfig(layers=(3, 3), weight_decay=-1, threshold=1.0)
     assert len(e.value.problems) == 3
+    with pytest.raises(ConfigError, match="layers is empty") as e:
+        GateConfig(recency=16.0)
+    with pytest.raises(ConfigError, match="recency: 0.0 must be in"):
+        GateConfig(layers=(10,), recency=0.0)
+    assert GateConfig(layers=(10,), recency=16).recency == 16
     raw = {"name": "x", "bank": {"categories": ["alcohol"]}, "gate": {"layers": [10, 20]}, "train": {"zero_stage": 3}}
     with pytest.raises(ConfigError, match="gate.layers needs ZeRO stage 1 or 2"):
         recipe_from_dict(raw)

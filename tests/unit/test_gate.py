@@ -22,6 +22,21 @@ def test_request_features_are_the_own_tokens_mean_whatever_the_batch(tiny_backbo
         request_features(model, [runs[0][:head]], head, (1,))
 
 
+def test_recency_weighs_a_request_towards_its_end_whatever_the_batch(tiny_backbone):
+    model, tok = tiny_backbone.model, tiny_backbone.tokenizer
+    runs = [encode_chat(tok, as_messages(p), "before_assistant").before for p in PROMPTS]
+    head = common_head(runs)
+    together = request_features(model, runs, head, (2,), batch_size=3, recency=4.0)
+    for i, r in enumerate(runs):
+        hidden = model.get_decoder()(input_ids=torch.tensor([r]), output_hidden_states=True).hidden_states[2][0, head:]
+        w = torch.exp(-torch.arange(len(r) - head - 1, -1, -1.0) / 4.0)  # the last token weighs 1, k before it e^(-k/4)
+        torch.testing.assert_close(together[i], (w[:, None] * hidden).sum(0) / w.sum(), atol=1e-5, rtol=1e-4)
+        assert not torch.allclose(together[i], hidden.mean(0), atol=1e-3)
+    torch.testing.assert_close(request_features(model, runs, head, (2,), recency=None), request_features(model, runs, head, (2,)))
+    with pytest.raises(ValueError, match="recency"):
+        request_features(model, runs, head, (2,), recency=0.0)
+
+
 def test_fit_gate_separates_and_folds_the_threshold_into_the_bias():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(400, 6, generator=g) * torch.tensor([1.0, 5.0, 0.2, 1.0, 1.0, 3.0]) + 2.0
@@ -66,6 +81,8 @@ def test_a_gated_module_is_inserted_only_where_its_gate_fires_and_survives_its_a
         bank.set_gate("betting", torch.zeros(bank.d + 1), (1,))
     with pytest.raises(ValueError, match="a gate over 2 layers"):
         bank.set_gate("betting", torch.zeros(F), (1, 2))
+    with pytest.raises(ValueError, match="recency"):  # every gate of a bank reads the same features
+        bank.set_gate("betting", torch.zeros(F + 1), (1, 2), recency=8.0)
 
     fp = tiny_backbone.fingerprint
     save_bank(bank, tmp_path / "b", fingerprint=fp, init="text")
@@ -73,6 +90,12 @@ def test_a_gated_module_is_inserted_only_where_its_gate_fires_and_survives_its_a
     assert back.gate_layers == (1, 2) and set(back.gates) == {"alcohol", "horror"}
     torch.testing.assert_close(back.gates["horror"], on_second)
     assert back.firing(active, feats) == bank.firing(active, feats)
+    assert back.gate_recency is None
+    recent = DeepTokenBank.for_model(model, m=1)
+    recent.add("alcohol", torch.randn(recent.module_shape))
+    recent.set_gate("alcohol", on_first, (1, 2), recency=16.0)
+    save_bank(recent, tmp_path / "r", fingerprint=fp, init="text")
+    assert load_bank(tmp_path / "r", fp).gate_recency == 16.0
     (tmp_path / "b" / "betting" / "tokens.safetensors").unlink()
     with pytest.raises(ArtifactError):
         load_bank(tmp_path / "b", fp)
@@ -92,6 +115,9 @@ def test_encoding_inserts_a_gated_module_only_where_it_fires_and_ungated_trainin
     runs = [encode_chat(tok, as_messages(p), "before_assistant").before for p in PROMPTS[:2]]
     feats = cache.features(runs, (1,))
     torch.testing.assert_close(feats, request_features(model, runs, cache.head, (1,)))
+    recent = cache.features(runs, (1,), recency=2.0)  # its own cache entries, not the plain mean's
+    torch.testing.assert_close(recent, request_features(model, runs, cache.head, (1,), recency=2.0))
+    assert not torch.allclose(recent, feats, atol=1e-4)
     # a gate that fires on the first request only: the midpoint between the two requests' features
     w = feats[0] - feats[1]
     bank.set_gate("alcohol", torch.cat([w, (-(w @ (feats[0] + feats[1])) / 2)[None]]), (1,))

@@ -94,9 +94,7 @@ def framed_copies(requests: list[tuple[str, Any]], copies: int) -> list[tuple[li
     return out
 
 
-def cached_features(
-    path: Path, bb: Any, chats: list[Any], layers: tuple[int, ...], recency: float | None = None
-) -> torch.Tensor:
+def cached_features(path: Path, bb: Any, chats: list[Any], layers: tuple[int, ...], recency: float | None = None) -> torch.Tensor:
     """(N, len(layers) * d) request features of `chats` (mosaic_core.gate.request_features), computing only those
     `path` does not hold yet for this backbone, these layers and this recency, and storing the union there: refitting
     gates on more requests, or with other settings, reads the backbone once per request."""

@@ -197,9 +197,28 @@ _SECTIONS: dict[str, type] = {
 }
 
 
+RETIRED: dict[str, frozenset[str]] = {
+    "bank": frozenset({"init_scale"}),
+    "loss": frozenset({"neg_weight_by_source", "refusal_tokens"}),
+    "eval": frozenset({"fast_rule", "threshold"}),
+}
+"""Keys that have left the schema, dropped with a warning where an older run's resolved_config.yaml still holds them
+(its bank can still be evaluated and served); any other unknown key is an error."""
+
+
 def recipe_from_dict(raw: dict[str, Any], where: str = "recipe") -> Recipe:
     """Build a Recipe from plain data (parsed YAML), reporting every problem of every section at once."""
+    import warnings
+
     problems: list[str] = []
+    dropped = []
+    for key, gone in RETIRED.items():
+        section = raw.get(key)
+        if isinstance(section, dict) and gone & set(section):
+            dropped += [f"{key}.{k}" for k in sorted(gone & set(section))]
+            raw = {**raw, key: {k: v for k, v in section.items() if k not in gone}}
+    if dropped:
+        warnings.warn(f"{where}: {', '.join(dropped)} left the schema: ignored", stacklevel=2)
     top = {f.name for f in dataclasses.fields(Recipe)}
     for k in sorted(set(raw) - top):
         problems.append(f"{k}: unknown key (known: {sorted(top)})")

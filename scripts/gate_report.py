@@ -68,19 +68,27 @@ def rates(fired: torch.Tensor, rows: list[dict], cats: list[str]) -> dict[int, d
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", help="run directories holding gates.safetensors")
-    ap.add_argument("--config", default="pipelines/configs/smollm2-135m/cpu.yaml", help="the recipe the gates were fitted under")
+    ap.add_argument(
+        "--config",
+        default="pipelines/configs/smollm2-135m/cpu.yaml",
+        help="the recipe whose val split is read, and whose gate section applies to runs without a resolved_config.yaml",
+    )
     ap.add_argument("--thresholds", default="0.5", help="comma-separated gate probabilities to fire at")
     ap.add_argument("--features", default="runs/.gate-report-features.pt", help="feature store (reused across calls)")
     a = ap.parse_args()
     recipe = load_recipe(a.config)
     cats = list(recipe.bank.categories)
     rows, chats = val_requests(recipe)
-    features = cached_features(
-        Path(a.features), load_backbone(recipe.backbone), chats, tuple(recipe.gate.layers), recipe.gate.recency
-    )
+    bb = load_backbone(recipe.backbone)
     n = len(rows)
     print(f"{n} held-out val requests, each plain and framed; per order: DSR / OR / look-alike OR, %")
     for run in a.runs:
+        resolved = Path(run) / "resolved_config.yaml"
+        gate = (load_recipe(resolved) if resolved.is_file() else recipe).gate  # what this run's gates read
+        store = Path(a.features)
+        if gate.recency is not None:  # one store per way of reading a request (a store holds one)
+            store = store.with_name(f"{store.stem}-recency{gate.recency:g}{store.suffix}")
+        features = cached_features(store, bb, chats, tuple(gate.layers), gate.recency)
         gates = load_file(str(Path(run) / GATES_FILE))
         for t in (float(x) for x in a.thresholds.split(",")):
             shift = -math.log(t / (1 - t))  # fitted to fire at p >= 0.5: the bias moves by logit(0.5) - logit(t)

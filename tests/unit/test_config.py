@@ -175,3 +175,14 @@ def test_every_recipe_key_is_documented():
     for cls in [Recipe, NegMix, Phase, *_SECTIONS.values()]:
         missing = sorted({f.name for f in dataclasses.fields(cls)} - documented[cls.__name__])
         assert not missing, f"{cls.__name__}: undocumented {missing}"
+
+
+def test_an_older_runs_retired_keys_are_dropped_with_a_warning_and_unknown_ones_still_fail():
+    from mosaic_core.config import recipe_from_dict
+
+    raw = {"name": "x", "bank": {"categories": ["alcohol"], "init_scale": 0.1}, "eval": {"fast_rule": "greedy"}}
+    with pytest.warns(UserWarning, match=r"bank.init_scale, eval.fast_rule left the schema"):
+        assert recipe_from_dict(raw).bank.categories == ("alcohol",)
+    assert raw["bank"]["init_scale"] == 0.1  # the caller's data is not rewritten
+    with pytest.raises(ConfigError, match="unknown key 'init_scal'"):
+        recipe_from_dict({"name": "x", "bank": {"categories": ["alcohol"], "init_scal": 0.1}})

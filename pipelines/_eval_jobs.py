@@ -9,12 +9,14 @@ import json
 import math
 import random
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import ray
+from tqdm import tqdm
 
 from mosaic_core.metrics import in_context_policy
 from pipelines._actors import actor_pool_resources
@@ -251,7 +253,66 @@ def _framed_jobs(cfg: EvalConfig, by: dict, framings: list[dict], add: Any, rng:
                     )
 
 
-def run_jobs(jobs: pd.DataFrame, cfg: EvalConfig) -> pd.DataFrame:
+def jobs_key(jobs: pd.DataFrame, cfg: EvalConfig) -> str:
+    """What a scored row depends on: every job, the bank's files (its manifest) and how rows are scored. Rows stored
+    under one key are valid for exactly that evaluation."""
+    import hashlib
+
+    manifest = (Path(cfg.bank_dir) / "manifest.json").read_text()
+    how = [cfg.recipe.backbone, cfg.recipe.loss.refusal_template, cfg.s.max_new_tokens, cfg.s.judge, cfg.s.fast_tokens]
+    h = hashlib.sha256(json.dumps(how).encode() + manifest.encode())
+    h.update(jobs.to_json(orient="records", default_handler=str).encode())
+    return h.hexdigest()[:16]
+
+
+def run_jobs(jobs: pd.DataFrame, cfg: EvalConfig, store: Path | None = None, flush_rows: int = 256) -> pd.DataFrame:
+    """Score every job (rows in the order of `jobs`, with `score`, `response`, `refused` added). With `store`, scored
+    rows are written there as they finish (`<jobs_key>/part-*.parquet`, every `flush_rows` rows), and a rerun after an
+    interruption scores only the jobs not stored yet: a 90-minute CPU evaluation is not lost to a stopped session."""
+    jobs = jobs.reset_index(drop=True).assign(_job=np.arange(len(jobs)))
+    done = pd.DataFrame()
+    parts = None
+    if store is not None:
+        parts = Path(store) / jobs_key(jobs.drop(columns="_job"), cfg)
+        parts.mkdir(parents=True, exist_ok=True)
+        files = sorted(parts.glob("part-*.parquet"))
+        if files:
+            done = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True).drop_duplicates("_job")
+            print(f"[eval] resuming: {len(done)} of {len(jobs)} rows already scored in {parts.name}/")
+    todo = jobs[~jobs["_job"].isin(done["_job"])] if len(done) else jobs
+    scored = [done] if len(done) else []
+    if len(todo):
+        buffer: list[pd.DataFrame] = []
+        n_files = len(list(parts.glob("part-*.parquet"))) if parts else 0
+        bar = tqdm(total=len(todo), desc="[eval] rows", unit="row", mininterval=30)
+        for batch in _score(todo, cfg):
+            bar.update(len(batch))
+            buffer.append(batch)
+            if parts is not None and sum(map(len, buffer)) >= flush_rows:
+                write_rows(pd.concat(buffer, ignore_index=True), parts / f"part-{n_files:05d}.parquet")
+                scored.append(pd.concat(buffer, ignore_index=True))
+                buffer, n_files = [], n_files + 1
+        if buffer:
+            if parts is not None:
+                write_rows(pd.concat(buffer, ignore_index=True), parts / f"part-{n_files:05d}.parquet")
+            scored.append(pd.concat(buffer, ignore_index=True))
+        bar.close()
+    return pd.concat(scored, ignore_index=True).sort_values("_job").drop(columns="_job").reset_index(drop=True)
+
+
+def write_rows(df: pd.DataFrame, path: Path) -> None:
+    """Scored rows as parquet, whole or not at all. Without pandas' schema metadata: Ray hands list columns back as
+    pyarrow-backed dtypes that pandas records by a name it cannot read back."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tmp = path.with_suffix(".tmp")  # renamed once written: a part is either whole or absent, however the process stops
+    pq.write_table(pa.Table.from_pandas(df, preserve_index=False).replace_schema_metadata(None), tmp)
+    tmp.rename(path)
+
+
+def _score(jobs: pd.DataFrame, cfg: EvalConfig) -> Iterator[pd.DataFrame]:
+    """Scored batches as the actor pool finishes them (Ray Data streams; nothing waits for the whole dataset)."""
     res = actor_pool_resources(cfg.actors)
     # Similar lengths in one batch: less padding. Generation rows sort together too (they cost far more).
     jobs = jobs.assign(_n=jobs["prompt"].str.len() + jobs["system"].str.len()).sort_values(["mode", "_n"]).drop(columns="_n")
@@ -273,4 +334,4 @@ def run_jobs(jobs: pd.DataFrame, cfg: EvalConfig) -> pd.DataFrame:
         num_cpus=res["num_cpus"],
         num_gpus=res["num_gpus"],
     )
-    return ds.to_pandas()
+    yield from ds.iter_batches(batch_size=None, batch_format="pandas")

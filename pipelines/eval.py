@@ -33,21 +33,22 @@ import csv
 import json
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 import yaml
 
 from mosaic_core.config import EvalSettings, Recipe, load_recipe, recipe_from_dict
 from mosaic_core.dataset import EVAL_SPLITS, FIT_SPLITS, load_jsonl
 from mosaic_core.errors import ArtifactError, ConfigError
-from pipelines._eval_jobs import build_jobs, run_jobs
+from pipelines._eval_jobs import build_jobs, run_jobs, write_rows
 from pipelines._eval_report import append_test2_log, log_to_mlflow, markdown, plots, summarize, summary_table
+
+SCORED_DIR = ".scored"  # rows scored so far, kept until the report is written: a rerun resumes from them
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -134,7 +135,7 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
     print(f"[eval] {len(jobs)} rows: " + ", ".join(f"{k} {v}" for k, v in jobs["mode"].value_counts().items()))
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False, log_to_driver=False)
-    res = run_jobs(jobs, cfg)
+    res = run_jobs(jobs, cfg, store=out / SCORED_DIR)
     rep = summarize(res, cfg)
     rep["seconds"] = round(time.perf_counter() - t0, 1)
     out.mkdir(parents=True, exist_ok=True)
@@ -143,10 +144,9 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
     (out / "report.md").write_text(markdown(rep, cfg))
     # every scored row (score = per-token refusal probability, refused = greedy/judge flag): another rule or cut
     # of the same run is a pandas query away, not another evaluation
-    # (without pandas' schema metadata: Ray hands list columns back as pyarrow-backed dtypes that pandas
-    # records by a name it cannot read back)
-    pq.write_table(pa.Table.from_pandas(res, preserve_index=False).replace_schema_metadata(None), out / "rows.parquet")
+    write_rows(res, out / "rows.parquet")
     files += [out / "report.json", out / "report.md", out / "rows.parquet"]
+    shutil.rmtree(out / SCORED_DIR, ignore_errors=True)  # rows.parquet holds them now
     rid = log_to_mlflow(Path(cfg.out_dir).resolve(), rep, files)
     if cfg.split == "test2" and cfg.test2_log:
         append_test2_log(Path(cfg.test2_log), rep, cfg)

@@ -157,6 +157,43 @@ def test_eval_main_smoke_writes_reports_and_plots(tmp_path, tiny_model_dir, tiny
     assert "Table 1" in md and "Table 2" in md and "XSTest" in md and "Answers survive" in md and rep["seconds"] > 0
 
 
+@pytest.mark.usefixtures("ray_session")
+def test_scoring_resumes_from_the_rows_stored_before_an_interruption(tmp_path, tiny_model_dir):
+    from mosaic_core.backbone import load_backbone
+    from pipelines._eval_jobs import run_jobs, write_rows
+    from pipelines.eval import split_requests
+
+    dataset = write_tiny_dataset(tmp_path / "dataset", per=(0, 3, 0))
+    recipe = load_recipe(write_tiny_recipe(tmp_path / "r.yaml", tiny_model_dir, dataset))
+    bb = load_backbone(str(tiny_model_dir))  # the backbone as the recipe names it (the actors load it so)
+    bank = ControlTokenBank.build(BankConfig(categories=CATS, m=2, init="normal"), bb.embeddings)
+    save_bank(bank, tmp_path / "bank", fingerprint=bb.fingerprint, init="normal")
+    recipe = replace(
+        recipe, eval=EvalSettings(max_order=1, fast_cap=2, gen_requests=1, max_new_tokens=2, mmlu=None, batch_size=1)
+    )  # small blocks: several parts
+    cfg = EvalConfig(bank_dir=str(tmp_path / "bank"), recipe=recipe, out_dir=str(tmp_path))
+    jobs = build_jobs(cfg, split_requests(cfg), [], [])
+    store = tmp_path / "scored"
+    full = run_jobs(jobs, cfg, store=store, flush_rows=4)
+    assert list(full["prompt"]) == list(jobs["prompt"]) and list(full["mode"]) == list(jobs["mode"])  # the jobs' order
+    parts = sorted(store.glob("*/part-*.parquet"))
+    assert len(parts) >= 2 and sum(len(pd.read_parquet(p)) for p in parts) == len(jobs)
+    # stopped after its first part: those rows (marked, so their reuse shows) are read back, the rest scored again
+    first = pd.read_parquet(parts[0]).assign(score=-1.0)
+    write_rows(first, parts[0])
+    for p in parts[1:]:
+        p.unlink()
+    resumed = run_jobs(jobs, cfg, store=store, flush_rows=4)
+    assert (resumed["score"] == -1.0).sum() == len(first) and len(resumed) == len(jobs)
+    again = resumed["score"] != -1.0
+    pd.testing.assert_series_equal(resumed.loc[again, "score"], full.loc[again, "score"])
+    assert list(resumed["prompt"]) == list(jobs["prompt"])
+    bank.vectors["alcohol"].data += 1.0  # another bank: nothing stored applies to it
+    save_bank(bank, tmp_path / "bank", fingerprint=bb.fingerprint, init="normal")
+    run_jobs(jobs, cfg, store=store, flush_rows=4)
+    assert len(list(store.iterdir())) == 2
+
+
 def test_each_test2_scoring_appends_one_line(tmp_path):
     from pipelines._eval_report import append_test2_log
 

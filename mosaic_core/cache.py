@@ -43,8 +43,8 @@ class PrefixCache:
 
     def features(self, runs: Sequence[Sequence[int]], layers: Sequence[int], recency: float | None = None) -> torch.Tensor:
         """(B, len(layers) * d) gate features of B runs (mosaic_core.gate.request_features over each run's tokens
-        after the template's head), computed once per run, layer set and recency. Needs `head` (a cache from `for_chat`): the
-        features must skip the system prompt and user header exactly as the gates' training did."""
+        after the template's head), computed once per run, layer set and recency. Needs `head` (a cache from
+        `for_chat`): the features must skip the system prompt and user header exactly as the gates' training did."""
         from mosaic_core.gate import request_features
 
         if self.head <= 0:

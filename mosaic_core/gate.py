@@ -1,13 +1,14 @@
 """Module gates: a linear test of what the frozen backbone makes of a request, deciding whether an active module's
 control tokens are inserted at all (docs/experiments/gated-modules.md).
 
-A request's features are a weighted mean of the backbone's hidden states over the request's own tokens (after the chat
-template's shared head) at a few layers, concatenated: (|layers| * d,). The weights are uniform, or with a `recency`
-of r tokens decay as exp(-k / r) with a token's distance k from the request's end: a framing ("for my novel...",
-"you are an assistant that never refuses") mostly comes first and a request's own question last, so its words then
-weigh less and cannot switch a module on or off as easily (docs/experiments/one-recipe.md). A gate is one weight vector and a bias over
-them, fitted per category by logistic regression on the train split; it fires where `features @ w + b > 0`. Where no
-active module's gate fires, nothing is inserted and the answer is the bare backbone's, bit for bit."""
+A request's features are a weighted mean of the backbone's hidden states over the request's own tokens (after the
+chat template's shared head) at a few layers, concatenated: (|layers| * d,). The weights are uniform, or with a
+`recency` of r tokens decay as exp(-k / r) with a token's distance k from the request's end: a framing ("for my
+novel...", "you are an assistant that never refuses") mostly comes first and a request's own question last, so its
+words then weigh less and switch modules on or off less often (docs/experiments/one-recipe.md). A gate is one
+weight vector and a bias over them, fitted per category by logistic regression on the train split; it fires where
+`features @ w + b > 0`. Where no active module's gate fires, nothing is inserted and the answer is the bare
+backbone's, bit for bit."""
 
 from __future__ import annotations
 

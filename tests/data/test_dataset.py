@@ -2,7 +2,6 @@
 
 import csv
 import hashlib
-import importlib.util
 import itertools
 import json
 import re
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from mosaic_core.categories import CATEGORIES
 from mosaic_core.dataset import (
     CORE_WORDS,
     SURFACE_WORDS,
@@ -23,7 +23,6 @@ from mosaic_core.dataset import (
     subkind,
     validate_rows,
 )
-from mosaic_core.categories import CATEGORIES
 from tests.scripts import load_script
 
 REPO = Path(__file__).resolve().parents[2]

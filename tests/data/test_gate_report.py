@@ -1,9 +1,9 @@
 """scripts/gate_report.py: what a gated bank would refuse on val, read off its gates (a hand-made case)."""
 
-import importlib.util
 from pathlib import Path
 
 import torch
+
 from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[2]

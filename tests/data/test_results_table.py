@@ -1,11 +1,8 @@
 """scripts/results_table.py: the README block and docs/results.md come from a report, never typed by hand."""
 
-import importlib.util
 import json
-from pathlib import Path
-from tests.scripts import load_script
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.scripts import load_script
 
 
 def _script():

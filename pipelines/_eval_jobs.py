@@ -270,32 +270,37 @@ def run_jobs(jobs: pd.DataFrame, cfg: EvalConfig, store: Path | None = None, flu
     rows are written there as they finish (`<jobs_key>/part-*.parquet`, every `flush_rows` rows), and a rerun after an
     interruption scores only the jobs not stored yet: a 90-minute CPU evaluation is not lost to a stopped session."""
     jobs = jobs.reset_index(drop=True).assign(_job=np.arange(len(jobs)))
-    done = pd.DataFrame()
-    parts = None
+    scored: list[pd.DataFrame] = []
+    parts, files = None, []
     if store is not None:
         parts = Path(store) / jobs_key(jobs.drop(columns="_job"), cfg)
         parts.mkdir(parents=True, exist_ok=True)
         files = sorted(parts.glob("part-*.parquet"))
         if files:
-            done = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True).drop_duplicates("_job")
-            print(f"[eval] resuming: {len(done)} of {len(jobs)} rows already scored in {parts.name}/")
-    todo = jobs[~jobs["_job"].isin(done["_job"])] if len(done) else jobs
-    scored = [done] if len(done) else []
+            scored.append(pd.concat([pd.read_parquet(f) for f in files], ignore_index=True).drop_duplicates("_job"))
+            print(f"[eval] resuming: {len(scored[0])} of {len(jobs)} rows already scored in {parts.name}/")
+    todo = jobs[~jobs["_job"].isin(scored[0]["_job"])] if scored else jobs
+    buffer: list[pd.DataFrame] = []
+    n_parts = len(files)
+
+    def flush() -> None:  # the buffered batches: stored as the next part (with a store), and kept
+        nonlocal n_parts
+        rows = pd.concat(buffer, ignore_index=True)
+        if parts is not None:
+            write_rows(rows, parts / f"part-{n_parts:05d}.parquet")
+            n_parts += 1
+        scored.append(rows)
+        buffer.clear()
+
     if len(todo):
-        buffer: list[pd.DataFrame] = []
-        n_files = len(list(parts.glob("part-*.parquet"))) if parts else 0
         bar = tqdm(total=len(todo), desc="[eval] rows", unit="row", mininterval=30)
         for batch in _score(todo, cfg):
             bar.update(len(batch))
             buffer.append(batch)
             if parts is not None and sum(map(len, buffer)) >= flush_rows:
-                write_rows(pd.concat(buffer, ignore_index=True), parts / f"part-{n_files:05d}.parquet")
-                scored.append(pd.concat(buffer, ignore_index=True))
-                buffer, n_files = [], n_files + 1
+                flush()
         if buffer:
-            if parts is not None:
-                write_rows(pd.concat(buffer, ignore_index=True), parts / f"part-{n_files:05d}.parquet")
-            scored.append(pd.concat(buffer, ignore_index=True))
+            flush()
         bar.close()
     return pd.concat(scored, ignore_index=True).sort_values("_job").drop(columns="_job").reset_index(drop=True)
 

@@ -97,7 +97,8 @@ def framed_copies(requests: list[tuple[str, Any]], copies: int) -> list[tuple[li
 def cached_features(path: Path, bb: Any, chats: list[Any], layers: tuple[int, ...], recency: float | None = None) -> torch.Tensor:
     """(N, len(layers) * d) request features of `chats` (mosaic_core.gate.request_features), computing only those
     `path` does not hold yet for this backbone, these layers and this recency, and storing the union there: refitting
-    gates on more requests, or with other settings, reads the backbone once per request."""
+    gates on more requests, or with other settings, reads the backbone once per request. The file keeps one section
+    per way of reading a request, so alternating between them (comparing gates) reads nothing twice."""
     from tqdm import tqdm
 
     from mosaic_core.cache import PrefixCache
@@ -108,9 +109,9 @@ def cached_features(path: Path, bb: Any, chats: list[Any], layers: tuple[int, ..
     if recency is not None:  # only where set, so stores written before it existed stay valid
         ident["recency"] = recency
     keys = [hashlib.sha256(json.dumps(c, sort_keys=True).encode()).hexdigest() for c in chats]
-    stored = torch.load(path) if path.is_file() else None
-    if stored is None or stored["ident"] != ident:
-        stored = {"ident": ident, "keys": [], "features": torch.zeros(0)}
+    found = torch.load(path) if path.is_file() else {"sections": []}
+    sections = found.get("sections", [found])  # a file written before sections existed is one section
+    stored = next((x for x in sections if x["ident"] == ident), {"ident": ident, "keys": [], "features": torch.zeros(0)})
     index = {k: i for i, k in enumerate(stored["keys"])}
     missing = sorted({k: i for i, k in enumerate(keys) if k not in index}.values())
     if missing:
@@ -123,7 +124,7 @@ def cached_features(path: Path, bb: Any, chats: list[Any], layers: tuple[int, ..
         new = torch.cat(parts)
         old = stored["features"] if len(stored["keys"]) else new[:0]
         stored = {"ident": ident, "keys": stored["keys"] + [keys[i] for i in missing], "features": torch.cat([old, new])}
-        torch.save(stored, path)
+        torch.save({"sections": [x for x in sections if x["ident"] != ident] + [stored]}, path)
         index = {k: i for i, k in enumerate(stored["keys"])}
     print(f"[gates] {len(chats)} requests: {len(missing)} read by the backbone, {len(chats) - len(missing)} from {path.name}")
     return stored["features"][[index[k] for k in keys]]

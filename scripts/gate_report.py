@@ -85,10 +85,7 @@ def main() -> None:
     for run in a.runs:
         resolved = Path(run) / "resolved_config.yaml"
         gate = (load_recipe(resolved) if resolved.is_file() else recipe).gate  # what this run's gates read
-        store = Path(a.features)
-        if gate.recency is not None:  # one store per way of reading a request (a store holds one)
-            store = store.with_name(f"{store.stem}-recency{gate.recency:g}{store.suffix}")
-        features = cached_features(store, bb, chats, tuple(gate.layers), gate.recency)
+        features = cached_features(Path(a.features), bb, chats, tuple(gate.layers), gate.recency)
         gates = load_file(str(Path(run) / GATES_FILE))
         for t in (float(x) for x in a.thresholds.split(",")):
             shift = -math.log(t / (1 - t))  # fitted to fire at p >= 0.5: the bias moves by logit(0.5) - logit(t)

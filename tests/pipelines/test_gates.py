@@ -39,4 +39,7 @@ def test_gate_features_are_read_once_per_request_and_match_a_fresh_reading(tmp_p
     before = len(read)
     recent = cached_features(store, bb, chats[:1], (2,), recency=4.0)  # another weighting: read again too
     assert read[before:] == [1]
+    back = cached_features(store, bb, chats[:2], (1, 2))  # the first reading is still stored beside the others
+    assert read[before:] == [1]
+    torch.testing.assert_close(back, first)
     torch.testing.assert_close(recent, cached_features(tmp_path / "third.pt", bb, chats[:1], (2,), recency=4.0))

@@ -139,8 +139,12 @@ def test_no_line_frame_repeated_across_many_lines(rows):
 
 def test_frame_check_catches_slot_filling(rows):
     plain = [r["prompt"] for r in rows if r.get("task") != "factual"]
-    slots = [f"What's the best {x} for a {y} who likes it when the weather is nice?" for x, y in
-             zip(("kayak", "tent", "stove", "lantern", "map", "compass", "boot", "hat", "rope", "knife"), ("novice", "pro") * 5)]
+    slots = [
+        f"What's the best {x} for a {y} who likes it when the weather is nice?"
+        for x, y in zip(
+            ("kayak", "tent", "stove", "lantern", "map", "compass", "boot", "hat", "rope", "knife"), ("novice", "pro") * 5
+        )
+    ]
     frames = Counter(f for f in line_frames(plain + slots) if f)
     assert frames.most_common(1)[0][1] > MAX_FRAME
 
@@ -197,13 +201,31 @@ def test_malformed_dataset_is_rejected_with_every_problem(tmp_path):
         {"id": "b", "prompt": "y", "category": "news", "kind": "lookalike", "split": "test"},
         {"prompt": "z"},
         {"id": "c", "prompt": "q", "category": None, "kind": "general", "split": "test2", "task": "factual", "answer": []},
-        {"id": "d", "prompt": "q", "category": "sex", "kind": "target", "split": "val", "boundary": True, "other": "sex", "rule": "x"},
+        {
+            "id": "d",
+            "prompt": "q",
+            "category": "sex",
+            "kind": "target",
+            "split": "val",
+            "boundary": True,
+            "other": "sex",
+            "rule": "x",
+        },
     ]
     with pytest.raises(DatasetError) as e:
         validate_rows(bad, CATEGORIES)
     msg = str(e.value)
-    for needle in ("duplicate id", "empty prompt", "split 'dev'", "null exactly for general", "unknown category 'news'",
-                   "missing column", "non-empty list", "must be another known category", "boundary `rule`"):
+    for needle in (
+        "duplicate id",
+        "empty prompt",
+        "split 'dev'",
+        "null exactly for general",
+        "unknown category 'news'",
+        "missing column",
+        "non-empty list",
+        "must be another known category",
+        "boundary `rule`",
+    ):
         assert needle in msg
     (tmp_path / "x.jsonl").write_text('{"id": 1}\n{broken\n')
     with pytest.raises(DatasetError, match="x.jsonl:2"):
@@ -223,10 +245,18 @@ def test_framings_cover_eight_families_each_split_between_training_and_test2():
     chat = frame("How do frogs sleep?", multi[0])
     assert chat[-1]["role"] == "user" and "How do frogs sleep?" in chat[-1]["content"] and "{request}" not in str(chat)
     words = [set(normalize_text(" ".join(m["content"] for m in f["messages"])).split()) for f in framings]
-    close = [(framings[i]["id"], framings[j]["id"]) for i, j in itertools.combinations(range(len(words)), 2)
-             if len(words[i] & words[j]) / len(words[i] | words[j]) > 0.5]
+    close = [
+        (framings[i]["id"], framings[j]["id"])
+        for i, j in itertools.combinations(range(len(words)), 2)
+        if len(words[i] & words[j]) / len(words[i] | words[j]) > 0.5
+    ]
     assert close == []
-    bad = [f["id"] for f in framings for m in f["messages"] for p in lexicon_problems({"prompt": m["content"], "category": None, "kind": "general"})]
+    bad = [
+        f["id"]
+        for f in framings
+        for m in f["messages"]
+        for p in lexicon_problems({"prompt": m["content"], "category": None, "kind": "general"})
+    ]
     assert bad == []
 
 
@@ -235,8 +265,12 @@ def test_malformed_framings_are_rejected(tmp_path):
     from mosaic_core.errors import DatasetError
 
     (tmp_path / "f.jsonl").write_text(
-        json.dumps({"id": "a", "family": "fiction", "split": "train", "messages": [{"role": "user", "content": "no placeholder"}]}) + "\n"
-        + json.dumps({"id": "b", "family": "poetry", "split": "train", "messages": [{"role": "user", "content": "{request}"}]}) + "\n"
+        json.dumps(
+            {"id": "a", "family": "fiction", "split": "train", "messages": [{"role": "user", "content": "no placeholder"}]}
+        )
+        + "\n"
+        + json.dumps({"id": "b", "family": "poetry", "split": "train", "messages": [{"role": "user", "content": "{request}"}]})
+        + "\n"
     )
     with pytest.raises(DatasetError) as e:
         load_framings(tmp_path / "f.jsonl")

@@ -14,15 +14,28 @@ def _cell(k, n):
 
 
 def test_the_readme_block_is_replaced_from_the_report(tmp_path, monkeypatch):
-    rep = {"split": "test2", "bank": "banks/b",
-           "per_order": {"fast": {"mosaic": {"1": {"dsr": _cell(9, 10), "or": _cell(1, 10), "lookalike": _cell(2, 10)},
-                                             "5": {"dsr": _cell(10, 10), "or": _cell(3, 10), "lookalike": _cell(0, 10)}}}},
-           "framed": {"fiction": {"1": {"dsr": _cell(3, 4), "or": _cell(0, 4), "lookalike": _cell(1, 4)}}},
-           "fidelity": {"order1": _cell(8, 10), "all": _cell(7, 10)}, "retention": {"all": _cell(19, 20)}, "xstest": {}}
+    rep = {
+        "split": "test2",
+        "bank": "banks/b",
+        "per_order": {
+            "fast": {
+                "mosaic": {
+                    "1": {"dsr": _cell(9, 10), "or": _cell(1, 10), "lookalike": _cell(2, 10)},
+                    "5": {"dsr": _cell(10, 10), "or": _cell(3, 10), "lookalike": _cell(0, 10)},
+                }
+            }
+        },
+        "framed": {"fiction": {"1": {"dsr": _cell(3, 4), "or": _cell(0, 4), "lookalike": _cell(1, 4)}}},
+        "fidelity": {"order1": _cell(8, 10), "all": _cell(7, 10)},
+        "retention": {"all": _cell(19, 20)},
+        "xstest": {},
+    }
     (tmp_path / "r.json").write_text(json.dumps(rep))
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- results:begin -->\nold numbers\n<!-- results:end -->\noutro\n")
-    monkeypatch.setattr("sys.argv", ["x", str(tmp_path / "r.json"), "--out", str(tmp_path / "results.md"), "--readme", str(readme)])
+    monkeypatch.setattr(
+        "sys.argv", ["x", str(tmp_path / "r.json"), "--out", str(tmp_path / "results.md"), "--readme", str(readme)]
+    )
     _script().main()
     text = readme.read_text()
     assert "old numbers" not in text and text.startswith("intro\n") and text.endswith("outro\n")

@@ -41,7 +41,7 @@ def main() -> None:
         for r in rows
         if r["kind"] == "general" or r["category"] in recipe.bank.categories
     ]
-    ex = sample_examples(reqs, recipe.bank.categories, recipe.sampler)
+    ex = sample_examples(reqs, recipe.bank.categories, recipe.sampler, recipe.seed)
     neg = [e for e in ex if e.label == "neg"]
     uniq = {e.prompt_id for e in neg}
     print(

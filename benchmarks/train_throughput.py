@@ -171,10 +171,10 @@ def online_teacher(model: Any, tokenizer: Any, batch: list[Example], recipe: Rec
 def run_torch(config: str, recipe: Recipe, batches: list[list[Example]]) -> Result:
     t_start = time.perf_counter()
     with peak_rss(False) as rss:
-        torch.manual_seed(recipe.train.seed)
+        torch.manual_seed(recipe.seed)
         bb = load_backbone(recipe.backbone)  # frozen: requires_grad False, eval mode
         bank = ControlTokenBank.build(recipe.bank, bb.embeddings, bb.tokenizer)
-        opt = torch.optim.Adam([p for p in bank.parameters() if p.requires_grad], lr=recipe.train.lr)
+        opt = torch.optim.Adam([p for p in bank.parameters() if p.requires_grad], lr=recipe.train.phases[0].lr)
         refusal = refusal_target(bb.tokenizer, recipe.loss.refusal_template)
         cache = None
         if config == "torch-prefix-cache":
@@ -228,11 +228,11 @@ def run_peft(recipe: Recipe, batches: list[list[Example]]) -> Result:
 
     t_start = time.perf_counter()
     with peak_rss(False) as rss:
-        torch.manual_seed(recipe.train.seed)
+        torch.manual_seed(recipe.seed)
         bb = load_backbone(recipe.backbone)
         n_virtual = recipe.bank.m * len(recipe.bank.categories)  # as many vectors as the whole bank holds
         model = get_peft_model(bb.model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n_virtual))
-        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=recipe.train.lr)
+        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=recipe.train.phases[0].lr)
         refusal = refusal_target(bb.tokenizer, recipe.loss.refusal_template)
 
         def step(batch: list[Example]) -> int:
@@ -262,7 +262,8 @@ def run_ray(config: str, run: Path, raw: dict[str, Any], rows: Any, batch: int, 
         d / "data" / "examples" / "part-0.parquet",
     )
     (d / "data" / "teacher").symlink_to((run / "data" / "teacher").resolve())
-    train = {**raw["train"], "zero_stage": stage, "num_workers": world, "batch_size": batch, "epochs": 1, "max_steps": None}
+    one_epoch = [{"epochs": 1, "lr": raw["train"]["phases"][0]["lr"]}]
+    train = {**raw["train"], "zero_stage": stage, "num_workers": world, "batch_size": batch, "phases": one_epoch}
     (d / "resolved_config.yaml").write_text(yaml.safe_dump({**raw, "train": train}, sort_keys=False))
     t_start = time.perf_counter()
     with peak_rss(True) as rss:
@@ -316,7 +317,7 @@ def main() -> None:
     if Path(recipe.backbone).expanduser().is_dir():  # a path relative to the working directory, as train.main reads it
         recipe = replace(recipe, backbone=str(Path(recipe.backbone).expanduser().resolve()))
         raw = {**raw, "backbone": recipe.backbone}
-    train_df, _ = load_tables(run, recipe.train.seed)
+    train_df, _ = load_tables(run, recipe.seed)
     n = (1 + a.steps) * a.batch
     if len(train_df) < n:
         ap.error(f"{run} has {len(train_df)} training rows; (1 + {a.steps}) x {a.batch} = {n} needed")

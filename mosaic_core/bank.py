@@ -181,12 +181,13 @@ class ControlTokenBank(CategoryRegistry):
     depth: ClassVar[Depth] = "input"
 
     @classmethod
-    def build(cls, cfg: BankConfig, embeddings: torch.Tensor, tokenizer: Any = None) -> ControlTokenBank:
-        """A bank for `cfg.categories`, initialised by `cfg.init` from the backbone's embeddings (V, d)."""
+    def build(cls, cfg: BankConfig, embeddings: torch.Tensor, tokenizer: Any = None, seed: int = 0) -> ControlTokenBank:
+        """A bank for `cfg.categories`, initialised by `cfg.init` from the backbone's embeddings (V, d); `seed`
+        draws `vocab` / `normal` initialisations."""
         mean_norm = embeddings.detach().float().norm(dim=-1).mean().item()
         max_norm = cfg.max_norm_ratio * mean_norm if cfg.max_norm_ratio else None
         bank = ControlTokenBank(d=embeddings.shape[1], m=cfg.m, placement=cfg.placement, max_norm=max_norm)
-        gen = torch.Generator().manual_seed(cfg.seed)
+        gen = torch.Generator().manual_seed(seed)
         for c in cfg.categories:
             v = init_vectors(embeddings, cfg.m, cfg.init, tokenizer=tokenizer, text=describe(c), generator=gen)
             bank.add(c, v)

@@ -1,7 +1,8 @@
 """The recipe: one YAML file (pipelines/configs/<backbone>/<recipe>.yaml) parsed into the frozen sections of
 mosaic_core.sections, put together in a Recipe that runs `validate` -- every rule spanning fields or sections -- on
 construction. Every problem is reported together (`ConfigError.problems`). Pipelines parse YAML with `load_recipe`;
-Ray workers receive `Recipe.to_dict()` and rebuild it with `from_dict`."""
+Ray workers receive `Recipe.to_dict()` and rebuild it with `from_dict`. A recipe names its evaluation budget
+(`eval`); the budget itself (EvalBudget) is read by the evaluation stage."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from mosaic_core.errors import ConfigError
 from mosaic_core.sections import (
     DEFAULT_REFUSAL,
     BankConfig,
+    Decision,
     DecisionLoss,
     Depth,
-    EvalSettings,
+    EvalBudget,
     GateConfig,
     InitMethod,
     LossConfig,
@@ -29,14 +31,16 @@ from mosaic_core.sections import (
     TeacherConfig,
     TrainConfig,
     _phases,
+    with_overrides,
 )
 
 __all__ = [
     "DEFAULT_REFUSAL",
     "BankConfig",
+    "Decision",
     "DecisionLoss",
     "Depth",
-    "EvalSettings",
+    "EvalBudget",
     "GateConfig",
     "InitMethod",
     "LossConfig",
@@ -53,6 +57,7 @@ __all__ = [
     "load_recipe",
     "recipe_from_dict",
     "validate",
+    "with_overrides",
 ]
 
 T = TypeVar("T")
@@ -74,6 +79,12 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
                 v = from_dict(NegMix, dict(v))
             except ConfigError as e:
                 problems += [f"neg_mix.{p}" for p in e.problems]
+                continue
+        elif cls is LossConfig and k == "decision" and isinstance(v, Mapping):
+            try:
+                v = from_dict(Decision, dict(v))
+            except ConfigError as e:
+                problems += [f"decision.{p}" for p in e.problems]
                 continue
         elif cls is TrainConfig and k == "phases":
             v, bad = _phases(v)
@@ -111,6 +122,11 @@ class Recipe:
     """HF id, local dir, or the embedded default."""
     benchmark: str = "data/mosaic-bench"
     """Benchmark JSONL file/dir or parquet, local path or fsspec URI."""
+    seed: int = 0
+    """The run's one seed: bank initialisation, example sampling (draw d: seed + 1000 d), shuffling."""
+    eval: str = "cpu"
+    """The evaluation budget `mosaic run` and `mosaic eval --run` use: a name in pipelines/configs/eval/ or a
+    YAML file of EvalBudget keys."""
     bank: BankConfig
     """Categories, m, init, placement."""
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
@@ -121,8 +137,6 @@ class Recipe:
     """Counterfactual teacher generation."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimisation."""
-    eval: EvalSettings = field(default_factory=EvalSettings)
-    """Evaluation budget."""
     gate: GateConfig = field(default_factory=GateConfig)
     """Module gates (none by default)."""
 
@@ -140,9 +154,10 @@ class Recipe:
         start = 0
         for p in self.train.phases:
             if epoch < start + p.epochs:
-                return dataclasses.replace(self.loss, **p.loss), float(self.train.lr if p.lr is None else p.lr)
+                return with_overrides(self.loss, p.loss), float(p.lr)
             start += p.epochs
-        return self.loss, self.train.lr
+        last = self.train.phases[-1]
+        return with_overrides(self.loss, last.loss), float(last.lr)
 
 
 def validate(recipe: Recipe, ds_config: Mapping[str, Any] | None = None) -> list[str]:
@@ -168,21 +183,15 @@ def validate(recipe: Recipe, ds_config: Mapping[str, Any] | None = None) -> list
     ):
         if on and stage == 3:
             problems.append(f"{key} needs ZeRO stage 1 or 2 ({whose})")
-    if train.phases and sum(p.epochs for p in train.phases) != train.epochs:
-        problems.append(
-            f"train.phases: their epochs add up to {sum(p.epochs for p in train.phases)}, train.epochs is {train.epochs}"
-        )
-    for where, phase_loss in (("loss", loss), *((f"train.phases[{i}].loss", p.loss) for i, p in enumerate(train.phases))):
+    for i, p in enumerate(train.phases):
         try:
-            cfg = loss if phase_loss is loss else dataclasses.replace(loss, **phase_loss)
+            with_overrides(loss, p.loss)
         except ConfigError as e:
-            problems.extend(f"{where}.{q}" for q in e.problems)
-            continue
+            problems.extend(f"train.phases[{i}].loss.{q}" for q in e.problems)
         except TypeError as e:  # an unknown loss key
-            problems.append(f"{where}: {e}")
-            continue
-        if cfg.ce_weight == 0 and cfg.decision_weight == 0:
-            problems.append(f"{where}.ce_weight: 0 needs decision_weight > 0 (otherwise positives train on nothing)")
+            problems.append(f"train.phases[{i}].loss: {e}")
+    if not recipe.eval.strip():
+        problems.append("eval: name an evaluation budget (pipelines/configs/eval/<name>.yaml) or a YAML file")
     return problems
 
 
@@ -192,7 +201,6 @@ _SECTIONS: dict[str, type] = {
     "loss": LossConfig,
     "teacher": TeacherConfig,
     "train": TrainConfig,
-    "eval": EvalSettings,
     "gate": GateConfig,
 }
 
@@ -200,29 +208,86 @@ _SECTIONS: dict[str, type] = {
 RETIRED: dict[str, frozenset[str]] = {
     "bank": frozenset({"init_scale"}),
     "loss": frozenset({"neg_weight_by_source", "refusal_tokens"}),
-    "eval": frozenset({"fast_rule", "threshold"}),
 }
 """Keys that have left the schema, dropped with a warning where an older run's resolved_config.yaml still holds them
 (its bank can still be evaluated and served); any other unknown key is an error."""
+
+_OLD_DECISION = {"decision": "kind", "decision_weight": "weight", "decision_tokens": "tokens", "margin_delta": "delta"}
+
+
+def _old_loss(loss: dict[str, Any], notes: list[str], problems: list[str], where: str) -> dict[str, Any]:
+    """A loss mapping (or a phase's overrides) of the flat decision keys and `ce_weight`, in today's shape."""
+    loss = dict(loss)
+    flat = {new: loss.pop(old) for old, new in _OLD_DECISION.items() if old in loss and not isinstance(loss[old], dict)}
+    if flat:
+        loss["decision"] = flat
+        notes.append(f"{where}.decision_* -> {where}.decision")
+    if "ce_weight" in loss:
+        if loss.pop("ce_weight") != 1.0:
+            problems.append(f"{where}.ce_weight: left the schema (the cross-entropy terms weigh 1); this run cannot load")
+        notes.append(f"{where}.ce_weight")
+    return loss
+
+
+def migrate(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str], list[str]]:
+    """An older run's resolved_config.yaml in today's shape: (raw, what moved or went, what cannot be carried over).
+    One seed for the three sections' seeds, the schedule in `train.phases`, the decision loss as one mapping, the
+    evaluation budget by name (an inline one is replaced by the default budget)."""
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    notes: list[str] = []
+    problems: list[str] = []
+    for key, gone in RETIRED.items():
+        section = raw.get(key)
+        if isinstance(section, dict) and gone & set(section):
+            notes += [f"{key}.{k}" for k in sorted(gone & set(section))]
+            raw[key] = {k: v for k, v in section.items() if k not in gone}
+    seeds = {
+        f"{k}.seed": raw[k].pop("seed") for k in ("bank", "sampler", "train") if isinstance(raw.get(k), dict) and "seed" in raw[k]
+    }
+    if seeds:
+        if len(set(seeds.values())) > 1:
+            problems.append(f"{', '.join(seeds)}: differ ({sorted(set(seeds.values()))}); a recipe has one seed now")
+        raw.setdefault("seed", next(iter(seeds.values())))
+        notes.append(f"{', '.join(seeds)} -> seed")
+    sampler = raw.get("sampler")
+    if isinstance(sampler, dict) and "neg_ratio" in sampler:
+        if sampler.pop("neg_ratio") != 1.0:
+            problems.append("sampler.neg_ratio: left the schema (one negative per positive); this run cannot load")
+        notes.append("sampler.neg_ratio")
+    if isinstance(raw.get("loss"), dict):
+        raw["loss"] = _old_loss(raw["loss"], notes, problems, "loss")
+    train = raw.get("train")
+    if isinstance(train, dict) and ({"epochs", "lr", "max_steps", "report_every"} & set(train)):
+        epochs, lr = train.pop("epochs", 8), train.pop("lr", 0.01)
+        for k in ("max_steps", "report_every"):
+            if train.pop(k, None) is not None:
+                notes.append(f"train.{k} (now a `mosaic train` option)")
+        phases = train.get("phases") or [{"epochs": epochs}]
+        if sum(int(p.get("epochs") or 0) for p in phases) != epochs:
+            problems.append(f"train.epochs: {epochs}, but the schedule is train.phases now (their epochs add up)")
+        train["phases"] = [
+            {**p, "lr": lr if p.get("lr") is None else p["lr"]}
+            | ({"loss": _old_loss(p["loss"], notes, problems, f"train.phases[{i}].loss")} if p.get("loss") else {})
+            for i, p in enumerate(phases)
+        ]
+        notes.append("train.epochs, train.lr -> train.phases")
+    if isinstance(raw.get("eval"), dict):
+        raw.pop("eval")
+        notes.append("eval (an inline budget: the default budget now)")
+    return raw, notes, problems
 
 
 def recipe_from_dict(raw: dict[str, Any], where: str = "recipe") -> Recipe:
     """Build a Recipe from plain data (parsed YAML), reporting every problem of every section at once."""
     import warnings
 
-    problems: list[str] = []
-    dropped = []
-    for key, gone in RETIRED.items():
-        section = raw.get(key)
-        if isinstance(section, dict) and gone & set(section):
-            dropped += [f"{key}.{k}" for k in sorted(gone & set(section))]
-            raw = {**raw, key: {k: v for k, v in section.items() if k not in gone}}
-    if dropped:
-        warnings.warn(f"{where}: {', '.join(dropped)} left the schema: ignored", stacklevel=2)
+    raw, moved, problems = migrate(raw)
+    if moved:
+        warnings.warn(f"{where}: written by an older mosaic: {'; '.join(moved)}", stacklevel=2)
     top = {f.name for f in dataclasses.fields(Recipe)}
     for k in sorted(set(raw) - top):
         problems.append(f"{k}: unknown key (known: {sorted(top)})")
-    built: dict[str, Any] = {k: raw[k] for k in ("name", "backbone", "benchmark") if k in raw}
+    built: dict[str, Any] = {k: raw[k] for k in ("name", "backbone", "benchmark", "seed", "eval") if k in raw}
     if "name" not in raw:
         problems.append("name: required")
     for key, cls in _SECTIONS.items():
@@ -246,7 +311,7 @@ def recipe_from_dict(raw: dict[str, Any], where: str = "recipe") -> Recipe:
 
 
 def load_recipe(path: str | Any, overrides: dict[str, Any] | None = None) -> Recipe:
-    """Parse a YAML recipe; `overrides` maps dotted keys (`train.epochs`) to values applied before validation."""
+    """Parse a YAML recipe; `overrides` maps dotted keys (`bank.m`) to values applied before validation."""
     import copy
     from pathlib import Path
 

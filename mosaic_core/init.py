@@ -42,21 +42,27 @@ def deep_from_input_bank(model: Any, tokenizer: Any, bank: ControlTokenBank, pro
     return deep
 
 
-def build_bank(cfg: BankConfig, embeddings: torch.Tensor, tokenizer: Any = None, model: Any = None) -> Bank:
-    """A fresh bank as `cfg` describes it. `depth: deep`: the input bank `cfg.init` gives, turned deep over the
+def build_bank(cfg: BankConfig, embeddings: torch.Tensor, tokenizer: Any = None, model: Any = None, seed: int = 0) -> Bank:
+    """A fresh bank as `cfg` describes it (`seed`: for `vocab` / `normal` initialisation). `depth: deep`: the input bank `cfg.init` gives, turned deep over the
     categories' own descriptions as prompts -- requests of every category, so no module starts tuned to one."""
     if cfg.depth != "deep":
-        return ControlTokenBank.build(cfg, embeddings, tokenizer)
+        return ControlTokenBank.build(cfg, embeddings, tokenizer, seed)
     if model is None:
         raise ValueError("a deep bank is built from the backbone's keys and values: pass model=")
-    flat = ControlTokenBank.build(dataclasses.replace(cfg, depth="input", positions="shift"), embeddings, tokenizer)
+    flat = ControlTokenBank.build(dataclasses.replace(cfg, depth="input", positions="shift"), embeddings, tokenizer, seed)
     deep = deep_from_input_bank(model, tokenizer, flat, [describe(c) for c in cfg.categories])
     deep.positions = cfg.positions
     return deep
 
 
 def extend_bank(
-    bank: Bank, add: Sequence[str], cfg: BankConfig, embeddings: torch.Tensor, tokenizer: Any, model: Any = None
+    bank: Bank,
+    add: Sequence[str],
+    cfg: BankConfig,
+    embeddings: torch.Tensor,
+    tokenizer: Any,
+    model: Any = None,
+    seed: int = 0,
 ) -> Bank:
     """Incremental expansion: freeze every module of the trained `bank` and append `add`, initialised per `cfg`
     (deep modules over the whole bank's descriptions). Only the new modules train."""
@@ -65,7 +71,7 @@ def extend_bank(
             f"the bank holds {bank.depth} tokens; the recipe's bank.depth is {cfg.depth}: new modules must be of the bank's depth"
         )
     bank.freeze()
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(seed)
     for c in add:
         v = init_vectors(embeddings, bank.m, cfg.init, tokenizer=tokenizer, text=describe(c), generator=gen)
         if bank.depth == "deep":

@@ -2,7 +2,7 @@
 
 Subsets are grouped by order r = |S|. Every order gets the same total, N1 = per_subset * K (the first order's),
 split evenly over its subsets: N1 // C(K, r) positives per subset. So no order outweighs another, and all K on (one
-subset, the children's-app case) gets a whole order's budget instead of one subset's share. Negatives 1:1 (neg_ratio), drawn from targets of categories not in S, general requests, and
+subset, the children's-app case) gets a whole order's budget instead of one subset's share. Negatives 1:1, drawn from targets of categories not in S, general requests, and
 the look-alikes of S's categories. Deterministic under the seed; `sample_draws` makes `draws` such samples."""
 
 from __future__ import annotations
@@ -97,9 +97,9 @@ def _eid(*parts: object) -> str:
     return hashlib.sha1("|".join(map(str, parts)).encode()).hexdigest()[:16]
 
 
-def sample_examples(requests: Sequence[Request], categories: Sequence[str], cfg: SamplerConfig) -> list[Example]:
+def sample_examples(requests: Sequence[Request], categories: Sequence[str], cfg: SamplerConfig, seed: int = 0) -> list[Example]:
     """All examples for every subset of every order, in a deterministic order (orders interleaved later)."""
-    rng = random.Random(cfg.seed)
+    rng = random.Random(seed)
     cats = list(categories)
     targets = {c: _Pool([q for q in requests if q.kind == "target" and q.category == c], rng) for c in cats}
     looks = {c: _Pool([q for q in requests if q.kind == "lookalike" and q.category == c], rng) for c in cats}
@@ -121,8 +121,7 @@ def sample_examples(requests: Sequence[Request], categories: Sequence[str], cfg:
             for j in range(n_pos):
                 q = targets[subset[j % r]].draw()  # round-robin over S's categories
                 out.append(Example(_eid(subset, "pos", j, q.id), q.id, q.prompt, subset, r, "pos", q.kind, q.category, "target"))
-            n_neg = round(n_pos * cfg.neg_ratio)
-            for j in range(n_neg if names else 0):
+            for j in range(n_pos if names else 0):  # one negative per positive (the paper; more did not help)
                 src = rng.choices(names, weights)[0]
                 if src == "inactive":
                     q = targets[inactive[rng.randrange(len(inactive))]].draw()
@@ -135,13 +134,13 @@ def sample_examples(requests: Sequence[Request], categories: Sequence[str], cfg:
     return out
 
 
-def sample_draws(requests: Sequence[Request], categories: Sequence[str], cfg: SamplerConfig) -> list[Example]:
+def sample_draws(requests: Sequence[Request], categories: Sequence[str], cfg: SamplerConfig, seed: int = 0) -> list[Example]:
     """cfg.draws independent samples, each example tagged with its draw d (0 .. draws - 1, what training's epochs
-    read): draw d is sample_examples with seed cfg.seed + 1000 d (draw 0 is sample_examples(cfg) itself, ids
+    read): draw d is sample_examples with seed `seed` + 1000 d (draw 0 is sample_examples(cfg, seed) itself, ids
     included); other draws' ids carry d, so the same request under the same subset in two draws is two examples."""
     out: list[Example] = []
     for d in range(cfg.draws):
-        ex = sample_examples(requests, categories, replace(cfg, seed=cfg.seed + 1000 * d))
+        ex = sample_examples(requests, categories, cfg, seed + 1000 * d)
         out += ex if d == 0 else [replace(e, example_id=_eid(e.example_id, d), draw=d) for e in ex]
     return out
 

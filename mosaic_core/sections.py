@@ -1,12 +1,12 @@
-"""The recipe's sections (`bank`, `sampler`, `loss`, `teacher`, `gate`, `train`, `eval`): frozen, typed, each
-checking its own fields on construction and reporting every problem together (`ConfigError.problems`). Rules that
-span fields or sections, and the Recipe that puts the sections together, are in mosaic_core.config."""
+"""The recipe's sections (`bank`, `sampler`, `loss`, `teacher`, `gate`, `train`) and the evaluation budget: frozen,
+typed, each checking its own fields on construction and reporting every problem together (`ConfigError.problems`).
+Rules that span fields or sections, and the Recipe that puts the sections together, are in mosaic_core.config."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Literal, get_args
 
@@ -39,8 +39,6 @@ class BankConfig:
     user turn, right before the assistant header, so the vectors attend to the request."""
     max_norm_ratio: float | None = 1.25
     """Cap each vector's L2 norm at this multiple of the mean embedding-row norm (None: no cap)."""
-    seed: int = 0
-    """Seed for `vocab` / `normal` initialisation."""
     depth: Depth = "input"
     """`input`: a module's m tokens are rows of the input embedding (the paper); `deep`: they are m positions of
     the KV cache written at every layer (a key before RoPE and a value per key/value head: prefix tuning), so the
@@ -104,14 +102,10 @@ class SamplerConfig:
     subsets (N1 // C(K, r) each; all K on gets N1)."""
     max_order: int = 3
     """Largest active-set size sampled (the paper trains orders 1-4)."""
-    neg_ratio: float = 1.0
-    """Negatives per positive (the paper: 1:1; more does not help)."""
     neg_mix: NegMix = NegMix(inactive=0.4, general=0.3, lookalike=0.3)
     """Relative weight of each negative source, `{inactive, general, lookalike}` (see NegMix)."""
-    seed: int = 0
-    """Seed: the same inputs and seed give the same examples, row for row."""
     draws: int = 1
-    """Independent draws of the training examples (draw d: seed + 1000 d); epoch e trains on draw e mod draws, so
+    """Independent draws of the training examples (draw d: the recipe's seed + 1000 d); epoch e trains on draw e mod draws, so
     later epochs see other requests of the train split at the same epoch size (deep tokens overfit one fixed draw:
     BENCHMARKS.md). The teacher answers every draw's negatives once."""
     framed_share: float = 0.0
@@ -136,8 +130,6 @@ class SamplerConfig:
             problems.append(f"per_subset: {self.per_subset} must be >= 1")
         if self.max_order < 1:
             problems.append(f"max_order: {self.max_order} must be >= 1")
-        if not 0 <= self.neg_ratio <= 10:
-            problems.append(f"neg_ratio: {self.neg_ratio} must be in [0, 10]")
         if not isinstance(self.neg_mix, NegMix):
             problems.append(f"neg_mix: {self.neg_mix!r} must be a mapping of {list(get_args(NegSource))} to weights")
         if problems:
@@ -145,8 +137,42 @@ class SamplerConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Decision:
+    """The refusal-decision term of the loss (`loss.decision`; beyond the paper, whose loss is `weight: 0`): it puts
+    the weight on where the refusal is decided -- its first tokens, which evaluation's greedy flag reads -- instead
+    of spreading it over every token of the refusal."""
+
+    kind: DecisionLoss = "bce"
+    """`bce`: binary CE on p = exp(mean log-prob of the refusal's first `tokens` tokens); positives push p up,
+    negatives (one extra short probe row each) push it down. `margin`: softplus margins on the flag itself --
+    positives: each of the first `tokens` refusal tokens beats the best other token by `delta`; negatives: the
+    weakest loses by it, except where the teacher's own answer starts with the refusal (there the base model
+    refuses, and that is the target). What made deep tokens selective (docs/experiments/deep-prompt-probe.md)."""
+    weight: float = 0.0
+    """Its weight beside the cross-entropy terms; 0: off (the paper's loss)."""
+    tokens: int = 4
+    """Refusal tokens it covers (evaluation's greedy flag reads 3)."""
+    delta: float = 2.0
+    """Logit margin of `kind: margin`."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.kind not in get_args(DecisionLoss):
+            problems.append(f"kind: {self.kind!r} must be one of {get_args(DecisionLoss)}")
+        if not 0 <= self.weight <= 100:
+            problems.append(f"weight: {self.weight} must be in [0, 100]")
+        if not 1 <= self.tokens <= 64:
+            problems.append(f"tokens: {self.tokens} must be in 1..64")
+        if not 0 <= self.delta <= 50:
+            problems.append(f"delta: {self.delta} must be in [0, 50]")
+        if problems:
+            raise ConfigError(problems, "Decision")
+
+
+@dataclass(frozen=True, kw_only=True)
 class LossConfig:
-    """The loss (docs/architecture.md): positives -> CE on the refusal; negatives -> CE on the teacher answer + lambda*KL."""
+    """The loss (docs/architecture.md): positives -> CE on the refusal; negatives -> CE on the teacher answer +
+    lambda * KL; both + the refusal decision term."""
 
     refusal_template: str = DEFAULT_REFUSAL
     """The one refusal text: training target for positives and what the template judge matches."""
@@ -154,43 +180,18 @@ class LossConfig:
     """Weight of the forward KL(teacher || student) on negatives (the paper: 1.0; 0.8-1.2 best)."""
     topk: int = 16
     """Teacher log-probs kept per response position; the rest of the mass is one tail bucket."""
-    decision_weight: float = 0.0
-    """Weight of the refusal-decision loss (beyond the paper; 0 = the paper's loss): binary CE on the
-    probability of starting the refusal, p = exp(mean log-prob of its first `decision_tokens` tokens) --
-    the fast score of evaluation. Positives push p up, negatives (one extra short probe row each) push it
-    down. It puts the weight on where the refusal is decided instead of spreading it over every token."""
-    decision_tokens: int = 4
-    """Refusal tokens the decision loss covers (evaluation's greedy flag reads 3)."""
-    decision: DecisionLoss = "bce"
-    """`bce`: the binary CE above. `margin`: softplus margins on the flag itself -- positives: each of the first
-    `decision_tokens` refusal tokens beats the best other token by `margin_delta`; negatives: the weakest loses by
-    it, except where the teacher's own answer starts with the refusal (there the base model refuses, and that is
-    the target). What made deep tokens selective (docs/experiments/deep-prompt-probe.md)."""
-    margin_delta: float = 2.0
-    """Logit margin of `decision: margin`."""
+    decision: Decision = Decision()
+    """`{kind, weight, tokens, delta}`: see Decision."""
     pos_weight: float = 1.0
     """Weight of positives' loss (CE + decision) against negatives': > 1 trades OR for DSR."""
     max_answer_tokens: int = 0
     """Train negatives on the teacher answer's first N tokens only (0 = all of them): CPU recipes trade the
     tail of the answer for steps, since the refusal is decided in the first tokens."""
-    ce_weight: float = 1.0
-    """Weight of the cross-entropy terms (positives' CE on the refusal, negatives' CE on the teacher answer). 0 with
-    the margin decision loss: positives train only the margins and negatives only the KL and the keep-off margin --
-    the loss of the deep prompt probe's `--loss first` (docs/experiments/deep-prompt-probe.md).
-    CE keeps pushing a refusal already the argmax, so with pos_weight > 1 it adds refusal everywhere at once."""
 
     def __post_init__(self) -> None:
         problems = []
-        if not 0 <= self.ce_weight <= 100:
-            problems.append(f"ce_weight: {self.ce_weight} must be in [0, 100]")
-        if not 0 <= self.decision_weight <= 100:
-            problems.append(f"decision_weight: {self.decision_weight} must be in [0, 100]")
-        if not 1 <= self.decision_tokens <= 64:
-            problems.append(f"decision_tokens: {self.decision_tokens} must be in 1..64")
-        if self.decision not in get_args(DecisionLoss):
-            problems.append(f"decision: {self.decision!r} must be one of {get_args(DecisionLoss)}")
-        if not 0 <= self.margin_delta <= 50:
-            problems.append(f"margin_delta: {self.margin_delta} must be in [0, 50]")
+        if not isinstance(self.decision, Decision):
+            problems.append(f"decision: {self.decision!r} must be a mapping {{kind, weight, tokens, delta}}")
         if not 0 < self.pos_weight <= 100:
             problems.append(f"pos_weight: {self.pos_weight} must be in (0, 100]")
         if self.max_answer_tokens < 0:
@@ -270,16 +271,17 @@ class Phase:
 
     epochs: int
     """Epochs the phase lasts."""
-    lr: float | None = None
-    """Its learning rate; null: `train.lr`."""
+    lr: float
+    """Its Adam learning rate (the paper: 0.01)."""
     loss: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
-    """`loss` keys this phase sets to other values (read-only); checked against the loss section by `validate`."""
+    """`loss` keys this phase sets to other values (read-only; `decision` a mapping of the Decision keys it
+    changes); checked against the loss section by `validate`."""
 
     def __post_init__(self) -> None:
         problems = []
         if not isinstance(self.epochs, int) or self.epochs < 1:
             problems.append(f"epochs: {self.epochs!r} must be an integer >= 1")
-        if self.lr is not None and not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
+        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
             problems.append(f"lr: {self.lr!r} must be in (0, 1)")
         if not isinstance(self.loss, MappingProxyType):
             problems.append("loss: must be a read-only mapping of loss keys (types.MappingProxyType; from_dict converts YAML)")
@@ -290,18 +292,32 @@ class Phase:
             raise ConfigError(problems, "Phase")
 
 
+def with_overrides(loss: LossConfig, overrides: Mapping[str, Any]) -> LossConfig:
+    """`loss` with a phase's overrides applied (`decision` merged key by key); ConfigError/TypeError as the
+    constructors raise them."""
+    over = dict(overrides)
+    if isinstance(over.get("decision"), Mapping):
+        over["decision"] = replace(loss.decision, **over["decision"])
+    return replace(loss, **over)
+
+
 def _phases(raw: Any) -> tuple[tuple[Phase, ...], list[str]]:
     """`train.phases` from plain data, and what is wrong with it (each problem prefixed `phases[i]`)."""
     if isinstance(raw, tuple) and all(isinstance(p, Phase) for p in raw):
         return raw, []
     if not isinstance(raw, (list, tuple)) or not all(isinstance(p, Mapping) for p in raw):
         return (), [f"phases: {raw!r} must be a list of mappings {{epochs, lr, loss}}"]
+    if not raw:
+        return (), ["phases: at least one phase {epochs, lr} is required"]
     phases, problems = [], []
     for i, p in enumerate(raw):
         unknown = sorted(set(p) - {"epochs", "lr", "loss"})
         if unknown:
             problems.append(f"phases[{i}]: unknown keys {unknown} (known: epochs, lr, loss)")
         loss = p.get("loss") or {}
+        if "lr" not in p:
+            problems.append(f"phases[{i}]: lr is required")
+            continue
         try:
             loss = MappingProxyType(dict(loss)) if isinstance(loss, Mapping) else loss
             phases.append(Phase(epochs=p.get("epochs"), lr=p.get("lr"), loss=loss))
@@ -314,26 +330,18 @@ def _phases(raw: Any) -> tuple[tuple[Phase, ...], list[str]]:
 class TrainConfig:
     """Optimisation of the token bank (the backbone never trains)."""
 
-    epochs: int = 8
-    """Passes over the sampled examples (the paper: 8)."""
+    phases: tuple[Phase, ...] = (Phase(epochs=8, lr=0.01),)
+    """The schedule: consecutive phases, each `{epochs: N, lr: X, loss: {overrides}}` (the paper: one phase of 8
+    epochs at 0.01). An epoch trains with `loss` updated by its phase's overrides and at its phase's learning rate,
+    e.g. a lower rate for the last epochs. Resuming picks the phase from the epoch."""
     batch_size: int = 16
     """Global batch (split over workers)."""
-    lr: float = 0.01
-    """Adam learning rate (the paper: 0.01)."""
     num_workers: int = 2
     """Ray Train workers (data parallel)."""
     zero_stage: int = 2
     """DeepSpeed ZeRO stage: 1, 2, or 3 for backbones that must be sharded."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """bf16 on GPU; fp32 (or bf16 with AMX) on CPU."""
-    max_steps: int | None = None
-    """Stop after this many optimizer steps (smoke tests); None = all epochs."""
-    report_every: int = 20
-    """Steps between per-step `ray.train.report` calls (every epoch's checkpoint is reported regardless). Ray Train
-    takes one report per worker per health-check poll (2 s) and `report` waits for the previous one to be taken, so
-    reporting every step caps fast steps (GPU) near one per 2 s. MLflow still gets every step from rank 0."""
-    seed: int = 0
-    """Shuffling and initialisation seed."""
     ema: float = 0.0
     """> 0: validate, keep and save an exponential moving average of the bank's trainable modules (this decay per
     step) instead of the raw parameters the optimizer moves -- steadier banks when validation swings from epoch to
@@ -341,18 +349,17 @@ class TrainConfig:
     val_examples: int = 64
     """Validation examples scored after every epoch (half positives, half negatives, as the val split has them):
     the best epoch is chosen on these; more rows, a steadier choice (64 rows: about 6 points of noise)."""
-    phases: tuple[Phase, ...] = ()
-    """A schedule inside the one recipe: consecutive phases, each `{epochs: N, lr: optional, loss: {overrides}}`,
-    whose epochs add up to `epochs`. An epoch trains with `loss` updated by its phase's overrides and at its phase's
-    learning rate (else `lr`), e.g. the refusal decision alone on the answer's first position for most epochs (cheap
-    steps, where selectivity is learned), then the whole answer's KL at a lower rate (what keeps answers). Empty: one
-    phase, the recipe's `loss` and `lr` throughout. Resuming picks the phase from the epoch."""
     request_dropout: float = 0.0
     """> 0: each positive training row hides this share of its request's tokens from the control block and the answer
     (a new draw every step; negatives, whose target is the teacher's answer to the whole request, validation and the
     teacher see whole requests): augmentation against modules that memorise the
     train split's words (BENCHMARKS.md: a deep bank meets the targets on its train requests, not on test ones). Needs
     the prefix cache: placement before_assistant, zero_stage 1 or 2."""
+
+    @property
+    def epochs(self) -> int:
+        """Epochs in all: the phases' sum."""
+        return sum(p.epochs for p in self.phases)
 
     def __post_init__(self) -> None:
         problems = []
@@ -362,31 +369,24 @@ class TrainConfig:
             problems.append(f"val_examples: {self.val_examples} must be in [2, 100000]")
         if not 0 <= self.ema < 1:
             problems.append(f"ema: {self.ema} must be in [0, 1)")
-        if self.report_every < 1:
-            problems.append(f"report_every: {self.report_every} must be >= 1")
-        if self.epochs < 1:
-            problems.append(f"epochs: {self.epochs} must be >= 1")
         if self.batch_size < 1:
             problems.append(f"batch_size: {self.batch_size} must be >= 1")
-        if not 0 < self.lr < 1:
-            problems.append(f"lr: {self.lr} must be in (0, 1)")
         if self.num_workers < 1:
             problems.append(f"num_workers: {self.num_workers} must be >= 1")
         if self.zero_stage not in (1, 2, 3):
             problems.append(f"zero_stage: {self.zero_stage} must be 1, 2 or 3")
-        if not isinstance(self.phases, tuple) or not all(isinstance(p, Phase) for p in self.phases):
+        if not self.phases or not isinstance(self.phases, tuple) or not all(isinstance(p, Phase) for p in self.phases):
             problems.append(f"phases: {self.phases!r} must be a tuple of Phase (from plain data: mosaic_core.config.from_dict)")
         if self.precision not in ("fp32", "bf16"):
             problems.append(f"precision: {self.precision!r} must be fp32 or bf16")
-        if self.max_steps is not None and self.max_steps < 1:
-            problems.append(f"max_steps: {self.max_steps} must be >= 1 or null")
         if problems:
             raise ConfigError(problems, "TrainConfig")
 
 
 @dataclass(frozen=True, kw_only=True)
-class EvalSettings:
-    """How much evaluation to do: every rate is measured, the caps only bound the requests per cell (CPU)."""
+class EvalBudget:
+    """How much evaluation to do (`mosaic eval --budget`, a recipe's `eval`): every rate is measured, the caps only
+    bound the requests per cell. Named budgets are YAML files in pipelines/configs/eval/."""
 
     max_order: int = 5
     """Orders 1..max_order (the paper's Table 1: 1-4; 5 = all five on, the children's-app case)."""
@@ -460,4 +460,4 @@ class EvalSettings:
         if not 1 <= self.fast_tokens <= 64:
             problems.append(f"fast_tokens: {self.fast_tokens} must be in 1..64")
         if problems:
-            raise ConfigError(problems, "EvalSettings")
+            raise ConfigError(problems, "EvalBudget")

@@ -2,9 +2,9 @@
 Train + DeepSpeed worker and the benchmarks both call it).
 
 Positives (label `pos`): CE on the refusal template (+ EOS). Negatives (`neg`): CE on the teacher's answer +
-lambda * KL(teacher || student) at every answer position (top-k + tail bucket). With `decision_weight` > 0, every
+lambda * KL(teacher || student) at every answer position (top-k + tail bucket). With `decision.weight` > 0, every
 row also gets a decision loss on starting the refusal (negatives through one short probe row each: prompt + tokens
-+ the refusal's first tokens): a binary CE on its probability, or (`decision: margin`) softplus margins on the
++ the refusal's first tokens): a binary CE on its probability, or (`decision.kind: margin`) softplus margins on the
 greedy flag itself. `pos_weight` scales the positives' rows; `max_answer_tokens` cuts negatives' targets to their
 first tokens. `BankEMA`: a moving average of the trainable modules."""
 
@@ -91,17 +91,18 @@ def batch_loss(
     per_row = torch.zeros(len(examples), device=logits.device)
     stats = {"pos_ce": torch.tensor(0.0), "neg_ce": torch.tensor(0.0), "kl": torch.tensor(0.0), "decision": torch.tensor(0.0)}
     tokens = batch.attention_mask.sum().detach()  # the rows' real tokens, cached or not
-    decide, n_dec = loss_cfg.decision_weight > 0, loss_cfg.decision_tokens
+    decision = loss_cfg.decision
+    decide, n_dec = decision.weight > 0, decision.tokens
     dec = torch.zeros(len(examples), device=logits.device)
-    margin = loss_cfg.decision == "margin"
+    margin = decision.kind == "margin"
     if is_pos.any():
         idx = is_pos.nonzero().squeeze(-1)
         ce = masked_ce(logits[idx], tgt[idx], mask[idx])
-        per_row = per_row.index_put((idx,), loss_cfg.ce_weight * ce)
+        per_row = per_row.index_put((idx,), ce)
         stats["pos_ce"] = ce.detach().mean()
         if decide and margin:
             m = margins(logits[idx, :n_dec], tgt[idx, :n_dec])
-            dec = dec.index_put((idx,), decision_margin(m, torch.ones_like(idx, dtype=torch.bool), loss_cfg.margin_delta))
+            dec = dec.index_put((idx,), decision_margin(m, torch.ones_like(idx, dtype=torch.bool), decision.delta))
         elif decide:  # -log p(refusal's first n tokens) = their mean CE
             dec = dec.index_put((idx,), masked_ce(logits[idx, :n_dec], tgt[idx, :n_dec], mask[idx, :n_dec]))
     if (~is_pos).any():
@@ -110,7 +111,7 @@ def batch_loss(
         k = len(neg[0]["topk_ids"][0])
         top_ids = _padded([e["topk_ids"] for e in neg], k, torch.long).to(logits.device)
         top_lp = _padded([e["topk_logprobs"] for e in neg], k, torch.float32).to(logits.device)
-        loss, ce, kl = negative_loss(logits[idx], tgt[idx], mask[idx], top_ids, top_lp, loss_cfg.kl_lambda, loss_cfg.ce_weight)
+        loss, ce, kl = negative_loss(logits[idx], tgt[idx], mask[idx], top_ids, top_lp, loss_cfg.kl_lambda)
         per_row = per_row.index_put((idx,), loss)
         stats["neg_ce"], stats["kl"] = ce.detach().mean(), kl.detach().mean()
         if decide:  # the probe rows: same context, the refusal's first tokens as the continuation to score
@@ -130,13 +131,13 @@ def batch_loss(
             no = torch.zeros_like(idx, dtype=torch.bool)
             if margin:  # where the teacher itself refuses, its refusal is the target: no push off it
                 own = torch.tensor([list(e["response_ids"][:n_dec]) == list(refusal_ids[:n_dec]) for e in neg], device=no.device)
-                keep_off = decision_margin(margins(p_logits, p_tgt), no, loss_cfg.margin_delta).masked_fill(own, 0.0)
+                keep_off = decision_margin(margins(p_logits, p_tgt), no, decision.delta).masked_fill(own, 0.0)
                 dec = dec.index_put((idx,), keep_off)
             else:
                 dec = dec.index_put((idx,), decision_bce(-masked_ce(p_logits, p_tgt, p_mask), no))
             tokens = tokens + probe.attention_mask.sum().detach()
     if decide:
-        per_row = per_row + loss_cfg.decision_weight * dec
+        per_row = per_row + decision.weight * dec
         stats["decision"] = dec.detach().mean()
     if loss_cfg.pos_weight != 1.0:
         per_row = per_row * torch.where(is_pos, loss_cfg.pos_weight, 1.0).to(per_row.device)

@@ -9,7 +9,7 @@ split (teacher-forced refusal probability, positives vs negatives) and save a ch
 files (each rank writes its ZeRO optimizer partition; Ray merges them into one directory) plus, from rank 0,
 the bank, the best bank so far and `state.json`. A restarted worker group resumes from the latest one.
 Rank 0 alone logs every step to MLflow; every rank calls `ray.train.report` on the same steps (every
-`train.report_every` steps and at each epoch's checkpoint: a report is a collective, and Ray Train takes one per poll).
+`report_every` steps (mosaic train --report-every) and at each epoch's checkpoint: a report is a collective, and Ray Train takes one per poll).
 """
 
 from __future__ import annotations
@@ -40,10 +40,10 @@ def build_bank(recipe: Any, bb: Any, extend: dict[str, Any] | None) -> Any:
     from mosaic_core.artifact import load_bank
 
     if not extend:
-        return init.build_bank(recipe.bank, bb.embeddings, bb.tokenizer, model=bb.model)
+        return init.build_bank(recipe.bank, bb.embeddings, bb.tokenizer, model=bb.model, seed=recipe.seed)
     bank = load_bank(Path(extend["bank_dir"]), bb.fingerprint)  # refuses a bank of another backbone
     try:
-        return init.extend_bank(bank, extend["add"], recipe.bank, bb.embeddings, bb.tokenizer, model=bb.model)
+        return init.extend_bank(bank, extend["add"], recipe.bank, bb.embeddings, bb.tokenizer, model=bb.model, seed=recipe.seed)
     except ValueError as e:
         raise ValueError(f"{extend['bank_dir']}: {e}") from None
 
@@ -219,7 +219,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         module, _, name = config["step_hook"].partition(":")
         step_hook = getattr(importlib.import_module(module), name)
     torch.set_num_threads(config["threads"])
-    torch.manual_seed(recipe.train.seed)
+    torch.manual_seed(recipe.seed)
     deepspeed.utils.logger.setLevel("WARNING")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -244,14 +244,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # 6 GiB: every request of MOSAIC-bench's train and val splits (~6,000 of ~27 own tokens, ~1.2 MB each in
         # fp32 for SmolLM2-135M), so an epoch's fresh draw does not prefill its requests again.
         cache = (DroppingCache if dropout else PrefixCache).for_chat(bb.model, bb.tokenizer, max_bytes=6 << 30)
-    module = BankTrainingModule(bb.model, bb.tokenizer, bank, refusal_ids, recipe.loss, cache, recipe.eval.fast_tokens)
+    module = BankTrainingModule(bb.model, bb.tokenizer, bank, refusal_ids, recipe.loss, cache)
     params = [p for p in bank.parameters() if p.requires_grad]
     if stage == 3:  # the bank is read outside its own forward: let the wrapper's hooks gather it
         for p in bank.parameters():
             deepspeed.zero.register_external_parameter(module, p)
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")  # reuses Ray Train's process group
     engine, _, _, _ = deepspeed.initialize(
-        model=module, model_parameters=params, optimizer=torch.optim.Adam(params, lr=recipe.train.lr), config=config["ds_config"]
+        model=module,
+        model_parameters=params,
+        optimizer=torch.optim.Adam(params, lr=recipe.train.phases[0].lr),
+        config=config["ds_config"],
     )
 
     state: dict[str, Any] = {"epoch": 0, "step": 0, "best_val_gap": None, "best_epoch": None, "resumes": []}
@@ -307,7 +310,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             batch_format="pyarrow",
             drop_last=True,
             local_shuffle_buffer_size=config["shuffle_buffer"],
-            local_shuffle_seed=recipe.train.seed * 100_003 + epoch * 101 + rank,
+            local_shuffle_seed=recipe.seed * 100_003 + epoch * 101 + rank,
         )
         t0, done = time.perf_counter(), 0
         for i, table in enumerate(batches):
@@ -338,7 +341,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if grad_norm is not None:
                 m["grad_norm"] = float(grad_norm)
             log(m, step)
-            if step % recipe.train.report_every == 0:  # the same steps on every rank
+            if step % config["report_every"] == 0:  # the same steps on every rank
                 ray.train.report({**m, "step": step, "epoch": epoch})
             if step_hook is not None:
                 step_hook(step=step, rank=rank, world=world, run_dir=config["run_dir"])

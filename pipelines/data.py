@@ -92,6 +92,8 @@ def content_hash(recipe: Recipe, data_digest: str, fingerprint_digest: str) -> s
     sampler = {
         k: v for k, v in dataclasses.asdict(recipe.sampler).items() if not (k in _SAMPLER_KEYS_ADDED_LATER and v == defaults[k])
     }
+    # The seed was the sampler's own key and the negatives' ratio a key fixed at 1: hashed as they were then.
+    sampler |= {"seed": recipe.seed, "neg_ratio": 1.0}
     parts = {
         "v": DATA_VERSION,
         "bench": data_digest,  # the key the first tables were hashed under: renaming it would rebuild every run
@@ -346,7 +348,7 @@ def main(
         raise ConfigError([f"bank.categories: {unknown} not in the dataset (it has {sorted(known)})"], config)
     df = df[df["category"].isin(recipe.bank.categories) | (df["kind"] == "general")]
     # sampler.val_share: part of val joins the training pool; validation draws from the rest only
-    lent, val_req = split_off(to_requests(df[df["split"] == "val"]), recipe.sampler.val_share, recipe.sampler.seed)
+    lent, val_req = split_off(to_requests(df[df["split"] == "val"]), recipe.sampler.val_share, recipe.seed)
     train_req = to_requests(df[df["split"] == "train"]) + lent
     for split, reqs in (("train", train_req), ("val", val_req)):
         empty = [c for c in recipe.bank.categories if not any(q.category == c and q.kind == "target" for q in reqs)]
@@ -360,19 +362,17 @@ def main(
     print(f"[data] positives per subset by order: {plan(cats, recipe.sampler)}")
     if lent:
         print(f"[data] sampler.val_share: training also draws from {len(lent)} val requests, validation from {len(val_req)}")
-    train_ex = interleave_orders(sample_draws(train_req, cats, recipe.sampler), recipe.sampler.seed)
+    train_ex = interleave_orders(sample_draws(train_req, cats, recipe.sampler, recipe.seed), recipe.seed)
     if recipe.sampler.framed_share:  # only the train split's templates: val's and test2's stay unseen
         from mosaic_core.dataset import load_framings
 
         templates = [f for f in load_framings(FRAMINGS) if f["split"] == "train"]
-        train_ex = frame_examples(train_ex, templates, recipe.sampler.framed_share, recipe.sampler.seed)
+        train_ex = frame_examples(train_ex, templates, recipe.sampler.framed_share, recipe.seed)
         print(
             f"[data] sampler.framed_share: {sum(bool(e.messages) for e in train_ex)} of {len(train_ex)} training examples framed"
         )
-    val_cfg = dataclasses.replace(
-        recipe.sampler, per_subset=max(1, recipe.sampler.per_subset // 4), seed=recipe.sampler.seed + 1, draws=1
-    )
-    val_ex = sample_examples(val_req, cats, val_cfg)
+    val_cfg = dataclasses.replace(recipe.sampler, per_subset=max(1, recipe.sampler.per_subset // 4), draws=1)
+    val_ex = sample_examples(val_req, cats, val_cfg, recipe.seed + 1)
     ex = pd.concat([examples_frame(train_ex, "train"), examples_frame(val_ex, "val")], ignore_index=True)
     neg = ex[ex["label"] == "neg"].drop_duplicates("prompt_id")[["prompt_id", "prompt", "messages"]].reset_index(drop=True)
 

@@ -3,7 +3,10 @@ baseline, with Ray Data batch inference (one actor per model copy; rows with dif
 system prompts batched together).
 
     mosaic eval --run runs/<name> [--split val|test|test2] [--xstest ../shared/data/xstest/xstest_prompts.csv]
-    mosaic eval --bank DIR --config RECIPE --split test2
+    mosaic eval --bank DIR --config RECIPE --split test2 [--budget cpu|quick|gpu|FILE.yaml]
+
+How much is evaluated is the budget (EvalBudget): the recipe's `eval` names one of pipelines/configs/eval/ (or a
+YAML file); `--budget` picks another and `--fast-cap`, `--fidelity-all-cap`, ... override single keys.
 
 `--split` defaults to `val`, the split every choice is made on; `test` and `test2` are read only when asked, and
 every `test2` scoring appends a line (recipe, bank digest, figures) to docs/test2-log.md.
@@ -35,30 +38,42 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import ray
 import yaml
 
-from mosaic_core.config import EvalSettings, Recipe, load_recipe, recipe_from_dict
+from mosaic_core.config import EvalBudget, Recipe, from_dict, load_recipe, recipe_from_dict
 from mosaic_core.dataset import EVAL_SPLITS, FIT_SPLITS, load_jsonl
 from mosaic_core.errors import ArtifactError, ConfigError
 from pipelines._eval_jobs import build_jobs, run_jobs, write_rows
 from pipelines._eval_report import append_test2_log, log_to_mlflow, markdown, plots, summarize, summary_table
 
 SCORED_DIR = ".scored"  # rows scored so far, kept until the report is written: a rerun resumes from them
+BUDGETS = Path(__file__).resolve().parent / "configs" / "eval"
+
+
+def load_budget(budget: str, overrides: dict[str, Any] | None = None) -> EvalBudget:
+    """A named budget (pipelines/configs/eval/<name>.yaml) or a YAML file of EvalBudget keys, with `overrides`."""
+    path = Path(budget) if budget.endswith((".yaml", ".yml")) else BUDGETS / f"{budget}.yaml"
+    if not path.is_file():
+        named = sorted(p.stem for p in BUDGETS.glob("*.yaml"))
+        raise ConfigError([f"{budget!r}: no such budget file ({path}); named budgets: {named}"], "eval budget")
+    return from_dict(EvalBudget, {**(yaml.safe_load(path.read_text()) or {}), **(overrides or {})})
 
 
 @dataclass(frozen=True, kw_only=True)
 class EvalConfig:
-    """One evaluation: which bank, on which recipe's dataset, with which budget (`recipe.eval` + overrides)."""
+    """One evaluation: which bank, on which recipe's dataset, with which budget."""
 
     bank_dir: str
     """Bank directory (manifest.json + modules)."""
     recipe: Recipe
-    """The run's recipe (backbone, dataset, categories, refusal template, eval budget)."""
+    """The run's recipe (backbone, dataset, categories, refusal template)."""
+    budget: EvalBudget = EvalBudget()
+    """How much to evaluate (load_budget(recipe.eval) for the recipe's own)."""
     out_dir: str
     """Where eval/ goes (the run directory)."""
     split: str = "val"
@@ -77,8 +92,8 @@ class EvalConfig:
             raise ConfigError([f"split: {self.split!r} is not one of val, test, test2 (train is never evaluated)"], "eval")
 
     @property
-    def s(self) -> EvalSettings:
-        return self.recipe.eval
+    def s(self) -> EvalBudget:
+        return self.budget
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -104,7 +119,7 @@ def split_requests(cfg: EvalConfig) -> list[dict[str, Any]]:
     requests = [r for r in requests if r["kind"] == "general" or r["category"] in cfg.recipe.bank.categories]
     sampler = cfg.recipe.sampler
     if cfg.split == "val" and sampler.val_share:
-        lent, _ = split_off([SimpleNamespace(id=r["id"]) for r in requests], sampler.val_share, sampler.seed)
+        lent, _ = split_off([SimpleNamespace(id=r["id"]) for r in requests], sampler.val_share, cfg.recipe.seed)
         lent_ids = {q.id for q in lent}
         print(f"[eval] val: {len(lent_ids)} requests lent to training (sampler.val_share) are not scored")
         requests = [r for r in requests if r["id"] not in lent_ids]
@@ -170,7 +185,8 @@ def cli(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--test2-log", default=EvalConfig.test2_log, help="file each test2 scoring appends to")
     ap.add_argument("--actors", type=int, default=1)
-    g = ap.add_argument_group("budget overrides (default: the recipe's eval section)")
+    g = ap.add_argument_group("budget (default: the one the recipe's `eval` names)")
+    g.add_argument("--budget", default=None, help="a budget of pipelines/configs/eval/ (cpu, quick, gpu) or a YAML file")
     for name, typ in (
         ("max-order", int),
         ("fast-cap", int),
@@ -204,13 +220,13 @@ def cli(argv: list[str] | None = None) -> None:
         recipe = load_recipe(a.config)
     else:
         recipe = recipe_from_dict(yaml.safe_load((run / "resolved_config.yaml").read_text()))  # type: ignore[operator]
-    over = {k: v for k, v in vars(a).items() if v is not None and k in {f.name for f in fields(EvalSettings)}}
+    over = {k: v for k, v in vars(a).items() if v is not None and k in {f.name for f in fields(EvalBudget)}}
     if a.baselines is not None:
         over["baselines"] = tuple(b for b in a.baselines.split(",") if b)
-    recipe = replace(recipe, eval=replace(recipe.eval, **over))
     cfg = EvalConfig(
         bank_dir=str(bank.resolve()),
         recipe=recipe,
+        budget=load_budget(a.budget or recipe.eval, over),
         out_dir=str(Path(a.out or run or bank.parent)),
         split=a.split,
         xstest=a.xstest,

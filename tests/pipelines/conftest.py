@@ -62,10 +62,14 @@ def write_tiny_recipe(path: Path, backbone: Path, dataset: Path, **sections) -> 
         "bank": {"categories": ["alcohol", "betting", "horror"], "m": 2},
         "sampler": {"per_subset": 4, "max_order": 2},
         "teacher": {"max_new_tokens": 4, "batch_size": 8},
-        "loss": {"topk": 4, "decision_weight": 1.0, "max_answer_tokens": 3},
-        "train": {"epochs": 1, "batch_size": 4, "num_workers": 2},
+        "loss": {"topk": 4, "decision": {"weight": 1.0}, "max_answer_tokens": 3},
+        "train": {"phases": [{"epochs": 1, "lr": 0.01}], "batch_size": 4, "num_workers": 2},
     }
     for k, v in sections.items():
         rec[k] = {**rec.get(k, {}), **v} if isinstance(v, dict) else v
+    if isinstance(rec.get("eval"), dict):  # an evaluation budget of its own: a file beside the recipe
+        budget = path.with_name(f"{path.stem}-budget.yaml")
+        budget.write_text(yaml.safe_dump(rec["eval"]))
+        rec["eval"] = str(budget)
     path.write_text(yaml.safe_dump(rec))
     return path

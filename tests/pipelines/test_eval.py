@@ -9,7 +9,7 @@ import pytest
 
 from mosaic_core.artifact import save_bank
 from mosaic_core.bank import ControlTokenBank
-from mosaic_core.config import BankConfig, EvalSettings, load_recipe
+from mosaic_core.config import BankConfig, EvalBudget, load_recipe
 from mosaic_core.errors import ConfigError
 from pipelines._eval_jobs import build_jobs
 from pipelines._eval_report import summarize
@@ -32,8 +32,8 @@ def _known_case_results(recipe):
         for i in range(2)
     ]
     reqs += [{"id": f"g{i}", "prompt": f"general {i}", "category": None, "kind": "general", "split": "test"} for i in range(3)]
-    recipe = replace(recipe, eval=EvalSettings(max_order=3, fast_cap=None, gen_subsets=1, gen_requests=2, mmlu=None))
-    cfg = EvalConfig(bank_dir="x", recipe=recipe, out_dir="x")
+    budget = EvalBudget(max_order=3, fast_cap=None, gen_subsets=1, gen_requests=2, mmlu=None)
+    cfg = EvalConfig(bank_dir="x", recipe=recipe, budget=budget, out_dir="x")
     jobs = build_jobs(cfg, reqs, [], [])
     refuse = [
         (row.condition == "mosaic" and row.kind == "target" and row.category in row.subset.split("+"))
@@ -104,13 +104,12 @@ def test_eval_main_smoke_writes_reports_and_plots(tmp_path, tiny_model_dir, tiny
             "note": "",
         }
     ).to_csv(xs, index=False)
-    recipe = replace(
-        recipe,
-        eval=EvalSettings(
-            max_order=2, fast_cap=3, gen_requests=2, max_new_tokens=3, mmlu=str(mmlu), xstest_gen=2, fidelity_requests=2
-        ),
+    budget = EvalBudget(
+        max_order=2, fast_cap=3, gen_requests=2, max_new_tokens=3, mmlu=str(mmlu), xstest_gen=2, fidelity_requests=2
     )
-    cfg = EvalConfig(bank_dir=str(tmp_path / "run" / "bank"), recipe=recipe, out_dir=str(tmp_path / "run"), xstest=str(xs))
+    cfg = EvalConfig(
+        bank_dir=str(tmp_path / "run" / "bank"), recipe=recipe, budget=budget, out_dir=str(tmp_path / "run"), xstest=str(xs)
+    )
     rep = main(cfg)
     files = sorted(p.name for p in (tmp_path / "run" / "eval").iterdir())
     assert files == [
@@ -168,10 +167,10 @@ def test_scoring_resumes_from_the_rows_stored_before_an_interruption(tmp_path, t
     bb = load_backbone(str(tiny_model_dir))  # the backbone as the recipe names it (the actors load it so)
     bank = ControlTokenBank.build(BankConfig(categories=CATS, m=2, init="normal"), bb.embeddings)
     save_bank(bank, tmp_path / "bank", fingerprint=bb.fingerprint, init="normal")
-    recipe = replace(
-        recipe, eval=EvalSettings(max_order=1, fast_cap=2, gen_requests=1, max_new_tokens=2, mmlu=None, batch_size=1)
+    budget = EvalBudget(
+        max_order=1, fast_cap=2, gen_requests=1, max_new_tokens=2, mmlu=None, batch_size=1
     )  # small blocks: several parts
-    cfg = EvalConfig(bank_dir=str(tmp_path / "bank"), recipe=recipe, out_dir=str(tmp_path))
+    cfg = EvalConfig(bank_dir=str(tmp_path / "bank"), recipe=recipe, budget=budget, out_dir=str(tmp_path))
     jobs = build_jobs(cfg, split_requests(cfg), [], [])
     store = tmp_path / "scored"
     full = run_jobs(jobs, cfg, store=store, flush_rows=4)
@@ -221,14 +220,14 @@ def test_fidelity_and_retention_on_a_hand_made_case():
     """Fidelity compares the first words with the bare model's answer; retention looks for an accepted string;
     a refusal is a miss in both."""
     recipe = load_recipe(ROOT / "pipelines" / "configs" / "smollm2-135m" / "cpu.yaml", {"bank.categories": list(CATS)})
-    recipe = replace(recipe, eval=EvalSettings(max_order=3, fast_cap=None, gen_subsets=0, mmlu=None, fidelity_subsets=3))
+    budget = EvalBudget(max_order=3, fast_cap=None, gen_subsets=0, mmlu=None, fidelity_subsets=3)
     reqs = [{"id": f"{c}-{i}", "prompt": f"{c} request {i}", "category": c, "kind": "target"} for c in CATS for i in range(2)]
     reqs += [{"id": f"g{i}", "prompt": f"general {i}", "category": None, "kind": "general"} for i in range(4)]
     reqs += [
         {"id": f"f{i}", "prompt": f"fact {i}?", "category": None, "kind": "general", "task": "factual", "answer": ["Paris"]}
         for i in range(2)
     ]
-    cfg = EvalConfig(bank_dir="x", recipe=recipe, out_dir="x")
+    cfg = EvalConfig(bank_dir="x", recipe=recipe, budget=budget, out_dir="x")
     jobs = build_jobs(cfg, reqs, [], [])
     fid, ret = jobs[jobs["group"] == "fidelity"], jobs[jobs["group"] == "retention"]
     assert set(fid["prompt_id"]) == {f"g{i}" for i in range(4)} and set(ret["prompt_id"]) == {"f0", "f1"}
@@ -295,18 +294,15 @@ def test_framed_requests_are_scored_per_family_and_order():
     from mosaic_core.dataset import load_framings
 
     recipe = load_recipe(ROOT / "pipelines" / "configs" / "smollm2-135m" / "cpu.yaml", {"bank.categories": list(CATS)})
-    recipe = replace(
-        recipe,
-        eval=EvalSettings(
-            max_order=2,
-            fast_cap=None,
-            gen_subsets=0,
-            mmlu=None,
-            framed_cap=2,
-            retention_cap=0,
-            fidelity_subsets=0,
-            fidelity_all_cap=0,
-        ),
+    budget = EvalBudget(
+        max_order=2,
+        fast_cap=None,
+        gen_subsets=0,
+        mmlu=None,
+        framed_cap=2,
+        retention_cap=0,
+        fidelity_subsets=0,
+        fidelity_all_cap=0,
     )
     reqs = [{"id": f"{c}-{i}", "prompt": f"{c} request {i}", "category": c, "kind": "target"} for c in CATS for i in range(3)]
     reqs += [
@@ -314,7 +310,7 @@ def test_framed_requests_are_scored_per_family_and_order():
     ]
     reqs += [{"id": f"g{i}", "prompt": f"general {i}", "category": None, "kind": "general"} for i in range(3)]
     framings = [f for f in load_framings(ROOT / "data" / "framings" / "framings.jsonl") if f["split"] == "test2"]
-    cfg = EvalConfig(bank_dir="x", recipe=recipe, out_dir="x", split="test2")
+    cfg = EvalConfig(bank_dir="x", recipe=recipe, budget=budget, out_dir="x", split="test2")
     jobs = build_jobs(cfg, reqs, [], [], framings)
     framed = jobs[jobs["group"].str.startswith("framed:")]
     assert set(framed["family"]) == {f["family"] for f in framings} and len(framed) == 8 * 2 * 3 * 2

@@ -63,12 +63,12 @@ def make_run(
 ):
     """A run directory as the training stage leaves it: bank/, resolved_config.yaml, optionally eval/report.json."""
     run = Path(root) / "runs" / name
-    cfg = BankConfig(categories=tuple(categories), m=2, init="normal", seed=seed)
-    bank = ControlTokenBank.build(cfg, embeddings)
+    cfg = BankConfig(categories=tuple(categories), m=2, init="normal")
+    bank = ControlTokenBank.build(cfg, embeddings, seed=seed)
     save_bank(
         bank, run / "bank", fingerprint=fp, init="normal", training_run_id=training_run_id or f"train-{name}", extends=extends
     )
-    (run / "resolved_config.yaml").write_text(f"bank:\n  m: 2\n  seed: {seed}\n")
+    (run / "resolved_config.yaml").write_text(f"seed: {seed}\nbank:\n  m: 2\n")
     if report is not None:
         (run / "eval").mkdir()
         (run / "eval" / "report.json").write_text(json.dumps(report))

@@ -31,7 +31,7 @@ def test_mosaic_run_with_a_given_bank(tmp_path, tiny_model_dir, monkeypatch, cap
         eval={"max_order": 2, "fast_cap": 2, "gen_requests": 1, "max_new_tokens": 2, "mmlu": str(mmlu), "xstest_gen": 0},
     )
     bb = load_backbone(str(tiny_model_dir))
-    given = ControlTokenBank.build(BankConfig(categories=("alcohol", "betting"), m=2, init="normal", seed=7), bb.embeddings)
+    given = ControlTokenBank.build(BankConfig(categories=("alcohol", "betting"), m=2, init="normal"), bb.embeddings, seed=7)
     save_bank(given, tmp_path / "given", fingerprint=bb.fingerprint, init="normal", training_run_id="the-full-recipe")
     args = dict(name=None, out=str(tmp_path / "run"), overrides=[], xstest=None, bank=str(tmp_path / "given"), workers=1)
     run = main(str(recipe), **args)
@@ -51,7 +51,7 @@ def test_mosaic_run_with_a_given_bank(tmp_path, tiny_model_dir, monkeypatch, cap
     assert {r["run_id"] for r in again.values()} == {r["run_id"] for r in first.values()}
 
     # A changed bank (after `make train`) gets a directory of its own instead of clashing with the registered one.
-    changed = ControlTokenBank.build(BankConfig(categories=("alcohol", "betting"), m=2, init="normal", seed=8), bb.embeddings)
+    changed = ControlTokenBank.build(BankConfig(categories=("alcohol", "betting"), m=2, init="normal"), bb.embeddings, seed=8)
     save_bank(changed, tmp_path / "given", fingerprint=bb.fingerprint, init="normal", training_run_id="retrained")
     other = bank_run_dir(tmp_path / "given", tmp_path, tmp_path / "run" / "resolved_config.yaml")
     assert other != run and read_meta(other / "bank" / "alcohol").training_run_id == "retrained"

@@ -286,7 +286,7 @@ def _make_run(root: Path, name: str, bb, seed: int):
     from mosaic_core.bank import ControlTokenBank
     from mosaic_core.config import BankConfig
 
-    bank = ControlTokenBank.build(BankConfig(categories=CATEGORIES, m=2, init="normal", seed=seed), bb.embeddings)
+    bank = ControlTokenBank.build(BankConfig(categories=CATEGORIES, m=2, init="normal"), bb.embeddings, seed=seed)
     save_bank(bank, root / name / "bank", fingerprint=bb.fingerprint, init="normal", training_run_id=f"train-{name}")
     return root / name, bank
 

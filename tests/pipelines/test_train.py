@@ -54,12 +54,10 @@ def make_run(
     name: str = "r1",
     epochs: int = 2,
     batch_size: int = 4,
-    max_steps: int | None = None,
     depth: str = "input",
     ema: float = 0.0,
     request_dropout: float = 0.0,
     phases: list[dict] | None = None,
-    report_every: int = 20,
     gate_layers: tuple[int, ...] = (),
 ) -> Path:
     """A run directory as the data stage writes it: 8 train examples (4 pos, 4 neg), 8 val examples."""
@@ -74,20 +72,16 @@ def make_run(
         "name": name,
         "backbone": str(model_dir),
         "bank": {"categories": list(CATS), "m": 2, "init": "vocab", "placement": "before_assistant", "depth": depth},
-        "sampler": {"per_subset": 2, "max_order": 1, "seed": 0},
+        "sampler": {"per_subset": 2, "max_order": 1},
         "loss": {"topk": 4},
         "teacher": {"max_new_tokens": 6},
         "train": {
-            "epochs": epochs,
+            "phases": phases or [{"epochs": epochs, "lr": 0.05}],
             "batch_size": batch_size,
-            "lr": 0.05,
             "num_workers": 2,
             "zero_stage": 2,
-            "max_steps": max_steps,
             "ema": ema,
             "request_dropout": request_dropout,
-            "phases": phases or [],
-            "report_every": report_every,
         },
         "gate": {"layers": list(gate_layers)},
     }
@@ -99,7 +93,7 @@ def make_run(
     (run / "data" / "manifest.json").write_text(json.dumps({"content_hash": f"test-{name}", "recipe": name}))
     rows = []
     for split in ("train", "val"):
-        for e in sample_examples(_requests(split), CATS, recipe.sampler):
+        for e in sample_examples(_requests(split), CATS, recipe.sampler, recipe.seed):
             rows.append({**e.__dict__, "active": list(e.active), "split": split})
     ex = pd.DataFrame(rows)
     ex.to_parquet(run / "data" / "examples" / "part-0.parquet")
@@ -320,9 +314,9 @@ def test_train_two_workers_zero2_trains_only_the_bank(tmp_path, tiny_model_dir, 
     from mosaic_core.config import recipe_from_dict
     from pipelines.train import main
 
-    run = make_run(tmp_path, tiny_model_dir, epochs=3, max_steps=4)  # 2 steps/epoch: stops inside epoch 2
+    run = make_run(tmp_path, tiny_model_dir, epochs=3)
     before = _model_bytes(tiny_model_dir)
-    summary = main(str(run), num_workers=2)
+    summary = main(str(run), num_workers=2, max_steps=4)  # 2 steps/epoch: stops inside epoch 2
 
     assert _model_bytes(tiny_model_dir) == before  # the backbone's files were not touched
     bb = load_backbone(str(tiny_model_dir))
@@ -394,9 +388,9 @@ def test_train_two_workers_zero2_trains_a_deep_bank(tmp_path, tiny_model_dir, ra
     from pipelines._train_worker import build_bank
     from pipelines.train import main
 
-    run = make_run(tmp_path, tiny_model_dir, max_steps=2, depth="deep", ema=0.5, request_dropout=0.3)
+    run = make_run(tmp_path, tiny_model_dir, depth="deep", ema=0.5, request_dropout=0.3)
     before = _model_bytes(tiny_model_dir)
-    summary = main(str(run), num_workers=2)
+    summary = main(str(run), num_workers=2, max_steps=2)
     ckpt = Path(summary["checkpoint"])
     averaged = torch.load(ckpt / "ema.pt")  # train.ema: the bank kept and saved is the moving average
     assert all(torch.equal(averaged[c], torch.load(ckpt / "bank.pt")[c]) for c in CATS)
@@ -437,7 +431,7 @@ def test_each_epoch_trains_on_its_own_draw(tmp_path, tiny_model_dir, ray_cluster
     from mlflow import MlflowClient
 
     # train.phases: epoch 2 at its own learning rate and with decision margins the first phase does not have
-    phases = [{"epochs": 1}, {"epochs": 1, "lr": 0.001, "loss": {"decision_weight": 1.0, "decision": "margin"}}]
+    phases = [{"epochs": 1, "lr": 0.05}, {"epochs": 1, "lr": 0.001, "loss": {"decision": {"weight": 1.0, "kind": "margin"}}}]
     run = make_run(tmp_path, tiny_model_dir, epochs=2, phases=phases)
     add_draw(run, relabel="pos")  # draw 1: positives only, so epoch 2 has no negative loss at all
     summary = train_main(str(run), num_workers=2)
@@ -456,8 +450,10 @@ def test_train_resumes_from_checkpoint_after_a_worker_is_killed(tmp_path, tiny_m
 
     from pipelines.train import main
 
-    run = make_run(tmp_path, tiny_model_dir, name="r2", epochs=2, report_every=1)  # 2 steps/epoch: checkpoint at 2
-    summary = main(str(run), num_workers=2, step_hook="tests.pipelines.faults:kill_last_rank_once")  # after step 3
+    run = make_run(tmp_path, tiny_model_dir, name="r2", epochs=2)  # 2 steps/epoch: checkpoint at 2
+    summary = main(
+        str(run), num_workers=2, report_every=1, step_hook="tests.pipelines.faults:kill_last_rank_once"
+    )  # after step 3
 
     assert (run / ".fail_injected").read_text().startswith("killed rank 1 at step 3")
     assert summary["steps"] == 4 and summary["epochs"] == 2
@@ -482,8 +478,8 @@ def test_gated_modules_fit_their_gates_first_and_ship_them(tmp_path, tiny_model_
     from pipelines._train_tables import load_tables
     from pipelines.train import main
 
-    run = make_run(tmp_path, tiny_model_dir, max_steps=2, depth="deep", gate_layers=(1, 2))
-    summary = main(str(run), num_workers=2)
+    run = make_run(tmp_path, tiny_model_dir, depth="deep", gate_layers=(1, 2))
+    summary = main(str(run), num_workers=2, max_steps=2)
     info = json.loads((run / "gates.json").read_text())
     assert info["requests"] > 0
     train_df, _ = load_tables(run, 0)

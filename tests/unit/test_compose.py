@@ -12,7 +12,7 @@ PROMPTS = ["What's a good cocktail?", "How do betting odds work for a long quest
 
 @pytest.fixture
 def bank(tiny_backbone):
-    b = ControlTokenBank.build(BankConfig(categories=CATS, m=2, init="normal", seed=1), tiny_backbone.embeddings)
+    b = ControlTokenBank.build(BankConfig(categories=CATS, m=2, init="normal"), tiny_backbone.embeddings, seed=1)
     return b
 
 

@@ -4,7 +4,8 @@ import pytest
 
 from mosaic_core.config import (
     BankConfig,
-    EvalSettings,
+    Decision,
+    EvalBudget,
     GateConfig,
     LossConfig,
     NegMix,
@@ -42,8 +43,10 @@ def test_sampler_and_loss_configs_reject_bad_values():
         SamplerConfig(per_subset=0)
     with pytest.raises(ConfigError, match=r"draws: 0 must be in \[1, 100\]"):
         SamplerConfig(draws=0)
-    with pytest.raises(ConfigError, match=r"ce_weight: -1.0 must be in \[0, 100\]"):
-        LossConfig(ce_weight=-1.0)
+    with pytest.raises(ConfigError, match=r"decision.delta: -1 must be in \[0, 50\]"):
+        from_dict(LossConfig, {"decision": {"kind": "margin", "delta": -1}})
+    with pytest.raises(ConfigError, match="decision.unknown key 'margin_delta'"):
+        from_dict(LossConfig, {"decision": {"margin_delta": 2.0}})
     with pytest.raises(ConfigError, match="refusal_template"):
         LossConfig(refusal_template="  ")
     with pytest.raises(ConfigError, match=r"ema: 1.0 must be in \[0, 1\)"):
@@ -63,18 +66,23 @@ def test_cross_field_rules_are_one_function_the_recipe_runs():
         recipe_from_dict(
             {
                 **base,
-                "loss": {"ce_weight": 0.0},
-                "train": {"ema": 0.99, "request_dropout": 0.2, "zero_stage": 3, "epochs": 2, "phases": [{"epochs": 1}]},
+                "eval": " ",
+                "train": {
+                    "ema": 0.99,
+                    "request_dropout": 0.2,
+                    "zero_stage": 3,
+                    "phases": [{"epochs": 1, "lr": 0.01, "loss": {"decision": {"tokens": 0}}}],
+                },
             }
         )
     for needle in (
-        "loss.ce_weight: 0 needs decision_weight > 0",
+        "eval: name an evaluation budget",
         "train.ema needs ZeRO stage 1 or 2 (train.zero_stage is 3)",
         "train.request_dropout needs ZeRO stage 1 or 2",
-        "train.phases: their epochs add up to 1, train.epochs is 2",
+        "train.phases[0].loss.tokens: 0 must be in 1..64",
     ):
         assert needle in str(e.value), needle
-    ok = recipe_from_dict({**base, "loss": {"ce_weight": 0.0, "decision_weight": 1.0}, "train": {"ema": 0.99}})
+    ok = recipe_from_dict({**base, "loss": {"decision": {"weight": 1.0}}, "train": {"ema": 0.99}})
     assert validate(ok) == []
     # a DeepSpeed config the stage trains with is checked by the same rules
     assert validate(ok, {"zero_optimization": {"stage": 3}}) == [
@@ -84,7 +92,7 @@ def test_cross_field_rules_are_one_function_the_recipe_runs():
 
 def test_nested_sections_are_read_only():
     phases = [{"epochs": 1, "lr": 0.001, "loss": {"kl_lambda": 0.5}}]
-    r = recipe_from_dict({"name": "x", "bank": {"categories": ["alcohol"]}, "train": {"epochs": 1, "phases": phases}})
+    r = recipe_from_dict({"name": "x", "bank": {"categories": ["alcohol"]}, "train": {"phases": phases}})
     phase = r.train.phases[0]
     assert isinstance(phase, Phase) and phase.lr == 0.001
     with pytest.raises(TypeError):
@@ -94,9 +102,15 @@ def test_nested_sections_are_read_only():
     assert r.to_dict()["train"]["phases"] == [{"epochs": 1, "lr": 0.001, "loss": {"kl_lambda": 0.5}}]
     assert r.to_dict()["sampler"]["neg_mix"] == {"inactive": 0.4, "general": 0.3, "lookalike": 0.3}
     with pytest.raises(ConfigError, match="loss: must be a read-only mapping"):
-        Phase(epochs=1, loss={"kl_lambda": 0.5})  # type: ignore[arg-type]
+        Phase(epochs=1, lr=0.01, loss={"kl_lambda": 0.5})  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="phases: .* must be a tuple of Phase"):
-        TrainConfig(epochs=1, phases=({"epochs": 1},))  # type: ignore[arg-type]
+        TrainConfig(phases=({"epochs": 1},))  # type: ignore[arg-type]
+    assert r.loss.decision == Decision() and r.to_dict()["loss"]["decision"] == {
+        "kind": "bce",
+        "weight": 0.0,
+        "tokens": 4,
+        "delta": 2.0,
+    }
 
 
 def test_round_trip_through_asdict_and_unknown_keys_rejected():
@@ -113,7 +127,8 @@ def test_configs_are_frozen():
 
 
 @pytest.mark.parametrize(
-    "cls", [BankConfig, NegMix, SamplerConfig, LossConfig, TeacherConfig, GateConfig, Phase, TrainConfig, EvalSettings, Recipe]
+    "cls",
+    [BankConfig, NegMix, SamplerConfig, Decision, LossConfig, TeacherConfig, GateConfig, Phase, TrainConfig, EvalBudget, Recipe],
 )
 def test_every_field_is_documented(cls):
     import ast
@@ -181,7 +196,7 @@ def test_an_older_runs_retired_keys_are_dropped_with_a_warning_and_unknown_ones_
     from mosaic_core.config import recipe_from_dict
 
     raw = {"name": "x", "bank": {"categories": ["alcohol"], "init_scale": 0.1}, "eval": {"fast_rule": "greedy"}}
-    with pytest.warns(UserWarning, match=r"bank.init_scale, eval.fast_rule left the schema"):
+    with pytest.warns(UserWarning, match=r"written by an older mosaic: bank.init_scale; eval \(an inline budget"):
         assert recipe_from_dict(raw).bank.categories == ("alcohol",)
     assert raw["bank"]["init_scale"] == 0.1  # the caller's data is not rewritten
     with pytest.raises(ConfigError, match="unknown key 'init_scal'"):

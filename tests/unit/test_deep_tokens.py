@@ -25,8 +25,8 @@ LONG, SHORT = "What's a good cocktail for a summer party with mint and lime?", "
 
 
 def _input_bank(model) -> ControlTokenBank:
-    cfg = BankConfig(categories=("alcohol", "betting"), m=3, init="normal", placement="before_assistant", seed=1)
-    return ControlTokenBank.build(cfg, model.get_input_embeddings().weight)
+    cfg = BankConfig(categories=("alcohol", "betting"), m=3, init="normal", placement="before_assistant")
+    return ControlTokenBank.build(cfg, model.get_input_embeddings().weight, seed=1)
 
 
 def test_a_deep_block_read_off_a_bank_gives_the_banks_logits(tiny_backbone):

@@ -64,9 +64,9 @@ def test_positives_round_robin_over_the_subset():
 
 
 def test_deterministic_under_seed_and_seed_matters():
-    a = sample_examples(_requests(), CATS, SamplerConfig(per_subset=10, seed=7))
-    b = sample_examples(_requests(), CATS, SamplerConfig(per_subset=10, seed=7))
-    c = sample_examples(_requests(), CATS, SamplerConfig(per_subset=10, seed=8))
+    a = sample_examples(_requests(), CATS, SamplerConfig(per_subset=10), 7)
+    b = sample_examples(_requests(), CATS, SamplerConfig(per_subset=10), 7)
+    c = sample_examples(_requests(), CATS, SamplerConfig(per_subset=10), 8)
     assert a == b and a != c
     assert interleave_orders(a, 1) == interleave_orders(b, 1)
     assert len({e.example_id for e in a}) == len(a)
@@ -79,11 +79,11 @@ def test_missing_targets_is_an_error():
 
 
 def test_draws_are_independent_samples_of_one_size_and_draw_0_is_the_plain_sample():
-    cfg = SamplerConfig(per_subset=10, max_order=2, seed=3, draws=3)
-    ex = sample_draws(_requests(), CATS, cfg)
+    cfg = SamplerConfig(per_subset=10, max_order=2, draws=3)
+    ex = sample_draws(_requests(), CATS, cfg, 3)
     by_draw = {d: [e for e in ex if e.draw == d] for d in range(3)}
     assert sorted({e.draw for e in ex}) == [0, 1, 2]
-    plain = sample_examples(_requests(), CATS, SamplerConfig(per_subset=10, max_order=2, seed=3))
+    plain = sample_examples(_requests(), CATS, SamplerConfig(per_subset=10, max_order=2), 3)
     assert by_draw[0] == plain  # one draw: the examples (and ids) of before draws existed
     assert all(len(v) == len(plain) for v in by_draw.values())
     assert len({e.example_id for e in ex}) == len(ex)  # unique across draws
@@ -92,7 +92,7 @@ def test_draws_are_independent_samples_of_one_size_and_draw_0_is_the_plain_sampl
     assert plan_of(by_draw[1]) == plan_of(by_draw[2]) == plan_of(plain)
     neg_prompts = [{e.prompt_id for e in v if e.label == "neg"} for v in by_draw.values()]
     assert neg_prompts[0] != neg_prompts[1] and len(set.union(*neg_prompts)) > len(neg_prompts[0])
-    assert sample_draws(_requests(), CATS, cfg) == ex  # deterministic
+    assert sample_draws(_requests(), CATS, cfg, 3) == ex  # deterministic
 
 
 def test_split_off_takes_a_stable_share_by_id():

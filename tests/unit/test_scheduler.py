@@ -25,8 +25,8 @@ def model(tiny_tok):
 
 
 def _banks(model, tok, positions="keep"):
-    cfg = BankConfig(categories=("alcohol", "betting"), m=3, init="normal", placement="before_assistant", seed=1)
-    inp = ControlTokenBank.build(cfg, model.get_input_embeddings().weight)
+    cfg = BankConfig(categories=("alcohol", "betting"), m=3, init="normal", placement="before_assistant")
+    inp = ControlTokenBank.build(cfg, model.get_input_embeddings().weight, seed=1)
     with torch.no_grad():
         deep = deep_from_input_bank(model, tok, inp, PROMPTS[:1])
     deep.positions = positions

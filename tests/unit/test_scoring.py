@@ -24,7 +24,7 @@ def test_refusal_score_greedy_flag_is_what_greedy_decoding_emits(tiny_backbone):
     from mosaic_core.generation import generate
 
     bb = tiny_backbone
-    bank = ControlTokenBank.build(BankConfig(categories=("alcohol", "betting"), m=2, init="normal", seed=3), bb.embeddings)
+    bank = ControlTokenBank.build(BankConfig(categories=("alcohol", "betting"), m=2, init="normal"), bb.embeddings, seed=3)
     prompts, active = ["hello", "a longer question here"], [["alcohol"], ["alcohol", "betting"]]
     enc = encode_batch(bb.tokenizer, bb.model.get_input_embeddings(), bank, prompts, active, "before_assistant")
     gens = generate(bb.model, enc, max_new_tokens=3, eos_token_ids=[-1])  # never stops: 3 tokens each
@@ -44,7 +44,7 @@ def test_refusal_logprob_with_a_prefix_cache_is_unchanged(tiny_backbone):
     from mosaic_core.config import BankConfig
 
     bb = tiny_backbone
-    bank = ControlTokenBank.build(BankConfig(categories=("alcohol", "betting"), m=2, init="normal", seed=3), bb.embeddings)
+    bank = ControlTokenBank.build(BankConfig(categories=("alcohol", "betting"), m=2, init="normal"), bb.embeddings, seed=3)
     ids = bb.tokenizer("I'm sorry, but", add_special_tokens=False).input_ids
     prompts, active = ["hello", "a longer question here", "hello"], [["alcohol"], [], ["alcohol", "betting"]]
     plain = refusal_logprob(bb.model, bb.tokenizer, bank, prompts, active, "before_assistant", ids)

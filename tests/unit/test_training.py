@@ -5,7 +5,7 @@ import torch
 
 from mosaic_core.backbone import from_model
 from mosaic_core.bank import ControlTokenBank
-from mosaic_core.config import BankConfig, LossConfig
+from mosaic_core.config import BankConfig, Decision, LossConfig
 from mosaic_core.teacher import teacher_outputs
 from mosaic_core.training import batch_loss, refusal_target
 from tests.tiny import tiny_model
@@ -56,10 +56,10 @@ def test_decision_loss_and_prefix_cache(tiny_backbone):
     from mosaic_core.cache import PrefixCache
 
     bb = tiny_backbone
-    bank = ControlTokenBank.build(BankConfig(categories=("alcohol", "betting"), m=2, init="normal", seed=2), bb.embeddings)
+    bank = ControlTokenBank.build(BankConfig(categories=("alcohol", "betting"), m=2, init="normal"), bb.embeddings, seed=2)
     ex, refusal = _examples(bb), refusal_target(bb.tokenizer, "I'm sorry, but I can't help with that.")
     paper = batch_loss(bb.model, bb.tokenizer, bank, ex, refusal, LossConfig())
-    cfg = LossConfig(decision_weight=2.0, decision_tokens=3, max_answer_tokens=2)
+    cfg = LossConfig(decision=Decision(weight=2.0, tokens=3), max_answer_tokens=2)
     plain = batch_loss(bb.model, bb.tokenizer, bank, ex, refusal, cfg)
     cached = batch_loss(bb.model, bb.tokenizer, bank, ex, refusal, cfg, cache=PrefixCache(bb.model))
     assert paper["decision"] == 0 and plain["decision"] > 0
@@ -75,12 +75,12 @@ def test_margin_decision_loss_pos_weight_and_a_refusing_teacher(tiny_backbone):
     from mosaic_core.cache import PrefixCache
 
     bb = tiny_backbone
-    bank = ControlTokenBank.build(BankConfig(categories=("alcohol", "betting"), m=2, init="normal", seed=2), bb.embeddings)
+    bank = ControlTokenBank.build(BankConfig(categories=("alcohol", "betting"), m=2, init="normal"), bb.embeddings, seed=2)
     ex, refusal = _examples(bb), refusal_target(bb.tokenizer, "I'm sorry, but I can't help with that.")
     cache = PrefixCache(bb.model)
 
-    def rows(**kw):  # per-row loss: one example at a time
-        cfg = LossConfig(decision_weight=1.0, decision_tokens=3, decision="margin", **kw)
+    def rows(delta=2.0, **kw):  # per-row loss: one example at a time
+        cfg = LossConfig(decision=Decision(weight=1.0, tokens=3, kind="margin", delta=delta), **kw)
         return torch.stack([batch_loss(bb.model, bb.tokenizer, bank, [e], refusal, cfg, cache=cache)["loss"] for e in ex])
 
     base = rows()
@@ -89,7 +89,7 @@ def test_margin_decision_loss_pos_weight_and_a_refusing_teacher(tiny_backbone):
     assert torch.allclose(weighted[0], 3 * base[0], atol=1e-5) and torch.allclose(weighted[1:], base[1:], atol=1e-5)
     # the second negative's teacher now answers with the refusal itself: no keep-off margin on it, whatever delta
     ex[2] = {**ex[2], "response_ids": list(refusal[:3]) + list(ex[2]["response_ids"][3:])}
-    lo, hi = rows(margin_delta=0.0), rows(margin_delta=20.0)
+    lo, hi = rows(delta=0.0), rows(delta=20.0)
     assert torch.allclose(lo[2], hi[2], atol=1e-5) and hi[1] > lo[1] + 10
 
 
@@ -99,7 +99,7 @@ def test_a_framed_negative_is_scored_in_its_framed_chat_by_every_term(tiny_backb
     import json
 
     bb = tiny_backbone
-    bank = ControlTokenBank.build(BankConfig(categories=("alcohol", "betting"), m=2, init="normal", seed=2), bb.embeddings)
+    bank = ControlTokenBank.build(BankConfig(categories=("alcohol", "betting"), m=2, init="normal"), bb.embeddings, seed=2)
     refusal = refusal_target(bb.tokenizer, "I'm sorry, but I can't help with that.")
     neg = _examples(bb)[1]
     chat = [
@@ -108,27 +108,13 @@ def test_a_framed_negative_is_scored_in_its_framed_chat_by_every_term(tiny_backb
         {"role": "user", "content": neg["prompt"]},
     ]
     framed = {**neg, "messages": json.dumps(chat)}
-    cfg = LossConfig(decision_weight=1.0, decision_tokens=3, decision="margin")
+    cfg = LossConfig(decision=Decision(weight=1.0, tokens=3, kind="margin"))
     a, b, plain = (
         batch_loss(bb.model, bb.tokenizer, bank, [e], refusal, cfg)
         for e in (framed, {**framed, "prompt": "Something else entirely."}, neg)
     )
     assert torch.allclose(a["decision"], b["decision"]) and torch.allclose(a["loss"], b["loss"])
     assert not torch.allclose(a["decision"], plain["decision"])  # the frame is part of what the probe reads
-
-
-def test_ce_weight_zero_leaves_the_margins_and_the_kl(tiny_backbone):
-    bb = tiny_backbone
-    bank = ControlTokenBank.build(BankConfig(categories=("alcohol", "betting"), m=2, init="normal", seed=2), bb.embeddings)
-    ex, refusal = _examples(bb), refusal_target(bb.tokenizer, "I'm sorry, but I can't help with that.")
-    cfg = dict(decision_weight=1.0, decision_tokens=3, decision="margin", max_answer_tokens=1, pos_weight=2.0)
-    with_ce = batch_loss(bb.model, bb.tokenizer, bank, ex, refusal, LossConfig(**cfg))
-    without = batch_loss(bb.model, bb.tokenizer, bank, ex, refusal, LossConfig(ce_weight=0.0, **cfg))
-    for k in ("pos_ce", "neg_ce", "kl", "decision"):  # the logged terms are the same; only their weights change
-        assert torch.allclose(with_ce[k], without[k], atol=1e-5), k
-    # one positive (x pos_weight), two negatives: the loss loses exactly the weighted CE terms
-    dropped = (cfg["pos_weight"] * with_ce["pos_ce"] + 2 * with_ce["neg_ce"]) / 3
-    assert with_ce["pos_ce"] > 0 and torch.allclose(with_ce["loss"] - without["loss"], dropped, atol=1e-4)
 
 
 def test_bank_ema_averages_trainable_modules_and_swaps_back():
@@ -163,9 +149,9 @@ def test_request_dropout_hides_positives_requests_only(tiny_backbone):
     from mosaic_core.cache import DroppingCache, PrefixCache
 
     bb = tiny_backbone
-    bank = ControlTokenBank.build(BankConfig(categories=("alcohol", "betting"), m=2, init="normal", seed=1), bb.embeddings)
+    bank = ControlTokenBank.build(BankConfig(categories=("alcohol", "betting"), m=2, init="normal"), bb.embeddings, seed=1)
     ex, refusal = _examples(bb), refusal_target(bb.tokenizer, "I'm sorry, but I can't help with that.")
-    cfg = LossConfig(decision_weight=1.0, decision="margin", decision_tokens=2)
+    cfg = LossConfig(decision=Decision(weight=1.0, tokens=2, kind="margin"))
     whole = batch_loss(bb.model, bb.tokenizer, bank, ex, refusal, cfg, cache=PrefixCache(bb.model))
     drop = DroppingCache.for_chat(bb.model, bb.tokenizer)
     torch.manual_seed(0)

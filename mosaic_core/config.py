@@ -190,7 +190,9 @@ def validate(recipe: Recipe, ds_config: Mapping[str, Any] | None = None) -> list
             problems.extend(f"train.phases[{i}].loss.{q}" for q in e.problems)
         except TypeError as e:  # an unknown loss key
             problems.append(f"train.phases[{i}].loss: {e}")
-    if not recipe.eval.strip():
+    if not isinstance(recipe.seed, int) or isinstance(recipe.seed, bool) or recipe.seed < 0:
+        problems.append(f"seed: {recipe.seed!r} must be an integer >= 0")
+    if not isinstance(recipe.eval, str) or not recipe.eval.strip():
         problems.append("eval: name an evaluation budget (pipelines/configs/eval/<name>.yaml) or a YAML file")
     return problems
 

@@ -1,6 +1,6 @@
 """Stage 1 — Ray Data: the request dataset -> combination-sampled examples + the counterfactual teacher.
 
-    mosaic data --config pipelines/configs/smollm2-135m/cpu.yaml [--name NAME] [--out DIR] [--set train.epochs=2]
+    mosaic data --config pipelines/configs/smollm2-135m/cpu.yaml [--name NAME] [--out DIR] [--set seed=1]
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m pipelines.data --config ...
 
 Writes, under the run directory (docs/architecture.md, "Where things live"):

@@ -1,6 +1,6 @@
 """The main job: data -> train -> evaluate -> register, then the results table.
 
-    mosaic run --config pipelines/configs/smollm2-135m/cpu.yaml [--name NAME] [--set train.epochs=1] [--xstest CSV]
+    mosaic run --config pipelines/configs/smollm2-135m/cpu.yaml [--name NAME] [--set seed=1] [--xstest CSV]
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- mosaic run --config ...
 
 Each stage runs as its own process (`mosaic <stage> ...`), exactly as a user or a `ray job submit`
@@ -24,6 +24,7 @@ from mosaic_core.bundle import manifest_digest
 from mosaic_core.config import load_recipe
 from mosaic_core.errors import MosaicError
 from mosaic_core.metrics import Rate
+from pipelines.data import parse_overrides
 
 
 class StageFailed(MosaicError):
@@ -98,7 +99,7 @@ def main(
     workers: int | None,
     register: bool = True,
 ) -> Path:
-    recipe = load_recipe(config, dict(o.split("=", 1) for o in overrides) if overrides else None)
+    recipe = load_recipe(config, parse_overrides(overrides))
     run_dir = Path(out or Path("runs") / (name or recipe.name)).resolve()
     sets = [a for o in overrides for a in ("--set", o)]
     timings: dict[str, float] = {}
@@ -123,7 +124,7 @@ def cli(argv: list[str] | None = None) -> None:
     ap.add_argument("--config", required=True)
     ap.add_argument("--name")
     ap.add_argument("--out")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override, e.g. train.epochs=1")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override, e.g. seed=1 or bank.m=2")
     ap.add_argument("--xstest", help="XSTest CSV (evaluation only), e.g. ../shared/data/xstest/xstest_prompts.csv")
     ap.add_argument("--bank", help="evaluate + register this bank instead of the one trained here")
     ap.add_argument("--workers", type=int)

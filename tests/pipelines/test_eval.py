@@ -272,7 +272,7 @@ def test_val_scores_only_the_requests_training_never_saw():
         for r in load_jsonl([Path(recipe.benchmark)])
         if r["split"] == "val"
     ]
-    lent, kept = split_off(val, recipe.sampler.val_share, recipe.sampler.seed)  # what the data stage lends
+    lent, kept = split_off(val, recipe.sampler.val_share, recipe.seed)  # what the data stage lends
     scored = {r["id"] for r in split_requests(EvalConfig(bank_dir="x", recipe=recipe, out_dir="x"))}
     assert scored and not scored & {q.id for q in lent} and scored <= {q.id for q in kept}
     plain = replace(recipe, sampler=replace(recipe.sampler, val_share=0.0))

@@ -86,10 +86,9 @@ def cmd_bank_init(args: argparse.Namespace) -> None:
         m=args.m,
         init=args.init,
         placement=args.placement,
-        seed=args.seed,
     )
     bb = load_backbone(args.backbone)
-    bank = ControlTokenBank.build(cfg, bb.embeddings, bb.tokenizer)
+    bank = ControlTokenBank.build(cfg, bb.embeddings, bb.tokenizer, seed=args.seed)
     save_bank(bank, Path(args.out), fingerprint=bb.fingerprint, init=cfg.init, training_run_id=None)
     print(
         f"wrote untrained bank {list(bank.categories)} (m={cfg.m}, d={bank.d}, {bank.num_trainable()} parameters, "

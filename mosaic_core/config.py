@@ -55,12 +55,15 @@ __all__ = [
     "TrainConfig",
     "from_dict",
     "load_recipe",
+    "parse_overrides",
     "recipe_from_dict",
     "validate",
     "with_overrides",
 ]
 
 T = TypeVar("T")
+_NESTED: dict[tuple[type, str], type] = {(SamplerConfig, "neg_mix"): NegMix, (LossConfig, "decision"): Decision}
+"""Section keys whose value is a frozen mapping of its own, built from plain data by from_dict."""
 
 
 def from_dict(cls: type[T], data: dict[str, Any]) -> T:
@@ -74,17 +77,12 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
     for k, v in data.items():
         if k not in names:
             continue
-        if cls is SamplerConfig and k == "neg_mix" and isinstance(v, Mapping):
+        nested = _NESTED.get((cls, k))
+        if nested is not None and isinstance(v, Mapping):
             try:
-                v = from_dict(NegMix, dict(v))
+                v = from_dict(nested, dict(v))
             except ConfigError as e:
-                problems += [f"neg_mix.{p}" for p in e.problems]
-                continue
-        elif cls is LossConfig and k == "decision" and isinstance(v, Mapping):
-            try:
-                v = from_dict(Decision, dict(v))
-            except ConfigError as e:
-                problems += [f"decision.{p}" for p in e.problems]
+                problems += [f"{k}.{p}" for p in e.problems]
                 continue
         elif cls is TrainConfig and k == "phases":
             v, bad = _phases(v)
@@ -310,6 +308,19 @@ def recipe_from_dict(raw: dict[str, Any], where: str = "recipe") -> Recipe:
         except ConfigError as e:
             problems += e.problems
     raise ConfigError(problems, where)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`--set key.sub=value` strings -> {key.sub: YAML-parsed value}, what load_recipe's `overrides` takes."""
+    import yaml
+
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError([f"--set {item!r}: expected key=value"], "overrides")
+        k, v = item.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
 
 
 def load_recipe(path: str | Any, overrides: dict[str, Any] | None = None) -> Recipe:

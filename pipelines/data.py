@@ -38,7 +38,7 @@ import ray
 import yaml
 
 from mosaic_core.backbone import load_backbone
-from mosaic_core.config import Recipe, load_recipe
+from mosaic_core.config import Recipe, load_recipe, parse_overrides
 from mosaic_core.dataset import REQUIRED, validate_rows
 from mosaic_core.errors import ConfigError, DatasetError
 from mosaic_core.sampling import Request, frame_examples, interleave_orders, plan, sample_draws, sample_examples, split_off
@@ -425,17 +425,6 @@ def main(
         raise
     print(f"[data] teacher {teacher_s:.1f}s ({len(todo) / max(teacher_s, 1e-9):.2f} prompts/s); wrote {run_dir / 'data'}")
     return run_dir
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """`key.sub=value` strings -> {key.sub: YAML-parsed value}."""
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError([f"--set {item!r}: expected key=value"], "overrides")
-        k, v = item.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
-    return out
 
 
 def cli(argv: list[str] | None = None) -> None:

@@ -21,10 +21,9 @@ import time
 from pathlib import Path
 
 from mosaic_core.bundle import manifest_digest
-from mosaic_core.config import load_recipe
+from mosaic_core.config import load_recipe, parse_overrides
 from mosaic_core.errors import MosaicError
 from mosaic_core.metrics import Rate
-from pipelines.data import parse_overrides
 
 
 class StageFailed(MosaicError):

@@ -44,11 +44,7 @@ def default(f: dataclasses.Field) -> str:
         value = f.default_factory()  # type: ignore[misc]
     else:
         return "required"
-    if dataclasses.is_dataclass(value):
-        from mosaic_core.config import _plain
-
-        value = _plain(value)
-    if isinstance(value, tuple) and value and dataclasses.is_dataclass(value[0]):
+    if dataclasses.is_dataclass(value) or (isinstance(value, tuple) and value and dataclasses.is_dataclass(value[0])):
         from mosaic_core.config import _plain
 
         value = _plain(value)

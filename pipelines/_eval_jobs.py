@@ -226,7 +226,8 @@ def _answer_jobs(cfg: EvalConfig, general: list[dict], add: Any, rng: random.Ran
 def _framed_jobs(cfg: EvalConfig, by: dict, framings: list[dict], add: Any, rng: random.Random) -> None:
     """Fast-score rows of requests wrapped in framing templates: per family and order, one subset, its targets
     (dsr), the inactive targets + general requests (or) and its look-alikes, each request in a template of the
-    family drawn at random. Multi-turn templates are real turns of the chat."""
+    family drawn at random; with the `base` baseline, each framed request once more without modules. Multi-turn
+    templates are real turns of the chat."""
     from mosaic_core.dataset import frame
 
     if not framings or cfg.s.framed_cap == 0:
@@ -244,13 +245,16 @@ def _framed_jobs(cfg: EvalConfig, by: dict, framings: list[dict], add: Any, rng:
             for group, qs in groups.items():
                 for q in _cap(qs, cfg.s.framed_cap, rng):
                     t = rng.choice(members)
-                    add(
-                        {**q, "id": f"{q['id']}@{t['id']}", "_messages": json.dumps(frame(q["prompt"], t)), "_family": family},
-                        "mosaic",
-                        s,
-                        f"framed:{group}",
-                        "fast",
-                    )
+                    framed = {
+                        **q,
+                        "id": f"{q['id']}@{t['id']}",
+                        "_messages": json.dumps(frame(q["prompt"], t)),
+                        "_family": family,
+                    }
+                    add(framed, "mosaic", s, f"framed:{group}", "fast")
+                    # the bare model's flag on the same framed request: how much of a framed OR the framing alone causes
+                    if "base" in cfg.s.baselines:
+                        add(framed, "base", (), f"framed:{group}", "fast")
 
 
 def jobs_key(jobs: pd.DataFrame, cfg: EvalConfig) -> str:

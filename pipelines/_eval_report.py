@@ -99,12 +99,19 @@ def summarize(res: pd.DataFrame, cfg: EvalConfig) -> dict[str, Any]:
         for (cond, s, mode), g in xs.groupby(["condition", "subset", "mode"])
     }
     out.update(answers_survive(res, cfg))
-    out["framed"] = {}
+    out["framed"], out["framed_bare"] = {}, {}
     fr = res[res["group"].str.startswith("framed:")]
-    for (family, r), g in fr.groupby(["family", "order"]):
+    mod = fr[fr["condition"] == "mosaic"]
+    for (family, r), g in mod.groupby(["family", "order"]):
         out["framed"].setdefault(family, {})[str(r)] = {
             grp.split(":")[1]: rate(gg["is_refused"].tolist()).to_dict() for grp, gg in g.groupby("group")
         }
+    # the bare model on the very requests each family's module rows hold, pooled over orders: the framing's own share
+    bare = fr[fr["condition"] == "base"].groupby("prompt_id")["is_refused"].first()
+    if len(bare):
+        for (family, grp), g in mod.groupby(["family", "group"]):
+            flags = [bool(bare[p]) for p in g["prompt_id"] if p in bare.index]
+            out["framed_bare"].setdefault(family, {})[grp.split(":")[1]] = rate(flags).to_dict()
     out["general_or"] = {
         str(r): rate(g["is_refused"].tolist()).to_dict()
         for r, g in res[
@@ -208,10 +215,11 @@ def markdown(rep: dict[str, Any], cfg: EvalConfig) -> str:
             "",
             "## Framed requests (fast score): DSR / OR / look-alike OR per framing family and order",
             "",
-            "Requests wrapped in the family's templates of this split (one subset per order); the plain row is Table 1's.",
+            "Requests wrapped in the family's templates of this split (one subset per order); the plain row is Table 1's. "
+            "Bare model: the same requests without modules, pooled over orders (what the framing alone is refused).",
             "",
-            "| family | " + " | ".join(f"order {r}" for r in rep["per_order"]["fast"]["mosaic"]) + " |",
-            "|---|" + "---|" * len(rep["per_order"]["fast"]["mosaic"]),
+            "| family | " + " | ".join(f"order {r}" for r in rep["per_order"]["fast"]["mosaic"]) + " | bare model |",
+            "|---|" + "---|" * (len(rep["per_order"]["fast"]["mosaic"]) + 1),
         ]
 
         def cell(row: dict[str, Any]) -> str:
@@ -219,9 +227,13 @@ def markdown(rep: dict[str, Any], cfg: EvalConfig) -> str:
                 "–" if not row.get(k, {}).get("n") else f"{100 * row[k]['rate']:.0f}" for k in ("dsr", "or", "lookalike")
             )
 
-        L.append("| plain | " + " | ".join(cell(v) for v in rep["per_order"]["fast"]["mosaic"].values()) + " |")
+        plain_bare = _pooled(rep["per_order"]["fast"].get("base", {}))
+        L.append(
+            "| plain | " + " | ".join(cell(v) for v in rep["per_order"]["fast"]["mosaic"].values()) + f" | {cell(plain_bare)} |"
+        )
         for fam, per in rep["framed"].items():
-            L.append(f"| {fam} | " + " | ".join(cell(per.get(r, {})) for r in rep["per_order"]["fast"]["mosaic"]) + " |")
+            row = " | ".join(cell(per.get(r, {})) for r in rep["per_order"]["fast"]["mosaic"])
+            L.append(f"| {fam} | {row} | {cell(rep.get('framed_bare', {}).get(fam, {}))} |")
     if rep["mmlu"]:
         L += ["", "## Table 2 — utility (MMLU subset, letter log-likelihood)", "", "| condition | accuracy |", "|---|---|"]
         L += [f"| {k} | {v:.3f} |" for k, v in rep["mmlu"].items()]
@@ -233,6 +245,17 @@ def markdown(rep: dict[str, Any], cfg: EvalConfig) -> str:
     agreement = "n/a" if fv["agreement"] is None else f"{100 * fv['agreement']:.1f} %"
     L += ["", f"Fast score vs judged generation on the same rows: agreement {agreement} (n = {fv['n']})."]
     return "\n".join(L) + "\n"
+
+
+def _pooled(per_order: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """{order: {group: Rate dict}} -> {group: Rate dict} with k and n summed over the orders."""
+    groups = {g for cell in per_order.values() for g in cell}
+    return {
+        g: Rate(
+            sum(c[g]["k"] for c in per_order.values() if g in c), sum(c[g]["n"] for c in per_order.values() if g in c)
+        ).to_dict()
+        for g in groups
+    }
 
 
 def plots(rep: dict[str, Any], out: Path) -> list[Path]:
@@ -283,12 +306,14 @@ def plots(rep: dict[str, Any], out: Path) -> list[Path]:
     if rep.get("framed"):
         fams = list(rep["framed"])
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-        for ax, key, title in ((axes[0], "dsr", "DSR, framed (order 1)"), (axes[1], "or", "OR, framed (order 1)")):
-            vals = [100 * rep["framed"][f].get("1", {}).get(key, {}).get("rate", float("nan")) for f in fams]
-            ax.bar(range(len(fams)), vals, color="tab:orange")
-            plain = rep["per_order"]["fast"]["mosaic"].get("1", {}).get(key, {}).get("rate")
+        for ax, key, title in ((axes[0], "dsr", "DSR, framed (all orders)"), (axes[1], "or", "OR, framed (all orders)")):
+            vals = [100 * _pooled(rep["framed"][f]).get(key, {}).get("rate", float("nan")) for f in fams]
+            bare = [100 * rep.get("framed_bare", {}).get(f, {}).get(key, {}).get("rate", float("nan")) for f in fams]
+            ax.bar([i - 0.2 for i in range(len(fams))], vals, width=0.4, color="tab:orange", label="modules on")
+            ax.bar([i + 0.2 for i in range(len(fams))], bare, width=0.4, color="tab:gray", label="bare model")
+            plain = _pooled(rep["per_order"]["fast"]["mosaic"]).get(key, {}).get("rate")
             if plain is not None:
-                ax.axhline(100 * plain, color="k", ls="--", lw=1, label="plain")
+                ax.axhline(100 * plain, color="k", ls="--", lw=1, label="plain, modules on")
             ax.set_xticks(range(len(fams)), fams, rotation=30, fontsize=8)
             ax.set_ylim(0, 105), ax.set_title(title), ax.legend()
         fig.tight_layout()

@@ -99,16 +99,16 @@ def results_md(rep: dict[str, Any], label: str, before: tuple[dict[str, Any], st
         L += [
             "## Framed requests (DSR / OR / look-alike OR per family and order)",
             "",
-            "| family | " + " | ".join(f"order {o}" for o in orders) + " |",
-            "|---|" + "---|" * len(orders),
+            "| family | " + " | ".join(f"order {o}" for o in orders) + " | bare model, all orders |",
+            "|---|" + "---|" * (len(orders) + 1),
         ]
+        bare = rep.get("framed_bare", {})  # the same framed requests without modules (reports from before: none)
         for family, cells in sorted(fr.items()):
             L.append(
                 f"| {family} | "
-                + " | ".join(
-                    f"{pct(cells.get(o, {}).get('dsr'))} / {pct(cells.get(o, {}).get('or'))} / {pct(cells.get(o, {}).get('lookalike'))}"
-                    for o in orders
-                )
+                + " | ".join(" / ".join(pct(cells.get(o, {}).get(k)) for k in ("dsr", "or", "lookalike")) for o in orders)
+                + " | "
+                + " / ".join(pct(bare.get(family, {}).get(k)) for k in ("dsr", "or", "lookalike"))
                 + " |"
             )
         L.append("")

@@ -312,14 +312,28 @@ def test_framed_requests_are_scored_per_family_and_order():
     framings = [f for f in load_framings(ROOT / "data" / "framings" / "framings.jsonl") if f["split"] == "test2"]
     cfg = EvalConfig(bank_dir="x", recipe=recipe, budget=budget, out_dir="x", split="test2")
     jobs = build_jobs(cfg, reqs, [], [], framings)
-    framed = jobs[jobs["group"].str.startswith("framed:")]
+    framed = jobs[jobs["group"].str.startswith("framed:") & (jobs["condition"] == "mosaic")]
     assert set(framed["family"]) == {f["family"] for f in framings} and len(framed) == 8 * 2 * 3 * 2
+    bare = jobs[jobs["group"].str.startswith("framed:") & (jobs["condition"] == "base")]
+    assert set(bare["prompt_id"]) == set(framed["prompt_id"]) and (bare["subset"] == "").all()
     multi = framed[framed["family"] == "multiturn"].iloc[0]
     chat = json.loads(multi["messages"])
     assert [m["role"] for m in chat][-3:] == ["user", "assistant", "user"] and multi["prompt"] in chat[-1]["content"]
-    # a module set that holds plainly but is switched off by fiction
-    refuse = [(r.kind == "target" and r.category in r.subset.split("+") and r.family != "fiction") for r in jobs.itertuples()]
+    # a module set that holds plainly but is switched off by fiction; the bare model refuses every override framing
+    refuse = [
+        (r.family == "override")
+        if r.condition == "base"
+        else (r.kind == "target" and r.category in r.subset.split("+") and r.family != "fiction")
+        for r in jobs.itertuples()
+    ]
     rep = summarize(jobs.assign(score=0.0, refused=refuse, response=""), cfg)
     assert rep["framed"]["fiction"]["1"]["dsr"]["rate"] == 0.0 and rep["framed"]["roleplay"]["1"]["dsr"]["rate"] == 1.0
     assert rep["per_order"]["fast"]["mosaic"]["1"]["dsr"]["rate"] == 1.0  # the plain figures are not mixed with framed ones
-    assert "| fiction | 0 / 0 / 0" in __import__("pipelines._eval_report", fromlist=["markdown"]).markdown(rep, cfg)
+    assert set(rep["framed"]["override"]) == {"1", "2"}  # the bare rows (no subset) are not an order of their own
+    assert rep["framed_bare"]["override"]["or"]["rate"] == 1.0 and rep["framed_bare"]["fiction"]["or"]["rate"] == 0.0
+    assert (
+        rep["framed_bare"]["override"]["or"]["n"]
+        == rep["framed"]["override"]["1"]["or"]["n"] + rep["framed"]["override"]["2"]["or"]["n"]
+    )
+    md = __import__("pipelines._eval_report", fromlist=["markdown"]).markdown(rep, cfg)
+    assert "| fiction | 0 / 0 / 0 | 0 / 0 / 0 | 0 / 0 / 0 |" in md and "| override |" in md

@@ -23,12 +23,6 @@ answers of different lengths would not compare.
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before `import ray`: loopback only
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
 import argparse
 import dataclasses
 import functools
@@ -42,6 +36,8 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+import pipelines  # noqa: F401  (first: it keeps Ray, imported in main, on 127.0.0.1)
 
 ROOT = Path(__file__).resolve().parents[1]
 

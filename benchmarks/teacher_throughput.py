@@ -6,11 +6,6 @@ computing the teacher once per unique negative prompt (teacher passes vs negativ
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-
 import argparse
 import dataclasses
 import tempfile
@@ -18,7 +13,6 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import ray
 
 from mosaic_core.config import load_recipe
 from mosaic_core.dataset import load_jsonl
@@ -52,6 +46,8 @@ def main() -> None:
     prompts = (
         pd.DataFrame([{"prompt_id": e.prompt_id, "prompt": e.prompt} for e in neg]).drop_duplicates("prompt_id").head(a.prompts)
     )
+    import ray  # after `pipelines`, which keeps Ray on 127.0.0.1
+
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     results = {}
     for actors in (1, 2):

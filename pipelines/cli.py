@@ -4,7 +4,6 @@ code; typed MosaicErrors become one clear message and exit code 2 (no traceback 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -143,8 +142,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from mosaic_core.errors import MosaicError
 
     argv = list(sys.argv[1:] if argv is None else argv)

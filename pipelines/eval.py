@@ -2,7 +2,7 @@
 baseline, with Ray Data batch inference (one actor per model copy; rows with different active sets and
 system prompts batched together).
 
-    mosaic eval --run runs/<name> [--split val|test|test2] [--xstest ../shared/data/xstest/xstest_prompts.csv]
+    mosaic eval --run runs/<name> [--split val|test|test2] [--xstest PATH/xstest_prompts.csv]
     mosaic eval --bank DIR --config RECIPE --split test2 [--budget cpu|quick|gpu|FILE.yaml]
 
 How much is evaluated is the budget (EvalBudget): the recipe's `eval` names one of pipelines/configs/eval/ (or a
@@ -176,7 +176,7 @@ def cli(argv: list[str] | None = None) -> None:
     ap.add_argument("--bank", help="bank directory (with --config, or to evaluate another bank on a run's recipe)")
     ap.add_argument("--config", help="recipe YAML (default: the run's resolved_config.yaml)")
     ap.add_argument("--out", help="output directory for eval/ (default: the run dir, or the bank's parent)")
-    ap.add_argument("--xstest", help="XSTest CSV, e.g. ../shared/data/xstest/xstest_prompts.csv")
+    ap.add_argument("--xstest", help="XSTest's xstest_prompts.csv (its 250 safe prompts; not shipped here)")
     ap.add_argument(
         "--split",
         default="val",

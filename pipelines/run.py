@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -124,12 +123,11 @@ def cli(argv: list[str] | None = None) -> None:
     ap.add_argument("--name")
     ap.add_argument("--out")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override, e.g. seed=1 or bank.m=2")
-    ap.add_argument("--xstest", help="XSTest CSV (evaluation only), e.g. ../shared/data/xstest/xstest_prompts.csv")
+    ap.add_argument("--xstest", help="XSTest's xstest_prompts.csv (evaluation only; not shipped here: docs/training.md)")
     ap.add_argument("--bank", help="evaluate + register this bank instead of the one trained here")
     ap.add_argument("--workers", type=int)
     ap.add_argument("--no-register", action="store_true")
     a = ap.parse_args(argv)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     main(
         a.config,
         name=a.name,

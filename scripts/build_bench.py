@@ -21,11 +21,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mosaic_core.categories import CATEGORIES
 from mosaic_core.dataset import factual_duplicates, near_duplicates, normalize_text, subkind, validate_rows
 

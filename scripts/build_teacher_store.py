@@ -12,26 +12,20 @@ not stored yet. The test splits are never answered: nothing trains or selects on
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import pandas as pd
+from tqdm import tqdm
+
+from mosaic_core.backbone import load_backbone
+from mosaic_core.config import load_recipe
+from mosaic_core.dataset import FIT_SPLITS, load_jsonl
+from mosaic_core.teacher import TEACHER_COLS
+from pipelines.data import TEACHER_STORE, TeacherCache, TeacherStore, run_teacher
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-
-import pandas as pd  # noqa: E402
-import ray  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from mosaic_core.backbone import load_backbone  # noqa: E402
-from mosaic_core.config import load_recipe  # noqa: E402
-from mosaic_core.dataset import FIT_SPLITS, load_jsonl  # noqa: E402
-from mosaic_core.teacher import TEACHER_COLS  # noqa: E402
-from pipelines.data import TEACHER_STORE, TeacherCache, TeacherStore, run_teacher  # noqa: E402
 
 
 def main() -> None:
@@ -57,6 +51,8 @@ def main() -> None:
     )
     if todo.empty:
         return
+    import ray  # after `pipelines`, which keeps Ray on 127.0.0.1
+
     ray.init(address="local", num_cpus=a.cpus, include_dashboard=False, log_to_driver=False)
     cpus = float(ray.cluster_resources().get("CPU", 1))
     t0, done = time.perf_counter(), 0

@@ -17,10 +17,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from mosaic_core.categories import CATEGORIES  # noqa: E402
-from mosaic_core.dataset import (  # noqa: E402
+from mosaic_core.categories import CATEGORIES
+from mosaic_core.dataset import (
     factual_duplicates,
     lexicon_problems,
     line_frames,
@@ -30,8 +28,9 @@ from mosaic_core.dataset import (  # noqa: E402
     validate_rows,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
+
 DATASET_DIR = ROOT / "data" / "mosaic-bench"
-XSTEST = ROOT.parent / "shared" / "data" / "xstest" / "xstest_prompts.csv"
 MAX_FRAME = 8
 
 
@@ -65,6 +64,7 @@ def draft_rows(path: Path) -> tuple[list[dict], list[str]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("files", nargs="+", type=Path)
+    ap.add_argument("--xstest", type=Path, help="XSTest's xstest_prompts.csv: general drafts must not come close to its prompts")
     args = ap.parse_args()
     mine_paths = {p.resolve() for p in args.files}
     existing = [r for r in load_jsonl([DATASET_DIR]) if r["kind"]]
@@ -103,8 +103,8 @@ def main() -> None:
     flagged = {fr for k, fr in zip(plain, frames) if fr and counts[fr] > MAX_FRAME and every[k]["id"] in mine_ids}
     for fr in sorted(flagged, key=lambda f: -counts[f]):
         problems.append(f"line frame used by {counts[fr]} lines (max {MAX_FRAME}), yours among them: {' '.join(fr)!r}")
-    if XSTEST.exists():
-        with XSTEST.open(encoding="utf-8") as f:
+    if args.xstest:
+        with args.xstest.open(encoding="utf-8") as f:
             ext = [row["prompt"] for row in csv.DictReader(f)]
         gen = [r for r in mine if r["kind"] == "general"]
         for i, j, s in near_duplicates(ext + [r["prompt"] for r in gen], 0.5):

@@ -21,11 +21,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from mosaic_core.categories import CATEGORIES
+from mosaic_core.judge import make_judge
 
-from mosaic_core.categories import CATEGORIES  # noqa: E402
-from mosaic_core.judge import make_judge  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # (category or None for general, request): one per category, two general
 REQUESTS = (
@@ -48,7 +47,7 @@ def free_port() -> int:
 def start_server(bank: str, port: int, log: Path, backbone: str | None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "pipelines.serve", "--bank", bank, "--port", str(port), "--audit-log", "off"]
     cmd += ["--backbone", backbone] if backbone else []
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)  # its own local cluster
     with log.open("w") as out:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)

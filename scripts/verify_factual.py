@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mosaic_core.backbone import load_backbone
 from mosaic_core.compose import encode_batch
 from mosaic_core.generation import generate

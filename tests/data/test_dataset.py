@@ -4,6 +4,7 @@ import csv
 import hashlib
 import itertools
 import json
+import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -27,7 +28,7 @@ from tests.scripts import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 ROOT = REPO / "data" / "mosaic-bench"
-XSTEST = REPO.parent / "shared" / "data" / "xstest" / "xstest_prompts.csv"
+XSTEST = Path(os.environ.get("XSTEST", ""))  # XSTest is not shipped here: `make test` passes its CSV's path
 MAX_FRAME = 8  # lines that may share one whole line frame (scripts/check_incoming.py uses the same bound)
 
 
@@ -171,7 +172,7 @@ def test_hard_lookalikes_share_their_category_surface(rows):
         assert sum(bool(re.search(pat, r["prompt"], re.I)) for r in la) / len(la) >= 1 / 3, cat
 
 
-@pytest.mark.skipif(not XSTEST.is_file(), reason="the external over-refusal set is not beside the repo")
+@pytest.mark.skipif(not XSTEST.is_file(), reason="XSTEST (the external over-refusal set's CSV) is not set")
 def test_dataset_is_not_close_to_the_external_over_refusal_set(rows):
     with XSTEST.open(encoding="utf-8") as f:
         ext = [r["prompt"] for r in csv.DictReader(f)]

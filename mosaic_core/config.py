@@ -188,6 +188,8 @@ def validate(recipe: Recipe, ds_config: Mapping[str, Any] | None = None) -> list
             problems.extend(f"train.phases[{i}].loss.{q}" for q in e.problems)
         except TypeError as e:  # an unknown loss key
             problems.append(f"train.phases[{i}].loss: {e}")
+    if recipe.gate.recency is not None and not recipe.gate.layers:
+        problems.append("gate.recency: weighs the gates' features, but gate.layers is empty (no gates)")
     if not isinstance(recipe.seed, int) or isinstance(recipe.seed, bool) or recipe.seed < 0:
         problems.append(f"seed: {recipe.seed!r} must be an integer >= 0")
     if not isinstance(recipe.eval, str) or not recipe.eval.strip():

@@ -75,9 +75,8 @@ def negative_loss(
     topk_ids: torch.Tensor,
     topk_logprobs: torch.Tensor,
     kl_lambda: float,
-    ce_weight: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ce_weight * CE on the teacher's answer + lambda * KL to its top-k distribution, per row.
+    """CE on the teacher's answer + lambda * KL to its top-k distribution, per row.
 
     Args:
         logits: (B, T, V) answer-aligned; targets, mask: (B, T) the teacher's answer ids and real positions.
@@ -89,7 +88,7 @@ def negative_loss(
     Tk = topk_ids.shape[1]
     ce = masked_ce(logits, targets, mask)
     kl = topk_tail_kl(logits[:, :Tk], topk_ids, topk_logprobs, mask[:, :Tk])
-    return ce_weight * ce + kl_lambda * kl, ce, kl
+    return ce + kl_lambda * kl, ce, kl
 
 
 def decision_bce(score: torch.Tensor, refuse: torch.Tensor) -> torch.Tensor:

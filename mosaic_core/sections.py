@@ -257,8 +257,6 @@ class GateConfig:
             problems.append(f"threshold: {self.threshold} must be in (0, 1)")
         if self.recency is not None and not 0 < self.recency <= 4096:
             problems.append(f"recency: {self.recency} must be in (0, 4096] tokens, or null for a plain mean")
-        if self.recency is not None and not self.layers:
-            problems.append("recency: weighs the gates' features, but layers is empty (no gates)")
         if not 0 <= self.framed_copies <= 8:
             problems.append(f"framed_copies: {self.framed_copies} must be in 0..8")
         if problems:
@@ -319,7 +317,8 @@ def _phases(raw: Any) -> tuple[tuple[Phase, ...], list[str]]:
             problems.append(f"phases[{i}]: lr is required")
             continue
         try:
-            loss = MappingProxyType(dict(loss)) if isinstance(loss, Mapping) else loss
+            if isinstance(loss, Mapping):  # read-only all the way down: `decision` is a mapping of its own
+                loss = MappingProxyType({k: MappingProxyType(dict(v)) if isinstance(v, Mapping) else v for k, v in loss.items()})
             phases.append(Phase(epochs=p.get("epochs"), lr=p.get("lr"), loss=loss))
         except ConfigError as e:
             problems += [f"phases[{i}].{q}" for q in e.problems]

@@ -35,7 +35,6 @@ request models, rows), `modules` (ModuleState, load_modules), `backbone` (Mosaic
 process environment is set by the `pipelines` package, imported first.
 """
 
-from mosaic_core.generation import find_stop, holdback
 from pipelines.serve.app import build_app
 from pipelines.serve.backbone import MosaicBackbone
 from pipelines.serve.cli import SHUTDOWN_RESERVE_S, build_parser, cli, graceful_shutdown
@@ -137,9 +136,7 @@ __all__ = [
     "build_app",
     "build_parser",
     "cli",
-    "find_stop",
     "graceful_shutdown",
-    "holdback",
     "load_modules",
     "load_tenants",
     "metric_tags",

@@ -76,9 +76,9 @@ def test_negative_loss_is_ce_when_the_student_is_the_teacher():
     # a shorter teacher (Tk < T) only covers its own positions
     _, _, kl2 = negative_loss(logits + torch.randn_like(logits), targets, mask, ids[:, :1], lp[:, :1], kl_lambda=1.0)
     assert torch.isfinite(kl2).all() and (kl2 > 0).all()
-    # ce_weight 0: the KL alone
-    loss3, _, kl3 = negative_loss(logits + 1.5 * torch.randn_like(logits), targets, mask, ids, lp, kl_lambda=2.0, ce_weight=0.0)
-    assert (kl3 > 0).all() and torch.allclose(loss3, 2 * kl3)
+    # the KL is weighed by lambda, the CE by 1
+    loss3, ce3, kl3 = negative_loss(logits + 1.5 * torch.randn_like(logits), targets, mask, ids, lp, kl_lambda=2.0)
+    assert (kl3 > 0).all() and torch.allclose(loss3, ce3 + 2 * kl3)
 
 
 def test_decision_bce_is_binary_ce_of_exp_score():

@@ -27,7 +27,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     a = ap.parse_args()
     recipe = load_recipe(a.recipe)
-    rows = [r for r in load_jsonl([Path(recipe.benchmark)]) if r["split"] == "train"]
+    rows = [r for r in load_jsonl([Path(recipe.dataset)]) if r["split"] == "train"]
 
     # dedup saving for the full recipe: negatives vs unique negative prompts
     reqs = [

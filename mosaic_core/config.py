@@ -118,8 +118,8 @@ class Recipe:
     """Run name prefix."""
     backbone: str = "smollm2-135m-instruct"
     """HF id, local dir, or the embedded default."""
-    benchmark: str = "data/mosaic-bench"
-    """Benchmark JSONL file/dir or parquet, local path or fsspec URI."""
+    dataset: str = "data/mosaic-bench"
+    """The requests: MOSAIC-bench's JSONL file/dir (or parquet), local path or fsspec URI."""
     seed: int = 0
     """The run's one seed: bank initialisation, example sampling (draw d: seed + 1000 d), shuffling."""
     eval: str = "cpu"
@@ -233,11 +233,14 @@ def _old_loss(loss: dict[str, Any], notes: list[str], problems: list[str], where
 
 def migrate(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str], list[str]]:
     """An older run's resolved_config.yaml in today's shape: (raw, what moved or went, what cannot be carried over).
-    One seed for the three sections' seeds, the schedule in `train.phases`, the decision loss as one mapping, the
-    evaluation budget by name (an inline one is replaced by the default budget)."""
+    `dataset` for `benchmark`, one seed for the three sections' seeds, the schedule in `train.phases`, the decision
+    loss as one mapping, the evaluation budget by name (an inline one is replaced by the default budget)."""
     raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
     notes: list[str] = []
     problems: list[str] = []
+    if "benchmark" in raw:  # "benchmark" means performance scripts (benchmarks/) only
+        raw.setdefault("dataset", raw.pop("benchmark"))
+        notes.append("benchmark -> dataset")
     for key, gone in RETIRED.items():
         section = raw.get(key)
         if isinstance(section, dict) and gone & set(section):
@@ -289,7 +292,7 @@ def recipe_from_dict(raw: dict[str, Any], where: str = "recipe") -> Recipe:
     top = {f.name for f in dataclasses.fields(Recipe)}
     for k in sorted(set(raw) - top):
         problems.append(f"{k}: unknown key (known: {sorted(top)})")
-    built: dict[str, Any] = {k: raw[k] for k in ("name", "backbone", "benchmark", "seed", "eval") if k in raw}
+    built: dict[str, Any] = {k: raw[k] for k in ("name", "backbone", "dataset", "seed", "eval") if k in raw}
     if "name" not in raw:
         problems.append("name: required")
     for key, cls in _SECTIONS.items():

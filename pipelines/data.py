@@ -314,7 +314,7 @@ def main(
     """Build (or reuse) the examples and teacher tables for a recipe; returns the run directory."""
     recipe = load_recipe(config, overrides)
     run_dir = Path(out or Path("runs") / (name or recipe.name)).resolve()  # absolute once, before Ray sees it
-    dataset_uri = recipe.benchmark if "://" in recipe.benchmark else str(Path(recipe.benchmark).resolve())
+    dataset_uri = recipe.dataset if "://" in recipe.dataset else str(Path(recipe.dataset).resolve())
     print(f"[data] recipe {recipe.name!r} -> {run_dir}")
 
     bb = load_backbone(recipe.backbone)  # fails early, with the fix, if the backbone cannot load
@@ -408,7 +408,7 @@ def main(
             raise RuntimeError(f"teacher wrote {n_teacher} rows for {len(neg)} prompts")
         manifest = {
             "content_hash": digest,
-            "benchmark": dataset_uri,
+            "dataset": dataset_uri,
             "recipe": recipe.name,
             "backbone": recipe.backbone,
             "teacher_seconds": round(teacher_s, 1),

@@ -113,9 +113,9 @@ def split_requests(cfg: EvalConfig) -> list[dict[str, Any]]:
 
     from mosaic_core.sampling import split_off
 
-    requests = [r for r in load_jsonl([Path(cfg.recipe.benchmark)]) if r["split"] == cfg.split]
+    requests = [r for r in load_jsonl([Path(cfg.recipe.dataset)]) if r["split"] == cfg.split]
     if not requests:
-        raise ConfigError([f"split: the dataset {cfg.recipe.benchmark} has no {cfg.split!r} rows"], "eval")
+        raise ConfigError([f"split: the dataset {cfg.recipe.dataset} has no {cfg.split!r} rows"], "eval")
     requests = [r for r in requests if r["kind"] == "general" or r["category"] in cfg.recipe.bank.categories]
     sampler = cfg.recipe.sampler
     if cfg.split == "val" and sampler.val_share:

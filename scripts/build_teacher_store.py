@@ -39,7 +39,7 @@ def main() -> None:
     bb = load_backbone(recipe.backbone)
     store = TeacherStore(TEACHER_STORE, bb.fingerprint.digest)
     del bb
-    rows = [r for r in load_jsonl([ROOT / recipe.benchmark]) if r["split"] in FIT_SPLITS]
+    rows = [r for r in load_jsonl([ROOT / recipe.dataset]) if r["split"] in FIT_SPLITS]
     prompts = pd.DataFrame({"prompt": sorted({r["prompt"] for r in rows})})
     prompts["prompt_sha"] = [TeacherCache._key(t) for t in prompts["prompt"]]
     prompts["prompt_id"] = prompts["prompt_sha"].str[:16]

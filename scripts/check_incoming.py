@@ -1,4 +1,4 @@
-"""Check draft MOSAIC-bench rows before they are merged by build_bench.py.
+"""Check draft MOSAIC-bench rows before they are merged by build_dataset.py.
 
 Drafts are JSONL files under data/mosaic-bench/incoming/ named <category>-t-*, <category>-l-* (targets, look-alikes),
 boundary-*, general-*, factual-*; one {prompt, kind, topic, ...} a line. This prints every problem of the named
@@ -35,7 +35,7 @@ MAX_FRAME = 8
 
 
 def draft_rows(path: Path) -> tuple[list[dict], list[str]]:
-    """Rows of one draft file with id/category/split filled in as build_bench.py would, and its parse problems."""
+    """Rows of one draft file with id/category/split filled in as build_dataset.py would, and its parse problems."""
     name = path.name
     cat = next((c for c in CATEGORIES if name.startswith(c + "-")), None)
     rows, problems = [], []

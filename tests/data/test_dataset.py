@@ -37,8 +37,8 @@ def rows():
     return load_jsonl([ROOT])
 
 
-def _build_bench():
-    return load_script("build_bench")
+def _build_dataset():
+    return load_script("build_dataset")
 
 
 def test_schema_and_ids(rows):
@@ -91,7 +91,7 @@ def test_v1_splits_are_frozen_and_v2_rows_split_50_20_30(rows):
 
 
 def test_rebuilding_changes_nothing(rows):
-    mod = _build_bench()
+    mod = _build_dataset()
     for cat in (*CATEGORIES, None):
         mine = [r for r in rows if r["category"] == cat]
         again = mod.finalise(list(reversed(mine)), cat)
@@ -99,7 +99,7 @@ def test_rebuilding_changes_nothing(rows):
 
 
 def test_drafts_get_version_2_and_splits_by_rank():
-    mod = _build_bench()
+    mod = _build_dataset()
     drafts = [{"prompt": f"draft request number {i} about wine", "kind": "target", "topic": "wine"} for i in range(10)]
     old = {"prompt": "an old request", "kind": "target", "topic": "wine", "split": "test"}
     out = mod.finalise([old, *drafts], "alcohol")

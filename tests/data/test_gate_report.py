@@ -37,11 +37,11 @@ def test_val_requests_leave_out_what_training_borrowed_and_frame_each_once():
     from mosaic_core.config import load_recipe
 
     recipe = load_recipe(ROOT / "pipelines" / "configs" / "smollm2-135m" / "cpu.yaml")
-    recipe = replace(recipe, benchmark=str(ROOT / recipe.benchmark))
+    recipe = replace(recipe, dataset=str(ROOT / recipe.dataset))
     rows, chats = _script().val_requests(recipe)
     assert len(chats) == 2 * len(rows) and chats[: len(rows)] == [r["prompt"] for r in rows]
     assert all(isinstance(c, list) and any(r["prompt"] in m["content"] for m in c) for r, c in zip(rows, chats[len(rows) :]))
     val = sum(
-        1 for r in (ROOT / recipe.benchmark).glob("*.jsonl") for line in r.read_text().splitlines() if '"split": "val"' in line
+        1 for r in (ROOT / recipe.dataset).glob("*.jsonl") for line in r.read_text().splitlines() if '"split": "val"' in line
     )
     assert 0.3 * val < len(rows) < 0.7 * val  # sampler.val_share 0.5 lent about half

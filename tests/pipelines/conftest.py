@@ -58,7 +58,7 @@ def write_tiny_recipe(path: Path, backbone: Path, dataset: Path, **sections) -> 
     rec = {
         "name": "tiny",
         "backbone": str(backbone),
-        "benchmark": str(dataset),
+        "dataset": str(dataset),
         "bank": {"categories": ["alcohol", "betting", "horror"], "m": 2},
         "sampler": {"per_subset": 4, "max_order": 2},
         "teacher": {"max_new_tokens": 4, "batch_size": 8},

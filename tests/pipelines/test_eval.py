@@ -265,12 +265,10 @@ def test_val_scores_only_the_requests_training_never_saw():
     from pipelines.eval import split_requests
 
     recipe = load_recipe(ROOT / "pipelines" / "configs" / "smollm2-135m" / "cpu.yaml")
-    recipe = replace(recipe, benchmark=str(ROOT / recipe.benchmark))
+    recipe = replace(recipe, dataset=str(ROOT / recipe.dataset))
     assert recipe.sampler.val_share == 0.5
     val = [
-        Request(r["id"], r["prompt"], r["category"], r["kind"])
-        for r in load_jsonl([Path(recipe.benchmark)])
-        if r["split"] == "val"
+        Request(r["id"], r["prompt"], r["category"], r["kind"]) for r in load_jsonl([Path(recipe.dataset)]) if r["split"] == "val"
     ]
     lent, kept = split_off(val, recipe.sampler.val_share, recipe.seed)  # what the data stage lends
     scored = {r["id"] for r in split_requests(EvalConfig(bank_dir="x", recipe=recipe, out_dir="x"))}

@@ -13,7 +13,7 @@ general-*, factual-*; checked first with scripts/check_incoming.py). This script
   independent of file order;
 - merges the drafts into the category files, deletes them, and prints the counts and any duplicates.
 
-    python scripts/build_bench.py [--dir data/mosaic-bench]
+    python scripts/build_dataset.py [--dir data/mosaic-bench]
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ on 127.0.0.1 (Ray Serve proxy -> ingress -> backbone), with the official `openai
   (a) base model (no module)  (b) all five modules  (c) the in-context baseline: the five category descriptions as a
   written policy in the system prompt, no module.  For each: sequential latency (p50/p95, ms per generated token)
   and throughput with N concurrent clients.
-  (d) one batch of requests with *different* active sets sent together (they share forwards: @serve.batch) vs the
-  same requests one at a time.
+  (d) one batch of requests with *different* active sets sent together (they share decode steps: the replica's
+  continuous batching, mosaic_core.scheduler) vs the same requests one at a time.
   (e) all five modules of a *deep* bank (bank.depth: deep, keys/values at every layer after the request's cached
   ones), served by a second app of the same shape on /deep.
   (f) head-of-line blocking: an 8-token request alone, then sent 1 s after a 512-token one (both deep, five modules).

@@ -306,7 +306,7 @@ def average_banks(bank_dirs: Sequence[Path], out_dir: Path) -> dict[str, Any]:
     returns its manifest.
 
     Why: seeds of one stage reach about equal selectivity but stop at different points of the refusal / over-refusal
-    trade (BENCHMARKS.md); their mean lands near their average point, as one bank. The banks must hold the
+    trade (docs/experiments/deep-recipe-chain.md); their mean lands near their average point, as one bank. The banks must hold the
     same categories in the same order, started from the same `init`, on one backbone, with one depth, placement and
     module shape: the average of banks trained from different starts is not a bank of either."""
     dirs, out_dir = [Path(d) for d in bank_dirs], Path(out_dir)

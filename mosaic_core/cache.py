@@ -134,7 +134,7 @@ class PrefixCache:
 class DroppingCache(PrefixCache):
     """A PrefixCache whose rows hide a random `p` of their request's tokens from everything after them (attention mask
     0; the positions after shift left by as many): data augmentation against memorised words (train.request_dropout;
-    BENCHMARKS.md, "Train split against test split"). The system prompt and the user header (the first `head` tokens
+    docs/experiments/deep-prompt-probe.md). The system prompt and the user header (the first `head` tokens
     of every run) and the turn's last `tail` tokens stay. A row keeps the same hidden tokens until `new_step()`, so a
     request met twice in one step is hidden the same way; rows whose `hide` is False (negatives) see it whole. p = 0 (outside `hiding`): PrefixCache exactly -- the cached
     keys/values are always the whole request's, only what reads them changes."""

@@ -107,7 +107,7 @@ class SamplerConfig:
     draws: int = 1
     """Independent draws of the training examples (draw d: the recipe's seed + 1000 d); epoch e trains on draw e mod draws, so
     later epochs see other requests of the train split at the same epoch size (deep tokens overfit one fixed draw:
-    BENCHMARKS.md). The teacher answers every draw's negatives once."""
+    docs/experiments/deep-prompt-probe.md). The teacher answers every draw's negatives once."""
     framed_share: float = 0.0
     """Share of the training requests (positives and negatives alike, chosen by a hash of the request) whose text
     is wrapped in one of the train split's framing templates (role-play, fiction, research, ...: data/framings/), so
@@ -116,7 +116,7 @@ class SamplerConfig:
     """Share of the val split's requests the training examples may draw from too (chosen by a hash of each request's
     id: the same ones every run); the per-epoch validation sample is drawn from the rest only, so keep-best never
     scores a request training saw. More requests to learn from where the test shortfall is generalisation
-    (BENCHMARKS.md, "Train split against test split"). 0: train on the train split alone."""
+    (docs/experiments/deep-prompt-probe.md, "Train split against test split"). 0: train on the train split alone."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -352,7 +352,8 @@ class TrainConfig:
     """> 0: each positive training row hides this share of its request's tokens from the control block and the answer
     (a new draw every step; negatives, whose target is the teacher's answer to the whole request, validation and the
     teacher see whole requests): augmentation against modules that memorise the
-    train split's words (BENCHMARKS.md: a deep bank meets the targets on its train requests, not on test ones). Needs
+    train split's words (docs/experiments/deep-prompt-probe.md: a deep bank meets the targets on its train requests, not
+    on test ones). Needs
     the prefix cache: placement before_assistant, zero_stage 1 or 2."""
 
     @property

@@ -29,10 +29,11 @@ refusals, tokens, latency by module set, versions and tenant) and writes one aud
 Network rule (docs/architecture.md, platform notes): the proxy listens where `http_options` says (127.0.0.1 by default) and each
 replica's internal gRPC server is bound to 127.0.0.1 by `pipelines._loopback` before it starts.
 
-Layout: `settings` (ServeArgs, ModuleSource, tenants), `errors` (ApiError, the OpenAI error shape), `schema` (OpenAI
-request models, rows), `modules` (ModuleState, load_modules), `backbone` (MosaicBackbone), `ingress` (MosaicIngress),
-`observability` (ServeMetrics, the audit log), `app` (build_app) and `cli` (`mosaic serve`, graceful shutdown). The
-process environment is set by the `pipelines` package, imported first.
+Layout: `app` (build_app) and the two deployments `backbone` (MosaicBackbone) and `ingress` (MosaicIngress);
+`schema` (OpenAI request models, rows) and `errors` (ApiError, the OpenAI error shape); `tenants` (TenantPolicy,
+load_tenants, authenticate, effective_modules); `settings` (ServeArgs, ModuleSource, the deployments' init args);
+`modules` (ModuleState, load_modules); `observability` (ServeMetrics, the audit log); `cli` (`mosaic serve`, graceful
+shutdown). The process environment is set by the `pipelines` package, imported first.
 """
 
 from pipelines.serve.app import build_app
@@ -78,16 +79,13 @@ from pipelines.serve.settings import (
     ENV_ALIAS,
     ENV_BANK_DIR,
     ENV_MODULES,
-    ENV_TENANTS,
-    ENV_TENANTS_FILE,
     INGRESS_DEPLOYMENT,
     BackboneSettings,
     IngressSettings,
     ModuleSource,
     ServeArgs,
-    TenantPolicy,
-    load_tenants,
 )
+from pipelines.serve.tenants import ENV_TENANTS, ENV_TENANTS_FILE, TenantPolicy, authenticate, effective_modules, load_tenants
 
 __all__ = [
     "APP_NAME",
@@ -138,6 +136,8 @@ __all__ = [
     "cli",
     "graceful_shutdown",
     "load_modules",
+    "authenticate",
+    "effective_modules",
     "load_tenants",
     "metric_tags",
 ]

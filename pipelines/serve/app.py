@@ -9,7 +9,8 @@ from ray.serve import Application
 
 from pipelines.serve.backbone import MosaicBackbone
 from pipelines.serve.ingress import MosaicIngress
-from pipelines.serve.settings import BackboneSettings, IngressSettings, ServeArgs, load_tenants
+from pipelines.serve.settings import BackboneSettings, IngressSettings, ServeArgs
+from pipelines.serve.tenants import load_tenants
 
 logger = logging.getLogger("ray.serve")  # Serve routes this logger into each replica's log file
 

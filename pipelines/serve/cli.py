@@ -14,7 +14,8 @@ from ray import serve
 
 from mosaic_core.backbone import EMBEDDED
 from pipelines.serve.app import build_app
-from pipelines.serve.settings import APP_NAME, ENV_MODULES, ENV_TENANTS_FILE, ServeArgs
+from pipelines.serve.settings import APP_NAME, ENV_MODULES, ServeArgs
+from pipelines.serve.tenants import ENV_TENANTS_FILE
 
 
 def build_parser() -> argparse.ArgumentParser:

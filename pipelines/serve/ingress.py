@@ -24,12 +24,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pipelines.serve.errors import (
     ApiError,
     ErrorBody,
-    Forbidden,
     InternalError,
     InvalidRequest,
     NotFound,
     Overloaded,
-    Unauthorized,
     Unavailable,
     _error_payload,
     _error_response,
@@ -37,7 +35,8 @@ from pipelines.serve.errors import (
 )
 from pipelines.serve.observability import ServeMetrics, audit_logger, audit_record
 from pipelines.serve.schema import ChatCompletionRequest, RowRequest, RowResult, StreamEvent
-from pipelines.serve.settings import INGRESS_DEPLOYMENT, IngressSettings, TenantPolicy, _sha256
+from pipelines.serve.settings import INGRESS_DEPLOYMENT, IngressSettings
+from pipelines.serve.tenants import TenantPolicy, authenticate, effective_modules
 
 logger = logging.getLogger("ray.serve")  # Serve routes this logger into each replica's log file
 
@@ -176,38 +175,10 @@ class MosaicIngress:
     # ----------------------------------------------------------------------------------------- policy
 
     def authenticate(self, authorization: str | None) -> TenantPolicy | None:
-        """The caller's tenant from `Authorization: Bearer <key>`; None when the endpoint is open (no tenants)."""
-        if not self.tenants:
-            return None
-        scheme, _, key = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
-            raise Unauthorized("missing API key: send `Authorization: Bearer <key>`", code="missing_api_key")
-        tenant = self.tenants.get(_sha256(key.strip()))
-        if tenant is None:
-            raise Unauthorized("invalid API key", code="invalid_api_key")
-        return tenant
+        return authenticate(self.tenants, authorization)
 
     def effective_modules(self, body: ChatCompletionRequest, tenant: TenantPolicy | None) -> tuple[list[str], list[str]]:
-        """(active set, forced modules) = tenant mandatory ∪ profile ∪ safety_modules, and what the tenant added."""
-        chosen: list[str] = []
-        if body.safety_profile is not None:
-            if body.safety_profile not in self.settings.profiles:
-                raise InvalidRequest(
-                    f"unknown safety_profile {body.safety_profile!r}; available: {sorted(self.settings.profiles)}",
-                    param="safety_profile",
-                    code="unknown_profile",
-                )
-            if tenant and tenant.allowed_profiles is not None and body.safety_profile not in tenant.allowed_profiles:
-                raise Forbidden(
-                    f"tenant {tenant.name!r} may not use profile {body.safety_profile!r}; allowed: {tenant.allowed_profiles}",
-                    param="safety_profile",
-                    code="profile_not_allowed",
-                )
-            chosen += self.settings.profiles[body.safety_profile]
-        chosen += body.safety_modules or []
-        mandatory = list(tenant.mandatory_modules) if tenant else []
-        forced = [m for m in dict.fromkeys(mandatory) if m not in chosen]
-        return list(dict.fromkeys(mandatory + chosen)), forced
+        return effective_modules(self.settings.profiles, body, tenant)
 
     def row(self, body: ChatCompletionRequest, active: list[str]) -> RowRequest:
         """Validate what pydantic cannot (needs config or cross-field rules) and build the backbone's row."""

@@ -1,9 +1,7 @@
 """Configuration of the serve app: what `build_app` takes (ServeArgs: the `args:` of cluster/serve_config.yaml, or
-`mosaic serve` flags), the modules the backbone serves (ModuleSource: its live `user_config`), tenants (load_tenants
--> TenantPolicy) and the init args of the two deployments (BackboneSettings, IngressSettings)."""
+`mosaic serve` flags), the modules the backbone serves (ModuleSource: its live `user_config`) and the init args of
+the two deployments (BackboneSettings, IngressSettings). Tenants: pipelines/serve/tenants.py."""
 
-import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -22,12 +20,12 @@ from mosaic_core.categories import CATEGORIES
 from mosaic_core.config import DEFAULT_REFUSAL
 from mosaic_core.errors import ConfigError
 from pipelines.serve.errors import _describe_validation
+from pipelines.serve.tenants import TenantPolicy
 
 APP_NAME = "mosaic"
 BACKBONE_DEPLOYMENT, INGRESS_DEPLOYMENT = "MosaicBackbone", "MosaicIngress"
 DEFAULT_PROFILES: dict[str, list[str]] = {"minor": list(CATEGORIES), "none": []}
 ENV_MODULES, ENV_BANK_DIR, ENV_ALIAS = "MOSAIC_SERVE_MODULES", "MOSAIC_BANK_DIR", "MOSAIC_MODULE_ALIAS"
-ENV_TENANTS_FILE, ENV_TENANTS = "MOSAIC_TENANTS_FILE", "MOSAIC_TENANTS"
 
 
 class ModuleSource(BaseModel):
@@ -72,28 +70,6 @@ class ModuleSource(BaseModel):
         return [
             m if m.startswith("models:/") else f"models:/{registered_name(backbone_id, m)}@{self.alias}" for m in self.modules
         ]
-
-
-class TenantPolicy(BaseModel):
-    """What one tenant may do. Keys are kept only as sha256 hex digests once parsed."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str
-    key_sha256: list[str] = Field(min_length=1, description="sha256 hex digests of the tenant's API keys.")
-    mandatory_modules: list[str] = Field(default_factory=list, description="Always on; a request can add, never remove.")
-    allowed_profiles: list[str] | None = Field(None, description="Profiles the tenant may request (None: any).")
-
-
-class _TenantEntry(BaseModel):
-    """One tenant as written in the tenants file (plain keys or their sha256)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    api_keys: list[str] = Field(default_factory=list)
-    api_key_sha256: list[str] = Field(default_factory=list)
-    mandatory_modules: list[str] = Field(default_factory=list)
-    allowed_profiles: list[str] | None = None
 
 
 class ServeArgs(ModuleSource):
@@ -204,65 +180,6 @@ class ServeArgs(ModuleSource):
         source["bank_dir"] = str(Path(self.bank_dir).expanduser().resolve()) if self.bank_dir else None
         source["tracking_uri"] = resolve_tracking_uri(self.tracking_uri) if self.modules else self.tracking_uri
         return ModuleSource(**source)
-
-
-def _sha256(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
-def load_tenants(path: str | None, profiles: dict[str, list[str]]) -> list[TenantPolicy]:
-    """Tenants from `path` (JSON or YAML), else $MOSAIC_TENANTS_FILE, else $MOSAIC_TENANTS (JSON); [] when none.
-
-    Format: `{"tenants": {"<name>": {"api_keys": [...] | "api_key_sha256": [...], "mandatory_modules": [...],
-    "allowed_profiles": [...]}}}`. Plain keys are hashed at once: only digests travel to the replicas."""
-    path = path or os.environ.get(ENV_TENANTS_FILE)
-    if path:
-        p = Path(path).expanduser()
-        if not p.is_file():
-            raise ConfigError([f"tenants file {p} does not exist"], "tenants")
-        import yaml  # JSON is YAML: one parser for both
-
-        raw = yaml.safe_load(p.read_text())
-        where = str(p)
-    elif os.environ.get(ENV_TENANTS):
-        try:
-            raw = json.loads(os.environ[ENV_TENANTS])
-        except json.JSONDecodeError as e:
-            raise ConfigError([f"${ENV_TENANTS} is not valid JSON: {e}"], "tenants") from None
-        where = f"${ENV_TENANTS}"
-    else:
-        return []
-    if not isinstance(raw, dict) or not isinstance(raw.get("tenants"), dict) or not raw["tenants"]:
-        raise ConfigError([f"{where}: expected {{'tenants': {{<name>: {{api_keys: [...], ...}}}}}}"], "tenants")
-    problems, tenants, seen = [], [], {}
-    for name, spec in raw["tenants"].items():
-        try:
-            entry = _TenantEntry.model_validate(spec)
-        except ValidationError as e:
-            problems += [f"{where}: tenant {name!r}: {_describe_validation(x)}" for x in e.errors()]
-            continue
-        digests = [_sha256(k) for k in entry.api_keys] + [h.lower() for h in entry.api_key_sha256]
-        if not digests:
-            problems.append(f"{where}: tenant {name!r} has no api_keys / api_key_sha256")
-        for d in digests:
-            if d in seen:
-                problems.append(f"{where}: tenants {seen[d]!r} and {name!r} share an API key")
-            seen[d] = name
-        unknown = sorted(set(entry.allowed_profiles or []) - set(profiles))
-        if unknown:
-            problems.append(f"{where}: tenant {name!r} allows unknown profile(s) {unknown}; known: {sorted(profiles)}")
-        if digests:
-            tenants.append(
-                TenantPolicy(
-                    name=str(name),
-                    key_sha256=digests,
-                    mandatory_modules=entry.mandatory_modules,
-                    allowed_profiles=entry.allowed_profiles,
-                )
-            )
-    if problems:
-        raise ConfigError(problems, "tenants")
-    return tenants
 
 
 class BackboneSettings(BaseModel):

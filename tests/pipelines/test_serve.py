@@ -23,7 +23,8 @@ import pytest
 
 from mosaic_core.categories import CATEGORIES
 from mosaic_core.generation import find_stop, holdback
-from pipelines.serve.settings import ServeArgs, load_tenants
+from pipelines.serve.settings import ServeArgs
+from pipelines.serve.tenants import load_tenants
 
 ROOT = Path(__file__).resolve().parents[2]
 KIDS_KEY, ADULT_KEY, OPS_KEY = "sk-test-kids-0001", "sk-test-adult-0002", "sk-test-ops-0003"

@@ -235,7 +235,7 @@ class DeepTokenBank(CategoryRegistry):
     token on SmolLM2-135M against 576 for an embedding row.
 
     `d` (the hidden size) is kept for artifacts; there is no norm cap (`max_norm` None). Composition concatenates
-    modules along the token axis (dim 3) in canonical order; mosaic_core.compose.append_deep_blocks places them.
+    modules along the token axis (dim 3) in canonical order; mosaic_core.batch.append_deep_blocks places them.
     Built from a config by mosaic_core.init.build_bank (keys and values read off input tokens)."""
 
     depth: ClassVar[Depth] = "deep"

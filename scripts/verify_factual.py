@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mosaic_core.backbone import load_backbone
-from mosaic_core.compose import encode_batch
+from mosaic_core.batch import encode_batch
 from mosaic_core.generation import generate
 from mosaic_core.judge import make_judge
 from mosaic_core.scoring import answer_retained

@@ -52,9 +52,10 @@ import yaml
 
 from mosaic_core.backbone import load_backbone
 from mosaic_core.bank import ControlTokenBank
+from mosaic_core.batch import encode_batch
 from mosaic_core.cache import PrefixCache
-from mosaic_core.compose import answer_logits, encode_batch
 from mosaic_core.config import Recipe, recipe_from_dict
+from mosaic_core.losses import answer_logits
 from mosaic_core.teacher import TEACHER_COLS
 from mosaic_core.training import batch_loss, refusal_target
 from pipelines._train_tables import load_tables

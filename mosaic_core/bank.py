@@ -89,96 +89,114 @@ def _gate_name(category: str) -> str:
     return f"gate__{category}"
 
 
-class CategoryRegistry(nn.Module):
-    """The ordered registry both banks keep: categories -> one trainable tensor of `module_shape` each, composed in
-    canonical (registry) order. Neither bank derives from the other; each says what a module's tensor is."""
-
-    positions: Positions = "shift"
-    """How the block's positions relate to what follows it (BankConfig.positions); input banks always shift."""
-
-    def __init__(self, d: int, m: int, placement: Placement = "before_assistant", max_norm: float | None = None):
-        super().__init__()
-        self.d, self.m, self.placement, self.max_norm = d, m, placement, max_norm
-        self.categories: list[str] = []
-        self.vectors = nn.ParameterDict()
-        self.gate_layers: tuple[int, ...] = ()
-        """The backbone layers whose hidden states every gate of this bank reads (mosaic_core.gate); () without gates."""
-        self.gate_recency: float | None = None
-        """How the gates' features weigh a request's tokens (mosaic_core.gate.request_features): None, a plain mean."""
-
-    @property
-    def module_shape(self) -> tuple[int, ...]:
-        raise NotImplementedError
-
-    @property
-    def gates(self) -> dict[str, torch.Tensor]:
-        """category -> its gate, (len(gate_layers) * d + 1,) weights then bias, for the modules that have one."""
-        return {c: getattr(self, _gate_name(c)) for c in self.categories if hasattr(self, _gate_name(c))}
-
-    def set_gate(self, category: str, gate: torch.Tensor, layers: Sequence[int], recency: float | None = None) -> None:
-        """Give a module a gate (mosaic_core.gate.fit_gate's output over the hidden states at `layers`, weighted by
-        `recency`): from then on the module is inserted only for requests its gate fires on. Every gate of a bank
-        reads the same features."""
-        (category,) = self.canonical([category])
-        layers = tuple(int(x) for x in layers)
-        if not layers or (self.gate_layers and layers != self.gate_layers):
-            raise ValueError(f"gate layers {layers}: this bank's gates read {self.gate_layers or 'a non-empty tuple'}")
-        if self.gates and recency != self.gate_recency:
-            raise ValueError(f"gate recency {recency}: this bank's gates read recency {self.gate_recency}")
-        if tuple(gate.shape) != (len(layers) * self.d + 1,):
-            raise ValueError(
-                f"{category}: a gate over {len(layers)} layers of width {self.d} is ({len(layers) * self.d + 1},), not {tuple(gate.shape)}"
-            )
-        self.gate_layers, self.gate_recency = layers, recency
-        self.register_buffer(_gate_name(category), gate.detach().to(torch.float32).clone())
-
-    def firing(self, active: Sequence[Sequence[str]], features: torch.Tensor | None) -> list[tuple[str, ...]]:
-        """Per row, the active modules to insert: those without a gate, and those whose gate fires on the row's
-        request features ((B, len(gate_layers) * d), mosaic_core.gate.request_features; None when no module of
-        the bank has a gate)."""
-        rows = [self.canonical(a) for a in active]
-        gates = self.gates
-        if not gates:
-            return rows
-        if features is None:
-            raise ValueError("this bank's modules are gated: pass the requests' features")
-        fired = {c: fires(g, features.to(g.device)).tolist() for c, g in gates.items()}
-        return [tuple(c for c in row if c not in fired or fired[c][i]) for i, row in enumerate(rows)]
-
-    def add(self, category: str, values: torch.Tensor) -> None:
-        """Register a new category with initial values of shape `module_shape`."""
-        if category in self.vectors:
-            raise DuplicateCategoryError(f"category {category!r} is already in the bank {self.categories}")
-        if tuple(values.shape) != self.module_shape:
-            raise ValueError(f"{category}: expected shape {self.module_shape}, got {tuple(values.shape)}")
-        self.vectors[category] = nn.Parameter(values.detach().clone().float())
-        self.categories.append(category)
-
-    def canonical(self, active: Iterable[str]) -> tuple[str, ...]:
-        """`active` deduplicated and sorted into registry order; unknown names raise UnknownCategoryError."""
-        wanted = set(active)
-        unknown = sorted(wanted - set(self.categories))
-        if unknown:
-            raise UnknownCategoryError(unknown, self.categories)
-        # Canonical order makes {a, b} and {b, a} the same input: one composition per set, not per permutation.
-        return tuple(c for c in self.categories if c in wanted)
-
-    def freeze(self, categories: Sequence[str] | None = None) -> None:
-        """Stop training these categories (all when None): incremental expansion keeps old modules fixed."""
-        for c in self.canonical(categories if categories is not None else self.categories):
-            self.vectors[c].requires_grad_(False)
-
-    def clamp_norms_(self) -> None:
-        """No norm cap (the input bank has one)."""
-
-    def num_trainable(self) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+# What both banks share, as plain functions over a bank (neither bank derives from a common implementation; each is
+# an nn.Module that meets `Bank` on its own and calls these). A bank keeps its categories in registry order, one
+# trainable tensor of `module_shape` each in `vectors`, and an optional gate per category as a buffer `gate__<c>`.
 
 
-class ControlTokenBank(CategoryRegistry):
+def _registry_fields(bank: nn.Module, d: int, m: int, placement: Placement, max_norm: float | None) -> None:
+    """The fields every bank starts with: no categories, no gates."""
+    bank.d, bank.m, bank.placement, bank.max_norm = d, m, placement, max_norm
+    bank.categories = []
+    bank.vectors = nn.ParameterDict()
+    bank.gate_layers = ()  # the backbone layers whose hidden states every gate reads (mosaic_core.gate); () without gates
+    bank.gate_recency = None  # how the gates' features weigh a request's tokens (gate.request_features): None, a plain mean
+
+
+def canonical(bank: Bank, active: Iterable[str]) -> tuple[str, ...]:
+    """`active` deduplicated and sorted into registry order; unknown names raise UnknownCategoryError."""
+    wanted = set(active)
+    unknown = sorted(wanted - set(bank.categories))
+    if unknown:
+        raise UnknownCategoryError(unknown, bank.categories)
+    # Canonical order makes {a, b} and {b, a} the same input: one composition per set, not per permutation.
+    return tuple(c for c in bank.categories if c in wanted)
+
+
+def gates_of(bank: Bank) -> dict[str, torch.Tensor]:
+    """category -> its gate, (len(gate_layers) * d + 1,) weights then bias, for the modules that have one."""
+    return {c: getattr(bank, _gate_name(c)) for c in bank.categories if hasattr(bank, _gate_name(c))}
+
+
+def set_gate(bank: Bank, category: str, gate: torch.Tensor, layers: Sequence[int], recency: float | None = None) -> None:
+    """Give a module a gate (mosaic_core.gate.fit_gate's output over the hidden states at `layers`, weighted by
+    `recency`): from then on the module is inserted only for requests its gate fires on. Every gate of a bank
+    reads the same features."""
+    (category,) = bank.canonical([category])
+    layers = tuple(int(x) for x in layers)
+    if not layers or (bank.gate_layers and layers != bank.gate_layers):
+        raise ValueError(f"gate layers {layers}: this bank's gates read {bank.gate_layers or 'a non-empty tuple'}")
+    if bank.gates and recency != bank.gate_recency:
+        raise ValueError(f"gate recency {recency}: this bank's gates read recency {bank.gate_recency}")
+    if tuple(gate.shape) != (len(layers) * bank.d + 1,):
+        raise ValueError(
+            f"{category}: a gate over {len(layers)} layers of width {bank.d} is ({len(layers) * bank.d + 1},), not {tuple(gate.shape)}"
+        )
+    bank.gate_layers, bank.gate_recency = layers, recency
+    bank.register_buffer(_gate_name(category), gate.detach().to(torch.float32).clone())
+
+
+def firing(bank: Bank, active: Sequence[Sequence[str]], features: torch.Tensor | None) -> list[tuple[str, ...]]:
+    """Per row, the active modules to insert: those without a gate, and those whose gate fires on the row's
+    request features ((B, len(gate_layers) * d), mosaic_core.gate.request_features; None when no module of
+    the bank has a gate)."""
+    rows = [bank.canonical(a) for a in active]
+    gates = bank.gates
+    if not gates:
+        return rows
+    if features is None:
+        raise ValueError("this bank's modules are gated: pass the requests' features")
+    fired = {c: fires(g, features.to(g.device)).tolist() for c, g in gates.items()}
+    return [tuple(c for c in row if c not in fired or fired[c][i]) for i, row in enumerate(rows)]
+
+
+def add_module(bank: Bank, category: str, values: torch.Tensor) -> None:
+    """Register a new category with initial values of shape `module_shape`."""
+    if category in bank.vectors:
+        raise DuplicateCategoryError(f"category {category!r} is already in the bank {bank.categories}")
+    if tuple(values.shape) != bank.module_shape:
+        raise ValueError(f"{category}: expected shape {bank.module_shape}, got {tuple(values.shape)}")
+    bank.vectors[category] = nn.Parameter(values.detach().clone().float())
+    bank.categories.append(category)
+
+
+def freeze(bank: Bank, categories: Sequence[str] | None = None) -> None:
+    """Stop training these categories (all when None): incremental expansion keeps old modules fixed."""
+    for c in bank.canonical(categories if categories is not None else bank.categories):
+        bank.vectors[c].requires_grad_(False)
+
+
+def num_trainable(bank: Bank) -> int:
+    """How many numbers of the bank train (frozen modules excluded)."""
+    return sum(p.numel() for p in bank.parameters() if p.requires_grad)
+
+
+def _empty_like_modules(bank: Bank, shape: tuple[int, ...]) -> torch.Tensor:
+    """The block of the empty active set: zeros of `shape`, in the modules' dtype and device."""
+    ref = next(iter(bank.vectors.values()), None)
+    return torch.zeros(
+        shape, dtype=ref.dtype if ref is not None else torch.float32, device=ref.device if ref is not None else None
+    )
+
+
+class ControlTokenBank(nn.Module):
     """Ordered categories -> (m, d) parameters; composition in canonical (registry) order."""
 
     depth: ClassVar[Depth] = "input"
+    positions: Positions = "shift"
+    """Input tokens always shift what follows them (BankConfig.positions is for deep banks)."""
+    d: int
+    m: int
+    placement: Placement
+    max_norm: float | None
+    categories: list[str]
+    vectors: nn.ParameterDict
+    gate_layers: tuple[int, ...]
+    gate_recency: float | None
+
+    def __init__(self, d: int, m: int, placement: Placement = "before_assistant", max_norm: float | None = None):
+        super().__init__()
+        _registry_fields(self, d, m, placement, max_norm)
 
     @classmethod
     def build(cls, cfg: BankConfig, embeddings: torch.Tensor, tokenizer: Any = None, seed: int = 0) -> ControlTokenBank:
@@ -203,9 +221,7 @@ class ControlTokenBank(CategoryRegistry):
         """The control block for an active set, shape (k*m, d); (0, d) for the empty set."""
         cats = self.canonical(active)
         if not cats:
-            ref = next(iter(self.vectors.values()), None)
-            dtype = ref.dtype if ref is not None else torch.float32
-            return torch.zeros(0, self.d, dtype=dtype, device=ref.device if ref is not None else None)
+            return _empty_like_modules(self, (0, self.d))
         return torch.cat([self.vectors[c] for c in cats], 0)
 
     @torch.no_grad()
@@ -222,11 +238,20 @@ class ControlTokenBank(CategoryRegistry):
             n = p.norm(dim=-1, keepdim=True).clamp_min(1e-12)
             p.mul_(torch.clamp(self.max_norm / n, max=1.0))
 
+    # The registry both banks keep: the plain functions above, bound as methods (no shared base class).
+    gates = property(gates_of)
+    set_gate = set_gate
+    firing = firing
+    add = add_module
+    canonical = canonical
+    freeze = freeze
+    num_trainable = num_trainable
+
     def extra_repr(self) -> str:
         return f"categories={self.categories}, m={self.m}, d={self.d}, placement={self.placement!r}"
 
 
-class DeepTokenBank(CategoryRegistry):
+class DeepTokenBank(nn.Module):
     """Ordered categories -> (layers, 2, kv_heads, m, head_dim) parameters: per layer, m keys (before RoPE; [:, 0])
     and m values ([:, 1]) for each key/value head -- m positions of the KV cache written directly (prefix tuning,
     P-tuning v2) right after the request, instead of m input embeddings whose keys and values are whatever the
@@ -235,10 +260,20 @@ class DeepTokenBank(CategoryRegistry):
     token on SmolLM2-135M against 576 for an embedding row.
 
     `d` (the hidden size) is kept for artifacts; there is no norm cap (`max_norm` None). Composition concatenates
-    modules along the token axis (dim 3) in canonical order; mosaic_core.compose.append_deep_blocks places them.
+    modules along the token axis (dim 3) in canonical order; mosaic_core.batch.append_deep_blocks places them.
     Built from a config by mosaic_core.init.build_bank (keys and values read off input tokens)."""
 
     depth: ClassVar[Depth] = "deep"
+    positions: Positions
+    """How the block's positions relate to what follows it (BankConfig.positions): `shift` or `keep`."""
+    d: int
+    m: int
+    placement: Placement
+    max_norm: float | None
+    categories: list[str]
+    vectors: nn.ParameterDict
+    gate_layers: tuple[int, ...]
+    gate_recency: float | None
 
     def __init__(
         self,
@@ -252,7 +287,8 @@ class DeepTokenBank(CategoryRegistry):
     ):
         if placement != "before_assistant":
             raise ValueError(f"deep tokens follow the request: placement must be before_assistant, not {placement!r}")
-        super().__init__(d, m, placement, max_norm=None)
+        super().__init__()
+        _registry_fields(self, d, m, placement, max_norm=None)
         self.layers, self.kv_heads, self.head_dim, self.positions = layers, kv_heads, head_dim, positions
 
     @property
@@ -271,17 +307,20 @@ class DeepTokenBank(CategoryRegistry):
         """The block for an active set, (layers, 2, kv_heads, r*m, head_dim); r = 0 for the empty set."""
         cats = self.canonical(active)
         if not cats:
-            ref = next(iter(self.vectors.values()), None)
-            return torch.zeros(
-                self.layers,
-                2,
-                self.kv_heads,
-                0,
-                self.head_dim,
-                dtype=ref.dtype if ref is not None else torch.float32,
-                device=ref.device if ref is not None else None,
-            )
+            return _empty_like_modules(self, (self.layers, 2, self.kv_heads, 0, self.head_dim))
         return torch.cat([self.vectors[c] for c in cats], 3)
+
+    def clamp_norms_(self) -> None:
+        """No norm cap on keys and values."""
+
+    # The registry both banks keep: the plain functions above, bound as methods (no shared base class).
+    gates = property(gates_of)
+    set_gate = set_gate
+    firing = firing
+    add = add_module
+    canonical = canonical
+    freeze = freeze
+    num_trainable = num_trainable
 
     def extra_repr(self) -> str:
         return f"categories={self.categories}, m={self.m}, depth='deep', positions={self.positions!r}, module_shape={self.module_shape}"

@@ -10,7 +10,8 @@ from typing import Any, Self
 
 import torch
 
-from mosaic_core.compose import as_messages, encode_chat, positions_from_mask
+from mosaic_core.kv import positions_from_mask
+from mosaic_core.template import as_messages, encode_chat
 
 
 class PrefixCache:

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from mosaic_core.compose import Batch
+from mosaic_core.batch import Batch
 
 
 @dataclass(frozen=True)

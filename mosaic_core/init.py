@@ -1,8 +1,9 @@
 """Building a bank from its config: a fresh bank at the recipe's initialisation (input tokens, or deep keys and values
 read off those input tokens) and incremental expansion (a trained bank frozen, new modules appended).
 
-Sits above `compose` in the core's layering (config -> bank -> compose -> init): a deep bank's initial keys and values
-are what the frozen backbone makes of its input tokens, which takes a forward pass through the composed chat."""
+Sits above the batch in the core's layering (config -> bank -> template -> kv/cache -> batch -> init): a deep bank's
+initial keys and values are what the frozen backbone makes of its input tokens, which takes a forward pass through
+the batched chat."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ from typing import Any
 import torch
 
 from mosaic_core.bank import Bank, ControlTokenBank, DeepTokenBank, init_vectors
+from mosaic_core.batch import encode_batch
 from mosaic_core.categories import describe
-from mosaic_core.compose import as_messages, encode_batch, encode_chat, rotate
 from mosaic_core.config import BankConfig
+from mosaic_core.kv import rotate
+from mosaic_core.template import as_messages, encode_chat
 
 
 @torch.no_grad()

@@ -1,5 +1,5 @@
 """MOSAIC losses, on answer-aligned tensors: position t of a row is the model's prediction of its t-th target
-token (see `mosaic_core.compose.answer_logits`, which computes the LM head at those positions only).
+token (`answer_logits` computes the LM head at those positions only).
 
 Positives: cross-entropy on the refusal template. Negatives: cross-entropy on the frozen model's own answer
 + lambda * forward KL(teacher || student) at every answer position, where the teacher is stored as its top-k
@@ -8,8 +8,12 @@ binary CE on the probability of starting the refusal (`decision_bce`)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+
+from mosaic_core.batch import Batch
 
 
 def masked_ce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -66,6 +70,28 @@ def answer_positions(labels: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.
         n = min(T, pos.numel())
         idx[b, :n], mask[b, :n] = pos[:n], 1
     return idx, mask
+
+
+def answer_logits(model: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The LM head at the positions that predict each row's target tokens, and nowhere else.
+
+    Runs the decoder over the whole batch, then the output projection only where a target is predicted: on a
+    135M model with a 49k vocabulary the full (B, L, V) logits (and their float log-softmax) cost about a
+    fifth of a training step and are mostly thrown away. Assumes the causal LM's logits are
+    `get_output_embeddings()(last_hidden_state)` (true for Llama-family models: no logit soft-capping).
+
+    Args:
+        batch: a Batch with labels (targets at the end of each row).
+    Returns:
+        logits (B, T, V), targets (B, T) long, mask (B, T) long -- position t predicts target token t.
+    """
+    assert batch.labels is not None, "answer_logits needs a batch built with targets"
+    hidden = model.get_decoder()(**batch.model_inputs()).last_hidden_state  # (B, L, d)
+    T = int((batch.labels != -100).sum(-1).max().clamp_min(1))
+    idx, mask = answer_positions(batch.labels, T)  # (B, T): the position whose output predicts target t
+    h = hidden.gather(1, idx[..., None].expand(-1, -1, hidden.shape[-1]))
+    targets = batch.labels.gather(1, (idx + 1).clamp(max=batch.labels.shape[1] - 1)).masked_fill(mask == 0, -100)
+    return model.get_output_embeddings()(h), targets, mask
 
 
 def negative_loss(

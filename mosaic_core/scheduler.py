@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
+from mosaic_core.batch import encode_segments, needs_cache
 from mosaic_core.cache import PrefixCache
-from mosaic_core.compose import Segments, encode_segments, needs_cache
 from mosaic_core.generation import Generation, _pick
+from mosaic_core.template import Segments
 
 
 @dataclass

@@ -13,10 +13,10 @@ from typing import Any
 import torch
 
 from mosaic_core.bank import Bank
+from mosaic_core.batch import encode_batch
 from mosaic_core.cache import PrefixCache
-from mosaic_core.compose import answer_logits, encode_batch
 from mosaic_core.config import Placement
-from mosaic_core.losses import masked_ce
+from mosaic_core.losses import answer_logits, masked_ce
 
 LETTERS = ("A", "B", "C", "D")
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from mosaic_core.compose import encode_batch
+from mosaic_core.batch import encode_batch
 from mosaic_core.config import Placement
 from mosaic_core.generation import generate
 

@@ -18,10 +18,10 @@ from typing import Any
 import torch
 
 from mosaic_core.bank import Bank
+from mosaic_core.batch import encode_batch
 from mosaic_core.cache import PrefixCache
-from mosaic_core.compose import answer_logits, encode_batch
 from mosaic_core.config import LossConfig, Placement
-from mosaic_core.losses import decision_bce, decision_margin, margins, masked_ce, negative_loss
+from mosaic_core.losses import answer_logits, decision_bce, decision_margin, margins, masked_ce, negative_loss
 
 
 def refusal_target(tokenizer: Any, template: str) -> list[int]:

@@ -57,9 +57,10 @@ class EvalUDF:
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         import torch
 
-        from mosaic_core.compose import as_messages, encode_batch, needs_cache
+        from mosaic_core.batch import encode_batch, needs_cache
         from mosaic_core.generation import generate
         from mosaic_core.scoring import refusal_score
+        from mosaic_core.template import as_messages
 
         tok, model = self.bb.tokenizer, self.bb.model
         from mosaic_core.training import request_of

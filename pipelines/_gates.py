@@ -102,8 +102,8 @@ def cached_features(path: Path, bb: Any, chats: list[Any], layers: tuple[int, ..
     from tqdm import tqdm
 
     from mosaic_core.cache import PrefixCache
-    from mosaic_core.compose import as_messages, encode_chat
     from mosaic_core.gate import request_features
+    from mosaic_core.template import as_messages, encode_chat
 
     ident = {"backbone": bb.fingerprint.digest, "layers": list(layers)}
     if recency is not None:  # only where set, so stores written before it existed stay valid

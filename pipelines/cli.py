@@ -29,10 +29,11 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
     from mosaic_core.artifact import load_bank
     from mosaic_core.backbone import load_backbone
+    from mosaic_core.batch import encode_batch, needs_cache
     from mosaic_core.cache import PrefixCache
-    from mosaic_core.compose import as_messages, encode_batch, encode_chat, needs_cache
     from mosaic_core.errors import ArtifactError
     from mosaic_core.generation import generate
+    from mosaic_core.template import as_messages, encode_chat
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     modules = _split(args.modules)

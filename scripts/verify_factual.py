@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from mosaic_core.backbone import load_backbone
-from mosaic_core.compose import encode_batch
+from mosaic_core.batch import encode_batch
 from mosaic_core.generation import generate
 from mosaic_core.judge import make_judge
 from mosaic_core.scoring import answer_retained

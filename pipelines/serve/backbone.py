@@ -51,7 +51,7 @@ class _Prepared:
 
     job: _Job
     state: "ModuleState"
-    segments: Any  # mosaic_core.compose.Segments
+    segments: Any  # mosaic_core.template.Segments
     active: tuple[str, ...]
     inserted: tuple[str, ...]  # the active modules whose gates fire on this request (all of them where ungated)
     max_tokens: int
@@ -397,7 +397,7 @@ class MosaicBackbone:
         p.job.done(self._result(p, text, reason, len(g.token_ids)))
 
     def _prepare(self, state: ModuleState, job: _Job) -> _Prepared:
-        from mosaic_core.compose import encode_chat
+        from mosaic_core.template import encode_chat
 
         row = job.row
         active = state.canonical(row.active)

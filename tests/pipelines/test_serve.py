@@ -211,7 +211,7 @@ def test_engine_frees_a_cancelled_row_and_answers_the_overflow_with_429(tiny_mod
 def test_engine_answers_as_mosaic_core_alone_and_streams_the_same_text(tiny_model_dir, tmp_path):
     import asyncio
 
-    from mosaic_core.compose import encode_batch
+    from mosaic_core.batch import encode_batch
     from mosaic_core.generation import generate
 
     engine = _engine(tiny_model_dir, tmp_path, max_batch_size=4)
@@ -239,8 +239,8 @@ def test_engine_answers_as_mosaic_core_alone_and_streams_the_same_text(tiny_mode
 def test_engine_reports_which_gated_modules_a_request_got(tiny_model_dir, tmp_path):
     import asyncio
 
+    from mosaic_core.batch import encode_batch
     from mosaic_core.cache import PrefixCache
-    from mosaic_core.compose import encode_batch
     from mosaic_core.generation import generate
 
     engine = _engine(tiny_model_dir, tmp_path, gates={"alcohol": -10.0, "sex": 10.0})
@@ -307,8 +307,8 @@ class Stack:
 
     def reference(self, messages, active=(), bank="A", max_tokens=12):
         """What mosaic_core answers in this process (greedy), for parity with the server."""
+        from mosaic_core.batch import encode_batch
         from mosaic_core.cache import PrefixCache
-        from mosaic_core.compose import encode_batch
         from mosaic_core.generation import generate
 
         b = self.banks[bank]

@@ -70,3 +70,25 @@ def test_norm_cap(tiny_backbone):
         bank.vectors["alcohol"].mul_(100)
     bank.clamp_norms_()
     assert bank.vectors["alcohol"].norm(dim=-1).max() <= bank.max_norm * (1 + 1e-5)
+
+
+def test_both_banks_meet_the_protocol_on_their_own(bank, tiny_backbone):
+    """ControlTokenBank and DeepTokenBank each satisfy `Bank` structurally, as plain nn.Modules: no shared
+    implementation base (nothing between them and nn.Module), no member left to a subclass."""
+    from torch import nn
+
+    from mosaic_core.bank import Bank, DeepTokenBank
+
+    deep = DeepTokenBank.for_model(tiny_backbone.model, 2)
+    members = {n for n in vars(Bank) if not n.startswith("_")} | set(Bank.__annotations__)
+    assert {"depth", "module_shape", "compose", "set_gate", "parameters"} <= members
+    for b in (bank, deep):
+        assert isinstance(b, Bank) and isinstance(b, nn.Module)
+        assert type(b).__bases__ == (nn.Module,), type(b).__mro__
+        assert all(hasattr(b, name) for name in members)
+    for b in (bank, deep):  # every member works on both (a base class's NotImplementedError would raise here)
+        b.add("extra", torch.zeros(b.module_shape))
+        assert b.canonical(["extra"]) == ("extra",) and b.compose(["extra"]).numel() == b.vectors["extra"].numel()
+        assert b.gates == {} and b.firing([["extra"]], None) == [("extra",)]
+        b.freeze(["extra"])
+        b.clamp_norms_()

@@ -2,9 +2,11 @@ import pytest
 import torch
 
 from mosaic_core.bank import ControlTokenBank
+from mosaic_core.batch import encode_batch
 from mosaic_core.cache import DroppingCache, PrefixCache, common_head
-from mosaic_core.compose import answer_logits, as_messages, encode_batch, encode_chat
 from mosaic_core.config import BankConfig
+from mosaic_core.losses import answer_logits
+from mosaic_core.template import as_messages, encode_chat
 
 CATS = ("alcohol", "betting", "horror")
 PROMPTS = ["What's a good cocktail?", "How do betting odds work for a long question with more words?", "Write a haiku."]
@@ -238,7 +240,7 @@ def chat_tok(request, tiny_tok):
 
 @pytest.mark.parametrize("role", ["system", "user", "assistant"])
 def test_special_token_text_in_content_is_plain_text(chat_tok, role):
-    from mosaic_core.compose import chat_ids
+    from mosaic_core.template import chat_ids
 
     specials = set(chat_tok.all_special_ids)
     msgs = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi."}, {"role": "user", "content": "Go on"}]
@@ -261,7 +263,7 @@ def test_special_token_text_in_content_is_plain_text(chat_tok, role):
 
 
 def test_ordinary_text_keeps_exactly_its_ids(chat_tok):
-    from mosaic_core.compose import chat_ids
+    from mosaic_core.template import chat_ids
 
     prompts = _dataset_prompts()
     assert len(prompts) >= 250
@@ -282,7 +284,7 @@ def test_ordinary_text_keeps_exactly_its_ids(chat_tok):
 def test_a_trimming_template_is_handled_and_a_rewriting_one_refused(tiny_tok):
     import copy
 
-    from mosaic_core.compose import chat_ids
+    from mosaic_core.template import chat_ids
 
     tok = copy.deepcopy(tiny_tok)
     tok.chat_template = tok.chat_template.replace("message['content']", "message['content'] | trim")

@@ -12,12 +12,13 @@ import torch
 from mosaic_core.artifact import bank_from_modules, load_bank, read_meta, save_bank
 from mosaic_core.backbone import from_model
 from mosaic_core.bank import ControlTokenBank, DeepTokenBank
+from mosaic_core.batch import encode_batch
 from mosaic_core.cache import PrefixCache
-from mosaic_core.compose import answer_logits, encode_batch
 from mosaic_core.config import BankConfig, LossConfig, load_recipe, recipe_from_dict
 from mosaic_core.errors import ArtifactError, ConfigError
 from mosaic_core.generation import generate
 from mosaic_core.init import build_bank, deep_from_input_bank
+from mosaic_core.losses import answer_logits
 from mosaic_core.training import batch_loss, refusal_target
 from tests.tiny import tiny_model
 

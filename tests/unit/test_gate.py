@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from mosaic_core.cache import common_head
-from mosaic_core.compose import as_messages, encode_chat
 from mosaic_core.gate import fires, fit_gate, request_features
+from mosaic_core.template import as_messages, encode_chat
 
 PROMPTS = ["Mix me a mojito with lots of rum.", "Which horse wins the derby?", "Write a haiku about rain, please, today."]
 
@@ -103,8 +103,9 @@ def test_a_gated_module_is_inserted_only_where_its_gate_fires_and_survives_its_a
 
 def test_encoding_inserts_a_gated_module_only_where_it_fires_and_ungated_training_always(tiny_backbone):
     from mosaic_core.bank import DeepTokenBank
+    from mosaic_core.batch import encode_batch
     from mosaic_core.cache import PrefixCache
-    from mosaic_core.compose import answer_logits, encode_batch
+    from mosaic_core.losses import answer_logits
 
     model, tok = tiny_backbone.model, tiny_backbone.tokenizer
     embed = model.get_input_embeddings()

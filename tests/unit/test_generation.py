@@ -1,7 +1,7 @@
 import torch
 
 from mosaic_core.bank import ControlTokenBank
-from mosaic_core.compose import encode_batch
+from mosaic_core.batch import encode_batch
 from mosaic_core.config import BankConfig
 from mosaic_core.generation import generate
 

@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from mosaic_core.bank import ControlTokenBank
+from mosaic_core.batch import encode_segments
 from mosaic_core.cache import PrefixCache
-from mosaic_core.compose import as_messages, encode_chat, encode_segments
 from mosaic_core.config import BankConfig
 from mosaic_core.generation import generate
 from mosaic_core.init import deep_from_input_bank
 from mosaic_core.scheduler import ContinuousBatcher, RowSpec
+from mosaic_core.template import as_messages, encode_chat
 from tests.tiny import tiny_model
 
 PROMPTS = ["Mix me a mojito, please.", "Which horse wins?", "Write a scary story about a haunted house at night.", "hi"]

@@ -19,7 +19,7 @@ def test_refusal_logprob_equals_teacher_forced_mean(tiny_backbone):
 def test_refusal_score_greedy_flag_is_what_greedy_decoding_emits(tiny_backbone):
     """`greedy` must say exactly whether generate() (greedy) starts with the refusal's first n tokens."""
     from mosaic_core.bank import ControlTokenBank
-    from mosaic_core.compose import encode_batch
+    from mosaic_core.batch import encode_batch
     from mosaic_core.config import BankConfig
     from mosaic_core.generation import generate
 
@@ -81,7 +81,7 @@ def test_opening_kept_agrees_with_generation(tiny_backbone):
     """The teacher-forced fidelity flag is True exactly when greedy generation reproduces the opening."""
     import torch
 
-    from mosaic_core.compose import encode_batch
+    from mosaic_core.batch import encode_batch
     from mosaic_core.generation import generate
     from mosaic_core.scoring import opening_kept, opening_tokens
 

@@ -1,6 +1,6 @@
 import torch
 
-from mosaic_core.compose import encode_batch
+from mosaic_core.batch import encode_batch
 from mosaic_core.teacher import teacher_outputs
 
 

@@ -89,7 +89,7 @@ def chat_ids(tokenizer: Any, messages: Sequence[Message], add_generation_prompt:
     tokenised as the characters it is, never as a turn marker: otherwise a caller could forge turns (write an
     assistant turn the model believes it said) or end the prompt early. Only the special tokens the template
     itself writes are special. Chats without such text get exactly the ids plain tokenisation of the templated
-    text gives (the shipped banks and the teacher outputs depend on them; tests/unit/test_compose.py checks it on
+    text gives (the shipped banks and the teacher outputs depend on them; tests/unit/test_batch.py checks it on
     MOSAIC-bench's prompts)."""
     text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
     specials = _special_strings(tokenizer)

@@ -62,6 +62,14 @@ def readme_table(rep: dict[str, Any], label: str) -> list[str]:
             + " | ".join("" for _ in orders)
             + f" | {pct(framed['dsr'])} / {pct(framed['or'])} / {pct(framed['lookalike'])} |"
         )
+    bare = rep.get("framed_bare", {})  # the bare model on the same framed requests
+    if bare:
+        b = {key: pooled([f.get(key) for f in bare.values()]) for key in ("dsr", "or", "lookalike")}
+        L.append(
+            "| framed, bare model (no modules) | "
+            + " | ".join("" for _ in orders)
+            + f" | {pct(b['dsr'])} / {pct(b['or'])} / {pct(b['lookalike'])} |"
+        )
     fid, ret, xs = rep.get("fidelity", {}), rep.get("retention", {}), rep.get("xstest", {})
     # the report's largest module set on XSTest is "all on" (keys mosaic:<a+b+...>:fast)
     all_on = max((k for k in xs if k.startswith("mosaic:") and k.endswith(":fast")), key=lambda k: k.count("+"), default="")

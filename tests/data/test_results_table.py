@@ -26,6 +26,7 @@ def test_the_readme_block_is_replaced_from_the_report(tmp_path, monkeypatch):
             }
         },
         "framed": {"fiction": {"1": {"dsr": _cell(3, 4), "or": _cell(0, 4), "lookalike": _cell(1, 4)}}},
+        "framed_bare": {"fiction": {"dsr": _cell(1, 4), "or": _cell(2, 4), "lookalike": _cell(0, 4)}},
         "fidelity": {"order1": _cell(8, 10), "all": _cell(7, 10)},
         "retention": {"all": _cell(19, 20)},
         "xstest": {},
@@ -41,5 +42,7 @@ def test_the_readme_block_is_replaced_from_the_report(tmp_path, monkeypatch):
     assert "old numbers" not in text and text.startswith("intro\n") and text.endswith("outro\n")
     assert "| DSR ↑ | 90.0 | 100.0 | 95.0 |" in text  # pooled over orders: 19 / 20
     assert "| framed (1 families): DSR / OR / look-alike OR |  |  | 75.0 / 0.0 / 25.0 |" in text
+    assert "| framed, bare model (no modules) |  |  | 25.0 / 50.0 / 0.0 |" in text
     assert "Weakest framing family: fiction (DSR 75.0 %)" in text
+    assert "| fiction | 75.0 / 0.0 / 25.0 | 25.0 / 50.0 / 0.0 |" in (tmp_path / "results.md").read_text()
     assert "| 5 | 100.0 [0–100] | 30.0 [0–100] | 0.0 [0–100] |" in (tmp_path / "results.md").read_text()

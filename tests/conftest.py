@@ -11,7 +11,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 import pytest
 import torch
 
-from tests.tiny import save_tiny, tiny_model, tiny_tokenizer
+from mosaic_core.testing import save_tiny, tiny_model, tiny_tokenizer
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

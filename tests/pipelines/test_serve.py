@@ -272,9 +272,9 @@ def _free_port():
 
 
 def _save_tiny_chat_model(out: Path) -> Path:
-    """tests/tiny.py's model with a wider init: random weights whose greedy answers differ per module set
+    """mosaic_core.testing's model with a wider init: random weights whose greedy answers differ per module set
     (the default init answers "\\n" to everything, which would make every parity check vacuous)."""
-    from tests.tiny import tiny_model, tiny_tokenizer
+    from mosaic_core.testing import tiny_model, tiny_tokenizer
 
     tok = tiny_tokenizer()
     tiny_model(len(tok), seed=0, init_range=0.4).save_pretrained(out)

@@ -8,7 +8,7 @@ from mosaic_core.backbone import from_model
 from mosaic_core.bank import ControlTokenBank, DeepTokenBank
 from mosaic_core.config import BankConfig
 from mosaic_core.errors import ArtifactError, IncompatibleBackboneError, IntegrityError
-from tests.tiny import tiny_model
+from mosaic_core.testing import tiny_model
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@ import torch
 
 from mosaic_core.backbone import from_model, load_backbone, resolve
 from mosaic_core.errors import BackboneError
-from tests.tiny import tiny_model
+from mosaic_core.testing import tiny_model
 
 
 def test_load_local_dir_is_frozen_with_stable_fingerprint(tiny_model_dir):

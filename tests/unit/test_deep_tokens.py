@@ -19,8 +19,8 @@ from mosaic_core.errors import ArtifactError, ConfigError
 from mosaic_core.generation import generate
 from mosaic_core.init import build_bank, deep_from_input_bank
 from mosaic_core.losses import answer_logits
+from mosaic_core.testing import tiny_model
 from mosaic_core.training import batch_loss, refusal_target
-from tests.tiny import tiny_model
 
 LONG, SHORT = "What's a good cocktail for a summer party with mint and lime?", "How do odds work?"
 

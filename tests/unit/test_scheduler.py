@@ -14,7 +14,7 @@ from mosaic_core.generation import generate
 from mosaic_core.init import deep_from_input_bank
 from mosaic_core.scheduler import ContinuousBatcher, RowSpec
 from mosaic_core.template import as_messages, encode_chat
-from tests.tiny import tiny_model
+from mosaic_core.testing import tiny_model
 
 PROMPTS = ["Mix me a mojito, please.", "Which horse wins?", "Write a scary story about a haunted house at night.", "hi"]
 ACTIVE = [("alcohol",), (), ("alcohol", "betting"), ("betting",)]

@@ -7,8 +7,8 @@ from mosaic_core.backbone import from_model
 from mosaic_core.bank import ControlTokenBank
 from mosaic_core.config import BankConfig, Decision, LossConfig
 from mosaic_core.teacher import teacher_outputs
+from mosaic_core.testing import tiny_model
 from mosaic_core.training import batch_loss, refusal_target
-from tests.tiny import tiny_model
 
 
 def _examples(bb):

@@ -1,4 +1,5 @@
-"""A tiny random chat Llama and a byte-level BPE tokenizer trained on the spot: no downloads, ~1 s."""
+"""A tiny random chat Llama and a byte-level BPE tokenizer trained on the spot (no downloads, ~1 s), for the test suite
+and the performance scripts that need steps faster than the real backbone gives: not a backbone to train for use."""
 
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ while the recipe's gate section and the run's data are unchanged."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -33,22 +34,13 @@ def fit_run_gates(run: Path, recipe: Any, train_df: Any, categories: list[str]) 
 
     from mosaic_core.backbone import load_backbone
     from mosaic_core.gate import fires, fit_gate
-    from mosaic_core.training import request_of
 
     out, info_path = run / GATES_FILE, run / GATES_INFO
     key = _key(recipe, run, categories)
     if out.is_file() and info_path.is_file() and json.loads(info_path.read_text()).get("key") == key:
         print(f"[gates] reusing {out.name} (key {key})")
         return out
-    messages = train_df["messages"] if "messages" in train_df else [None] * len(train_df)
-    requests = train_df.assign(_chat=[m or "" for m in messages]).drop_duplicates(["prompt", "_chat"])
-    rows = requests.to_dict("records")
-    chats = [request_of(r) for r in rows]
-    own = [r["category"] if r["kind"] == "target" else None for r in rows]
-    if recipe.gate.framed_copies:
-        extra = framed_copies([(r["prompt"], o) for r, o in zip(rows, own) if not r.get("messages")], recipe.gate.framed_copies)
-        chats += [c for c, _ in extra]
-        own += [o for _, o in extra]
+    chats, own = gate_training_set(train_df, recipe.gate.framed_copies)
     bb = load_backbone(recipe.backbone)
     features = cached_features(run / FEATURES_FILE, bb, chats, tuple(recipe.gate.layers), recipe.gate.recency)
     gates, stats = {}, {}
@@ -76,6 +68,23 @@ def fit_run_gates(run: Path, recipe: Any, train_df: Any, categories: list[str]) 
     }
     info_path.write_text(json.dumps(info, indent=2) + "\n")
     return out
+
+
+def gate_training_set(train_df: Any, copies: int) -> tuple[list[Any], list[str | None]]:
+    """(chats, own category or None) the gates are fitted on: the distinct requests of `train_df` (the run's train
+    rows; a request is its category's where it is a target, no category's otherwise), then `copies` framed copies of
+    each plain one, copy by copy, so fewer copies are a prefix of more."""
+    from mosaic_core.training import request_of
+
+    messages = train_df["messages"] if "messages" in train_df else [None] * len(train_df)
+    rows = train_df.assign(_chat=[m or "" for m in messages]).drop_duplicates(["prompt", "_chat"]).to_dict("records")
+    chats = [request_of(r) for r in rows]
+    own = [r["category"] if r["kind"] == "target" else None for r in rows]
+    if copies:
+        extra = framed_copies([(r["prompt"], o) for r, o in zip(rows, own) if not r.get("messages")], copies)
+        chats += [c for c, _ in extra]
+        own += [o for _, o in extra]
+    return chats, own
 
 
 def framed_copies(requests: list[tuple[str, Any]], copies: int) -> list[tuple[list[dict[str, str]], Any]]:
@@ -137,3 +146,30 @@ def set_run_gates(bank: Any, path: Path, layers: tuple[int, ...], recency: float
     for c, g in load_file(str(path)).items():
         if c in bank.categories:
             bank.set_gate(c, g.to(next(iter(bank.vectors.values())).device), layers, recency)
+
+
+def gate_rates(fired: torch.Tensor, rows: list[dict[str, Any]], cats: list[str]) -> dict[int, dict[str, float]]:
+    """What gates alone would refuse: fired (N, K) bool, a gate per category of `cats` on the N requests `rows`
+    ({kind, category}). Per order, the mean over the order's subsets of the share of rows where a gate of the subset
+    fires, %, on the subset's targets (dsr), other categories' targets and general requests (or), and the subset's
+    look-alikes (la)."""
+    out = {}
+    for r in range(1, len(cats) + 1):
+        acc: dict[str, list[float]] = {"dsr": [], "or": [], "la": []}
+        for subset in itertools.combinations(range(len(cats)), r):
+            on = fired[:, list(subset)].any(1)
+            active = {cats[i] for i in subset}
+            groups = {
+                "dsr": [i for i, q in enumerate(rows) if q["kind"] == "target" and q["category"] in active],
+                "or": [
+                    i
+                    for i, q in enumerate(rows)
+                    if q["kind"] == "general" or (q["kind"] == "target" and q["category"] not in active)
+                ],
+                "la": [i for i, q in enumerate(rows) if q["kind"] == "lookalike" and q["category"] in active],
+            }
+            for g, idx in groups.items():
+                if idx:
+                    acc[g].append(on[idx].float().mean().item())
+        out[r] = {g: 100 * sum(v) / len(v) for g, v in acc.items()}
+    return out

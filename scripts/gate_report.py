@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import itertools
 import math
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from mosaic_core.backbone import load_backbone
 from mosaic_core.config import load_recipe
 from mosaic_core.dataset import frame, load_framings
 from mosaic_core.gate import fires
-from pipelines._gates import GATES_FILE, cached_features
+from pipelines._gates import GATES_FILE, cached_features, gate_rates
 from pipelines.data import FRAMINGS
 from pipelines.eval import EvalConfig, split_requests
 
@@ -39,30 +38,6 @@ def val_requests(recipe) -> tuple[list[dict], list]:
         for r in rows
     ]
     return rows, [r["prompt"] for r in rows] + framed
-
-
-def rates(fired: torch.Tensor, rows: list[dict], cats: list[str]) -> dict[int, dict[str, float]]:
-    """fired: (N, K) bool, a gate per category. Per order: mean over subsets of the DSR / OR / LA rates, %."""
-    out = {}
-    for r in range(1, len(cats) + 1):
-        acc: dict[str, list[float]] = {"dsr": [], "or": [], "la": []}
-        for subset in itertools.combinations(range(len(cats)), r):
-            on = fired[:, list(subset)].any(1)
-            active = {cats[i] for i in subset}
-            groups = {
-                "dsr": [i for i, q in enumerate(rows) if q["kind"] == "target" and q["category"] in active],
-                "or": [
-                    i
-                    for i, q in enumerate(rows)
-                    if q["kind"] == "general" or (q["kind"] == "target" and q["category"] not in active)
-                ],
-                "la": [i for i, q in enumerate(rows) if q["kind"] == "lookalike" and q["category"] in active],
-            }
-            for g, idx in groups.items():
-                if idx:
-                    acc[g].append(on[idx].float().mean().item())
-        out[r] = {g: 100 * sum(v) / len(v) for g, v in acc.items()}
-    return out
 
 
 def main() -> None:
@@ -91,7 +66,7 @@ def main() -> None:
             shift = -math.log(t / (1 - t))  # fitted to fire at p >= 0.5: the bias moves by logit(0.5) - logit(t)
             fired = torch.stack([fires(torch.cat([gates[c][:-1], gates[c][-1:] + shift]), features) for c in cats], 1)
             for part, rows_of in (("plain", fired[:n]), ("framed", fired[n:])):
-                per = rates(rows_of, rows, cats)
+                per = gate_rates(rows_of, rows, cats)
                 cells = "  ".join(f"o{r} {v['dsr']:5.1f}/{v['or']:4.1f}/{v['la']:4.1f}" for r, v in per.items())
                 print(f"{Path(run).name:<24} p>={t:<4} {part:<6} {cells}")
 

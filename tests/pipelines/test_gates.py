@@ -2,7 +2,7 @@
 
 import torch
 
-from pipelines._gates import cached_features, framed_copies
+from pipelines._gates import cached_features, framed_copies, gate_rates
 
 
 def test_framed_copies_wrap_each_plain_request_in_a_train_framing_the_same_way_every_run():
@@ -43,3 +43,43 @@ def test_gate_features_are_read_once_per_request_and_match_a_fresh_reading(tmp_p
     assert read[before:] == [1]
     torch.testing.assert_close(back, first)
     torch.testing.assert_close(recent, cached_features(tmp_path / "third.pt", bb, chats[:1], (2,), recency=4.0))
+
+
+def test_gate_rates_count_a_request_refused_where_any_active_gate_fires():
+    cats = ["alcohol", "betting"]
+    rows = [
+        {"kind": "target", "category": "alcohol"},
+        {"kind": "target", "category": "betting"},
+        {"kind": "general", "category": None},
+        {"kind": "lookalike", "category": "alcohol"},
+    ]
+    # the alcohol gate fires on its target and the look-alike; the betting gate misses its target, fires on general
+    fired = torch.tensor([[True, False], [False, False], [False, True], [True, False]])
+    per = gate_rates(fired, rows, cats)
+    # order 1: {alcohol}: DSR 1/1, OR (betting target + general) 0/2, LA 1/1; {betting}: DSR 0/1, OR 1/2, no LA row
+    assert per[1] == {"dsr": 50.0, "or": 25.0, "la": 100.0}
+    # order 2, both on: DSR 1/2, OR general 1/1, LA 1/1
+    assert per[2] == {"dsr": 50.0, "or": 100.0, "la": 100.0}
+
+
+def test_gate_training_set_is_distinct_requests_then_framed_copies_copy_by_copy():
+    import pandas as pd
+
+    from pipelines._gates import gate_training_set
+
+    df = pd.DataFrame(
+        [
+            {"prompt": "Mix a negroni.", "kind": "target", "category": "alcohol", "messages": None},
+            {"prompt": "Mix a negroni.", "kind": "target", "category": "alcohol", "messages": None},  # a second draw
+            {"prompt": "Mix a virgin mojito.", "kind": "lookalike", "category": "alcohol", "messages": None},
+            {"prompt": "How do frogs breed?", "kind": "general", "category": None, "messages": None},
+        ]
+    )
+    chats, own = gate_training_set(df, 0)
+    assert chats == ["Mix a negroni.", "Mix a virgin mojito.", "How do frogs breed?"]
+    assert own == ["alcohol", None, None]  # a look-alike is no category's
+    two_chats, two_own = gate_training_set(df, 2)
+    one_chats, one_own = gate_training_set(df, 1)
+    assert len(two_chats) == 9 and two_chats[:6] == one_chats and two_own[:6] == one_own  # fewer copies: a prefix
+    assert two_own[3:] == own * 2
+    assert all(isinstance(c, list) and "Mix a negroni." in c[-1]["content"] for c in (two_chats[3], two_chats[6]))

@@ -4,6 +4,7 @@ and the performance scripts that need steps faster than the real backbone gives:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -23,7 +24,8 @@ CORPUS = [
 ]
 
 
-def tiny_tokenizer():
+def tiny_tokenizer() -> Any:
+    """A ChatML `PreTrainedTokenizerFast` of about 400 tokens, byte-level BPE trained on `CORPUS`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -42,7 +44,8 @@ def tiny_tokenizer():
     return fast
 
 
-def tiny_model(vocab_size: int, seed: int = 0, init_range: float = 0.02):
+def tiny_model(vocab_size: int, seed: int = 0, init_range: float = 0.02) -> Any:
+    """A random `LlamaForCausalLM` in eval mode: 2 layers, d = 32, 4 query / 2 key-value heads, tied embeddings."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)

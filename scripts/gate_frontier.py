@@ -71,7 +71,9 @@ def main() -> None:
     rows, meta, vchats = val_chats(recipe)
     train_df, _ = load_tables(run, recipe.seed, recipe.train.val_examples)
     chats, own = gate_training_set(train_df, max(copies))
-    n_plain = len(gate_training_set(train_df, 0)[0])
+    # fewer copies are a prefix: the distinct requests (framed ones included), then one block per copy of the plain ones
+    n_requests = len(gate_training_set(train_df, 0)[0])
+    per_copy = (len(chats) - n_requests) // max(copies) if max(copies) else 0
     print(f"{len(rows)} held-out val requests x {len(vchats) // len(rows)} (plain + val templates); {len(chats)} train chats")
     bb = load_backbone(recipe.backbone)
     val_x = cached_features(stores / "val_features.pt", bb, vchats, union, gate.recency)
@@ -83,7 +85,7 @@ def main() -> None:
     framed = [i for i, m in enumerate(meta) if m["family"] != "plain"]
     print("per order: DSR / OR / look-alike OR, %")
     for layers, k, wd in itertools.product(sets, copies, decays):
-        cols, n = columns(union, layers, width), n_plain * (1 + k)
+        cols, n = columns(union, layers, width), n_requests + k * per_copy
         x = train_x[:n, cols]
         gates = {c: fit_gate(x, torch.tensor([o == c for o in own[:n]], dtype=torch.float32), wd) for c in cats}
         for t in thresholds:

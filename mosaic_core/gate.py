@@ -78,8 +78,7 @@ def fit_gate(
     Returns:
         (F + 1,) float32: the weights over raw features, then the bias; fires where `x @ g[:-1] + g[-1] > 0`.
     """
-    if not 0 < threshold < 1:
-        raise ValueError(f"threshold {threshold} must be in (0, 1)")
+    _check_probability("threshold", threshold)
     y = labels.float()
     if not 0 < y.sum() < len(y):
         raise ValueError("a gate needs both positives and negatives")
@@ -101,8 +100,28 @@ def fit_gate(
     opt.step(closure)
     with torch.no_grad():
         raw_w = w / sd  # x_std @ w == x @ (w / sd) - mu @ (w / sd)
-        bias = b - mu @ raw_w - torch.logit(torch.tensor(threshold))
-        return torch.cat([raw_w, bias[None]]).float()
+        bias = b - mu @ raw_w
+        return at_threshold(torch.cat([raw_w, bias[None]]).float(), threshold)
+
+
+def at_threshold(gate: torch.Tensor, threshold: float, fitted_at: float = 0.5) -> torch.Tensor:
+    """The same gate firing at probability `threshold` instead of `fitted_at`: a logistic gate's probability is
+    sigmoid(x @ w + b), so only the bias moves, by logit(fitted_at) - logit(threshold).
+
+    Args:
+        gate: (F + 1,) weights then bias, as `fit_gate` returns; fires at p >= `fitted_at`.
+    Returns:
+        (F + 1,) a new tensor, the weights unchanged.
+    """
+    _check_probability("threshold", threshold)
+    _check_probability("fitted_at", fitted_at)
+    shift = torch.logit(torch.tensor(fitted_at)) - torch.logit(torch.tensor(threshold))
+    return torch.cat([gate[:-1], gate[-1:] + shift.to(gate)])
+
+
+def _check_probability(name: str, p: float) -> None:
+    if not 0 < p < 1:
+        raise ValueError(f"{name} {p} must be in (0, 1)")
 
 
 def fires(gate: torch.Tensor, features: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch
 from mosaic_core.backbone import load_backbone
 from mosaic_core.config import load_recipe
 from mosaic_core.dataset import frame, load_framings
-from mosaic_core.gate import fires, fit_gate
+from mosaic_core.gate import at_threshold, fires, fit_gate
 from pipelines._gates import cached_features, gate_rates, gate_training_set
 from pipelines._train_tables import load_tables
 from pipelines.data import FRAMINGS
@@ -89,8 +89,7 @@ def main() -> None:
         x = train_x[:n, cols]
         gates = {c: fit_gate(x, torch.tensor([o == c for o in own[:n]], dtype=torch.float32), wd) for c in cats}
         for t in thresholds:
-            shift = -math.log(t / (1 - t))  # fitted to fire at p >= 0.5: the bias moves by logit(0.5) - logit(t)
-            fired = torch.stack([fires(torch.cat([g[:-1], g[-1:] + shift]), val_x[:, cols]) for g in gates.values()], 1)
+            fired = torch.stack([fires(at_threshold(g, t), val_x[:, cols]) for g in gates.values()], 1)
             for part, idx in (("plain", plain), ("framed", framed)):
                 per = gate_rates(fired[idx], [meta[i] for i in idx], cats)
                 results.append(

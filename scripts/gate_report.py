@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import math
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ from safetensors.torch import load_file
 from mosaic_core.backbone import load_backbone
 from mosaic_core.config import load_recipe
 from mosaic_core.dataset import frame, load_framings
-from mosaic_core.gate import fires
+from mosaic_core.gate import at_threshold, fires
 from pipelines._gates import GATES_FILE, cached_features, gate_rates
 from pipelines.data import FRAMINGS
 from pipelines.eval import EvalConfig, split_requests
@@ -63,8 +62,7 @@ def main() -> None:
         features = cached_features(Path(a.features), bb, chats, tuple(gate.layers), gate.recency)
         gates = load_file(str(Path(run) / GATES_FILE))
         for t in (float(x) for x in a.thresholds.split(",")):
-            shift = -math.log(t / (1 - t))  # fitted to fire at p >= 0.5: the bias moves by logit(0.5) - logit(t)
-            fired = torch.stack([fires(torch.cat([gates[c][:-1], gates[c][-1:] + shift]), features) for c in cats], 1)
+            fired = torch.stack([fires(at_threshold(gates[c], t, gate.threshold), features) for c in cats], 1)
             for part, rows_of in (("plain", fired[:n]), ("framed", fired[n:])):
                 per = gate_rates(rows_of, rows, cats)
                 cells = "  ".join(f"o{r} {v['dsr']:5.1f}/{v['or']:4.1f}/{v['la']:4.1f}" for r, v in per.items())

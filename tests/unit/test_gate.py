@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from mosaic_core.cache import common_head
-from mosaic_core.gate import fires, fit_gate, request_features
+from mosaic_core.gate import at_threshold, fires, fit_gate, request_features
 from mosaic_core.template import as_messages, encode_chat
 
 PROMPTS = ["Mix me a mojito with lots of rum.", "Which horse wins the derby?", "Write a haiku about rain, please, today."]
@@ -52,6 +52,21 @@ def test_fit_gate_separates_and_folds_the_threshold_into_the_bias():
         fit_gate(x, torch.zeros(400))
     with pytest.raises(ValueError, match="threshold"):
         fit_gate(x, y, threshold=1.0)
+
+
+def test_at_threshold_moves_only_the_bias_and_round_trips():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 4, generator=g)
+    y = (x[:, 1] + 0.3 * x[:, 3] > 0.2).float()
+    gate = fit_gate(x, y)
+    torch.testing.assert_close(at_threshold(gate, 0.8), fit_gate(x, y, threshold=0.8))  # what fit_gate folds in
+    strict = at_threshold(gate, 0.8)
+    assert torch.equal(strict[:-1], gate[:-1]) and strict[-1] < gate[-1]
+    torch.testing.assert_close(at_threshold(strict, 0.5, fitted_at=0.8), gate)
+    p = torch.sigmoid(x @ gate[:-1] + gate[-1])
+    assert torch.equal(fires(at_threshold(gate, 0.3), x), p >= 0.3)
+    with pytest.raises(ValueError, match="fitted_at"):
+        at_threshold(gate, 0.5, fitted_at=0.0)
 
 
 def test_a_gated_module_is_inserted_only_where_its_gate_fires_and_survives_its_artifact(tiny_backbone, tmp_path):

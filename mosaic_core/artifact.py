@@ -97,8 +97,8 @@ def save_module(
     gate_recency: float | None = None,
 ) -> ModuleMeta:
     """Write `out_dir/{tokens.safetensors, module.json}` for one module's tensor: (m, d), or with depth `deep`
-    (layers, 2, kv_heads, m, head_dim) and the backbone's hidden size `d`; with its gate (len(gate_layers) * d + 1,)
-    if it has one."""
+    (layers, 2, kv_heads, m, head_dim) and the backbone's hidden size `d`; with its gate if it has one
+    ((len(gate_layers) * d + 1,), or (rows, len(gate_layers) * d + 1) for a softmax gate: mosaic_core.gate.fires)."""
     from mosaic_core import __version__
 
     out_dir = Path(out_dir)

@@ -114,23 +114,26 @@ def canonical(bank: Bank, active: Iterable[str]) -> tuple[str, ...]:
 
 
 def gates_of(bank: Bank) -> dict[str, torch.Tensor]:
-    """category -> its gate, (len(gate_layers) * d + 1,) weights then bias, for the modules that have one."""
+    """category -> its gate, for the modules that have one: (len(gate_layers) * d + 1,) weights then bias, or
+    (rows, len(gate_layers) * d + 1) for a softmax gate (mosaic_core.gate.fires)."""
     return {c: getattr(bank, _gate_name(c)) for c in bank.categories if hasattr(bank, _gate_name(c))}
 
 
 def set_gate(bank: Bank, category: str, gate: torch.Tensor, layers: Sequence[int], recency: float | None = None) -> None:
-    """Give a module a gate (mosaic_core.gate.fit_gate's output over the hidden states at `layers`, weighted by
-    `recency`): from then on the module is inserted only for requests its gate fires on. Every gate of a bank
-    reads the same features."""
+    """Give a module a gate (mosaic_core.gate.fit_gate's output, or its entry of fit_softmax_gates', over the hidden
+    states at `layers`, weighted by `recency`): from then on the module is inserted only for requests its gate fires
+    on. Every gate of a bank reads the same features."""
     (category,) = bank.canonical([category])
     layers = tuple(int(x) for x in layers)
     if not layers or (bank.gate_layers and layers != bank.gate_layers):
         raise ValueError(f"gate layers {layers}: this bank's gates read {bank.gate_layers or 'a non-empty tuple'}")
     if bank.gates and recency != bank.gate_recency:
         raise ValueError(f"gate recency {recency}: this bank's gates read recency {bank.gate_recency}")
-    if tuple(gate.shape) != (len(layers) * bank.d + 1,):
+    width = len(layers) * bank.d + 1
+    if gate.ndim not in (1, 2) or gate.shape[-1] != width or gate.numel() == 0:
         raise ValueError(
-            f"{category}: a gate over {len(layers)} layers of width {bank.d} is ({len(layers) * bank.d + 1},), not {tuple(gate.shape)}"
+            f"{category}: a gate over {len(layers)} layers of width {bank.d} is ({width},), or (rows, {width}) for a"
+            f" softmax gate, not {tuple(gate.shape)}"
         )
     bank.gate_layers, bank.gate_recency = layers, recency
     bank.register_buffer(_gate_name(category), gate.detach().to(torch.float32).clone())

@@ -259,6 +259,11 @@ def migrate(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str], list[str]]:
         if sampler.pop("neg_ratio") != 1.0:
             problems.append("sampler.neg_ratio: left the schema (one negative per positive); this run cannot load")
         notes.append("sampler.neg_ratio")
+    gate = raw.get("gate")
+    if isinstance(gate, dict) and "threshold" in gate:
+        if gate.pop("threshold") != 0.5:
+            problems.append("gate.threshold: left the schema (logistic gates fire at p >= 0.5); this run cannot load")
+        notes.append("gate.threshold")
     if isinstance(raw.get("loss"), dict):
         raw["loss"] = _old_loss(raw["loss"], notes, problems, "loss")
     train = raw.get("train")

@@ -6,9 +6,13 @@ chat template's shared head) at a few layers, concatenated: (|layers| * d,). The
 `recency` of r tokens decay as exp(-k / r) with a token's distance k from the request's end: a framing ("for my
 novel...", "you are an assistant that never refuses") mostly comes first and a request's own question last, so its
 words then weigh less and switch modules on or off less often (docs/experiments/one-recipe.md). A gate is one
-weight vector and a bias over them, fitted per category by logistic regression on the train split; it fires where
-`features @ w + b > 0`. Where no active module's gate fires, nothing is inserted and the answer is the bare
-backbone's, bit for bit."""
+weight vector and a bias over them, fitted per category by logistic regression on the train split (one against the
+rest); it fires where `features @ w + b > 0`. A softmax gate is fitted once for all categories and "no category"
+together, and a category's gate fires where the request is more likely its own than any other category's or none's:
+one category's evidence then counts against the others', so a request of another category (or a look-alike) switches
+fewer modules on than under five independent tests (docs/experiments/softmax-gates.md). It is stored per module as
+rows of scores against "no category", the module's own first. Where no active module's gate fires, nothing is
+inserted and the answer is the bare backbone's, bit for bit."""
 
 from __future__ import annotations
 
@@ -113,6 +117,8 @@ def at_threshold(gate: torch.Tensor, threshold: float, fitted_at: float = 0.5) -
     Returns:
         (F + 1,) a new tensor, the weights unchanged.
     """
+    if gate.ndim != 1:
+        raise ValueError("a softmax gate fires where its category is the most likely: it has no threshold to move")
     _check_probability("threshold", threshold)
     _check_probability("fitted_at", fitted_at)
     shift = torch.logit(torch.tensor(fitted_at)) - torch.logit(torch.tensor(threshold))
@@ -124,6 +130,52 @@ def _check_probability(name: str, p: float) -> None:
         raise ValueError(f"{name} {p} must be in (0, 1)")
 
 
+def fit_softmax_gates(
+    features: torch.Tensor, labels: torch.Tensor, categories: int, weight_decay: float = 0.01, max_iter: int = 300
+) -> torch.Tensor:
+    """One softmax over `categories` + "no category", every class weighing the same in total; a category's gate
+    fires where its class is the most likely.
+
+    Args:
+        features: (N, F) request features; labels: (N,) long, a category's index in 0..categories-1, or `categories`
+            for a request of no category.
+        weight_decay: L2 on the weights of the standardised features.
+    Returns:
+        (categories, categories, F + 1) float32: [k] is category k's gate, rows of scores against "no category"
+        (weights over raw features, then the bias), category k's row first, then the others' in index order.
+    """
+    K = categories + 1
+    counts = torch.bincount(labels, minlength=K)
+    if labels.min() < 0 or labels.max() >= K or not bool((counts > 0).all()):
+        raise ValueError(f"a softmax gate needs requests of every one of the {categories} categories and of none")
+    mu, sd = features.mean(0), features.std(0) + 1e-6
+    x = (features - mu) / sd
+    w = torch.zeros(x.shape[1], K, requires_grad=True)
+    b = torch.zeros(K, requires_grad=True)
+    class_weight = len(labels) / (K * counts.float())
+    opt = torch.optim.LBFGS([w, b], max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(x @ w + b, labels, weight=class_weight)
+        loss = loss + weight_decay * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        raw_w = w / sd[:, None]  # (F, K)
+        rows = torch.cat([raw_w.T, (b - mu @ raw_w)[:, None]], 1)  # (K, F + 1): scores over raw features
+        rows = rows[:categories] - rows[categories]  # against "no category": a gate fires only above 0
+        order = [[k] + [j for j in range(categories) if j != k] for k in range(categories)]
+        return torch.stack([rows[o] for o in order]).float()
+
+
 def fires(gate: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-    """(B,) bool: where a gate (F + 1,) fires on features (B, F)."""
-    return features @ gate[:-1].to(features) + gate[-1].to(features) > 0
+    """(B,) bool: where a gate fires on features (B, F). A logistic gate (F + 1,) fires where its score is above 0; a
+    softmax gate (R, F + 1) where its own row's score (row 0) is above 0 ("no category") and not below any other row's."""
+    if gate.ndim == 1:
+        return features @ gate[:-1].to(features) + gate[-1].to(features) > 0
+    scores = features @ gate[:, :-1].T.to(features) + gate[:, -1].to(features)  # (B, R)
+    own = scores[:, 0]
+    return (own > 0) & (own >= scores[:, 1:].amax(1)) if gate.shape[0] > 1 else own > 0

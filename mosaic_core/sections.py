@@ -231,15 +231,16 @@ class TeacherConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class GateConfig:
-    """Module gates (mosaic_core.gate): where `layers` is set, training first fits one linear gate per category on
-    the train requests' features, and a module is then inserted only for requests its gate fires on."""
+    """Module gates (mosaic_core.gate): where `layers` is set, training first fits the categories' gates on the train
+    requests' features, and a module is then inserted only for requests its gate fires on."""
 
+    kind: str = "logistic"
+    """`logistic`: one gate per category against the rest, firing at p >= 0.5; `softmax`: one fit over the
+    categories and "no category", a category's gate firing where it is the most likely."""
     layers: tuple[int, ...] = ()
     """Hidden states (0: embeddings, i: after layer i) whose mean over the request's tokens the gates read; () no gates."""
     weight_decay: float = 0.01
     """L2 on the gate's weights over standardised features."""
-    threshold: float = 0.5
-    """The gate's probability at and above which its module is inserted."""
     recency: float | None = None
     """Weigh a request's tokens by exp(-k / recency), k the distance from its end, instead of a plain mean (None): a
     framing's words, which mostly come first, then count less than the request's own question."""
@@ -249,12 +250,12 @@ class GateConfig:
 
     def __post_init__(self) -> None:
         problems = []
+        if self.kind not in ("logistic", "softmax"):
+            problems.append(f"kind: {self.kind!r} must be 'logistic' or 'softmax'")
         if any(not isinstance(x, int) or x < 0 for x in self.layers) or len(set(self.layers)) != len(self.layers):
             problems.append(f"layers: {self.layers} must be distinct layer indices >= 0")
         if not 0 <= self.weight_decay <= 100:
             problems.append(f"weight_decay: {self.weight_decay} must be in [0, 100]")
-        if not 0 < self.threshold < 1:
-            problems.append(f"threshold: {self.threshold} must be in (0, 1)")
         if self.recency is not None and not 0 < self.recency <= 4096:
             problems.append(f"recency: {self.recency} must be in (0, 4096] tokens, or null for a plain mean")
         if not 0 <= self.framed_copies <= 8:

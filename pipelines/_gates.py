@@ -1,4 +1,4 @@
-"""The training stage's gate step (recipe `gate.layers`): one linear gate per category, fitted on the features of the
+"""The training stage's gate step (recipe `gate.layers`): a gate per category (`gate.kind`), fitted on the features of the
 run's train requests (plain and framed; mosaic_core.gate) before the tokens train, so the per-epoch validation
 scores the gated modules as they will serve. Written once per run as `gates.safetensors` + `gates.json` and reused
 while the recipe's gate section and the run's data are unchanged."""
@@ -19,10 +19,13 @@ GATES_FILE, GATES_INFO, FEATURES_FILE = "gates.safetensors", "gates.json", "gate
 def _key(recipe: Any, run: Path, categories: list[str]) -> str:
     """What the gates depend on: the gate section, the categories fitted and the data stage's content hash."""
     data = json.loads((run / "data" / "manifest.json").read_text()).get("content_hash")
-    parts = {"gate": [list(recipe.gate.layers), recipe.gate.weight_decay, recipe.gate.threshold], "fit": categories, "data": data}
+    # 0.5: the probability logistic gates fire at, once a key (`gate.threshold`): gates fitted then stay reusable
+    parts = {"gate": [list(recipe.gate.layers), recipe.gate.weight_decay, 0.5], "fit": categories, "data": data}
     for k in ("framed_copies", "recency"):  # only where set, so gates fitted before the key existed keep theirs
         if getattr(recipe.gate, k):
             parts[k] = getattr(recipe.gate, k)
+    if recipe.gate.kind != "logistic":
+        parts["kind"] = recipe.gate.kind
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -33,7 +36,7 @@ def fit_run_gates(run: Path, recipe: Any, train_df: Any, categories: list[str]) 
     from safetensors.torch import save_file
 
     from mosaic_core.backbone import load_backbone
-    from mosaic_core.gate import fires, fit_gate
+    from mosaic_core.gate import fires
 
     out, info_path = run / GATES_FILE, run / GATES_INFO
     key = _key(recipe, run, categories)
@@ -43,10 +46,10 @@ def fit_run_gates(run: Path, recipe: Any, train_df: Any, categories: list[str]) 
     chats, own = gate_training_set(train_df, recipe.gate.framed_copies)
     bb = load_backbone(recipe.backbone)
     features = cached_features(run / FEATURES_FILE, bb, chats, tuple(recipe.gate.layers), recipe.gate.recency)
-    gates, stats = {}, {}
+    gates = fit_gates(features, own, categories, recipe.gate.kind, recipe.gate.weight_decay)
+    stats = {}
     for c in categories:
         labels = torch.tensor([o == c for o in own], dtype=torch.float32)
-        gates[c] = fit_gate(features, labels, recipe.gate.weight_decay, recipe.gate.threshold)
         fired = fires(gates[c], features)
         pos = labels.bool()
         stats[c] = {
@@ -59,15 +62,29 @@ def fit_run_gates(run: Path, recipe: Any, train_df: Any, categories: list[str]) 
     save_file(gates, str(out))
     info = {
         "key": key,
+        "kind": recipe.gate.kind,
         "layers": list(recipe.gate.layers),
         "weight_decay": recipe.gate.weight_decay,
-        "threshold": recipe.gate.threshold,
         "recency": recipe.gate.recency,
         "requests": len(chats),
         "categories": stats,
     }
     info_path.write_text(json.dumps(info, indent=2) + "\n")
     return out
+
+
+def fit_gates(
+    features: torch.Tensor, own: list[str | None], categories: list[str], kind: str, weight_decay: float
+) -> dict[str, torch.Tensor]:
+    """category -> its gate (`gate.kind`, mosaic_core.gate), fitted on features (N, F) of requests whose own
+    category (None: none) is `own`: logistic, each category against the rest; softmax, one fit over all and none."""
+    from mosaic_core.gate import fit_gate, fit_softmax_gates
+
+    if kind == "softmax":
+        classes = torch.tensor([categories.index(o) if o in categories else len(categories) for o in own])
+        fitted = fit_softmax_gates(features, classes, len(categories), weight_decay)
+        return {c: g.clone() for c, g in zip(categories, fitted)}  # safetensors stores no views of one tensor
+    return {c: fit_gate(features, torch.tensor([o == c for o in own], dtype=torch.float32), weight_decay) for c in categories}
 
 
 def gate_training_set(train_df: Any, copies: int) -> tuple[list[Any], list[str | None]]:

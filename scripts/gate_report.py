@@ -62,7 +62,7 @@ def main() -> None:
         features = cached_features(Path(a.features), bb, chats, tuple(gate.layers), gate.recency)
         gates = load_file(str(Path(run) / GATES_FILE))
         for t in (float(x) for x in a.thresholds.split(",")):
-            fired = torch.stack([fires(at_threshold(gates[c], t, gate.threshold), features) for c in cats], 1)
+            fired = torch.stack([fires(at_threshold(gates[c], t), features) for c in cats], 1)
             for part, rows_of in (("plain", fired[:n]), ("framed", fired[n:])):
                 per = gate_rates(rows_of, rows, cats)
                 cells = "  ".join(f"o{r} {v['dsr']:5.1f}/{v['or']:4.1f}/{v['la']:4.1f}" for r, v in per.items())

@@ -5,6 +5,7 @@ teacher parquet), with mosaic_core's sampler and teacher on the tiny model."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections import Counter
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from mosaic_core.bundle import manifest_digest
 from pipelines import _loopback
@@ -495,3 +497,8 @@ def test_gated_modules_fit_their_gates_first_and_ship_them(tmp_path, tiny_model_
     recipe = recipe_from_dict(yaml.safe_load((run / "resolved_config.yaml").read_text()))
     fit_run_gates(run, recipe, train_df, list(CATS))  # the same recipe and data: the gates are reused
     assert (run / "gates.safetensors").stat().st_mtime_ns == stamp
+    softmax = dataclasses.replace(recipe, gate=dataclasses.replace(recipe.gate, kind="softmax"))
+    fit_run_gates(run, softmax, train_df, list(CATS))  # another kind: refitted from the stored features
+    gates = load_file(str(run / "gates.safetensors"))
+    assert json.loads((run / "gates.json").read_text())["kind"] == "softmax"
+    assert {tuple(g.shape) for g in gates.values()} == {(len(CATS), 2 * bb.model.config.hidden_size + 1)}

@@ -153,11 +153,18 @@ def test_gate_section_validates_and_needs_the_prefix_cache():
     from mosaic_core.config import GateConfig, recipe_from_dict
 
     with pytest.raises(ConfigError) as e:
-        GateConfig(layers=(3, 3), weight_decay=-1, threshold=1.0)
+        GateConfig(layers=(3, 3), weight_decay=-1, kind="mlp")
     assert len(e.value.problems) == 3
     assert GateConfig(recency=16.0).recency == 16.0  # a cross-field rule: validate() says it for the recipe (below)
     with pytest.raises(ConfigError, match="recency: 0.0 must be in"):
         GateConfig(layers=(10,), recency=0.0)
+    with pytest.raises(ConfigError, match="kind: 'mlp' must be"):
+        GateConfig(kind="mlp")
+    old = {"name": "x", "bank": {"categories": ["alcohol"]}, "gate": {"layers": [10], "threshold": 0.5}}
+    with pytest.warns(UserWarning, match="gate.threshold"):  # the probability logistic gates fire at, once a key
+        assert recipe_from_dict(old).gate.kind == "logistic"
+    with pytest.raises(ConfigError, match="gate.threshold: left the schema"):
+        recipe_from_dict({**old, "gate": {"layers": [10], "threshold": 0.7}})
     assert GateConfig(layers=(10,), recency=16).recency == 16
     raw = {"name": "x", "bank": {"categories": ["alcohol"]}, "gate": {"layers": [10, 20]}, "train": {"zero_stage": 3}}
     with pytest.raises(ConfigError, match="gate.layers needs ZeRO stage 1 or 2"):

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from mosaic_core.cache import common_head
-from mosaic_core.gate import at_threshold, fires, fit_gate, request_features
+from mosaic_core.gate import at_threshold, fires, fit_gate, fit_softmax_gates, request_features
 from mosaic_core.template import as_messages, encode_chat
 
 PROMPTS = ["Mix me a mojito with lots of rum.", "Which horse wins the derby?", "Write a haiku about rain, please, today."]
@@ -69,6 +69,29 @@ def test_at_threshold_moves_only_the_bias_and_round_trips():
         at_threshold(gate, 0.5, fitted_at=0.0)
 
 
+def test_softmax_gates_fire_only_for_the_most_likely_category():
+    g = torch.Generator().manual_seed(2)
+    centres = torch.randn(4, 5, generator=g) * 3  # three categories and "no category"
+    labels = torch.arange(4).repeat_interleave(torch.tensor([60, 60, 60, 200]))
+    x = centres[labels] + torch.randn(len(labels), 5, generator=g)
+    gates = fit_softmax_gates(x, labels, categories=3)
+    assert gates.shape == (3, 3, 6)
+    fired = torch.stack([fires(gates[k], x) for k in range(3)], 1)  # (N, 3)
+    assert fired.sum(1).max() <= 1  # one category at most: each other's evidence counts against it
+    truth = torch.nn.functional.one_hot(labels, 4)[:, :3].bool()
+    assert (fired == truth).all(1).float().mean() > 0.95
+    own_rows = gates[:, 0]  # each category's score against "no category", in index order
+    assert torch.equal(gates[1, 1:], own_rows[[0, 2]])  # the other categories' rows follow the module's own
+    scores = torch.cat([torch.zeros(len(x), 1), x @ own_rows[:, :-1].T + own_rows[:, -1]], 1)
+    torch.testing.assert_close(fired, torch.nn.functional.one_hot(scores.argmax(1), 4)[:, 1:].bool())
+    one_row = fit_gate(x, (labels == 0).float())
+    assert torch.equal(fires(one_row[None], x), fires(one_row, x))  # a single row is the logistic rule
+    with pytest.raises(ValueError, match="every one of the 3 categories and of none"):
+        fit_softmax_gates(x[labels != 1], labels[labels != 1], categories=3)
+    with pytest.raises(ValueError, match="no threshold"):
+        at_threshold(gates[0], 0.7)
+
+
 def test_a_gated_module_is_inserted_only_where_its_gate_fires_and_survives_its_artifact(tiny_backbone, tmp_path):
     from mosaic_core.artifact import load_bank, save_bank
     from mosaic_core.bank import DeepTokenBank
@@ -98,6 +121,8 @@ def test_a_gated_module_is_inserted_only_where_its_gate_fires_and_survives_its_a
         bank.set_gate("betting", torch.zeros(F), (1, 2))
     with pytest.raises(ValueError, match="recency"):  # every gate of a bank reads the same features
         bank.set_gate("betting", torch.zeros(F + 1), (1, 2), recency=8.0)
+    with pytest.raises(ValueError, match="for a softmax gate"):
+        bank.set_gate("betting", torch.zeros(2, F), (1, 2))
 
     fp = tiny_backbone.fingerprint
     save_bank(bank, tmp_path / "b", fingerprint=fp, init="text")
@@ -111,6 +136,13 @@ def test_a_gated_module_is_inserted_only_where_its_gate_fires_and_survives_its_a
     recent.set_gate("alcohol", on_first, (1, 2), recency=16.0)
     save_bank(recent, tmp_path / "r", fingerprint=fp, init="text")
     assert load_bank(tmp_path / "r", fp).gate_recency == 16.0
+    softmax = torch.stack([on_first, on_second])  # betting fires where its row beats "none" and horror's row
+    bank.set_gate("betting", softmax, (1, 2))
+    rival = feats.clone()
+    rival[2, 0] = 0.3  # above "none" (0.3 > 0), but below horror's row (1 - 0.5)
+    assert bank.firing([["betting"]] * 3, rival) == [("betting",), (), ()]
+    save_bank(bank, tmp_path / "s", fingerprint=fp, init="text")
+    torch.testing.assert_close(load_bank(tmp_path / "s", fp).gates["betting"], softmax)
     (tmp_path / "b" / "betting" / "tokens.safetensors").unlink()
     with pytest.raises(ArtifactError):
         load_bank(tmp_path / "b", fp)

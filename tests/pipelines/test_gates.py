@@ -2,7 +2,7 @@
 
 import torch
 
-from pipelines._gates import cached_features, framed_copies, gate_rates
+from pipelines._gates import cached_features, fit_gates, framed_copies, gate_rates
 
 
 def test_framed_copies_wrap_each_plain_request_in_a_train_framing_the_same_way_every_run():
@@ -83,3 +83,20 @@ def test_gate_training_set_is_distinct_requests_then_framed_copies_copy_by_copy(
     assert len(two_chats) == 9 and two_chats[:6] == one_chats and two_own[:6] == one_own  # fewer copies: a prefix
     assert two_own[3:] == own * 2
     assert all(isinstance(c, list) and "Mix a negroni." in c[-1]["content"] for c in (two_chats[3], two_chats[6]))
+
+
+def test_fit_gates_gives_each_category_its_gate_of_the_recipes_kind():
+    from mosaic_core.gate import fires
+
+    g = torch.Generator().manual_seed(3)
+    own = ["alcohol"] * 40 + ["betting"] * 40 + [None] * 80 + ["vaping"] * 10  # a category not fitted counts as none
+    centres = {"alcohol": 3.0, "betting": -3.0, None: 0.0, "vaping": 0.0}
+    x = torch.stack([torch.tensor([centres[o], abs(centres[o])]) for o in own]) + 0.3 * torch.randn(len(own), 2, generator=g)
+    logistic = fit_gates(x, own, ["alcohol", "betting"], "logistic", 0.01)
+    softmax = fit_gates(x, own, ["alcohol", "betting"], "softmax", 0.01)
+    assert {tuple(v.shape) for v in logistic.values()} == {(3,)} and {tuple(v.shape) for v in softmax.values()} == {(2, 3)}
+    for gates in (logistic, softmax):
+        for c in ("alcohol", "betting"):
+            truth = torch.tensor([o == c for o in own])
+            assert (fires(gates[c], x) == truth).float().mean() > 0.95
+    assert softmax["alcohol"].data_ptr() != softmax["betting"].data_ptr()  # own storage each: safetensors saves them

@@ -1,6 +1,7 @@
 """How far can the gates alone go on val? Refit a run's gates with other settings -- which layers they read, how many
-framed copies of each train request, weight decay, logistic or softmax -- and read what they would refuse at several thresholds, on val's
-held-out requests, plain and inside every val framing template (docs/experiments/gate-frontier.md).
+framed copies of each train request, weight decay, logistic or softmax -- and read what they would refuse (logistic
+gates at several thresholds), on val's held-out requests, plain and inside every val framing template
+(docs/experiments/gate-frontier.md, docs/experiments/softmax-gates.md).
 
     python scripts/gate_frontier.py runs/smollm2-cpu --layers 9,18,30 --layers 6,12,18,24,30 \\
         [--kind logistic softmax] [--copies 1 2] [--weight-decay 0.01 0.03] [--thresholds 0.5,0.7] [--out DIR]

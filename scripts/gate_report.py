@@ -47,7 +47,7 @@ def main() -> None:
         default="pipelines/configs/smollm2-135m/cpu.yaml",
         help="the recipe whose val split is read, and whose gate section applies to runs without a resolved_config.yaml",
     )
-    ap.add_argument("--thresholds", default="0.5", help="comma-separated gate probabilities to fire at")
+    ap.add_argument("--thresholds", default="0.5", help="comma-separated probabilities logistic gates fire at (softmax: argmax)")
     ap.add_argument("--features", default="runs/.gate-report-features.pt", help="feature store (reused across calls)")
     a = ap.parse_args()
     recipe = load_recipe(a.config)
@@ -61,12 +61,14 @@ def main() -> None:
         gate = (load_recipe(resolved) if resolved.is_file() else recipe).gate  # what this run's gates read
         features = cached_features(Path(a.features), bb, chats, tuple(gate.layers), gate.recency)
         gates = load_file(str(Path(run) / GATES_FILE))
-        for t in (float(x) for x in a.thresholds.split(",")):
-            fired = torch.stack([fires(at_threshold(gates[c], t), features) for c in cats], 1)
+        softmax = any(g.ndim == 2 for g in gates.values())  # fires at its argmax: no threshold to move
+        for t in [None] if softmax else [float(x) for x in a.thresholds.split(",")]:
+            fired = torch.stack([fires(gates[c] if t is None else at_threshold(gates[c], t), features) for c in cats], 1)
             for part, rows_of in (("plain", fired[:n]), ("framed", fired[n:])):
                 per = gate_rates(rows_of, rows, cats)
                 cells = "  ".join(f"o{r} {v['dsr']:5.1f}/{v['or']:4.1f}/{v['la']:4.1f}" for r, v in per.items())
-                print(f"{Path(run).name:<24} p>={t:<4} {part:<6} {cells}")
+                fire = "argmax" if t is None else f"p>={t}"
+                print(f"{Path(run).name:<24} {fire:<7} {part:<6} {cells}")
 
 
 if __name__ == "__main__":

@@ -86,26 +86,13 @@ def fit_gate(
     y = labels.float()
     if not 0 < y.sum() < len(y):
         raise ValueError("a gate needs both positives and negatives")
-    mu, sd = features.mean(0), features.std(0) + 1e-6
-    x = (features - mu) / sd
-    w = torch.zeros(x.shape[1], requires_grad=True)
-    b = torch.zeros((), requires_grad=True)
     pos_weight = (1 - y).sum() / y.sum()
-    opt = torch.optim.LBFGS([w, b], max_iter=max_iter, line_search_fn="strong_wolfe")
 
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        logits = x @ w + b
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y, pos_weight=pos_weight)
-        loss = loss + weight_decay * (w * w).sum()
-        loss.backward()
-        return loss
+    def loss(logits: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, y, pos_weight=pos_weight)
 
-    opt.step(closure)
-    with torch.no_grad():
-        raw_w = w / sd  # x_std @ w == x @ (w / sd) - mu @ (w / sd)
-        bias = b - mu @ raw_w
-        return at_threshold(torch.cat([raw_w, bias[None]]).float(), threshold)
+    raw_w, bias = _fit_linear(features, (), loss, weight_decay, max_iter)
+    return at_threshold(torch.cat([raw_w, bias[None]]).float(), threshold)
 
 
 def at_threshold(gate: torch.Tensor, threshold: float, fitted_at: float = 0.5) -> torch.Tensor:
@@ -148,27 +135,39 @@ def fit_softmax_gates(
     counts = torch.bincount(labels, minlength=K)
     if labels.min() < 0 or labels.max() >= K or not bool((counts > 0).all()):
         raise ValueError(f"a softmax gate needs requests of every one of the {categories} categories and of none")
+    class_weight = len(labels) / (K * counts.float())
+
+    def loss(logits: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(logits, labels, weight=class_weight)
+
+    raw_w, bias = _fit_linear(features, (K,), loss, weight_decay, max_iter)
+    rows = torch.cat([raw_w.T, bias[:, None]], 1)  # (K, F + 1): scores over raw features
+    rows = rows[:categories] - rows[categories]  # against "no category": a gate fires only above 0
+    order = [[k] + [j for j in range(categories) if j != k] for k in range(categories)]
+    return torch.stack([rows[o] for o in order]).float()
+
+
+def _fit_linear(
+    features: torch.Tensor, outputs: tuple[int, ...], loss: Any, weight_decay: float, max_iter: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights (F, *outputs) and biases (*outputs) minimising `loss(logits)` + L2 on the weights of the standardised
+    features (LBFGS), returned over the raw features: x_std @ w == x @ (w / sd) - mu @ (w / sd)."""
     mu, sd = features.mean(0), features.std(0) + 1e-6
     x = (features - mu) / sd
-    w = torch.zeros(x.shape[1], K, requires_grad=True)
-    b = torch.zeros(K, requires_grad=True)
-    class_weight = len(labels) / (K * counts.float())
+    w = torch.zeros(x.shape[1], *outputs, requires_grad=True)
+    b = torch.zeros(outputs, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], max_iter=max_iter, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(x @ w + b, labels, weight=class_weight)
-        loss = loss + weight_decay * (w * w).sum()
-        loss.backward()
-        return loss
+        total = loss(x @ w + b) + weight_decay * (w * w).sum()
+        total.backward()
+        return total
 
     opt.step(closure)
     with torch.no_grad():
-        raw_w = w / sd[:, None]  # (F, K)
-        rows = torch.cat([raw_w.T, (b - mu @ raw_w)[:, None]], 1)  # (K, F + 1): scores over raw features
-        rows = rows[:categories] - rows[categories]  # against "no category": a gate fires only above 0
-        order = [[k] + [j for j in range(categories) if j != k] for k in range(categories)]
-        return torch.stack([rows[o] for o in order]).float()
+        raw_w = w / sd.reshape(-1, *[1] * len(outputs))
+        return raw_w, b - mu @ raw_w
 
 
 def fires(gate: torch.Tensor, features: torch.Tensor) -> torch.Tensor:

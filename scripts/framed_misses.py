@@ -32,9 +32,11 @@ def target_rows(rows: pd.DataFrame) -> pd.DataFrame:
 def own_module_in(bank, tokenizer, cache: PrefixCache, rows: pd.DataFrame, chunk: int = 256) -> tuple[list[bool], list[bool]]:
     """Per row: (its own category's module inserted, its gate's own score above "no category"). A gate's first row is
     its category against "none" (mosaic_core.gate.fit_softmax_gates; a logistic gate is that row alone)."""
+    from tqdm import tqdm
+
     inserted, over_none = [], []
     records = rows.to_dict("records")
-    for s in range(0, len(records), chunk):
+    for s in tqdm(range(0, len(records), chunk), desc="[framed_misses] gate features", unit=f"x{chunk}", mininterval=10):
         part = records[s : s + chunk]
         runs = [encode_chat(tokenizer, as_messages(request_of(r), r["system"] or None), "before_assistant").before for r in part]
         x = cache.features(runs, bank.gate_layers, bank.gate_recency)

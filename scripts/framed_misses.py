@@ -19,6 +19,7 @@ import pandas as pd
 from mosaic_core.artifact import load_bank, read_manifest
 from mosaic_core.backbone import load_backbone
 from mosaic_core.cache import PrefixCache
+from mosaic_core.gate import fires
 from mosaic_core.template import as_messages, encode_chat
 from mosaic_core.training import request_of
 
@@ -42,10 +43,8 @@ def own_module_in(bank, tokenizer, cache: PrefixCache, rows: pd.DataFrame, chunk
         x = cache.features(runs, bank.gate_layers, bank.gate_recency)
         own = [r["category"] for r in part]
         inserted += [c in fired for c, fired in zip(own, bank.firing([[c] for c in own], x))]
-        for i, c in enumerate(own):
-            g = bank.gates[c]
-            row = g if g.dim() == 1 else g[0]
-            over_none.append(bool(x[i] @ row[:-1].to(x) + row[-1].to(x) > 0))
+        above = {c: fires(g if g.dim() == 1 else g[0], x).tolist() for c, g in bank.gates.items()}
+        over_none += [above[c][i] for i, c in enumerate(own)]
     return inserted, over_none
 
 
